@@ -1,0 +1,174 @@
+"""The gateway's exception tree. Every error a client can see is one of these.
+
+Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``code``;
+``app/api/errors.py`` is the one place that turns them into ``{"error": {...}}`` bodies.
+
+    GatewayError
+    ├── InvalidRequestError            400 invalid_request_error (param set, code varies)
+    │   ├── ModelNotFoundError         400 invalid_value, param "model"
+    │   └── InvalidJSONError           400 invalid_json
+    ├── AuthenticationError            401 invalid_api_key
+    ├── PermissionDeniedError          403 permission_error
+    │   └── ModelNotAllowedError       403 model_not_allowed
+    ├── NotFoundError                  404 not_found
+    ├── PayloadTooLargeError           413 payload_too_large
+    └── UpstreamError                  502 api_error upstream_error
+        ├── UpstreamUnavailable        502 upstream_unavailable (connect failure) / 503 (no upstream)
+        ├── UpstreamTimeout            504 upstream_timeout
+        └── UpstreamRejected           the upstream's own status, type and code, message sanitised
+
+Domain code raises these and never an HTTP framework exception, so use-cases stay framework-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with an OpenAI-shaped body."""
+
+    status_code: int = 500
+    error_type: str = "api_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI error object, ``{"error": {...}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class ModelNotFoundError(InvalidRequestError):
+    def __init__(self, model: str, available: list[str]) -> None:
+        listed = ", ".join(available) if available else "none"
+        super().__init__(
+            f"The model '{model}' does not exist or is not served here. Valid models: {listed}.",
+            param="model",
+            code="invalid_value",
+        )
+
+
+class InvalidJSONError(InvalidRequestError):
+    default_code = "invalid_json"
+
+    def __init__(self, detail: str = "") -> None:
+        suffix = f" ({detail})" if detail else ""
+        super().__init__(
+            "We could not parse the JSON body of your request. The request body must be a JSON object"
+            + suffix
+            + ".",
+        )
+
+
+class AuthenticationError(GatewayError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
+class ModelNotAllowedError(PermissionDeniedError):
+    default_code = "model_not_allowed"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"This API key is not allowed to use the model '{model}'.", param="model")
+
+
+class NotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class PayloadTooLargeError(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class UpstreamError(GatewayError):
+    """No upstream produced a usable answer."""
+
+    status_code = 502
+    error_type = "api_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    default_code = "upstream_unavailable"
+
+    def __init__(self, message: str = "The upstream service is unavailable.", *, status: int = 502) -> None:
+        super().__init__(message)
+        self.status_code = status
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    default_code = "upstream_timeout"
+
+    def __init__(self, message: str = "The upstream service did not answer in time.") -> None:
+        super().__init__(message)
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream answered with an error status; relayed with its own status, type and code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None,
+        param: str | None,
+        code: str | None,
+        details: dict[str, Any] | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status_code = status
+        self.error_type = error_type or ("api_error" if status >= 500 else "invalid_request_error")
+        self.details = details or {}
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers["retry-after"] = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """429 and 5xx may succeed elsewhere; other 4xx are the client's fault."""
+        return self.status_code == 429 or self.status_code >= 500
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        body["error"].update(self.details)
+        return body

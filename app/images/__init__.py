@@ -1,0 +1,1 @@
+"""Image use-cases: the catalog, validation and the request path; framework-free."""

@@ -1,0 +1,119 @@
+"""Internal request and result types: neither wire models nor table rows.
+
+A validated request becomes an ``ImageJob``; a provider answers with an ``ImageResult``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from app.images.capabilities import ModelCapabilities
+
+Endpoint = Literal["generations", "edits"]
+ResponseFormat = Literal["url", "b64_json"]
+
+# Fields the gateway decides itself and never forwards as the client sent them.
+_GATEWAY_FIELDS = frozenset({"model", "response_format", "stream"})
+
+
+@dataclass(frozen=True, slots=True)
+class ImageJob:
+    """One validated image request, with effective (defaulted) settings."""
+
+    request_id: str
+    endpoint: Endpoint
+    model: str
+    caps: ModelCapabilities
+    prompt: str
+    n: int
+    size: str  # as asked, may be "auto"
+    quality: str  # as asked or the model's default, may be "auto"
+    background: str | None
+    output_format: str
+    output_compression: int | None
+    moderation: str
+    stream: bool
+    partial_images: int
+    response_format: ResponseFormat
+    # Everything the client sent that goes upstream unchanged, known fields and unknown ones alike.
+    forward: Mapping[str, Any] = field(default_factory=dict)
+
+    def upstream_body(self, upstream_model: str) -> dict[str, Any]:
+        """The JSON body for an OpenAI-compatible upstream.
+
+        The client's own fields go unchanged (forward compatibility). The gateway always asks for
+        base64 so it can meter, store and relay the bytes itself; GPT-Image models reject
+        ``response_format`` and always answer base64, so it is only sent to dall-e.
+        """
+        body = {k: v for k, v in self.forward.items() if k not in _GATEWAY_FIELDS}
+        for name in self.caps.drop_fields:
+            body.pop(name, None)
+        body["model"] = upstream_model
+        if self.caps.family != "gpt-image":
+            body["response_format"] = "b64_json"
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts of one request, split by kind as the ledger stores them."""
+
+    text_input: int = 0
+    image_input: int = 0
+    text_output: int = 0
+    image_output: int = 0
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.text_input + self.image_input + self.text_output + self.image_output
+
+    @classmethod
+    def from_openai(cls, usage: Mapping[str, Any]) -> TokenUsage:
+        """Split an OpenAI ``usage`` object.
+
+        When ``output_tokens_details`` is absent, all output tokens are image tokens: that is what
+        image models produce, and charging them at a text price would under-bill.
+        """
+        in_details = usage.get("input_tokens_details") or {}
+        out_details = usage.get("output_tokens_details")
+        input_tokens = _int(usage.get("input_tokens"))
+        output_tokens = _int(usage.get("output_tokens"))
+        image_in = _int(in_details.get("image_tokens"))
+        text_in = _int(in_details.get("text_tokens")) if in_details else input_tokens - image_in
+        if isinstance(out_details, Mapping):
+            text_out = _int(out_details.get("text_tokens"))
+            image_out = _int(out_details.get("image_tokens"))
+        else:
+            text_out, image_out = 0, output_tokens
+        return cls(text_input=text_in, image_input=image_in, text_output=text_out, image_output=image_out)
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI ``usage`` object for these counts."""
+        return {
+            "input_tokens": self.text_input + self.image_input,
+            "input_tokens_details": {"text_tokens": self.text_input, "image_tokens": self.image_input},
+            "output_tokens": self.text_output + self.image_output,
+            "output_tokens_details": {"text_tokens": self.text_output, "image_tokens": self.image_output},
+            "total_tokens": self.total,
+        }
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+@dataclass(slots=True)
+class ImageResult:
+    """A provider's answer: an ImagesResponse-shaped dict, relayed as is, plus parsed usage."""
+
+    body: dict[str, Any]
+    usage: TokenUsage | None
+    raw_usage: Mapping[str, Any] | None = None
+
+    @property
+    def image_count(self) -> int:
+        data = self.body.get("data")
+        return len(data) if isinstance(data, list) else 0

@@ -1,0 +1,1 @@
+"""Every outbound call to an image upstream lives in this package."""

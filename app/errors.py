@@ -31,6 +31,8 @@ class GatewayError(Exception):
     status_code: int = 500
     error_type: str = "api_error"
     default_code: str | None = None
+    # Name of the upstream that produced this error, when one did (for the ledger and logs only).
+    upstream: str | None = None
 
     def __init__(
         self,

@@ -134,9 +134,7 @@ class ModelCapabilities:
 
     def max_output_tokens_per_image(self, size: str) -> int:
         """Worst case over qualities, for reservations."""
-        return max(
-            (self.output_tokens_per_image(q, size) for q in self.output_token_estimate), default=0
-        )
+        return max((self.output_tokens_per_image(q, size) for q in self.output_token_estimate), default=0)
 
 
 def parse_size(size: str) -> tuple[int, int] | None:

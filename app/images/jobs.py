@@ -77,7 +77,8 @@ class TokenUsage:
         When ``output_tokens_details`` is absent, all output tokens are image tokens: that is what
         image models produce, and charging them at a text price would under-bill.
         """
-        in_details = usage.get("input_tokens_details") or {}
+        in_details = usage.get("input_tokens_details")
+        in_details = in_details if isinstance(in_details, Mapping) else {}
         out_details = usage.get("output_tokens_details")
         input_tokens = _int(usage.get("input_tokens"))
         output_tokens = _int(usage.get("output_tokens"))

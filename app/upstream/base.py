@@ -20,6 +20,10 @@ class ImageProvider(Protocol):
         """Run a generation and return the ImagesResponse-shaped result."""
         ...
 
+    async def probe(self) -> bool:
+        """Whether the upstream answers at all (any HTTP status counts), for ``/readyz``."""
+        ...
+
     async def aclose(self) -> None:
         """Release pooled connections."""
         ...

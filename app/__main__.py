@@ -1,0 +1,104 @@
+"""``python -m app serve|migrate|keys``: load settings, then run the server or a command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from app.cli import add_key_commands, run_keys, run_migrate
+from app.settings import ConfigError, Settings, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Image gateway")
+    parser.add_argument("--config", help="config file (default: $GATEWAY_CONFIG or config/gateway.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--config", dest="serve_config", help=argparse.SUPPRESS)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    commands.add_parser("migrate", help="upgrade the database to the newest schema")
+    add_key_commands(commands)
+    return parser
+
+
+def _banner(settings: Settings, host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+    if settings.admin_key is not None:
+        admin = "the admin key is the one you configured (GATEWAY_ADMIN_KEY or admin_key)"
+        admin_expr = "$GATEWAY_ADMIN_KEY"
+    else:
+        path = Path(settings.data_dir) / "admin_key"
+        admin = f"the admin key is in {path} (mode 0600)"
+        admin_expr = f"$(cat {path})"
+    return f"""
+Image gateway listening on {base}  ({admin})
+
+Create a tenant key:
+  curl -s {base}/admin/keys -H "Authorization: Bearer {admin_expr}" \\
+       -H 'content-type: application/json' -d '{{"name": "me"}}'
+
+Then generate an image with it:
+  curl -s {base}/v1/images/generations -H "Authorization: Bearer $KEY" \\
+       -H 'content-type: application/json' \\
+       -d '{{"model": "gpt-image-1", "prompt": "a lighthouse at dawn", "size": "1024x1024"}}'
+
+Or from Python:
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/v1", api_key=KEY)
+  image = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dawn")
+"""
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.lifespan import prepare
+    from app.logging import configure_logging
+    from app.main import create_app
+
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    workers = args.workers or settings.server.workers
+    configure_logging(level=settings.logging.level, json_format=settings.logging.json_format)
+    # Migrate and create the admin key once here, so several workers never race to do it.
+    asyncio.run(prepare(settings))
+    print(_banner(settings, host, port), flush=True)
+    if workers > 1:
+        # Worker processes rebuild the app from the same config file and environment.
+        uvicorn.run(
+            "app.main:app_from_env", factory=True, host=host, port=port, workers=workers, log_config=None
+        )
+    else:
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = getattr(args, "serve_config", None) or args.config
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        if config:
+            # Worker processes (--workers N) read the same file.
+            import os
+
+            os.environ["GATEWAY_CONFIG"] = config
+        return serve(settings, args)
+    if args.command == "migrate":
+        return run_migrate(settings)
+    if args.command == "keys":
+        return run_keys(settings, args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The HTTP edge: the only package that knows FastAPI."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api import admin_keys, health, images, models
+
+
+def build_api_router() -> APIRouter:
+    router = APIRouter()
+    router.include_router(images.router)
+    router.include_router(models.router)
+    router.include_router(admin_keys.router)
+    router.include_router(health.router)
+    return router

@@ -1,0 +1,43 @@
+"""``POST /v1/images/generations``: parse, hand to the image service, shape the reply."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.api.deps import CallerDep, StateDep
+from app.billing.pricing import format_micros
+from app.errors import InvalidJSONError
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+
+async def read_json(request: Request) -> object:
+    """The decoded body. Parsed here rather than by FastAPI, because unknown fields must survive
+    untouched to be forwarded upstream, and errors must be OpenAI-shaped."""
+    body = await request.body()
+    if not body:
+        raise InvalidJSONError("the body is empty")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidJSONError() from None
+
+
+@router.post("/generations")
+async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    outcome = await state.images.generate(
+        caller=caller,
+        payload=await read_json(request),
+        request_id=request.state.request_id,
+        query_response_format=request.query_params.get("response_format"),
+    )
+    request.state.model = outcome.model
+    request.state.upstream = outcome.upstream
+    request.state.cost_micros = outcome.cost_micros
+    return Response(
+        orjson.dumps(outcome.body),
+        media_type="application/json",
+        headers={"x-gateway-cost": format_micros(outcome.cost_micros)},
+    )

@@ -1,0 +1,1 @@
+"""Pricing and the ledger: what requests cost and the record of what was charged."""

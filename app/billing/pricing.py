@@ -1,0 +1,69 @@
+"""Cost of a request in integer micro-units of the price unit (no floats anywhere).
+
+Token-priced models: cost = ceil(Σ tokens_kind × price_kind / 1e6), with prices held in micro-units
+per 1M tokens, so the only rounding is one ceiling on the total (never under-bill by a micro-unit).
+Per-image models (dall-e) are charged from the catalog's per-image table.
+"""
+
+from __future__ import annotations
+
+import math
+
+from app.images.capabilities import MICROS, ModelCapabilities
+from app.images.jobs import ImageJob, TokenUsage
+
+TOKENS_PER_MILLION = 1_000_000
+
+
+def estimate_text_tokens(text: str) -> int:
+    """Rough prompt token count (≈4 characters a token) for when an upstream reports none."""
+    return math.ceil(len(text) / 4)
+
+
+def estimated_usage(job: ImageJob, images: int) -> TokenUsage:
+    """What the catalog says a request like this uses, marked as an estimate."""
+    per_image = job.caps.output_tokens_per_image(job.quality, job.size)
+    return TokenUsage(
+        text_input=estimate_text_tokens(job.prompt),
+        image_output=per_image * images,
+        estimated=True,
+    )
+
+
+def token_cost(caps: ModelCapabilities, usage: TokenUsage) -> int:
+    prices = caps.prices
+    numerator = (
+        usage.text_input * prices.text_input
+        + usage.image_input * prices.image_input
+        + usage.text_output * prices.text_output
+        + usage.image_output * prices.image_output
+    )
+    return -(-numerator // TOKENS_PER_MILLION)
+
+
+def per_image_cost(caps: ModelCapabilities, *, quality: str, size: str, images: int) -> int:
+    table = caps.prices.per_image.get(quality) or next(iter(caps.prices.per_image.values()), {})
+    price = table.get(caps.resolve_size(size))
+    if price is None:
+        price = max(table.values(), default=0)
+    return price * images
+
+
+def request_cost(job: ImageJob, usage: TokenUsage | None, images: int) -> tuple[int, TokenUsage | None]:
+    """The charge for a completed request, and the usage it was computed from.
+
+    GPT-Image without reported usage falls back to the catalog estimate (marked ``estimated``).
+    """
+    caps = job.caps
+    if caps.prices.per_image and not caps.reports_usage:
+        return per_image_cost(caps, quality=job.quality, size=job.size, images=images), usage
+    if usage is None:
+        usage = estimated_usage(job, images)
+    return token_cost(caps, usage), usage
+
+
+def format_micros(amount: int) -> str:
+    """``10880`` → ``"0.010880"``: exact decimal text for headers and reports."""
+    sign = "-" if amount < 0 else ""
+    whole, frac = divmod(abs(amount), MICROS)
+    return f"{sign}{whole}.{frac:06d}"

@@ -1,0 +1,97 @@
+"""Command-line operations that work on the database directly: keys and migrations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import orjson
+from pydantic import ValidationError
+
+from app.db.engine import create_engine, create_sessionmaker
+from app.db.migrate import upgrade_head
+from app.errors import GatewayError
+from app.images.capabilities import Catalog
+from app.keys import KeyService
+from app.schemas.admin import ApiKeyCreatedResponse, ApiKeyCreateRequest
+from app.settings import Settings
+
+
+def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = subparsers.add_parser("keys", help="manage tenant API keys")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print it (shown only this once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--owner")
+    create.add_argument("--models", help="comma-separated model names (default: all)")
+    create.add_argument("--moderation", choices=["default", "strict", "off"], default="default")
+    create.add_argument("--expires-at", help="ISO 8601 date-time, e.g. 2027-01-01T00:00:00Z")
+    actions.add_parser("list", help="list keys")
+    show = actions.add_parser("show", help="show one key")
+    show.add_argument("key_id")
+    revoke = actions.add_parser("revoke", help="revoke a key permanently")
+    revoke.add_argument("key_id")
+
+
+@asynccontextmanager
+async def _key_service(settings: Settings) -> AsyncIterator[KeyService]:
+    engine = create_engine(settings.database.url)
+    try:
+        await upgrade_head(engine)
+        catalog = Catalog.from_file(settings.models_file)
+        yield KeyService(create_sessionmaker(engine), catalog.names())
+    finally:
+        await engine.dispose()
+
+
+def _print(value: object) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+async def _run_keys(settings: Settings, args: argparse.Namespace) -> None:
+    async with _key_service(settings) as keys:
+        if args.action == "create":
+            request = ApiKeyCreateRequest(
+                name=args.name,
+                owner=args.owner,
+                models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
+                moderation=args.moderation,
+                expires_at=datetime.fromisoformat(args.expires_at) if args.expires_at else None,
+            )
+            public, key = await keys.create(request)
+            _print(ApiKeyCreatedResponse(**public.model_dump(), key=key).model_dump())
+        elif args.action == "list":
+            _print({"object": "list", "data": [k.model_dump() for k in await keys.list()]})
+        elif args.action == "show":
+            _print((await keys.get(args.key_id)).model_dump())
+        elif args.action == "revoke":
+            _print((await keys.revoke(args.key_id)).model_dump())
+
+
+def run_keys(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_run_keys(settings, args))
+    except GatewayError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if exc.status_code == 404 else 1
+    except (ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_migrate(settings: Settings) -> int:
+    async def migrate() -> None:
+        engine = create_engine(settings.database.url)
+        try:
+            await upgrade_head(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(migrate())
+    print("database is at the newest revision")
+    return 0

@@ -1,0 +1,250 @@
+"""Check a request against its model's capabilities and turn it into an ``ImageJob``.
+
+Messages and codes follow what the OpenAI API answers for the same mistake, so clients that
+handle OpenAI errors handle ours. The first failing rule wins, in the order of the SPEC's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+from pydantic import ValidationError
+
+from app.errors import InvalidJSONError, InvalidRequestError
+from app.images.capabilities import ModelCapabilities, parse_size
+from app.images.jobs import Endpoint, ImageJob, ResponseFormat
+from app.schemas.images import ImageGenerateRequest
+
+MODERATION_LEVELS = ("low", "auto")
+RESPONSE_FORMATS = ("url", "b64_json")
+BACKGROUNDS = ("transparent", "opaque", "auto")
+N_MAX = 10
+PARTIAL_IMAGES_MAX = 3
+
+
+def parse_generate_request(payload: Any) -> ImageGenerateRequest:
+    """Type-check a decoded JSON body; the first problem becomes an OpenAI-shaped 400."""
+    if not isinstance(payload, dict):
+        raise InvalidJSONError("expected a JSON object")
+    try:
+        return ImageGenerateRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _from_pydantic(exc) from None
+
+
+def _from_pydantic(exc: ValidationError) -> InvalidRequestError:
+    error = exc.errors()[0]
+    param = ".".join(str(part) for part in error["loc"]) or None
+    if error["type"] == "missing":
+        return InvalidRequestError(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    expected = {"int_type": "an integer", "bool_type": "a boolean", "string_type": "a string"}.get(
+        error["type"], "a valid value"
+    )
+    return InvalidRequestError(
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(error.get('input'))}.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _choices(values: tuple[str, ...] | list[str]) -> str:
+    quoted = [f"'{v}'" for v in values]
+    if len(quoted) <= 2:
+        return " and ".join(quoted)
+    return ", ".join(quoted[:-1]) + ", and " + quoted[-1]
+
+
+def _invalid_choice(param: str, value: object, allowed: tuple[str, ...] | list[str]) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid value: '{value}'. Supported values are: {_choices(allowed)}.",
+        param=param,
+        code="invalid_value",
+    )
+
+
+def _bounded(param: str, value: int, low: int, high: int) -> None:
+    if value < low:
+        raise InvalidRequestError(
+            f"Invalid '{param}': integer below minimum value. Expected a value >= {low}, "
+            f"but got {value} instead.",
+            param=param,
+            code="integer_below_min_value",
+        )
+    if value > high:
+        raise InvalidRequestError(
+            f"Invalid '{param}': integer above maximum value. Expected a value <= {high}, "
+            f"but got {value} instead.",
+            param=param,
+            code="integer_above_max_value",
+        )
+
+
+def check_prompt(prompt: str, caps: ModelCapabilities) -> None:
+    if not prompt.strip():
+        raise InvalidRequestError(
+            "Invalid 'prompt': empty string. Expected a string with minimum length 1, "
+            "but got an empty string instead.",
+            param="prompt",
+            code="empty_string",
+        )
+    if len(prompt) > caps.max_prompt_chars:
+        raise InvalidRequestError(
+            f"Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{caps.max_prompt_chars}, but got a string with length {len(prompt)} instead.",
+            param="prompt",
+            code="string_above_max_length",
+        )
+
+
+def check_unsupported(fields: Mapping[str, Any], caps: ModelCapabilities) -> None:
+    """Fields the catalog marks unsupported for this model are a 400 when actually set."""
+    for name in sorted(caps.unsupported_fields):
+        value = fields.get(name)
+        # `false`/`null` mean "off", which every model supports.
+        if value is None or value is False:
+            continue
+        raise InvalidRequestError(
+            f"Unsupported parameter: '{name}' is not supported with the model '{caps.name}'.",
+            param=name,
+            code="unsupported_parameter",
+        )
+
+
+def check_size(size: str, caps: ModelCapabilities) -> None:
+    if size in caps.sizes:
+        return
+    dims = parse_size(size)
+    if caps.free_size is not None and dims is not None:
+        reason = caps.free_size.check(*dims)
+        if reason is None:
+            return
+        raise InvalidRequestError(f"Invalid size '{size}': {reason}.", param="size", code="invalid_value")
+    allowed = list(caps.sizes) + (["any WxH within the model's size rule"] if caps.free_size else [])
+    raise _invalid_choice("size", size, allowed)
+
+
+def resolve_response_format(body_value: str | None, query_value: str | None) -> ResponseFormat:
+    """The body wins over the query string; the default is base64, which every model can return."""
+    value = body_value if body_value is not None else query_value
+    if value is None:
+        return "b64_json"
+    if value not in RESPONSE_FORMATS:
+        raise _invalid_choice("response_format", value, RESPONSE_FORMATS)
+    return cast(ResponseFormat, value)
+
+
+def build_job(
+    *,
+    request: ImageGenerateRequest,
+    caps: ModelCapabilities,
+    request_id: str,
+    endpoint: Endpoint = "generations",
+    query_response_format: str | None = None,
+) -> ImageJob:
+    """Apply every catalog rule; returns the job with effective settings or raises a 400."""
+    fields = request.model_dump(exclude_none=True)
+    extra = request.model_extra or {}
+    fields.update({k: v for k, v in extra.items() if v is not None})
+
+    check_prompt(request.prompt, caps)
+    check_unsupported(fields, caps)
+
+    n = request.n if request.n is not None else 1
+    _bounded("n", n, 1, N_MAX)
+    if n > caps.n_max:
+        raise InvalidRequestError(
+            f"Invalid 'n': the model '{caps.name}' supports at most n={caps.n_max}.",
+            param="n",
+            code="invalid_value",
+        )
+
+    size = request.size if request.size is not None else caps.default_size
+    check_size(size, caps)
+
+    quality = request.quality if request.quality is not None else caps.default_quality
+    if quality not in caps.qualities:
+        raise _invalid_choice("quality", quality, caps.qualities)
+
+    output_format = request.output_format if request.output_format is not None else caps.output_formats[0]
+    if output_format not in caps.output_formats:
+        raise _invalid_choice("output_format", output_format, caps.output_formats)
+
+    background = request.background
+    if background is not None:
+        if background not in BACKGROUNDS:
+            raise _invalid_choice("background", background, BACKGROUNDS)
+        if background == "transparent":
+            if not caps.transparent_background:
+                raise InvalidRequestError(
+                    f"Transparent backgrounds are not supported by the model '{caps.name}'.",
+                    param="background",
+                    code="invalid_value",
+                )
+            if output_format not in ("png", "webp"):
+                raise InvalidRequestError(
+                    f"Transparent background requires output_format 'png' or 'webp', "
+                    f"but got '{output_format}'.",
+                    param="background",
+                    code="invalid_value",
+                )
+
+    compression = request.output_compression
+    if compression is not None:
+        _bounded("output_compression", compression, 0, 100)
+        if output_format == "png" and compression < 100:
+            raise InvalidRequestError(
+                "Invalid 'output_compression': compression below 100 is only supported with "
+                "output_format 'jpeg' or 'webp'.",
+                param="output_compression",
+                code="invalid_value",
+            )
+
+    moderation = request.moderation if request.moderation is not None else "auto"
+    if moderation not in MODERATION_LEVELS:
+        raise _invalid_choice("moderation", moderation, MODERATION_LEVELS)
+
+    stream = bool(request.stream)
+    if stream and not caps.stream:
+        raise InvalidRequestError(
+            f"Streaming is not supported with the model '{caps.name}'.", param="stream", code="invalid_value"
+        )
+    partial_images = request.partial_images if request.partial_images is not None else 0
+    _bounded("partial_images", partial_images, 0, min(PARTIAL_IMAGES_MAX, caps.max_partial_images))
+
+    response_format = resolve_response_format(request.response_format, query_response_format)
+
+    return ImageJob(
+        request_id=request_id,
+        endpoint=endpoint,
+        model=caps.name,
+        caps=caps,
+        prompt=request.prompt,
+        n=n,
+        size=size,
+        quality=quality,
+        background=background,
+        output_format=output_format,
+        output_compression=compression,
+        moderation=moderation,
+        stream=stream,
+        partial_images=partial_images,
+        response_format=response_format,
+        forward=fields,
+    )

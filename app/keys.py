@@ -1,0 +1,159 @@
+"""Tenant API keys: create, authenticate, change, revoke. Framework-free."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db import repos
+from app.db.tables import ApiKey, utcnow
+from app.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateRequest
+from app.security import display_prefix, generate_api_key, hash_key, looks_like_key
+
+KeyStatus = Literal["active", "disabled", "expired", "revoked"]
+INVALID_KEY_MESSAGE = "Incorrect API key provided. You can create keys with the gateway's admin API."
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated key behind a request, as the request path needs it."""
+
+    key_id: str
+    name: str
+    owner: str | None
+    models: frozenset[str] | None
+    moderation: str
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def key_status(row: ApiKey, now: datetime | None = None) -> KeyStatus:
+    now = now or utcnow()
+    if row.revoked_at is not None:
+        return "revoked"
+    if not row.enabled:
+        return "disabled"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def to_public(row: ApiKey) -> ApiKeyObject:
+    def ts(value: datetime | None) -> int | None:
+        return int(value.timestamp()) if value is not None else None
+
+    return ApiKeyObject(
+        id=row.id,
+        name=row.name,
+        owner=row.owner,
+        prefix=row.prefix + "…",
+        models=row.models,
+        moderation=row.moderation,
+        enabled=row.enabled,
+        status=key_status(row),
+        created_at=int(row.created_at.timestamp()),
+        expires_at=ts(row.expires_at),
+        revoked_at=ts(row.revoked_at),
+        metadata=row.metadata_,
+    )
+
+
+class KeyService:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], known_models: Sequence[str]) -> None:
+        self._sessions = sessions
+        self._known_models = list(known_models)
+
+    def _check_models(self, models: list[str] | None) -> None:
+        unknown = sorted(set(models or ()) - set(self._known_models))
+        if unknown:
+            raise InvalidRequestError(
+                f"Unknown model(s) {unknown}. Known models: {', '.join(self._known_models)}.",
+                param="models",
+                code="invalid_value",
+            )
+
+    async def authenticate(self, token: str | None) -> Caller:
+        """The caller for a bearer token; 401 for a missing, unknown, disabled, revoked or expired key."""
+        if not token or not looks_like_key(token):
+            raise AuthenticationError(INVALID_KEY_MESSAGE)
+        async with self._sessions() as session:
+            row = await repos.get_key_by_hash(session=session, key_hash=hash_key(token))
+        if row is None:
+            raise AuthenticationError(INVALID_KEY_MESSAGE)
+        status = key_status(row)
+        if status != "active":
+            raise AuthenticationError(f"This API key is {status}.")
+        return Caller(
+            key_id=row.id,
+            name=row.name,
+            owner=row.owner,
+            models=frozenset(row.models) if row.models is not None else None,
+            moderation=row.moderation,
+        )
+
+    async def create(self, request: ApiKeyCreateRequest) -> tuple[ApiKeyObject, str]:
+        """A new key; the plaintext is returned here and never stored."""
+        self._check_models(request.models)
+        key = generate_api_key()
+        async with self._sessions.begin() as session:
+            row = await repos.create_key(
+                session=session,
+                key_id="key_" + secrets.token_hex(12),
+                key_hash=hash_key(key),
+                prefix=display_prefix(key),
+                name=request.name,
+                owner=request.owner,
+                models=request.models,
+                moderation=request.moderation,
+                enabled=request.enabled,
+                expires_at=request.expires_at,
+                metadata=request.metadata,
+            )
+            public = to_public(row)
+        return public, key
+
+    async def list(self) -> list[ApiKeyObject]:
+        async with self._sessions() as session:
+            return [to_public(row) for row in await repos.list_keys(session=session)]
+
+    async def get(self, key_id: str) -> ApiKeyObject:
+        async with self._sessions() as session:
+            return to_public(await self._row(session, key_id))
+
+    async def update(self, key_id: str, request: ApiKeyUpdateRequest) -> ApiKeyObject:
+        changes = request.model_dump(exclude_unset=True)
+        if "models" in changes:
+            self._check_models(changes["models"])
+        async with self._sessions.begin() as session:
+            row = await self._row(session, key_id)
+            if row.revoked_at is not None:
+                raise InvalidRequestError("A revoked key cannot be changed.", param="id", code="key_revoked")
+            for field, value in changes.items():
+                if field in ("name", "enabled", "moderation") and value is None:
+                    continue
+                setattr(row, "metadata_" if field == "metadata" else field, value)
+            await session.flush()
+            return to_public(row)
+
+    async def revoke(self, key_id: str) -> ApiKeyObject:
+        """Revocation is permanent; the row stays so the ledger keeps its owner."""
+        async with self._sessions.begin() as session:
+            row = await self._row(session, key_id)
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+                row.enabled = False
+            await session.flush()
+            return to_public(row)
+
+    async def _row(self, session: AsyncSession, key_id: str) -> ApiKey:
+        row = await repos.get_key(session=session, key_id=key_id)
+        if row is None:
+            raise NotFoundError(f"No API key with id '{key_id}'.", param="id")
+        return row

@@ -1,0 +1,38 @@
+"""The app factory: routers, middleware and error handlers. No I/O and no globals at import."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import build_api_router
+from app.api.errors import install_error_handlers
+from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.lifespan import make_lifespan
+from app.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="Image gateway",
+        version=__version__,
+        lifespan=make_lifespan(settings),
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.include_router(build_api_router())
+    install_error_handlers(app)
+    # Pure ASGI middleware (never BaseHTTPMiddleware), so streamed responses pass through untouched.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_json_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` worker processes: settings from GATEWAY_CONFIG and env."""
+    from app.logging import configure_logging
+    from app.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(level=settings.logging.level, json_format=settings.logging.json_format)
+    return create_app(settings)

@@ -1,0 +1,1 @@
+"""The wire contract: pydantic models only, no I/O."""

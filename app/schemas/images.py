@@ -1,0 +1,62 @@
+"""Image request and response bodies, named as in the openai-python types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+
+from app.schemas.base import WireModel
+
+
+class ImageGenerateRequest(WireModel):
+    """``POST /v1/images/generations``. Types are strict (JSON ``"2"`` is not ``n=2``); allowed
+    values depend on the model, so they are checked against the catalog in ``images/validation.py``."""
+
+    prompt: StrictStr
+    model: StrictStr
+    n: StrictInt | None = None
+    size: StrictStr | None = None
+    quality: StrictStr | None = None
+    background: StrictStr | None = None
+    output_format: StrictStr | None = None
+    output_compression: StrictInt | None = None
+    moderation: StrictStr | None = None
+    stream: StrictBool | None = None
+    partial_images: StrictInt | None = None
+    response_format: StrictStr | None = None
+    user: StrictStr | None = None
+
+
+class ImageData(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """The success body. The gateway relays the upstream's dict as is; this documents its shape."""
+
+    model_config = ConfigDict(extra="allow")
+
+    created: int
+    data: list[ImageData]
+    background: str | None = None
+    output_format: str | None = None
+    quality: str | None = None
+    size: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelObject]

@@ -1,0 +1,251 @@
+"""The validated settings tree: YAML config with ``${VAR}`` interpolation, then ``GATEWAY_…`` env vars.
+
+Precedence, highest first: explicit keyword arguments (tests), environment variables
+(``GATEWAY_DATABASE__URL``, ``GATEWAY_ADMIN_KEY``; ``__`` separates nesting levels), the YAML file,
+then the defaults below. A bad config fails at start with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Values that mean "somebody forgot to set this": refused rather than used as a real secret.
+_PLACEHOLDERS = frozenset({"changeme", "change-me", "changethis", "secret", "xxx", "your-key-here"})
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the field."""
+
+
+def interpolate(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset ``${VAR}`` becomes empty."""
+    env = os.environ if environ is None else environ
+
+    def sub(match: re.Match[str]) -> str:
+        value = env.get(match.group(1))
+        if value:
+            return value
+        return match.group(2) if match.group(2) is not None else ""
+
+    return _VAR.sub(sub, text)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a config file, interpolating env vars before YAML parsing."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(interpolate(text))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    return data
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite+aiosqlite:///./data/gateway.db"
+    echo: bool = False
+
+
+class RedisSettings(_Section):
+    url: str | None = None
+
+
+class StorageSettings(_Section):
+    kind: Literal["local", "s3"] = "local"
+    path: str = "./data/images"
+
+
+class ServerSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    # JSON bodies larger than this are refused with 413 before they are parsed.
+    max_json_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(default=True, alias="json")
+
+
+class UpstreamModelSettings(_Section):
+    name: str
+    upstream_model: str | None = None
+
+
+def _all_models() -> list[str | UpstreamModelSettings]:
+    return ["*"]
+
+
+class UpstreamSettings(_Section):
+    name: str = Field(min_length=1)
+    kind: Literal["openai", "azure", "local"]
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_version: str | None = None
+    models: list[str | UpstreamModelSettings] = Field(default_factory=_all_models)
+    weight: int = Field(default=1, ge=1)
+    # Lower numbers are tried first; the same number forms one weighted tier.
+    priority: int = 0
+    timeout_s: float = Field(default=300.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    enabled: bool = True
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamSettings:
+        if self.kind in ("openai", "azure") and not self.base_url:
+            raise ValueError(f"upstream '{self.name}': base_url is required for kind {self.kind}")
+        if self.api_key is not None and self.api_key.get_secret_value().lower() in _PLACEHOLDERS:
+            raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Remote upstreams without a key are skipped, so a default config works with no account."""
+        if not self.enabled:
+            return False
+        return self.kind == "local" or self.api_key is not None
+
+    def model_map(self, catalog_names: list[str]) -> dict[str, str]:
+        """Public model name → name sent upstream, with ``*`` expanded to the catalog."""
+        mapping: dict[str, str] = {}
+        for entry in self.models:
+            if isinstance(entry, str):
+                names = catalog_names if entry == "*" else [entry]
+                for name in names:
+                    mapping.setdefault(name, name)
+            else:
+                mapping[entry.name] = entry.upstream_model or entry.name
+        return mapping
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        env_ignore_empty=True,
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    admin_key: SecretStr | None = None
+    data_dir: str = "./data"
+    models_file: str = "config/models.yaml"
+    price_unit: str = "PTC"
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    upstreams: list[UpstreamSettings] = Field(
+        default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
+    )
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _admin_key(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if text.lower() in _PLACEHOLDERS or len(text) < 16:
+            raise ValueError("admin_key must be at least 16 characters and not a placeholder")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_upstreams(self) -> Settings:
+        names = [u.name for u in self.upstreams]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"upstreams: duplicate names {duplicates}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments (tests), then env vars, then the YAML file; no dotenv or secret dirs.
+        return init_settings, env_settings, _FileSource(settings_cls, _file_data(settings_cls))
+
+
+# The config file's mapping for the Settings() call in progress. A ContextVar, not a global, so
+# concurrent builds (tests) never see each other's file.
+_FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("gateway_config_file", default=None)
+
+
+def _file_data(settings_cls: type[BaseSettings]) -> dict[str, Any]:  # noqa: ARG001
+    return dict(_FILE_DATA.get() or {})
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The already-interpolated YAML mapping as a settings source (lowest precedence)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # noqa: ARG002
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def load_settings(config_path: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the YAML file (``--config``, else ``GATEWAY_CONFIG``, else the default), then env."""
+    path = Path(config_path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
+    explicit = config_path is not None or bool(os.environ.get("GATEWAY_CONFIG"))
+    data = load_yaml(path) if (explicit or path.exists()) else {}
+    return build_settings(data, **overrides)
+
+
+def build_settings(data: dict[str, Any], **overrides: Any) -> Settings:
+    """Validate a config mapping under env overrides; errors name the failing field."""
+    token = _FILE_DATA.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    finally:
+        _FILE_DATA.reset(token)

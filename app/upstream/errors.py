@@ -1,0 +1,159 @@
+"""Translate what an upstream does wrong into the gateway's own errors (``app.errors``).
+
+Adapters call upstreams with httpx, but nothing above ``app/upstream`` may see an httpx exception
+(ARCHITECTURE convention 8), so every call runs inside ``map_httpx_errors``. As in httpx's own
+``map_httpcore_exceptions``, the most specific class wins and the original stays as ``__cause__``:
+
+    httpx.HTTPStatusError     → UpstreamRejected   the upstream's status, type and code (sanitised)
+    httpx.TimeoutException    → UpstreamTimeout    504 upstream_timeout
+    httpx.TransportError      → UpstreamUnavailable 502 upstream_unavailable (connect, read, protocol…)
+    other httpx.RequestError  → UpstreamError      502 upstream_error (undecodable body, redirect loop)
+
+Transport messages are generic on purpose: httpx exception strings carry the request URL, and the
+client must never learn upstream URLs, hosts or keys (SPEC §1.4). An upstream's own error *body* is
+worth relaying (status, type, param, code, moderation details), so ``rejected_from_response`` keeps
+it, but every string in it goes through ``sanitize`` first. The router (convention 9) reads the
+resulting class and status to decide on retry and failover.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import orjson
+
+from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+
+INVALID_RESPONSE = "The upstream service returned an invalid response."
+# Longer messages are cut: an upstream that answers a whole HTML page has nothing useful to say.
+_MAX_MESSAGE_CHARS = 2000
+_KNOWN_KEYS = frozenset({"message", "type", "param", "code"})
+_URL_RE = re.compile(r"https?://[^\s\"'<>()\[\]{}]+", re.IGNORECASE)
+_API_KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
+
+
+@contextmanager
+def map_httpx_errors(*, secrets: Sequence[str] = ()) -> Iterator[None]:
+    """Re-raise httpx exceptions from the block as ``app.errors`` upstream errors."""
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:  # only from raise_for_status(); adapters usually check themselves
+        response = exc.response
+        try:
+            body = response.content
+        except httpx.ResponseNotRead:  # a streamed response whose body was never read
+            body = b""
+        raise rejected_from_response(response.status_code, body, response.headers, secrets=secrets) from exc
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout() from exc
+    except httpx.TransportError as exc:
+        raise UpstreamUnavailable() from exc
+    except httpx.RequestError as exc:
+        raise UpstreamError(INVALID_RESPONSE) from exc
+
+
+def sanitize(message: str, *, secrets: Sequence[str]) -> str:
+    """``message`` without URLs, API-key-looking tokens or any of ``secrets`` (key, base URL, host)."""
+    # URLs first, so that a secret that is part of a URL takes the whole URL with it.
+    message = _URL_RE.sub("[redacted-url]", message)
+    message = _API_KEY_RE.sub("sk-***", message)
+    # Longest first: the host is a substring of the base URL, and removing it first would
+    # leave the rest of the URL behind.
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        message = re.sub(re.escape(secret), "[redacted]", message, flags=re.IGNORECASE)
+    return message
+
+
+def upstream_secrets(base_url: str, api_key: str | None) -> tuple[str, ...]:
+    """What identifies an upstream in a message: its key, base URL (with and without scheme), host."""
+    url = httpx.URL(base_url)
+    bare = base_url.split("://", 1)[-1]
+    candidates = (
+        api_key,
+        base_url,
+        base_url.rstrip("/"),
+        bare,
+        bare.rstrip("/"),
+        url.netloc.decode(),
+        url.host,
+    )
+    return tuple(dict.fromkeys(s for s in candidates if s))
+
+
+def rejected_from_response(
+    status: int, body: bytes, headers: Mapping[str, str], *, secrets: Sequence[str]
+) -> UpstreamRejected:
+    """The ``UpstreamRejected`` for an upstream error answer, its message and details sanitised."""
+    if not 400 <= status <= 599:
+        status = 502  # a 3xx or odd status is not something a client could act on
+    generic = f"The upstream service returned an error (HTTP {status})."
+    error = _error_object(body)
+    if error is None:
+        return UpstreamRejected(
+            status, generic, error_type=None, param=None, code=None, retry_after=_retry_after(headers)
+        )
+
+    def text(key: str) -> str | None:
+        value = error.get(key)
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            return None
+        return sanitize(str(value), secrets=secrets) or None
+
+    message = (text("message") or generic)[:_MAX_MESSAGE_CHARS]
+    details = {k: _clean(v, secrets) for k, v in error.items() if k not in _KNOWN_KEYS}
+    return UpstreamRejected(
+        status,
+        message,
+        error_type=text("type"),
+        param=text("param"),
+        code=text("code"),
+        details=details,
+        retry_after=_retry_after(headers),
+    )
+
+
+def _error_object(body: bytes) -> dict[str, Any] | None:
+    """The error object of an OpenAI (``{"error": {...}}``) or Azure-ish body; None if there is none."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    error = parsed.get("error")
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):  # some compatible servers answer {"error": "text"}
+        return {"message": error}
+    if isinstance(parsed.get("message"), str):  # or put the error object at the top level
+        return {k: v for k, v in parsed.items() if k in _KNOWN_KEYS}
+    return None
+
+
+def _clean(value: Any, secrets: Sequence[str]) -> Any:
+    """``value`` with every string inside it sanitised (for extra keys such as moderation_details)."""
+    if isinstance(value, str):
+        return sanitize(value, secrets=secrets)
+    if isinstance(value, dict):
+        return {str(k): _clean(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v, secrets) for v in value]
+    return value
+
+
+def _retry_after(headers: Mapping[str, str]) -> str | None:
+    """``retry-after`` as sent, else ``retry-after-ms`` rounded up to whole seconds."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    value = lowered.get("retry-after")
+    if value:
+        return value.strip()[:64]
+    try:
+        millis = float(lowered.get("retry-after-ms", ""))
+    except ValueError:
+        return None
+    return str(math.ceil(millis / 1000)) if 0 <= millis < 1e9 else None

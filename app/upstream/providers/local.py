@@ -1,0 +1,246 @@
+"""The ``local`` upstream: a built-in development backend that draws real images with Pillow.
+
+This is a named, documented backend (SPEC §2), not a fake in disguise. It exists so that
+``make run`` plus any OpenAI client works with no account and no network, and so that every test
+runs offline against real image bytes. Its output is a deliberate placeholder render: a gradient,
+a few shapes and the prompt itself, derived from a hash of the prompt, the ``seed`` parameter and
+the image index, so the same request always gives byte-identical images and image i of n differs
+from image j.
+
+The drawing is split into pure helpers (``render``, ``encode``) so that edits (painting inside a
+mask) and streaming (coarse-to-fine partial images) can reuse them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import math
+import random
+import textwrap
+import time
+from functools import lru_cache
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from app.errors import UpstreamRejected
+from app.images.capabilities import parse_size
+from app.images.jobs import ImageJob, ImageResult, TokenUsage
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+RGB = tuple[int, int, int]
+
+ENCODINGS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+DEFAULT_QUALITY = 90
+# zlib level 3 is several times faster than the default 6 on gradients and barely larger;
+# a development backend should answer fast rather than small.
+PNG_COMPRESS_LEVEL = 3
+
+
+def _rng(prompt: str, seed: int, index: int) -> random.Random:
+    """All randomness of one image, from a stable hash (``hash()`` is salted per process)."""
+    key = f"{seed}\x00{index}\x00{prompt}".encode()
+    return random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=32).digest(), "big"))
+
+
+def _colour(rng: random.Random, lo: int = 0, hi: int = 255) -> RGB:
+    return (rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(lo, hi))
+
+
+def _gradient(width: int, height: int, start: RGB, end: RGB, tilt: float) -> Image.Image:
+    """A linear gradient, its direction a mix of vertical and horizontal; cheap at any size."""
+    vertical = Image.linear_gradient("L")
+    ramp = Image.blend(vertical, vertical.transpose(Image.Transpose.ROTATE_90), tilt)
+    mask = ramp.resize((width, height), Image.Resampling.BILINEAR)
+    return Image.composite(
+        Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), mask
+    )
+
+
+@lru_cache(maxsize=32)
+def _font(size: int) -> Font:
+    """Pillow's bundled font, so rendering needs no font files on the host."""
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(text: str, font: Font, max_width: int, max_lines: int) -> list[str]:
+    """The prompt as lines that fit, truncated with an ellipsis rather than overflowing."""
+    char_width = max(font.getlength("abcdefghijklmnopqrstuvwxyz") / 26, 1.0)
+    columns = max(int(max_width / char_width), 8)
+    return textwrap.wrap(text, width=columns, max_lines=max_lines, placeholder=" ...") or [""]
+
+
+def _draw_shapes(draw: ImageDraw.ImageDraw, rng: random.Random, box: tuple[int, int, int, int]) -> None:
+    left, top, right, bottom = box
+    span = min(right - left, bottom - top)
+    if span < 16:  # too small for shapes to mean anything (and for Pillow to draw them)
+        return
+    for _ in range(rng.randint(3, 5)):
+        radius = int(span * rng.uniform(0.08, 0.22))
+        # max() keeps tiny canvases drawable instead of raising on an empty range.
+        cx = rng.randint(left + radius, max(left + radius, right - radius))
+        cy = rng.randint(top + radius, max(top + radius, bottom - radius))
+        fill, outline = _colour(rng, 40, 230), _colour(rng, 0, 80)
+        width = max(span // 160, 1)
+        kind = rng.randrange(3)
+        if kind == 0:
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill, outline, width)
+        elif kind == 1:
+            draw.rounded_rectangle(
+                (cx - radius, cy - radius, cx + radius, cy + radius), radius // 4, fill, outline, width
+            )
+        else:
+            draw.regular_polygon((cx, cy, radius), 3, rng.uniform(0, 120), fill, outline, width)
+
+
+def _draw_caption(
+    draw: ImageDraw.ImageDraw, lines: list[str], font: Font, box: tuple[int, int, int, int]
+) -> None:
+    """The prompt on an opaque dark band, readable over any palette."""
+    left, _, right, bottom = box
+    line_height = int(font.getbbox("Ag")[3] * 1.3)
+    pad = line_height // 2
+    band_top = bottom - pad * 2 - line_height * len(lines)
+    draw.rectangle((left, band_top, right, bottom), fill=(20, 20, 28))
+    for i, line in enumerate(lines):
+        draw.text((left + pad, band_top + pad + i * line_height), line, fill=(245, 245, 245), font=font)
+
+
+def render(prompt: str, seed: int, index: int, width: int, height: int, transparent: bool) -> Image.Image:
+    """One placeholder image, a pure function of its arguments.
+
+    With ``transparent`` the picture is a card inset from the edges: everything outside it has
+    alpha 0 and everything drawn is fully opaque, so callers can test real alpha.
+    """
+    rng = _rng(prompt, seed, index)
+    start, end = _colour(rng), _colour(rng)
+    background = _gradient(width, height, start, end, rng.random())
+    if transparent:
+        inset = max(min(width, height) // 16, 1)
+        box = (inset, inset, width - inset - 1, height - inset - 1)
+        image = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+        if box[2] >= box[0] and box[3] >= box[1]:
+            card = Image.new("L", (width, height), 0)
+            ImageDraw.Draw(card).rounded_rectangle(box, radius=inset, fill=255)
+            image.paste(background, (0, 0), card)
+    else:
+        box = (0, 0, width - 1, height - 1)
+        image = background
+    draw = ImageDraw.Draw(image)
+    font = _font(max(min(width, height) // 28, 10))
+    margin = max(min(width, height) // 24, 4)
+    inner = (box[0] + margin, box[1] + margin, box[2] - margin, box[3] - margin)
+    if inner[2] - inner[0] < 16 or inner[3] - inner[1] < 16:
+        return image  # no room for content; the background alone is still a valid image
+    lines = _wrap(prompt, font, inner[2] - inner[0] - margin, max_lines=3)
+    lines.append(f"local render - seed {seed} - image {index + 1}")
+    _draw_shapes(draw, rng, (inner[0], inner[1], inner[2], inner[3] - (inner[3] - inner[1]) // 3))
+    _draw_caption(draw, lines, font, inner)
+    return image
+
+
+def encode(image: Image.Image, fmt: str, compression: int | None) -> bytes:
+    """The image file bytes; ``compression`` (0-100, the API's ``output_compression``) is the
+    JPEG/WebP quality, which is what the OpenAI parameter means for lossy formats."""
+    kind = ENCODINGS[fmt]
+    buffer = io.BytesIO()
+    if kind == "PNG":
+        image.save(buffer, kind, compress_level=PNG_COMPRESS_LEVEL)
+        return buffer.getvalue()
+    quality = DEFAULT_QUALITY if compression is None else min(max(compression, 0), 100)
+    if kind == "JPEG" and image.mode != "RGB":
+        image = image.convert("RGB")
+    image.save(buffer, kind, quality=quality)
+    return buffer.getvalue()
+
+
+def _render_b64(
+    prompt: str,
+    seed: int,
+    index: int,
+    size: tuple[int, int],
+    transparent: bool,
+    fmt: str,
+    compression: int | None,
+) -> str:
+    image = render(prompt, seed, index, size[0], size[1], transparent)
+    return base64.b64encode(encode(image, fmt, compression)).decode("ascii")
+
+
+def _seed(job: ImageJob) -> int:
+    value = job.forward.get("seed")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _rejected(message: str, param: str) -> UpstreamRejected:
+    return UpstreamRejected(
+        400, message, error_type="invalid_request_error", param=param, code="invalid_value"
+    )
+
+
+class LocalProvider:
+    """The ``local`` upstream kind: renders in-process, holds no connections."""
+
+    def __init__(self, name: str = "local") -> None:
+        self.name = name
+
+    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:  # noqa: ARG002
+        # upstream_model is ignored: the renderer draws alike for every model name it serves.
+        size = job.caps.resolve_size(job.size)
+        dims = parse_size(size)
+        if dims is None:
+            raise _rejected(f"The local backend cannot render size {size!r}.", "size")
+        fmt = job.output_format
+        if fmt not in ENCODINGS:
+            raise _rejected(f"The local backend cannot encode output_format {fmt!r}.", "output_format")
+        # JPEG has no alpha channel; validation rejects that pair, but render opaque rather than fail.
+        transparent = job.background == "transparent" and fmt != "jpeg"
+        seed = _seed(job)
+        # Rendering is CPU work: off the event loop, one thread per image (Pillow releases the GIL
+        # while encoding, so images of one request overlap).
+        images = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    _render_b64, job.prompt, seed, i, dims, transparent, fmt, job.output_compression
+                )
+                for i in range(job.n)
+            )
+        )
+        created = int(time.time())
+        if job.caps.family != "gpt-image":
+            # dall-e answers with created and data only, and reports no usage.
+            data: list[dict[str, Any]] = [{"b64_json": b64} for b64 in images]
+            if job.caps.family == "dall-e-3":
+                for item in data:
+                    item["revised_prompt"] = job.prompt
+            return ImageResult(body={"created": created, "data": data}, usage=None, raw_usage=None)
+        usage = TokenUsage(
+            # An estimate of the tokenizer (about four characters per token): no tokenizer runs here.
+            text_input=math.ceil(len(job.prompt) / 4),
+            image_input=0,
+            text_output=0,
+            image_output=job.caps.output_tokens_per_image(job.quality, job.size) * job.n,
+            # The local renderer is itself the authority on what it produced, so this is not an estimate.
+            estimated=False,
+        )
+        raw_usage = usage.to_openai()
+        body: dict[str, Any] = {
+            "created": created,
+            "data": [{"b64_json": b64} for b64 in images],
+            "background": "transparent" if transparent else "opaque",
+            "output_format": fmt,
+            "quality": job.caps.resolve_quality(job.quality),
+            "size": size,
+            "usage": usage.to_openai(),
+        }
+        return ImageResult(body=body, usage=usage, raw_usage=raw_usage)
+
+    async def probe(self) -> bool:
+        """Always ready: nothing outside this process is involved."""
+        return True
+
+    async def aclose(self) -> None:
+        """Nothing to release: there is no connection pool."""

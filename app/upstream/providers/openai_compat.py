@@ -1,0 +1,111 @@
+"""Adapter for any OpenAI-compatible Images API (OpenAI itself, proxies, self-hosted servers).
+
+The job already knows its upstream body (``ImageJob.upstream_body``); this module only moves bytes:
+it posts that body, turns a failure into an ``app.errors`` upstream error and hands a success back
+as it came, so images are never decoded or re-encoded on the way through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+
+from app.errors import UpstreamError
+from app.images.jobs import ImageJob, ImageResult, TokenUsage
+from app.upstream.errors import INVALID_RESPONSE, map_httpx_errors, rejected_from_response, upstream_secrets
+
+
+class OpenAICompatProvider:
+    """An ``ImageProvider`` over one OpenAI-compatible base URL, with its own connection pool."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 10.0,
+        max_connections: int = 100,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.name = name
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key or None
+        # Everything that identifies the upstream is scrubbed from relayed messages (SPEC §1.4).
+        self._secrets = upstream_secrets(base_url, api_key)
+        # Tests inject a client on httpx.MockTransport; only a client made here is closed here.
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+
+    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+        """POST ``/images/generations`` and return the upstream's ImagesResponse as is."""
+        response = await self._post_json(
+            "/images/generations", job.upstream_body(upstream_model), request_id=job.request_id
+        )
+        return self._image_result(response)
+
+    async def probe(self) -> bool:
+        """Reachability: any HTTP answer from ``/models`` will do, even 401 or 404."""
+        try:
+            await self._client.get(
+                self._url("/models"), headers=self._headers(request_id="probe"), timeout=5.0
+            )
+        except httpx.HTTPError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Close the connection pool, unless it was injected (its owner closes it)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    def _url(self, path: str) -> str:
+        return f"{self._base_url}{path}"
+
+    def _headers(self, *, request_id: str, content_type: str | None = None) -> dict[str, str]:
+        """Auth, and the gateway's request id so both sides' logs can be matched."""
+        headers = {"accept": "application/json", "x-request-id": request_id}
+        if content_type is not None:
+            headers["content-type"] = content_type
+        if self._api_key:
+            # Keyless upstreams (a local server) get no header rather than an empty bearer.
+            headers["authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    async def _post_json(self, path: str, body: dict[str, Any], *, request_id: str) -> httpx.Response:
+        """Send ``body`` as JSON; any error status becomes ``UpstreamRejected``."""
+        with map_httpx_errors(secrets=self._secrets):
+            response = await self._client.post(
+                self._url(path),
+                content=orjson.dumps(body),
+                headers=self._headers(request_id=request_id, content_type="application/json"),
+            )
+        self._raise_for_status(response)
+        return response
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        """Raise the sanitised ``UpstreamRejected`` for anything but a 2xx (3xx are not followed)."""
+        if not response.is_success:
+            raise rejected_from_response(
+                response.status_code, response.content, response.headers, secrets=self._secrets
+            )
+
+    @staticmethod
+    def _image_result(response: httpx.Response) -> ImageResult:
+        """The parsed ImagesResponse; a body without a ``data`` list is the upstream's fault (502)."""
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError(INVALID_RESPONSE) from exc
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise UpstreamError(INVALID_RESPONSE)
+        usage = body.get("usage")
+        if not isinstance(usage, dict) or not usage:
+            return ImageResult(body=body, usage=None, raw_usage=None)
+        return ImageResult(body=body, usage=TokenUsage.from_openai(usage), raw_usage=usage)

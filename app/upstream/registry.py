@@ -1,0 +1,90 @@
+"""Build providers from settings, one per configured upstream, and index them by model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from app.images.capabilities import Catalog
+from app.settings import UpstreamSettings
+from app.upstream.base import ImageProvider
+from app.upstream.providers.local import LocalProvider
+from app.upstream.providers.openai_compat import OpenAICompatProvider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One way to serve a model: which provider, under which upstream model name."""
+
+    provider: ImageProvider
+    upstream_model: str
+    weight: int
+    priority: int
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+
+class ProviderRegistry:
+    def __init__(self, routes: dict[str, list[Route]], providers: Sequence[ImageProvider]) -> None:
+        self._routes = routes
+        self._providers = list(providers)
+
+    def models(self) -> list[str]:
+        """Public models at least one active upstream serves."""
+        return [model for model, routes in self._routes.items() if routes]
+
+    def routes(self, model: str) -> list[Route]:
+        return list(self._routes.get(model, ()))
+
+    def providers(self) -> list[ImageProvider]:
+        return list(self._providers)
+
+    def provider_names(self) -> list[str]:
+        return [p.name for p in self._providers]
+
+    async def aclose(self) -> None:
+        for provider in self._providers:
+            await provider.aclose()
+
+    @classmethod
+    def build(cls, upstreams: Sequence[UpstreamSettings], catalog: Catalog) -> ProviderRegistry:
+        routes: dict[str, list[Route]] = {name: [] for name in catalog.names()}
+        providers: list[ImageProvider] = []
+        for upstream in upstreams:
+            if not upstream.active:
+                log.info(
+                    "upstream skipped: disabled or without api_key",
+                    extra={"fields": {"upstream": upstream.name}},
+                )
+                continue
+            provider = _make_provider(upstream)
+            providers.append(provider)
+            for model, upstream_model in upstream.model_map(catalog.names()).items():
+                if model not in routes:
+                    log.warning(
+                        "upstream lists a model missing from the catalog; ignored",
+                        extra={"fields": {"upstream": upstream.name, "model": model}},
+                    )
+                    continue
+                routes[model].append(Route(provider, upstream_model, upstream.weight, upstream.priority))
+        return cls(routes, providers)
+
+
+def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
+    if upstream.kind == "local":
+        return LocalProvider(upstream.name)
+    if upstream.kind == "openai":
+        return OpenAICompatProvider(
+            name=upstream.name,
+            base_url=upstream.base_url or "",
+            api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
+            timeout_s=upstream.timeout_s,
+            connect_timeout_s=upstream.connect_timeout_s,
+            max_connections=upstream.max_concurrency or 100,
+        )
+    raise ValueError(f"upstream '{upstream.name}': kind '{upstream.kind}' is not available yet")

@@ -1,0 +1,121 @@
+"""What the fake OpenAI upstream answers to an image request: `ImagesResponse` payloads and SSE events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tests.fakes.images import parse_size, render_b64, size_str
+from tests.fakes.openai_wire import openai_error
+
+
+class InvalidParams(Exception):
+    """The request cannot be served; `body` is the OpenAI error body for a 400."""
+
+    def __init__(self, message: str, param: str, code: str) -> None:
+        super().__init__(message)
+        self.body = openai_error(message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    kind: str  # "image_generation" | "image_edit": the SSE event prefix
+    model: str
+    prompt: str
+    n: int
+    size: tuple[int, int]
+    output_format: str
+    transparent: bool
+    quality: str
+    stream: bool
+    partial_images: int
+    response_format: str | None
+    noise: bool
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Mapping[str, Any],
+        kind: str,
+        *,
+        deployment: str | None = None,
+        input_size: tuple[int, int] | None = None,
+        noise: bool = False,
+    ) -> ImageJob:
+        """`params`: the JSON body, or the multipart form fields (strings). Size auto/absent: the first
+        input image's size for edits, else 1024x1024. dall-e models: png only, no streaming."""
+        model = str(params.get("model") or deployment or "gpt-image-1")
+        prompt = params.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidParams("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+        stream = str(params.get("stream")).lower() in {"true", "1"}
+        dalle = model.startswith("dall-e")
+        if dalle and stream:
+            raise InvalidParams(f"Streaming is not supported for {model}.", "stream", "invalid_value")
+        try:
+            n = int(params.get("n") or 1)
+            partial_images = int(params.get("partial_images") or 0)
+        except ValueError as exc:
+            raise InvalidParams(str(exc), "n", "invalid_value") from exc
+        response_format = params.get("response_format")
+        return cls(
+            kind=kind,
+            model=model,
+            prompt=prompt,
+            n=n,
+            size=parse_size(params.get("size"), input_size or (1024, 1024)),
+            output_format="png" if dalle else str(params.get("output_format") or "png").lower(),
+            transparent=params.get("background") == "transparent",
+            quality=str(params.get("quality") or "auto"),
+            stream=stream,
+            partial_images=partial_images,
+            response_format=str(response_format) if response_format else None,
+            noise=noise,
+        )
+
+    @property
+    def dalle(self) -> bool:
+        return self.model.startswith("dall-e")
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The resolved settings the GPT-Image API echoes in responses and events."""
+        return {
+            "background": "transparent" if self.transparent else "opaque",
+            "output_format": self.output_format,
+            "quality": "high" if self.quality == "auto" else self.quality,
+            "size": size_str(self.size),
+        }
+
+    def b64(self, variant: int) -> str:
+        w, h = self.size
+        return render_b64(w, h, self.output_format, self.transparent, variant, self.noise)
+
+    def payload(self, usage: dict[str, Any], store: Callable[[int], str]) -> dict[str, Any]:
+        """The `ImagesResponse`. dall-e: only `created` and `data` (`url` when asked for, via
+        `store(variant)`; `revised_prompt` for dall-e-3). GPT-Image: settings and `usage` too."""
+        created = int(time.time())
+        if not self.dalle:
+            data = [{"b64_json": self.b64(i)} for i in range(self.n)]
+            return {"created": created, "data": data, **self.settings, "usage": usage}
+        items: list[dict[str, Any]] = []
+        for i in range(self.n):
+            item = {"url": store(i)} if self.response_format == "url" else {"b64_json": self.b64(i)}
+            if self.model.startswith("dall-e-3"):
+                item["revised_prompt"] = f"A detailed rendering of: {self.prompt}"
+            items.append(item)
+        return {"created": created, "data": items}
+
+    def events(self, usage: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """`partial_images` partial events (indexes 0..k-1), then one completed event per image, each
+        completed event carrying `usage`."""
+        created_at = int(time.time())
+        partial, completed = f"{self.kind}.partial_image", f"{self.kind}.completed"
+        for index in range(self.partial_images):
+            data = {"type": partial, "b64_json": self.b64(100 + index), "partial_image_index": index}
+            yield partial, {**data, **self.settings, "created_at": created_at}
+        for index in range(self.n):
+            data = {"type": completed, "b64_json": self.b64(index), **self.settings}
+            yield completed, {**data, "created_at": created_at, "usage": usage}

@@ -49,7 +49,9 @@ class ImageJob:
         model = str(params.get("model") or deployment or "gpt-image-1")
         prompt = params.get("prompt")
         if not isinstance(prompt, str) or not prompt:
-            raise InvalidParams("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+            raise InvalidParams(
+                "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter"
+            )
         stream = str(params.get("stream")).lower() in {"true", "1"}
         dalle = model.startswith("dall-e")
         if dalle and stream:

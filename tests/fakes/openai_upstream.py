@@ -7,22 +7,21 @@ with a record of every request and scripted faults.
         ...
         assert fake.last.json["prompt"] == "a cat"
 
-Routes: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart or JSON), POST /v1/moderations,
-GET /v1/models[/{id}], GET /v1/fake-files/{name} (images for `response_format=url`, no auth). Azure paths
-(/openai/deployments/{deployment}/images/..., /openai/v1/...) map onto the same handlers.
+Routes: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart, or JSON), POST /v1/moderations,
+GET /v1/models, GET /v1/models/{id}, GET /v1/fake-files/{name} (the images of `response_format=url`; no
+auth). Azure paths (/openai/deployments/{deployment}/..., /openai/v1/...) map onto the same handlers.
+Unknown routes: 404 OpenAI-shaped.
 
-How faults drop connections: the fake closes the uvicorn connection's transport itself (found through the
-ASGI `receive` callable's cycle object), so `close` sends no byte at all and the client sees
-"Server disconnected without sending a response" (httpx `RemoteProtocolError`; the SDK's
-`APIConnectionError`). Under a non-uvicorn server it falls back to a truncated response.
+Order of handling: record the request -> apply a fault (queued first, then `always_fail`) -> check the key
+(`Authorization: Bearer <api_key>` or Azure `api-key: <api_key>`) -> answer.
+Connections are dropped by closing uvicorn's transport (see `tests/fakes/asgi.py`): the client sees a
+transport error (httpx `RemoteProtocolError`; the SDK's `APIConnectionError`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import math
 import threading
 import time
 import uuid
@@ -31,15 +30,26 @@ from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
-import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from tests.fakes.images import MIME_TYPES, image_size_of, parse_size, render_b64, render_image, size_str
+from tests.fakes.asgi import (
+    ClientWatch,
+    RawResponse,
+    drop_before_response,
+    hanging_response,
+    json_response,
+    remember_transport,
+    request_id,
+    sse_event,
+    truncated_response,
+)
+from tests.fakes.images import MIME_TYPES, image_size_of, render_image
+from tests.fakes.openai_images import ImageJob, InvalidParams
 from tests.fakes.openai_wire import (
     DEFAULT_MODELS,
     Fault,
@@ -56,102 +66,28 @@ from tests.fakes.server import ThreadedServer
 
 __all__ = ["FakeOpenAI", "Fault", "FaultKind", "RecordedFile", "RecordedRequest"]
 
-_TRANSPORT = "fake_openai.transport"
 _MAX_PART = 100 * 1024 * 1024
-_Handler = Callable[[Request, RecordedRequest, str | None, Fault | None], Awaitable[Response]]
-
-
-class _ConnectionDropped(Exception):
-    """Raised (fallback only) to make the server abort a response when no transport is reachable."""
-
-
-class _Raw(Response):
-    """A response that runs its own ASGI code (SSE, hangs, dropped connections)."""
-
-    def __init__(self, run: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        super().__init__()
-        self._run = run
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._run(scope, receive, send)
-
-
-class _ClientWatch:
-    """Watches `receive` for the client's disconnect while a response is slow, hanging or streaming."""
-
-    def __init__(self, scope: Scope, receive: Receive, stopping: threading.Event) -> None:
-        self._scope, self._receive, self._stopping = scope, receive, stopping
-        self.dropped = False
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.ensure_future(self._watch())
-        return self
-
-    async def _watch(self) -> None:
-        message: Message = {"type": ""}
-        while message["type"] != "http.disconnect":
-            message = await self._receive()
-
-    @property
-    def disconnected(self) -> bool:
-        return self._task.done()
-
-    @property
-    def gone(self) -> bool:
-        return self.disconnected or self._stopping.is_set()
-
-    async def sleep(self, seconds: float) -> bool:
-        """Sleep up to `seconds`; True as soon as the client is gone or the fake is stopping."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while not self.gone:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            await asyncio.wait({self._task}, timeout=min(remaining, 0.05))
-        return True
-
-    async def drop(self) -> None:
-        """Close the connection now, whatever has been sent so far."""
-        transport = self._scope.get(_TRANSPORT)
-        if transport is None:
-            raise _ConnectionDropped("no transport: letting the server abort the response")
-        self.dropped = True
-        transport.close()
-        await asyncio.wait({self._task}, timeout=2)  # uvicorn marks the cycle disconnected: no 500 follows
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
-
-
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
-def _json(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    hdrs = {"x-request-id": f"req_{uuid.uuid4().hex}", **(headers or {})}
-    return Response(orjson.dumps(payload), status_code, hdrs, media_type="application/json")
+_Handler = Callable[[RecordedRequest, str | None, Fault | None], Awaitable[Response]]
 
 
 class FakeOpenAI:
-    """The fake upstream. Tunables (plain attributes, reset by `clear()`): `usage`, `stream_delay_s`,
-    `noise_images`, `moderation_flag_words`, `moderation_category`, `moderation_flag_images`, `models`,
-    `always_fail`."""
+    """The fake upstream. Tunables are plain attributes, restored to their defaults by `clear()`:
+    `usage` (per response, and per streamed completed event), `stream_delay_s` (between SSE events),
+    `noise_images` (incompressible images: payload size follows the image size), `moderation_flag_words`,
+    `moderation_category`, `moderation_flag_images`, `models`, `always_fail`."""
 
     def __init__(self, api_key: str = "sk-upstream-test", **server_kwargs: Any) -> None:
+        """`server_kwargs` go to `ThreadedServer` (and from there to `uvicorn.Config`)."""
         self.api_key = api_key
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards every recorded/queued thing below
         self._stopping = threading.Event()
         self._requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
-        self._files: dict[str, tuple[bytes, str]] = {}
+        self._files: dict[str, bytes] = {}
         self._in_flight = 0
         self.clear()
-        app = Starlette(
-            routes=[Route("/{path:path}", self._endpoint, methods=["GET", "POST", "PUT", "DELETE"])]
-        )
+        route = Route("/{path:path}", self._endpoint, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+        app = Starlette(routes=[route])
         self.server = ThreadedServer(self._asgi(app), lifespan="on", name="fake-openai", **server_kwargs)
 
     def clear(self) -> None:
@@ -165,13 +101,13 @@ class FakeOpenAI:
         self.always_fail: Fault | None = None
         self.usage: dict[str, Any] = default_usage()
         self.stream_delay_s = 0.0
-        self.noise_images = False  # incompressible images: the payload size follows the image size
+        self.noise_images = False
         self.moderation_flag_words: set[str] = {"forbidden"}
         self.moderation_category = "violence"
         self.moderation_flag_images = False
         self.models: list[str] = list(DEFAULT_MODELS)
 
-    # -- lifecycle ----------------------------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> Self:
         self._stopping.clear()
@@ -179,7 +115,7 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
-        self._stopping.set()  # releases hanging / slow / streaming handlers first
+        self._stopping.set()  # first release hanging, slow and streaming handlers
         self.server.stop()
 
     def __enter__(self) -> Self:
@@ -224,7 +160,7 @@ class FakeOpenAI:
 
     @property
     def stream_disconnects(self) -> int:
-        """How many streaming responses ended because the client went away before the last event."""
+        """Streaming responses that ended because the client went away before their last event."""
         with self._cond:
             return self._stream_disconnects
 
@@ -234,7 +170,7 @@ class FakeOpenAI:
 
     @property
     def in_flight(self) -> int:
-        """Requests being handled right now (streams count until their last byte)."""
+        """Requests being handled right now (a stream counts until its last byte)."""
         with self._cond:
             return self._in_flight
 
@@ -247,7 +183,8 @@ class FakeOpenAI:
     # -- faults ---------------------------------------------------------------------------------------
 
     def enqueue_fault(self, *faults: Fault) -> None:
-        """Queue faults; each matching request consumes the first queued fault whose path matches."""
+        """Queue faults. A request consumes the first queued fault whose path matches it (a fault with
+        `times=N` serves N requests before leaving the queue)."""
         with self._cond:
             self._faults.extend(faults)
 
@@ -270,15 +207,14 @@ class FakeOpenAI:
                 return persistent
         return None
 
-    # -- ASGI plumbing --------------------------------------------------------------------------------
+    # -- plumbing -------------------------------------------------------------------------------------
 
     def _asgi(self, app: Starlette) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         async def outer(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
-            cycle = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
-            scope[_TRANSPORT] = getattr(cycle, "transport", None)
+            remember_transport(scope, receive)
             with self._cond:
                 self._in_flight += 1
                 self._max_in_flight = max(self._max_in_flight, self._in_flight)
@@ -294,45 +230,31 @@ class FakeOpenAI:
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        content_type = headers.get("content-type", "")
         form: dict[str, list[str]] = {}
         files: list[RecordedFile] = []
         body, parsed = b"", None
-        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        if headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form")):
             async with request.form(max_files=10_000, max_fields=10_000, max_part_size=_MAX_PART) as data:
-                for key, value in data.multi_items():
-                    if isinstance(value, UploadFile):
-                        files.append(
-                            RecordedFile(key, value.filename, value.content_type, await value.read())
-                        )
+                for key, item in data.multi_items():
+                    if isinstance(item, UploadFile):
+                        content = await item.read()
+                        files.append(RecordedFile(key, item.filename, item.content_type, content))
                     else:
-                        form.setdefault(key, []).append(value)
+                        form.setdefault(key, []).append(item)
         else:
             body = await request.body()
             with contextlib.suppress(ValueError):
                 parsed = json.loads(body) if body else None
+        query = dict(request.query_params)
         record = RecordedRequest(
-            request.method,
-            request.url.path,
-            dict(request.query_params),
-            headers,
-            parsed,
-            form,
-            files,
-            body,
-            time.monotonic(),
+            request.method, request.url.path, query, headers, parsed, form, files, body, time.monotonic()
         )
         with self._cond:
             self._requests.append(record)
             self._cond.notify_all()
         return record
 
-    def _note_stream_disconnect(self) -> None:
-        with self._cond:
-            self._stream_disconnects += 1
-            self._cond.notify_all()
-
-    # -- request handling -----------------------------------------------------------------------------
+    # -- dispatch -------------------------------------------------------------------------------------
 
     async def _endpoint(self, request: Request) -> Response:
         record = await self._record(request)
@@ -344,17 +266,18 @@ class FakeOpenAI:
                 return response
         if record.method == "GET" and path.startswith("/v1/fake-files/"):
             return self._serve_file(path.rsplit("/", 1)[-1])
-        if not self._authorized(record.headers):
-            return _json(openai_error("Incorrect API key provided", code="invalid_api_key"), 401)
+        auth = record.headers.get("authorization")
+        if auth != f"Bearer {self.api_key}" and record.headers.get("api-key") != self.api_key:
+            return json_response(openai_error("Incorrect API key provided", code="invalid_api_key"), 401)
         handler = self._routes().get((record.method, path))
         if handler is None and record.method == "GET" and path.startswith("/v1/models/"):
             return self._model(path.rsplit("/", 1)[-1])
         if handler is None:
-            return _json(openai_error(f"Invalid URL ({record.method} {record.path})"), 404)
+            return json_response(openai_error(f"Invalid URL ({record.method} {record.path})"), 404)
         cut = fault if fault is not None and fault.kind == "stream_cut" else None
-        response = await handler(request, record, deployment, cut)
-        if cut is not None and not isinstance(response, _Raw):  # not a stream: half a body, then drop
-            return self._truncated(response.body, response.status_code)
+        response = await handler(record, deployment, cut)
+        if cut is not None and not isinstance(response, RawResponse):  # not a stream: cut the body
+            return truncated_response(bytes(response.body), response.status_code, self._stopping)
         return response
 
     def _routes(self) -> dict[tuple[str, str], _Handler]:
@@ -365,230 +288,135 @@ class FakeOpenAI:
             ("GET", "/v1/models"): self._list_models,
         }
 
-    def _authorized(self, headers: dict[str, str]) -> bool:
-        return (
-            headers.get("authorization") == f"Bearer {self.api_key}" or headers.get("api-key") == self.api_key
-        )
-
     async def _fault_response(self, fault: Fault, request: Request) -> Response | None:
+        """The response a fault gives, or None to go on answering normally (after a `delay`)."""
         if fault.kind == "status":
-            body = fault.body if fault.body is not None else orjson.dumps(fault.error or {})
-            hdrs = {"x-request-id": f"req_{uuid.uuid4().hex}", **fault.headers}
-            return Response(body, fault.status_code, hdrs, media_type="application/json")
+            body = fault.body if fault.body is not None else json.dumps(fault.error or {}).encode()
+            headers = {"x-request-id": request_id(), **fault.headers}
+            return Response(body, fault.status_code, headers, media_type="application/json")
         if fault.kind == "invalid_json":
             return Response(fault.body or b"not json", fault.status_code, fault.headers, "application/json")
         if fault.kind == "delay":
-            async with _ClientWatch(request.scope, request.receive, self._stopping) as watch:
+            async with ClientWatch(request.scope, request.receive, self._stopping) as watch:
                 await watch.sleep(fault.delay_s)
-            return None  # then answer normally
-
-        async def run(scope: Scope, receive: Receive, send: Send) -> None:
-            async with _ClientWatch(scope, receive, self._stopping) as watch:
-                if fault.kind == "hang":
-                    await watch.sleep(math.inf)
-                    if watch.disconnected:
-                        return
-                await watch.drop()  # `close`, or a hang interrupted by stop()
-
-        return _Raw(run)
+            return None
+        if fault.kind == "hang":
+            return hanging_response(self._stopping)
+        if fault.kind == "close":
+            return drop_before_response(self._stopping)
+        raise ValueError(f"unknown fault kind {fault.kind!r}")
 
     # -- images ---------------------------------------------------------------------------------------
 
     async def _generations(
-        self, request: Request, record: RecordedRequest, deployment: str | None, fault: Fault | None
+        self, record: RecordedRequest, deployment: str | None, cut: Fault | None
     ) -> Response:
         params = record.json if isinstance(record.json, dict) else {}
-        return self._images(params, "image_generation", deployment, fault, None)
+        return self._images(params, "image_generation", deployment, cut, None)
 
-    async def _edits(
-        self, request: Request, record: RecordedRequest, deployment: str | None, fault: Fault | None
-    ) -> Response:
-        if isinstance(record.json, dict):  # JSON edits (image references by URL / file id)
-            return self._images(record.json, "image_edit", deployment, fault, None)
-        params: dict[str, Any] = {k: v[0] for k, v in record.form.items()}
+    async def _edits(self, record: RecordedRequest, deployment: str | None, cut: Fault | None) -> Response:
+        if isinstance(record.json, dict):  # JSON edits (images referenced by URL or file id)
+            return self._images(record.json, "image_edit", deployment, cut, None)
         images = record.files_for("image", "image[]")
         if not images:
-            return _json(
-                openai_error(
-                    "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
-                ),
-                400,
-            )
-        return self._images(params, "image_edit", deployment, fault, image_size_of(images[0].data))
+            message = "Missing required parameter: 'image'."
+            return json_response(openai_error(message, code="missing_required_parameter", param="image"), 400)
+        params = {key: values[0] for key, values in record.form.items()}
+        return self._images(params, "image_edit", deployment, cut, image_size_of(images[0].data))
 
     def _images(
         self,
         params: dict[str, Any],
-        prefix: str,
+        kind: str,
         deployment: str | None,
-        fault: Fault | None,
+        cut: Fault | None,
         input_size: tuple[int, int] | None,
     ) -> Response:
-        model = str(params.get("model") or deployment or "gpt-image-1")
-        prompt = params.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            return _json(
-                openai_error(
-                    "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
-                ),
-                400,
+        try:
+            job = ImageJob.from_params(
+                params, kind, deployment=deployment, input_size=input_size, noise=self.noise_images
             )
-        dalle = model.startswith("dall-e")
-        stream = str(params.get("stream")).lower() in {"true", "1"}
-        if dalle and stream:
-            return _json(
-                openai_error(
-                    f"Streaming is not supported for {model}.", param="stream", code="invalid_value"
-                ),
-                400,
-            )
-        n = int(params.get("n") or 1)
-        size = parse_size(params.get("size"), input_size or (1024, 1024))
-        fmt = "png" if dalle else str(params.get("output_format") or "png").lower()
-        transparent = params.get("background") == "transparent"
-        quality = str(params.get("quality") or "auto")
-        settings = {
-            "background": "transparent" if transparent else "opaque",
-            "output_format": fmt,
-            "quality": "high" if quality == "auto" else quality,
-            "size": size_str(size),
-        }
-
-        def b64(variant: int) -> str:
-            return render_b64(size[0], size[1], fmt, transparent, variant, self.noise_images)
-
-        if stream:
-            partials = int(params.get("partial_images") or 0)
-            cut = fault.events_before_cut if fault is not None else None
-            return self._stream(self._events(prefix, n, partials, settings, b64), cut)
-        if dalle:
-            data: list[dict[str, Any]] = []
-            for i in range(n):
-                item = (
-                    {"url": self._store(size, i)}
-                    if params.get("response_format") == "url"
-                    else {"b64_json": b64(i)}
-                )
-                if model.startswith("dall-e-3"):
-                    item["revised_prompt"] = f"A detailed rendering of: {prompt}"
-                data.append(item)
-            payload: dict[str, Any] = {"created": int(time.time()), "data": data}
-        else:
-            data = [{"b64_json": b64(i)} for i in range(n)]
-            payload = {"created": int(time.time()), "data": data, **settings, "usage": self.usage}
-        return _json(payload)
-
-    def _events(
-        self, prefix: str, n: int, partials: int, settings: dict[str, str], b64: Callable[[int], str]
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
-        created_at = int(time.time())
-        for index in range(partials):
-            event = f"{prefix}.partial_image"
-            yield (
-                event,
-                {
-                    "type": event,
-                    "b64_json": b64(100 + index),
-                    "partial_image_index": index,
-                    **settings,
-                    "created_at": created_at,
-                },
-            )
-        for index in range(n):
-            event = f"{prefix}.completed"
-            yield (
-                event,
-                {
-                    "type": event,
-                    "b64_json": b64(index),
-                    **settings,
-                    "created_at": created_at,
-                    "usage": self.usage,
-                },
-            )
+        except InvalidParams as exc:
+            return json_response(exc.body, 400)
+        if job.stream:
+            return self._stream(job.events(self.usage), cut.events_before_cut if cut else None)
+        return json_response(job.payload(self.usage, lambda variant: self._store(job, variant)))
 
     def _stream(self, events: Iterator[tuple[str, dict[str, Any]]], cut_after: int | None) -> Response:
+        """SSE: events separated by `stream_delay_s`; records a client that leaves before the end."""
+
         async def run(scope: Scope, receive: Receive, send: Send) -> None:
             headers = [
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"),
-                (b"x-request-id", f"req_{uuid.uuid4().hex}".encode()),
+                (b"x-request-id", request_id().encode()),
             ]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             finished = False
-            async with _ClientWatch(scope, receive, self._stopping) as watch:
+            async with ClientWatch(scope, receive, self._stopping) as watch:
                 for index, (event, data) in enumerate(events):
                     if index and self.stream_delay_s > 0 and await watch.sleep(self.stream_delay_s):
                         break
                     if watch.gone:
                         break
-                    await send({"type": "http.response.body", "body": _sse(event, data), "more_body": True})
+                    await send(
+                        {"type": "http.response.body", "body": sse_event(event, data), "more_body": True}
+                    )
                     if cut_after is not None and index + 1 >= cut_after:
                         await watch.drop()
                         return
                 else:
                     finished = True
                 if watch.disconnected and not finished:
-                    self._note_stream_disconnect()
+                    with self._cond:
+                        self._stream_disconnects += 1
+                        self._cond.notify_all()
                     return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        return _Raw(run)
+        return RawResponse(run)
 
-    def _truncated(self, body: bytes, status_code: int = 200) -> Response:
-        async def run(scope: Scope, receive: Receive, send: Send) -> None:
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": status_code, "headers": headers})
-            await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
-            async with _ClientWatch(scope, receive, self._stopping) as watch:
-                await watch.drop()
-
-        return _Raw(run)
-
-    def _store(self, size: tuple[int, int], variant: int) -> str:
+    def _store(self, job: ImageJob, variant: int) -> str:
         name = f"img-{uuid.uuid4().hex}.png"
+        data = render_image(job.size[0], job.size[1], "png", False, variant, job.noise)
         with self._cond:
-            self._files[name] = (
-                render_image(size[0], size[1], "png", False, variant, self.noise_images),
-                "png",
-            )
+            self._files[name] = data
         return f"{self.base_url}/fake-files/{name}"
 
     def _serve_file(self, name: str) -> Response:
         with self._cond:
-            found = self._files.get(name)
-        if found is None:
-            return _json(openai_error("File not found.", code="not_found"), 404)
-        return Response(found[0], media_type=MIME_TYPES[found[1]])
+            data = self._files.get(name)
+        if data is None:
+            return json_response(openai_error("File not found.", code="not_found"), 404)
+        return Response(data, media_type=MIME_TYPES["png"])
 
     # -- moderations and models -----------------------------------------------------------------------
 
     async def _moderations(
-        self, request: Request, record: RecordedRequest, deployment: str | None, fault: Fault | None
+        self, record: RecordedRequest, deployment: str | None, cut: Fault | None
     ) -> Response:
         body = record.json if isinstance(record.json, dict) else {}
         texts, has_image = moderation_texts(body.get("input"))
-        words = set(self.moderation_flag_words)
-        results = [moderation_result(t, words, self.moderation_category, has_image) for t in texts]
+        words, category = set(self.moderation_flag_words), self.moderation_category
+        results = [moderation_result(text, words, category, has_image) for text in texts]
         if has_image and self.moderation_flag_images:
-            results = [
-                moderation_result(
-                    self.moderation_category, {self.moderation_category}, self.moderation_category, True
-                )
-            ]
+            results = [moderation_result(category, {category}, category, True)]
         model = str(body.get("model") or "omni-moderation-latest")
-        return _json({"id": f"modr-{uuid.uuid4().hex[:24]}", "model": model, "results": results})
+        return json_response({"id": f"modr-{uuid.uuid4().hex[:24]}", "model": model, "results": results})
 
-    def _model_object(self, model_id: str) -> dict[str, Any]:
+    @staticmethod
+    def _model_object(model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "openai"}
 
     async def _list_models(
-        self, request: Request, record: RecordedRequest, deployment: str | None, fault: Fault | None
+        self, record: RecordedRequest, deployment: str | None, cut: Fault | None
     ) -> Response:
-        return _json({"object": "list", "data": [self._model_object(m) for m in self.models]})
+        return json_response({"object": "list", "data": [self._model_object(m) for m in self.models]})
 
     def _model(self, model_id: str) -> Response:
         if model_id not in self.models:
-            message = f"The model '{model_id}' does not exist"
-            return _json(openai_error(message, code="model_not_found", param="model"), 404)
-        return _json(self._model_object(model_id))
+            error = openai_error(
+                f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+            )
+            return json_response(error, 404)
+        return json_response(self._model_object(model_id))

@@ -211,13 +211,6 @@ async def test_dall_e_2_has_no_usage_and_no_revised_prompt() -> None:
     assert all(decode(data).size == (256, 256) for data in raw_images(result))
 
 
-async def test_large_render_is_fast() -> None:
-    start = time.perf_counter()
-    await run(make_job(size="1536x1024"))
-    # A generous bound for slow CI; locally this is well under 0.2 s.
-    assert time.perf_counter() - start < 1.0
-
-
 def test_render_is_pure_and_index_dependent() -> None:
     first = render("prompt", 3, 0, 320, 240, False)
     again = render("prompt", 3, 0, 320, 240, False)

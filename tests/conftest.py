@@ -1,0 +1,150 @@
+"""Shared fixtures: settings, a gateway served by uvicorn on loopback, and the fake OpenAI upstream."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from app.images.capabilities import Catalog
+from app.main import create_app
+from app.settings import Settings, build_settings
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.server import ThreadedServer
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_FILE = str(ROOT / "config" / "models.yaml")
+ADMIN_KEY = "sk-admin-test-0123456789abcdef"
+UPSTREAM_KEY = "sk-upstream-test"
+ALL_MODELS = ["gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini", "dall-e-3", "dall-e-2"]
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return Catalog.from_file(MODELS_FILE)
+
+
+def make_settings(data_dir: Path, upstreams: list[dict[str, Any]], **extra: Any) -> Settings:
+    config: dict[str, Any] = {
+        "admin_key": ADMIN_KEY,
+        "data_dir": str(data_dir),
+        "models_file": MODELS_FILE,
+        "database": {"url": f"sqlite+aiosqlite:///{data_dir / 'gateway.db'}"},
+        "logging": {"level": "INFO"},
+        "upstreams": upstreams,
+    }
+    config.update(extra)
+    return build_settings(config)
+
+
+def fake_upstream_config(fake: FakeOpenAI, **extra: Any) -> dict[str, Any]:
+    """An `openai` upstream pointing at the fake, serving every model, one of them renamed."""
+    config: dict[str, Any] = {
+        "name": "fake",
+        "kind": "openai",
+        "base_url": fake.base_url,
+        "api_key": UPSTREAM_KEY,
+        "models": [
+            "gpt-image-1.5",
+            "gpt-image-1",
+            {"name": "gpt-image-1-mini", "upstream_model": "gpt-image-1-mini-2025"},
+            "dall-e-3",
+            "dall-e-2",
+        ],
+        "timeout_s": 10,
+    }
+    config.update(extra)
+    return config
+
+
+LOCAL_UPSTREAM: dict[str, Any] = {"name": "local", "kind": "local", "models": ["*"]}
+
+
+@dataclass
+class Gateway:
+    """A running gateway plus helpers to call it as an admin and as a tenant."""
+
+    settings: Settings
+    server: ThreadedServer
+    data_dir: Path
+    _clients: list[openai.OpenAI] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "gateway.db"
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}", **kwargs.pop("headers", {})}
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def create_key(self, **fields: Any) -> tuple[str, str]:
+        """A new tenant key: (plaintext key, key id)."""
+        response = self.admin("POST", "/admin/keys", json={"name": "test", **fields})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        return body["key"], body["id"]
+
+    def client(self, key: str | None = None, **kwargs: Any) -> openai.OpenAI:
+        """The official SDK pointed at this gateway (a new key unless one is given)."""
+        if key is None:
+            key, _ = self.create_key()
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def ledger(self) -> list[dict[str, Any]]:
+        with sqlite3.connect(self.db_path) as connection:
+            connection.row_factory = sqlite3.Row
+            rows = connection.execute("SELECT * FROM ledger_entries ORDER BY id").fetchall()
+        return [dict(row) for row in rows]
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self.server.stop()
+
+
+def start_gateway(settings: Settings, data_dir: Path) -> Gateway:
+    server = ThreadedServer(create_app(settings), name="gateway", lifespan="on").start()
+    return Gateway(settings=settings, server=server, data_dir=data_dir)
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(api_key=UPSTREAM_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def upstream(fake_upstream: FakeOpenAI) -> FakeOpenAI:
+    """The shared fake upstream, with its record and fault queue emptied for this test."""
+    fake_upstream.clear()
+    return fake_upstream
+
+
+@pytest.fixture(scope="module")
+def gateway(fake_upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway whose only upstream is the fake OpenAI server."""
+    data_dir = tmp_path_factory.mktemp("gateway")
+    gw = start_gateway(make_settings(data_dir, [fake_upstream_config(fake_upstream)]), data_dir)
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def local_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway served only by the built-in `local` renderer."""
+    data_dir = tmp_path_factory.mktemp("local-gateway")
+    gw = start_gateway(make_settings(data_dir, [LOCAL_UPSTREAM]), data_dir)
+    yield gw
+    gw.close()

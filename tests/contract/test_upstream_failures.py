@@ -1,0 +1,157 @@
+"""Upstream failures: OpenAI-shaped 502/503/504, failover to the next upstream, nothing leaked."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, fake_upstream_config, make_settings, start_gateway
+from tests.fakes.openai_upstream import FakeOpenAI, Fault
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def gateway_with(tmp_path: Path) -> Iterator[Any]:
+    started: list[Gateway] = []
+
+    def start(*upstreams: dict[str, Any]) -> Gateway:
+        data_dir = tmp_path / f"gw{len(started)}"
+        gw = start_gateway(make_settings(data_dir, list(upstreams)), data_dir)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.close()
+
+
+def assert_clean(error: openai.APIStatusError, *secrets: str) -> None:
+    text = error.response.text
+    for secret in secrets:
+        assert secret not in text
+
+
+def test_connect_error_is_502(gateway_with: Any) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}/v1"
+    gw = gateway_with({"name": "dead", "kind": "openai", "base_url": dead, "api_key": "sk-dead-secret-key"})
+    with pytest.raises(openai.APIStatusError) as caught:
+        gw.client().images.generate(model="gpt-image-1", prompt="x")
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_unavailable"
+    assert caught.value.type == "api_error"
+    assert_clean(caught.value, "sk-dead-secret-key", dead, "127.0.0.1")
+    (row,) = gw.ledger()
+    assert row["status"] == "failed" and row["cost_micros"] == 0 and row["upstream"] == "dead"
+
+
+def test_timeout_is_504(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway_with(fake_upstream_config(upstream, timeout_s=0.5))
+    upstream.enqueue_fault(Fault(kind="delay", delay_s=3.0))
+    with pytest.raises(openai.APIStatusError) as caught:
+        gw.client().images.generate(model="gpt-image-1", prompt="x")
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+
+
+def test_invalid_upstream_answer_is_502(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway_with(fake_upstream_config(upstream))
+    upstream.enqueue_fault(Fault(kind="invalid_json", status_code=200))
+    with pytest.raises(openai.APIStatusError) as caught:
+        gw.client().images.generate(model="gpt-image-1", prompt="x")
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_error"
+
+
+def test_dropped_connection_is_502(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway_with(fake_upstream_config(upstream))
+    upstream.enqueue_fault(Fault(kind="close"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        gw.client().images.generate(model="gpt-image-1", prompt="x")
+    assert caught.value.status_code == 502
+
+
+def test_server_error_fails_over_to_the_next_upstream(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    dead = {
+        "name": "dead",
+        "kind": "openai",
+        "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+        "api_key": "k",
+    }
+    flaky = fake_upstream_config(upstream, name="flaky", priority=0)
+    gw = gateway_with(
+        dead | {"priority": 0}, flaky | {"priority": 0}, {"name": "local", "kind": "local", "priority": 5}
+    )
+    upstream.enqueue_fault(Fault.status(500, "boom"))
+    # Whatever order the tier is tried in, the request ends on a working upstream.
+    result = gw.client().images.generate(model="gpt-image-1", prompt="x", size="1024x1024", quality="low")
+    assert result.data
+    rows = gw.ledger()
+    assert [r["status"] for r in rows] == ["succeeded"]
+    assert rows[0]["upstream"] in ("flaky", "local")
+
+
+def test_rate_limited_upstream_fails_over_and_last_429_is_relayed(
+    gateway_with: Any, upstream: FakeOpenAI
+) -> None:
+    gw = gateway_with(fake_upstream_config(upstream))
+    upstream.enqueue_fault(
+        Fault.status(429, "slow down", type="rate_limit_error", code="rate_limit_exceeded", retry_after=7)
+    )
+    response = httpx.post(
+        gw.url + "/v1/images/generations",
+        json={"model": "gpt-image-1", "prompt": "x"},
+        headers={"Authorization": f"Bearer {gw.create_key()[0]}"},
+        timeout=30,
+    )
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_upstream_client_error_is_not_retried(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    second = fake_upstream_config(upstream, name="second", priority=1)
+    gw = gateway_with(fake_upstream_config(upstream), second)
+    upstream.enqueue_fault(Fault.status(400, "bad prompt", code="invalid_value", param="prompt"))
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.generate(model="gpt-image-1", prompt="x")
+    assert upstream.count("/v1/images/generations") == 1
+
+
+def test_upstream_refusing_our_key_is_not_a_client_401(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway_with(fake_upstream_config(upstream, api_key="sk-wrong-upstream-key"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        gw.client().images.generate(model="gpt-image-1", prompt="x")
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_error"
+    assert_clean(caught.value, "sk-wrong-upstream-key")
+
+
+def test_readyz_reports_database_and_upstreams(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    dead = {
+        "name": "dead",
+        "kind": "openai",
+        "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+        "api_key": "k",
+    }
+    gw = gateway_with(fake_upstream_config(upstream), dead)
+    ready = httpx.get(gw.url + "/readyz", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "database": "ok",
+        "upstreams": {"fake": "ok", "dead": "unreachable"},
+    }
+    assert httpx.get(gw.url + "/healthz", timeout=30).json() == {"status": "ok"}
+
+    only_dead = gateway_with(dead)
+    assert httpx.get(only_dead.url + "/readyz", timeout=30).status_code == 503

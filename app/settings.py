@@ -89,6 +89,8 @@ class ServerSettings(_Section):
     workers: int = Field(default=1, ge=1)
     # JSON bodies larger than this are refused with 413 before they are parsed.
     max_json_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # Keep-alive comment interval on SSE streams, so proxies do not cut long generations.
+    sse_ping_s: float = Field(default=15.0, gt=0)
 
 
 class LoggingSettings(_Section):
@@ -119,6 +121,10 @@ class UpstreamSettings(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     max_concurrency: int | None = Field(default=None, ge=1)
     enabled: bool = True
+    # Whether the upstream can stream SSE; when False, streams are answered with completed events.
+    stream: bool = True
+    # `local` only: pause before each streamed event, to mimic a real upstream's pace.
+    stream_pace_s: float = Field(default=0.0, ge=0, le=60)
 
     @field_validator("api_key", mode="before")
     @classmethod

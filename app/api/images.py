@@ -9,6 +9,7 @@ from starlette.responses import Response
 from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
 from app.errors import InvalidJSONError
+from app.streaming import sse_response
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -27,13 +28,19 @@ async def read_json(request: Request) -> object:
 
 @router.post("/generations")
 async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
-    outcome = await state.images.generate(
+    request_id: str = request.state.request_id
+    job = state.images.prepare_generation(
         caller=caller,
         payload=await read_json(request),
-        request_id=request.state.request_id,
+        request_id=request_id,
         query_response_format=request.query_params.get("response_format"),
     )
-    request.state.model = outcome.model
+    request.state.model = job.model
+    if job.stream:
+        stream = await state.images.open_stream(caller=caller, job=job)
+        request.state.upstream = stream.upstream
+        return sse_response(stream, ping_s=state.settings.server.sse_ping_s)
+    outcome = await state.images.run(caller=caller, job=job)
     request.state.upstream = outcome.upstream
     request.state.cost_micros = outcome.cost_micros
     return Response(

@@ -70,6 +70,15 @@ class TokenUsage:
     def total(self) -> int:
         return self.text_input + self.image_input + self.text_output + self.image_output
 
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            text_input=self.text_input + other.text_input,
+            image_input=self.image_input + other.image_input,
+            text_output=self.text_output + other.text_output,
+            image_output=self.image_output + other.image_output,
+            estimated=self.estimated or other.estimated,
+        )
+
     @classmethod
     def from_openai(cls, usage: Mapping[str, Any]) -> TokenUsage:
         """Split an OpenAI ``usage`` object.
@@ -118,3 +127,56 @@ class ImageResult:
     def image_count(self) -> int:
         data = self.body.get("data")
         return len(data) if isinstance(data, list) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEvent:
+    """One streamed event from a provider, relayed to the client as ``event: <type>``.
+
+    ``raw`` is the upstream's own JSON text when there is one, so the relay writes the bytes it
+    received instead of re-encoding megabytes of base64; ``data`` is the parsed form, for metering.
+    """
+
+    type: str
+    data: dict[str, Any]
+    raw: bytes | None = None
+
+    @property
+    def is_completed(self) -> bool:
+        return self.type.endswith(".completed")
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        usage = self.data.get("usage")
+        return TokenUsage.from_openai(usage) if isinstance(usage, Mapping) and usage else None
+
+
+def event_type(endpoint: Endpoint, kind: Literal["partial_image", "completed"]) -> str:
+    """``image_generation.partial_image``, ``image_edit.completed``, …"""
+    prefix = "image_generation" if endpoint == "generations" else "image_edit"
+    return f"{prefix}.{kind}"
+
+
+def completed_events(job: ImageJob, result: ImageResult) -> list[ProviderEvent]:
+    """The stream contract for an upstream that cannot stream: one completed event per image.
+
+    The response's usage covers all images; it is attached to the first event only, so a client
+    (or the ledger) summing the events' usage counts it once.
+    """
+    body = result.body
+    settings: dict[str, Any] = {
+        k: body[k] for k in ("background", "output_format", "quality", "size") if k in body
+    }
+    created = body.get("created")
+    events: list[ProviderEvent] = []
+    for index, item in enumerate(body.get("data") or []):
+        data: dict[str, Any] = {
+            "type": event_type(job.endpoint, "completed"),
+            "b64_json": item.get("b64_json") if isinstance(item, Mapping) else None,
+            "created_at": created,
+            **settings,
+        }
+        if index == 0 and result.raw_usage:
+            data["usage"] = dict(result.raw_usage)
+        events.append(ProviderEvent(type=data["type"], data=data))
+    return events

@@ -1,27 +1,31 @@
 """The image request path, top to bottom in one place.
 
 authenticate (done by the caller) → validate → moderate → reserve → route/call → relay → settle.
-Moderation (SPEC §4) and reservations (SPEC §5) take their place in this sequence as they are
-built; until then a request goes from validation straight to routing.
+``prepare`` validates; ``run`` and ``open_stream`` route, call and settle. Moderation (SPEC §4) and
+reservations (SPEC §5) take their place in this sequence as they are built.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from app.billing.ledger import LedgerRecord, LedgerService
 from app.billing.pricing import request_cost
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
 from app.images.capabilities import Catalog, ModelCapabilities
+from app.images.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.images.validation import build_job, parse_generate_request
 from app.keys import Caller
 from app.upstream.registry import ProviderRegistry
-from app.upstream.router import Router
+from app.upstream.router import OpenStream, Router
 
 log = logging.getLogger(__name__)
+
+StreamStatus = Literal["succeeded", "failed", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +59,10 @@ class ImageService:
             raise ModelNotAllowedError(model)
         return caps
 
-    async def generate(
+    def prepare_generation(
         self, *, caller: Caller, payload: Any, request_id: str, query_response_format: str | None = None
-    ) -> ImageOutcome:
-        """Run a generation synchronously and bill it."""
-        # validate
+    ) -> ImageJob:
+        """Validate a generation request into a job (400/403 on any rule)."""
         request = parse_generate_request(payload)
         caps = self.resolve_model(request.model, caller)
         job = build_job(
@@ -72,67 +75,164 @@ class ImageService:
                 param="response_format",
                 code="unsupported_value",
             )
-        if job.stream:
-            raise InvalidRequestError(
-                "Streaming responses are not enabled on this gateway yet; omit 'stream'.",
-                param="stream",
-                code="unsupported_value",
-            )
+        return job
 
-        # route/call
+    async def run(self, *, caller: Caller, job: ImageJob) -> ImageOutcome:
+        """Route a job to an upstream, wait for the whole result, and bill it."""
         started = time.monotonic()
         try:
             result, upstream = await self._router.generate(job)
         except GatewayError as exc:
             if exc.upstream is not None:
                 await self._ledger.record(
-                    LedgerRecord(
-                        request_id=request_id,
-                        key_id=caller.key_id,
-                        model=job.model,
-                        upstream=exc.upstream,
-                        endpoint=job.endpoint,
-                        status="failed",
-                        images=0,
-                        usage=None,
-                        cost_micros=0,
-                        latency_ms=_ms_since(started),
-                        error_code=exc.code,
-                    )
+                    _record(job, caller, exc.upstream, "failed", 0, None, 0, started, error_code=exc.code)
                 )
             raise
-
-        # settle
         cost, usage = request_cost(job, result.usage, result.image_count)
         await self._ledger.record(
-            LedgerRecord(
-                request_id=request_id,
-                key_id=caller.key_id,
-                model=job.model,
-                upstream=upstream,
-                endpoint=job.endpoint,
-                status="succeeded",
-                images=result.image_count,
-                usage=usage,
-                cost_micros=cost,
-                latency_ms=_ms_since(started),
-                raw_usage=result.raw_usage,
+            _record(
+                job, caller, upstream, "succeeded", result.image_count, usage, cost, started, result.raw_usage
             )
         )
-        log.info(
-            "image request completed",
-            extra={
-                "fields": {
-                    "key_id": caller.key_id,
-                    "model": job.model,
-                    "upstream": upstream,
-                    "images": result.image_count,
-                    "cost_micros": cost,
-                    "latency_ms": _ms_since(started),
-                }
-            },
-        )
+        _log_completed(job, caller, upstream, result.image_count, cost, started)
         return ImageOutcome(body=result.body, cost_micros=cost, model=job.model, upstream=upstream)
+
+    async def open_stream(self, *, caller: Caller, job: ImageJob) -> ImageStream:
+        """Route a streaming job until an upstream sends its first event (errors before that are
+        raised as usual, so the client gets a plain HTTP error); the rest is relayed by the caller."""
+        started = time.monotonic()
+        try:
+            opened = await self._router.open_stream(job)
+        except GatewayError as exc:
+            if exc.upstream is not None:
+                await self._ledger.record(
+                    _record(job, caller, exc.upstream, "failed", 0, None, 0, started, error_code=exc.code)
+                )
+            raise
+        return ImageStream(job=job, caller=caller, opened=opened, ledger=self._ledger, started=started)
+
+
+@dataclass(slots=True)
+class ImageStream:
+    """A committed stream: relays events, remembers what completed, and settles exactly once."""
+
+    job: ImageJob
+    caller: Caller
+    opened: OpenStream
+    ledger: LedgerService
+    started: float
+    completed: int = 0
+    reported: TokenUsage | None = None
+    raw_usage: dict[str, Any] = field(default_factory=dict)
+    settled: bool = False
+
+    @property
+    def upstream(self) -> str:
+        return self.opened.upstream
+
+    async def events(self) -> AsyncIterator[ProviderEvent]:
+        """Every event, first one included; an upstream failure mid-stream is raised."""
+        yield self._track(self.opened.first)
+        async for event in self.opened.rest:
+            yield self._track(event)
+
+    def _track(self, event: ProviderEvent) -> ProviderEvent:
+        if event.is_completed:
+            self.completed += 1
+            usage = event.usage
+            if usage is not None:
+                self.reported = usage if self.reported is None else self.reported + usage
+                _merge_raw(self.raw_usage, event.data.get("usage"))
+        return event
+
+    async def close(self) -> None:
+        """Release the upstream connection (at once, when the client has gone)."""
+        await self.opened.aclose()
+
+    async def settle(self, status: StreamStatus, error_code: str | None = None) -> int:
+        """Bill what the upstream reported as completed, whatever the ending; returns the cost."""
+        if self.settled:
+            return 0
+        self.settled = True
+        cost, usage = 0, self.reported
+        if self.completed:
+            cost, usage = request_cost(self.job, self.reported, self.completed)
+        await self.ledger.record(
+            _record(
+                self.job,
+                self.caller,
+                self.upstream,
+                status,
+                self.completed,
+                usage,
+                cost,
+                self.started,
+                self.raw_usage or None,
+                error_code=error_code,
+            )
+        )
+        if status == "succeeded":
+            _log_completed(self.job, self.caller, self.upstream, self.completed, cost, self.started)
+        return cost
+
+
+def _merge_raw(total: dict[str, Any], usage: Any) -> None:
+    """Sum OpenAI usage objects field by field (nested details included), for the ledger's copy."""
+    if not isinstance(usage, dict):
+        return
+    for key, value in usage.items():
+        if isinstance(value, dict):
+            _merge_raw(total.setdefault(key, {}), value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+
+
+def _record(
+    job: ImageJob,
+    caller: Caller,
+    upstream: str,
+    status: str,
+    images: int,
+    usage: TokenUsage | None,
+    cost: int,
+    started: float,
+    raw_usage: Any = None,
+    *,
+    error_code: str | None = None,
+) -> LedgerRecord:
+    return LedgerRecord(
+        request_id=job.request_id,
+        key_id=caller.key_id,
+        model=job.model,
+        upstream=upstream,
+        endpoint=job.endpoint,
+        status=status,
+        images=images,
+        usage=usage,
+        cost_micros=cost,
+        latency_ms=_ms_since(started),
+        error_code=error_code,
+        raw_usage=raw_usage,
+    )
+
+
+def _log_completed(
+    job: ImageJob, caller: Caller, upstream: str, images: int, cost: int, started: float
+) -> None:
+    log.info(
+        "image request completed",
+        extra={
+            "fields": {
+                "key_id": caller.key_id,
+                "model": job.model,
+                "upstream": upstream,
+                "images": images,
+                "cost_micros": cost,
+                "latency_ms": _ms_since(started),
+                "stream": job.stream,
+            }
+        },
+    )
 
 
 def _ms_since(started: float) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
-from app.images.jobs import ImageJob, ImageResult
+from app.images.jobs import ImageJob, ImageResult, ProviderEvent
 
 
 class ImageProvider(Protocol):
@@ -18,6 +19,14 @@ class ImageProvider(Protocol):
 
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
         """Run a generation and return the ImagesResponse-shaped result."""
+        ...
+
+    def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
+        """Yield partial and completed events as the upstream produces them.
+
+        Errors before the first event are raised from the first ``__anext__``; closing the
+        iterator early releases the upstream connection.
+        """
         ...
 
     async def probe(self) -> bool:

@@ -23,6 +23,8 @@ class Route:
     upstream_model: str
     weight: int
     priority: int
+    # False for upstreams that cannot stream: the router asks them for a whole result instead.
+    streams: bool = True
 
     @property
     def name(self) -> str:
@@ -71,13 +73,15 @@ class ProviderRegistry:
                         extra={"fields": {"upstream": upstream.name, "model": model}},
                     )
                     continue
-                routes[model].append(Route(provider, upstream_model, upstream.weight, upstream.priority))
+                routes[model].append(
+                    Route(provider, upstream_model, upstream.weight, upstream.priority, upstream.stream)
+                )
         return cls(routes, providers)
 
 
 def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
     if upstream.kind == "local":
-        return LocalProvider(upstream.name)
+        return LocalProvider(upstream.name, stream_pace_s=upstream.stream_pace_s)
     if upstream.kind == "openai":
         return OpenAICompatProvider(
             name=upstream.name,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from itertools import groupby
+from typing import TypeVar
 
 from app.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamUnavailable
-from app.images.jobs import ImageJob, ImageResult
+from app.images.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
 from app.upstream.registry import ProviderRegistry, Route
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,28 @@ def _credential_failure(error: UpstreamRejected) -> UpstreamError:
     return failure
 
 
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class OpenStream:
+    """A stream whose first event has arrived: from here on, nothing is retried."""
+
+    upstream: str
+    first: ProviderEvent
+    rest: AsyncIterator[ProviderEvent]
+
+    async def aclose(self) -> None:
+        close = getattr(self.rest, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _replay(events: list[ProviderEvent]) -> AsyncIterator[ProviderEvent]:
+    for event in events:
+        yield event
+
+
 class Router:
     def __init__(self, registry: ProviderRegistry, rng: random.Random | None = None) -> None:
         self._registry = registry
@@ -51,30 +75,71 @@ class Router:
 
     async def generate(self, job: ImageJob) -> tuple[ImageResult, str]:
         """The first successful result and the upstream that produced it."""
+
+        async def attempt(route: Route) -> ImageResult:
+            return await route.provider.generate(job, upstream_model=route.upstream_model)
+
+        return await self._failover(job, attempt)
+
+    async def open_stream(self, job: ImageJob) -> OpenStream:
+        """Fail over until some upstream delivers a first event; then the stream is committed.
+
+        Upstreams marked as non-streaming answer with ``generate`` and the result is replayed as
+        completed events, so the client always gets the stream contract.
+        """
+
+        async def attempt(route: Route) -> tuple[ProviderEvent, AsyncIterator[ProviderEvent]]:
+            if not route.streams:
+                result = await route.provider.generate(job, upstream_model=route.upstream_model)
+                events = completed_events(job, result)
+                if not events:
+                    raise UpstreamError("The upstream service returned no image.")
+                return events[0], _replay(events[1:])
+            events_iter = route.provider.stream(job, upstream_model=route.upstream_model)
+            try:
+                first = await anext(events_iter)
+            except StopAsyncIteration:
+                raise UpstreamError("The upstream service ended the stream without an event.") from None
+            except BaseException:
+                await _close(events_iter)
+                raise
+            return first, events_iter
+
+        (first, rest), upstream = await self._failover(job, attempt)
+        return OpenStream(upstream=upstream, first=first, rest=rest)
+
+    async def _failover(self, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> tuple[T, str]:
         routes = order_routes(self._registry.routes(job.model), self._rng)
         if not routes:
             raise UpstreamUnavailable(f"No upstream serves the model '{job.model}'.", status=503)
         last: GatewayError | None = None
-        for attempt, route in enumerate(routes, start=1):
+        for number, route in enumerate(routes, start=1):
             try:
-                return await route.provider.generate(job, upstream_model=route.upstream_model), route.name
+                return await attempt(route), route.name
             except GatewayError as exc:
                 exc.upstream = route.name
+                error = exc
                 if isinstance(exc, UpstreamRejected) and exc.status_code in (401, 403):
-                    exc = _credential_failure(exc)
+                    error = _credential_failure(exc)
                 log.warning(
                     "upstream attempt failed",
                     extra={
                         "fields": {
                             "upstream": route.name,
-                            "attempt": attempt,
-                            "status": exc.status_code,
-                            "code": exc.code,
+                            "attempt": number,
+                            "status": error.status_code,
+                            "code": error.code,
                         }
                     },
                 )
-                last = exc
-                if not is_retryable(exc):
-                    raise exc from None
+                last = error
+                if not is_retryable(error):
+                    raise error from None
         assert last is not None
         raise last
+
+
+async def _close(iterator: AsyncIterator[ProviderEvent]) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()

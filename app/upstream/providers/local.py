@@ -21,6 +21,8 @@ import math
 import random
 import textwrap
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -28,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from app.errors import UpstreamRejected
 from app.images.capabilities import parse_size
-from app.images.jobs import ImageJob, ImageResult, TokenUsage
+from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 RGB = tuple[int, int, int]
@@ -181,30 +183,87 @@ def _rejected(message: str, param: str) -> UpstreamRejected:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What to draw for a job, checked once."""
+
+    size: str
+    dims: tuple[int, int]
+    fmt: str
+    transparent: bool
+    seed: int
+
+    def settings(self, job: ImageJob) -> dict[str, Any]:
+        """The image settings every response and event reports."""
+        return {
+            "background": "transparent" if self.transparent else "opaque",
+            "output_format": self.fmt,
+            "quality": job.caps.resolve_quality(job.quality),
+            "size": self.size,
+        }
+
+
+def _plan(job: ImageJob) -> _Plan:
+    size = job.caps.resolve_size(job.size)
+    dims = parse_size(size)
+    if dims is None:
+        raise _rejected(f"The local backend cannot render size {size!r}.", "size")
+    fmt = job.output_format
+    if fmt not in ENCODINGS:
+        raise _rejected(f"The local backend cannot encode output_format {fmt!r}.", "output_format")
+    # JPEG has no alpha channel; validation rejects that pair, but render opaque rather than fail.
+    transparent = job.background == "transparent" and fmt != "jpeg"
+    return _Plan(size=size, dims=dims, fmt=fmt, transparent=transparent, seed=_seed(job))
+
+
+def _usage(job: ImageJob, images: int, *, with_prompt: bool = True) -> TokenUsage:
+    return TokenUsage(
+        # An estimate of the tokenizer (about four characters per token): no tokenizer runs here.
+        text_input=math.ceil(len(job.prompt) / 4) if with_prompt else 0,
+        image_output=job.caps.output_tokens_per_image(job.quality, job.size) * images,
+        # The local renderer is itself the authority on what it produced, so this is not an estimate.
+        estimated=False,
+    )
+
+
+def _partial_b64(image: Image.Image, step: int, steps: int, fmt: str, compression: int | None) -> str:
+    """A coarse-to-fine preview: the final image pixelated, less so at each step."""
+    factor = 2 ** (steps - step + 2)
+    small = image.resize(
+        (max(1, image.width // factor), max(1, image.height // factor)), Image.Resampling.BILINEAR
+    )
+    preview = small.resize(image.size, Image.Resampling.NEAREST)
+    return base64.b64encode(encode(preview, fmt, compression)).decode("ascii")
+
+
+def _b64(image: Image.Image, fmt: str, compression: int | None) -> str:
+    return base64.b64encode(encode(image, fmt, compression)).decode("ascii")
+
+
 class LocalProvider:
     """The ``local`` upstream kind: renders in-process, holds no connections."""
 
-    def __init__(self, name: str = "local") -> None:
+    def __init__(self, name: str = "local", *, stream_pace_s: float = 0.0) -> None:
         self.name = name
+        # Pause before each streamed event, so a development stream looks like a real one.
+        self._pace_s = stream_pace_s
 
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:  # noqa: ARG002
         # upstream_model is ignored: the renderer draws alike for every model name it serves.
-        size = job.caps.resolve_size(job.size)
-        dims = parse_size(size)
-        if dims is None:
-            raise _rejected(f"The local backend cannot render size {size!r}.", "size")
-        fmt = job.output_format
-        if fmt not in ENCODINGS:
-            raise _rejected(f"The local backend cannot encode output_format {fmt!r}.", "output_format")
-        # JPEG has no alpha channel; validation rejects that pair, but render opaque rather than fail.
-        transparent = job.background == "transparent" and fmt != "jpeg"
-        seed = _seed(job)
+        plan = _plan(job)
         # Rendering is CPU work: off the event loop, one thread per image (Pillow releases the GIL
         # while encoding, so images of one request overlap).
         images = await asyncio.gather(
             *(
                 asyncio.to_thread(
-                    _render_b64, job.prompt, seed, i, dims, transparent, fmt, job.output_compression
+                    _render_b64,
+                    job.prompt,
+                    plan.seed,
+                    i,
+                    plan.dims,
+                    plan.transparent,
+                    plan.fmt,
+                    job.output_compression,
                 )
                 for i in range(job.n)
             )
@@ -217,26 +276,49 @@ class LocalProvider:
                 for item in data:
                     item["revised_prompt"] = job.prompt
             return ImageResult(body={"created": created, "data": data}, usage=None, raw_usage=None)
-        usage = TokenUsage(
-            # An estimate of the tokenizer (about four characters per token): no tokenizer runs here.
-            text_input=math.ceil(len(job.prompt) / 4),
-            image_input=0,
-            text_output=0,
-            image_output=job.caps.output_tokens_per_image(job.quality, job.size) * job.n,
-            # The local renderer is itself the authority on what it produced, so this is not an estimate.
-            estimated=False,
-        )
-        raw_usage = usage.to_openai()
+        usage = _usage(job, job.n)
         body: dict[str, Any] = {
             "created": created,
             "data": [{"b64_json": b64} for b64 in images],
-            "background": "transparent" if transparent else "opaque",
-            "output_format": fmt,
-            "quality": job.caps.resolve_quality(job.quality),
-            "size": size,
+            **plan.settings(job),
             "usage": usage.to_openai(),
         }
-        return ImageResult(body=body, usage=usage, raw_usage=raw_usage)
+        return ImageResult(body=body, usage=usage, raw_usage=usage.to_openai())
+
+    async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:  # noqa: ARG002
+        """Per image: ``partial_images`` previews, coarse to fine, then the completed image.
+
+        Each completed event carries that image's usage (the prompt's tokens on the first), so
+        the events' usages add up to what ``generate`` reports for the same request.
+        """
+        plan = _plan(job)
+        settings = plan.settings(job)
+        partial_type = event_type(job.endpoint, "partial_image")
+        completed_type = event_type(job.endpoint, "completed")
+        for index in range(job.n):
+            image = await asyncio.to_thread(
+                render, job.prompt, plan.seed, index, plan.dims[0], plan.dims[1], plan.transparent
+            )
+            for step in range(job.partial_images):
+                await asyncio.sleep(self._pace_s)
+                b64 = await asyncio.to_thread(
+                    _partial_b64, image, step, job.partial_images, plan.fmt, job.output_compression
+                )
+                data = {"type": partial_type, "b64_json": b64, "partial_image_index": step, **settings}
+                yield ProviderEvent(type=partial_type, data={**data, "created_at": int(time.time())})
+            await asyncio.sleep(self._pace_s)
+            b64 = await asyncio.to_thread(_b64, image, plan.fmt, job.output_compression)
+            usage = _usage(job, 1, with_prompt=index == 0)
+            yield ProviderEvent(
+                type=completed_type,
+                data={
+                    "type": completed_type,
+                    "b64_json": b64,
+                    **settings,
+                    "created_at": int(time.time()),
+                    "usage": usage.to_openai(),
+                },
+            )
 
     async def probe(self) -> bool:
         """Always ready: nothing outside this process is involved."""

@@ -7,14 +7,16 @@ as it came, so images are never decoded or re-encoded on the way through.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 
 from app.errors import UpstreamError
-from app.images.jobs import ImageJob, ImageResult, TokenUsage
+from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.upstream.errors import INVALID_RESPONSE, map_httpx_errors, rejected_from_response, upstream_secrets
+from app.upstream.sse_decode import iter_sse
 
 
 class OpenAICompatProvider:
@@ -49,6 +51,56 @@ class OpenAICompatProvider:
             "/images/generations", job.upstream_body(upstream_model), request_id=job.request_id
         )
         return self._image_result(response)
+
+    async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
+        """POST with ``stream: true`` and yield each SSE event as it arrives.
+
+        An error status is raised before anything is yielded, so the router can still fail over.
+        An upstream that answers plain JSON (it does not stream) still honours the stream contract
+        through completed events. Leaving the loop early (client gone) closes the connection.
+        """
+        body = job.upstream_body(upstream_model)
+        body["stream"] = True
+        headers = self._headers(request_id=job.request_id, content_type="application/json")
+        headers["accept"] = "text/event-stream"
+        request = self._client.build_request(
+            "POST", self._url(f"/images/{job.endpoint}"), content=orjson.dumps(body), headers=headers
+        )
+        with map_httpx_errors(secrets=self._secrets):
+            response = await self._client.send(request, stream=True)
+        try:
+            if not response.is_success:
+                with map_httpx_errors(secrets=self._secrets):
+                    await response.aread()
+                self._raise_for_status(response)
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                with map_httpx_errors(secrets=self._secrets):
+                    await response.aread()
+                for event in completed_events(job, self._image_result(response)):
+                    yield event
+                return
+            with map_httpx_errors(secrets=self._secrets):
+                async for sse in iter_sse(response.aiter_raw()):
+                    relayed = self._event(sse.event, sse.data)
+                    if relayed is not None:
+                        yield relayed
+        finally:
+            await response.aclose()
+
+    def _event(self, name: str, data: bytes) -> ProviderEvent | None:
+        """One upstream SSE event; an ``error`` event (or data carrying ``error``) is raised."""
+        if data.strip() == b"[DONE]":
+            return None
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError(INVALID_RESPONSE) from exc
+        if not isinstance(payload, dict):
+            raise UpstreamError(INVALID_RESPONSE)
+        if name == "error" or "error" in payload:
+            raise rejected_from_response(502, data, {}, secrets=self._secrets)
+        kind = payload.get("type") if isinstance(payload.get("type"), str) else name
+        return ProviderEvent(type=str(kind), data=payload, raw=data)
 
     async def probe(self) -> bool:
         """Reachability: any HTTP answer from ``/models`` will do, even 401 or 404."""

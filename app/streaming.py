@@ -1,0 +1,70 @@
+"""Relay an ``ImageStream`` to the client as Server-Sent Events.
+
+Each event is written as ``event: <type>`` + ``data: <json>`` the moment it arrives. A failure after
+the stream has started cannot change the status code any more, so it becomes an ``error`` event
+(``{"type": "error", "error": {...}}``, which the official SDKs raise as ``APIError``). sse-starlette
+cancels this generator when the client disconnects; the upstream connection is then closed at once
+and billing is settled under a shielded scope, so cancellation cannot lose the ledger row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+import orjson
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.billing.pricing import format_micros
+from app.errors import GatewayError
+from app.images.service import ImageStream, StreamStatus
+
+log = logging.getLogger(__name__)
+
+
+def _error_event(error: GatewayError) -> ServerSentEvent:
+    body = error.to_body()
+    return ServerSentEvent(data=orjson.dumps({"type": "error", **body}).decode(), event="error")
+
+
+async def _relay(stream: ImageStream) -> AsyncIterator[ServerSentEvent]:
+    status: StreamStatus = "cancelled"
+    error: GatewayError | None = None
+    try:
+        try:
+            async for event in stream.events():
+                raw = event.raw if event.raw is not None else orjson.dumps(event.data)
+                yield ServerSentEvent(data=raw.decode(), event=event.type)
+            status = "succeeded"
+        except GatewayError as exc:
+            status, error = "failed", exc
+            log.warning("stream failed after it started", extra={"fields": {"code": exc.code}})
+        except Exception:
+            status = "failed"
+            error = GatewayError("The gateway had an error while relaying the stream.", code="internal_error")
+            log.exception("stream relay error")
+    finally:
+        # Runs on normal ends, on errors and on cancellation (client gone), and before the last
+        # bytes go out, so the ledger row exists by the time the client sees the stream end.
+        with anyio.CancelScope(shield=True):
+            try:
+                await stream.close()
+            finally:
+                await stream.settle(status, error.code if error is not None else None)
+    if error is not None:
+        yield _error_event(error)
+
+
+def sse_response(stream: ImageStream, *, ping_s: float) -> EventSourceResponse:
+    return EventSourceResponse(
+        _relay(stream),
+        ping=ping_s,
+        headers={
+            "cache-control": "no-cache",
+            # Tells nginx-style proxies not to buffer the stream.
+            "x-accel-buffering": "no",
+            # Streams are billed as they settle; the up-front figure is what is known now: nothing.
+            "x-gateway-cost": format_micros(0),
+        },
+    )

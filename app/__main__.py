@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from app.cli import add_key_commands, run_keys, run_migrate
+from app.cli import add_key_commands, add_usage_command, run_keys, run_migrate, run_usage
 from app.settings import ConfigError, Settings, load_settings
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int)
     commands.add_parser("migrate", help="upgrade the database to the newest schema")
     add_key_commands(commands)
+    add_usage_command(commands)
     return parser
 
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_migrate(settings)
     if args.command == "keys":
         return run_keys(settings, args)
+    if args.command == "usage":
+        return run_usage(settings, args)
     return 2
 
 

@@ -7,11 +7,13 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import orjson
 from pydantic import ValidationError
 
+from app.billing.reports import UsageFilter, usage_report
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.errors import GatewayError
@@ -30,11 +32,28 @@ def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     create.add_argument("--models", help="comma-separated model names (default: all)")
     create.add_argument("--moderation", choices=["default", "strict", "off"], default="default")
     create.add_argument("--expires-at", help="ISO 8601 date-time, e.g. 2027-01-01T00:00:00Z")
+    for money in ("quota", "monthly-quota", "balance", "price-multiplier"):
+        create.add_argument(f"--{money}", type=Decimal)
+    for limit in ("rpm", "ipm", "concurrency"):
+        create.add_argument(f"--{limit}", type=int)
     actions.add_parser("list", help="list keys")
     show = actions.add_parser("show", help="show one key")
     show.add_argument("key_id")
     revoke = actions.add_parser("revoke", help="revoke a key permanently")
     revoke.add_argument("key_id")
+    topup = actions.add_parser("topup", help="add credit to a key's balance")
+    topup.add_argument("key_id")
+    topup.add_argument("amount", type=Decimal, help="in the price unit, e.g. 12.5")
+
+
+def add_usage_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    usage = subparsers.add_parser("usage", help="usage and spend from the ledger")
+    usage.add_argument("--key", dest="key_id")
+    usage.add_argument("--model")
+    usage.add_argument("--from", dest="start", help="ISO 8601 date or date-time (inclusive)")
+    usage.add_argument("--to", dest="end", help="ISO 8601 date or date-time (exclusive)")
+    usage.add_argument("--group-by", choices=["day", "model", "key"])
+    usage.add_argument("--format", choices=["json", "csv"], default="json")
 
 
 @asynccontextmanager
@@ -61,6 +80,13 @@ async def _run_keys(settings: Settings, args: argparse.Namespace) -> None:
                 models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
                 moderation=args.moderation,
                 expires_at=datetime.fromisoformat(args.expires_at) if args.expires_at else None,
+                quota=args.quota,
+                monthly_quota=args.monthly_quota,
+                balance=args.balance,
+                price_multiplier=args.price_multiplier,
+                rpm=args.rpm,
+                ipm=args.ipm,
+                concurrency=args.concurrency,
             )
             public, key = await keys.create(request)
             _print(ApiKeyCreatedResponse(**public.model_dump(), key=key).model_dump())
@@ -70,6 +96,8 @@ async def _run_keys(settings: Settings, args: argparse.Namespace) -> None:
             _print((await keys.get(args.key_id)).model_dump())
         elif args.action == "revoke":
             _print((await keys.revoke(args.key_id)).model_dump())
+        elif args.action == "topup":
+            _print((await keys.top_up(args.key_id, args.amount)).model_dump())
 
 
 def run_keys(settings: Settings, args: argparse.Namespace) -> int:
@@ -94,4 +122,38 @@ def run_migrate(settings: Settings) -> int:
 
     asyncio.run(migrate())
     print("database is at the newest revision")
+    return 0
+
+
+def _moment(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def run_usage(settings: Settings, args: argparse.Namespace) -> int:
+    async def report() -> str:
+        engine = create_engine(settings.database.url)
+        try:
+            await upgrade_head(engine)
+            result = await usage_report(
+                create_sessionmaker(engine),
+                where=UsageFilter(
+                    key_id=args.key_id, model=args.model, start=_moment(args.start), end=_moment(args.end)
+                ),
+                group_by=args.group_by,
+                price_unit=settings.price_unit,
+            )
+        finally:
+            await engine.dispose()
+        if args.format == "csv":
+            return result.as_csv()
+        return orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2).decode()
+
+    try:
+        print(asyncio.run(report()))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

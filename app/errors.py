@@ -12,6 +12,7 @@ Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``co
     │   └── ModelNotAllowedError       403 model_not_allowed
     ├── NotFoundError                  404 not_found
     ├── PayloadTooLargeError           413 payload_too_large
+    ├── QuotaExceededError             429 insufficient_quota
     └── UpstreamError                  502 api_error upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable (connect failure) / 503 (no upstream)
         ├── UpstreamTimeout            504 upstream_timeout
@@ -117,6 +118,12 @@ class PayloadTooLargeError(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class QuotaExceededError(GatewayError):
+    status_code = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
 
 
 class UpstreamError(GatewayError):

@@ -6,13 +6,17 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Literal
 
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.billing.pricing import format_micros
 from app.db import repos
 from app.db.tables import ApiKey, utcnow
 from app.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from app.images.capabilities import MICROS
 from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateRequest
 from app.security import display_prefix, generate_api_key, hash_key, looks_like_key
 
@@ -29,6 +33,10 @@ class Caller:
     owner: str | None
     models: frozenset[str] | None
     moderation: str
+    price_multiplier_ppm: int = 1_000_000
+    rpm: int | None = None
+    ipm: int | None = None
+    concurrency: int | None = None
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -62,7 +70,33 @@ def to_public(row: ApiKey) -> ApiKeyObject:
         expires_at=ts(row.expires_at),
         revoked_at=ts(row.revoked_at),
         metadata=row.metadata_,
+        quota=_money(row.quota_micros),
+        monthly_quota=_money(row.monthly_quota_micros),
+        balance=_money(row.balance_micros),
+        spent=format_micros(row.spent_micros),
+        reserved=format_micros(row.reserved_micros),
+        price_multiplier=format_micros(row.price_multiplier_ppm),
+        rpm=row.rpm,
+        ipm=row.ipm,
+        concurrency=row.concurrency,
     )
+
+
+def _money(value: int | None) -> str | None:
+    return None if value is None else format_micros(value)
+
+
+def to_micros(value: Decimal) -> int:
+    return int(value * MICROS)
+
+
+# Request fields that hold money or a multiplier → their table columns (in micro-units).
+_MONEY_FIELDS = {
+    "quota": "quota_micros",
+    "monthly_quota": "monthly_quota_micros",
+    "balance": "balance_micros",
+    "price_multiplier": "price_multiplier_ppm",
+}
 
 
 class KeyService:
@@ -96,6 +130,10 @@ class KeyService:
             owner=row.owner,
             models=frozenset(row.models) if row.models is not None else None,
             moderation=row.moderation,
+            price_multiplier_ppm=row.price_multiplier_ppm,
+            rpm=row.rpm,
+            ipm=row.ipm,
+            concurrency=row.concurrency,
         )
 
     async def create(self, request: ApiKeyCreateRequest) -> tuple[ApiKeyObject, str]:
@@ -116,6 +154,8 @@ class KeyService:
                 expires_at=request.expires_at,
                 metadata=request.metadata,
             )
+            self._apply_limits(row, request.model_dump(exclude_unset=True))
+            await session.flush()
             public = to_public(row)
         return public, key
 
@@ -138,8 +178,36 @@ class KeyService:
             for field, value in changes.items():
                 if field in ("name", "enabled", "moderation") and value is None:
                     continue
+                if field in _MONEY_FIELDS or field in ("rpm", "ipm", "concurrency"):
+                    continue
                 setattr(row, "metadata_" if field == "metadata" else field, value)
+            self._apply_limits(row, changes)
             await session.flush()
+            return to_public(row)
+
+    @staticmethod
+    def _apply_limits(row: ApiKey, changes: dict[str, object]) -> None:
+        for field, column in _MONEY_FIELDS.items():
+            if field in changes:
+                value = changes[field]
+                if field == "price_multiplier" and value is None:
+                    value = Decimal(1)
+                setattr(row, column, to_micros(value) if isinstance(value, Decimal) else None)
+        for field in ("rpm", "ipm", "concurrency"):
+            if field in changes:
+                setattr(row, field, changes[field])
+
+    async def top_up(self, key_id: str, amount: Decimal) -> ApiKeyObject:
+        """Add credit; a key without a balance starts one at ``amount``."""
+        micros = to_micros(amount)
+        async with self._sessions.begin() as session:
+            row = await self._row(session, key_id)
+            await session.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id)
+                .values(balance_micros=func.coalesce(ApiKey.balance_micros, 0) + micros)
+            )
+            await session.refresh(row)
             return to_public(row)
 
     async def revoke(self, key_id: str) -> ApiKeyObject:

@@ -93,6 +93,21 @@ class ServerSettings(_Section):
     sse_ping_s: float = Field(default=15.0, gt=0)
 
 
+class BillingSettings(_Section):
+    # A hold older than this belongs to a request whose process died; it is released.
+    hold_ttl_s: float = Field(default=3600.0, gt=0)
+    reconcile_every_s: float = Field(default=60.0, gt=0)
+
+
+class RateLimitSettings(_Section):
+    # A concurrency slot not released within this time is treated as leaked (a crashed holder);
+    # keep it above the longest upstream timeout.
+    lease_ttl_s: float = Field(default=900.0, gt=0)
+    # On a Redis outage, let requests through (logged) rather than failing all traffic.
+    fail_open: bool = True
+    prefix: str = "gw:rl:"
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(default=True, alias="json")
@@ -177,6 +192,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    billing: BillingSettings = Field(default_factory=BillingSettings)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
     )

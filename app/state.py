@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.billing.ledger import LedgerService
 from app.images.capabilities import Catalog
 from app.images.service import ImageService
 from app.keys import KeyService
@@ -23,3 +24,4 @@ class AppState:
     keys: KeyService
     images: ImageService
     admin_key: str
+    ledger: LedgerService

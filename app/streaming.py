@@ -56,11 +56,12 @@ async def _relay(stream: ImageStream) -> AsyncIterator[ServerSentEvent]:
         yield _error_event(error)
 
 
-def sse_response(stream: ImageStream, *, ping_s: float) -> EventSourceResponse:
+def sse_response(stream: ImageStream, *, ping_s: float, headers: dict[str, str]) -> EventSourceResponse:
     return EventSourceResponse(
         _relay(stream),
         ping=ping_s,
         headers={
+            **headers,
             "cache-control": "no-cache",
             # Tells nginx-style proxies not to buffer the stream.
             "x-accel-buffering": "no",

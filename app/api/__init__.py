@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import admin_keys, health, images, models
+from app.api import admin_keys, health, images, models, usage
 
 
 def build_api_router() -> APIRouter:
@@ -12,5 +12,6 @@ def build_api_router() -> APIRouter:
     router.include_router(images.router)
     router.include_router(models.router)
     router.include_router(admin_keys.router)
+    router.include_router(usage.router)
     router.include_router(health.router)
     return router

@@ -11,6 +11,7 @@ from app.schemas.admin import (
     ApiKeyList,
     ApiKeyObject,
     ApiKeyUpdateRequest,
+    TopUpRequest,
 )
 
 router = APIRouter(prefix="/admin/keys", tags=["admin"], dependencies=[AdminDep])
@@ -40,3 +41,8 @@ async def update_key(key_id: str, body: ApiKeyUpdateRequest, state: StateDep) ->
 @router.delete("/{key_id}")
 async def revoke_key(key_id: str, state: StateDep) -> ApiKeyObject:
     return await state.keys.revoke(key_id)
+
+
+@router.post("/{key_id}/topup")
+async def top_up(key_id: str, body: TopUpRequest, state: StateDep) -> ApiKeyObject:
+    return await state.keys.top_up(key_id, body.amount)

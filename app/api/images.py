@@ -9,6 +9,7 @@ from starlette.responses import Response
 from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
 from app.errors import InvalidJSONError
+from app.images.service import ImageStream
 from app.streaming import sse_response
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -36,15 +37,14 @@ async def create_image(request: Request, caller: CallerDep, state: StateDep) -> 
         query_response_format=request.query_params.get("response_format"),
     )
     request.state.model = job.model
-    if job.stream:
-        stream = await state.images.open_stream(caller=caller, job=job)
-        request.state.upstream = stream.upstream
-        return sse_response(stream, ping_s=state.settings.server.sse_ping_s)
-    outcome = await state.images.run(caller=caller, job=job)
+    outcome = await state.images.execute(caller=caller, job=job)
+    if isinstance(outcome, ImageStream):
+        request.state.upstream = outcome.upstream
+        return sse_response(outcome, ping_s=state.settings.server.sse_ping_s, headers=outcome.headers)
     request.state.upstream = outcome.upstream
     request.state.cost_micros = outcome.cost_micros
     return Response(
         orjson.dumps(outcome.body),
         media_type="application/json",
-        headers={"x-gateway-cost": format_micros(outcome.cost_micros)},
+        headers={**outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
     )

@@ -1,15 +1,24 @@
-"""The ledger: one row per request that reached an upstream."""
+"""The ledger: reservations before an upstream call, one settled row per request after it.
+
+Every money movement is a conditional ``UPDATE`` inside one transaction, so it is atomic on
+PostgreSQL (row locks) and SQLite (one writer) alike, and no two concurrent requests can both
+take the last of a key's credit. Settlement writes the ledger row, releases the reservation and
+adds the spend in the same transaction: the ledger's sum and the keys' spend can never disagree.
+"""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, cast
 
+from sqlalchemy import CursorResult, Result, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import repos
-from app.db.tables import LedgerEntry, utcnow
+from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
+from app.errors import QuotaExceededError
 from app.images.jobs import TokenUsage
 
 
@@ -29,32 +38,202 @@ class LedgerRecord:
     raw_usage: Mapping[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation held for one request."""
+
+    id: str
+    key_id: str
+    period: str
+    amount_micros: int
+
+
+def period_of(moment: datetime) -> str:
+    """The calendar month (UTC) a charge belongs to."""
+    return moment.strftime("%Y-%m")
+
+
 class LedgerService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, hold_ttl_s: float = 3600) -> None:
         self._sessions = sessions
+        self._hold_ttl = timedelta(seconds=hold_ttl_s)
+
+    async def reserve(self, *, key_id: str, amount_micros: int, request_id: str) -> Hold:
+        """Hold ``amount_micros`` of the key's credit, or raise 429 ``insufficient_quota``."""
+        now = utcnow()
+        hold = Hold(
+            id="hold_" + secrets.token_hex(12),
+            key_id=key_id,
+            period=period_of(now),
+            amount_micros=amount_micros,
+        )
+        async with self._sessions.begin() as session:
+            taken = await session.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.id == key_id,
+                    or_(
+                        ApiKey.quota_micros.is_(None),
+                        ApiKey.spent_micros + ApiKey.reserved_micros + amount_micros <= ApiKey.quota_micros,
+                    ),
+                    or_(
+                        ApiKey.balance_micros.is_(None),
+                        ApiKey.reserved_micros + amount_micros <= ApiKey.balance_micros,
+                    ),
+                )
+                .values(reserved_micros=ApiKey.reserved_micros + amount_micros)
+            )
+            if _rows(taken) != 1:
+                raise QuotaExceededError(await self._why(session, key_id, amount_micros))
+            monthly = await session.scalar(select(ApiKey.monthly_quota_micros).where(ApiKey.id == key_id))
+            await self._ensure_period(session, key_id, hold.period)
+            conditions = [KeyPeriod.key_id == key_id, KeyPeriod.period == hold.period]
+            if monthly is not None:
+                conditions.append(
+                    KeyPeriod.spent_micros + KeyPeriod.reserved_micros + amount_micros <= monthly
+                )
+            month = await session.execute(
+                update(KeyPeriod)
+                .where(*conditions)
+                .values(reserved_micros=KeyPeriod.reserved_micros + amount_micros)
+            )
+            if _rows(month) != 1:
+                # Leaving the block by exception rolls back the key's reservation above too.
+                raise QuotaExceededError("This API key has used its monthly quota.")
+            session.add(
+                Reservation(
+                    id=hold.id,
+                    key_id=key_id,
+                    period=hold.period,
+                    amount_micros=amount_micros,
+                    request_id=request_id,
+                    created_at=now,
+                    expires_at=now + self._hold_ttl,
+                )
+            )
+        return hold
+
+    async def settle(self, hold: Hold | None, record: LedgerRecord) -> None:
+        """Write the request's ledger row, charge its cost and release its hold, atomically."""
+        async with self._sessions.begin() as session:
+            released = 0
+            if hold is not None:
+                gone = await session.execute(delete(Reservation).where(Reservation.id == hold.id))
+                # A hold the reconciler already released must not be released twice.
+                released = hold.amount_micros if _rows(gone) == 1 else 0
+            await self._move(
+                session,
+                record.key_id,
+                hold.period if hold else period_of(utcnow()),
+                released,
+                record.cost_micros,
+            )
+            session.add(_entry(record))
+
+    async def release(self, hold: Hold) -> None:
+        """Give a hold back with no charge (the request never reached an upstream)."""
+        async with self._sessions.begin() as session:
+            gone = await session.execute(delete(Reservation).where(Reservation.id == hold.id))
+            if _rows(gone) == 1:
+                await self._move(session, hold.key_id, hold.period, hold.amount_micros, 0)
+
+    async def release_expired(self, now: datetime | None = None) -> int:
+        """Release holds of requests whose process died (their TTL passed); returns how many."""
+        now = now or utcnow()
+        released = 0
+        async with self._sessions() as session:
+            stale = (
+                (await session.execute(select(Reservation).where(Reservation.expires_at < now)))
+                .scalars()
+                .all()
+            )
+        for row in stale:
+            released += 1 if await self._release_row(row.id) else 0
+        return released
+
+    async def _release_row(self, hold_id: str) -> bool:
+        async with self._sessions.begin() as session:
+            row = await session.get(Reservation, hold_id)
+            if row is None:
+                return False
+            await session.delete(row)
+            await self._move(session, row.key_id, row.period, row.amount_micros, 0)
+            return True
+
+    async def _move(self, session: AsyncSession, key_id: str, period: str, released: int, cost: int) -> None:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id)
+            .values(
+                reserved_micros=ApiKey.reserved_micros - released,
+                spent_micros=ApiKey.spent_micros + cost,
+                balance_micros=ApiKey.balance_micros - cost,  # NULL stays NULL: no balance kept
+            )
+        )
+        await self._ensure_period(session, key_id, period)
+        await session.execute(
+            update(KeyPeriod)
+            .where(KeyPeriod.key_id == key_id, KeyPeriod.period == period)
+            .values(
+                reserved_micros=KeyPeriod.reserved_micros - released,
+                spent_micros=KeyPeriod.spent_micros + cost,
+            )
+        )
+
+    async def _ensure_period(self, session: AsyncSession, key_id: str, period: str) -> None:
+        exists = await session.scalar(
+            select(KeyPeriod.key_id).where(KeyPeriod.key_id == key_id, KeyPeriod.period == period)
+        )
+        if exists is None:
+            dialect = session.bind.dialect.name if session.bind is not None else ""
+            values = {"key_id": key_id, "period": period, "spent_micros": 0, "reserved_micros": 0}
+            statement: Any
+            if dialect == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                statement = pg_insert(KeyPeriod).values(**values).on_conflict_do_nothing()
+            else:
+                statement = insert(KeyPeriod).values(**values).prefix_with("OR IGNORE")
+            await session.execute(statement)
+
+    async def _why(self, session: AsyncSession, key_id: str, amount: int) -> str:
+        row = await session.get(ApiKey, key_id)
+        if (
+            row is not None
+            and row.balance_micros is not None
+            and row.reserved_micros + amount > row.balance_micros
+        ):
+            return "This API key's balance is too low for this request; top it up to continue."
+        return "This API key has used its quota; this request would exceed it."
 
     async def record(self, record: LedgerRecord) -> None:
-        usage = record.usage or TokenUsage()
-        async with self._sessions.begin() as session:
-            await repos.add_ledger_entry(
-                session=session,
-                entry=LedgerEntry(
-                    request_id=record.request_id,
-                    key_id=record.key_id,
-                    model=record.model,
-                    upstream=record.upstream,
-                    endpoint=record.endpoint,
-                    status=record.status,
-                    images=record.images,
-                    text_input_tokens=usage.text_input,
-                    image_input_tokens=usage.image_input,
-                    text_output_tokens=usage.text_output,
-                    image_output_tokens=usage.image_output,
-                    cost_micros=record.cost_micros,
-                    estimated=usage.estimated,
-                    latency_ms=record.latency_ms,
-                    error_code=record.error_code,
-                    usage=dict(record.raw_usage) if record.raw_usage else None,
-                    created_at=utcnow(),
-                ),
-            )
+        """A ledger row with no hold (kept for callers that reserve nothing)."""
+        await self.settle(None, record)
+
+
+def _rows(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE/DELETE (SQLAlchemy types execute() as a plain Result)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+def _entry(record: LedgerRecord) -> LedgerEntry:
+    usage = record.usage or TokenUsage()
+    return LedgerEntry(
+        request_id=record.request_id,
+        key_id=record.key_id,
+        model=record.model,
+        upstream=record.upstream,
+        endpoint=record.endpoint,
+        status=record.status,
+        images=record.images,
+        text_input_tokens=usage.text_input,
+        image_input_tokens=usage.image_input,
+        text_output_tokens=usage.text_output,
+        image_output_tokens=usage.image_output,
+        cost_micros=record.cost_micros,
+        estimated=usage.estimated,
+        latency_ms=record.latency_ms,
+        error_code=record.error_code,
+        usage=dict(record.raw_usage) if record.raw_usage else None,
+        created_at=utcnow(),
+    )

@@ -67,3 +67,33 @@ def format_micros(amount: int) -> str:
     sign = "-" if amount < 0 else ""
     whole, frac = divmod(abs(amount), MICROS)
     return f"{sign}{whole}.{frac:06d}"
+
+
+def apply_multiplier(amount: int, multiplier_ppm: int) -> int:
+    """A per-key price multiplier (parts per million), rounded up like every charge."""
+    if multiplier_ppm == MICROS:
+        return amount
+    return -(-amount * multiplier_ppm // MICROS)
+
+
+def worst_case_cost(job: ImageJob, *, image_input_tokens: int = 0) -> int:
+    """What a request can cost at most, reserved before any upstream is called.
+
+    Text input is bounded by the prompt's UTF-8 length (a token is at least one byte); image
+    output by the catalog's table for the request's size at its quality (``auto`` takes the
+    dearest quality). Text output has no catalog bound: an upstream that reports some is still
+    billed in full at settlement, which is the one way a charge can exceed its reservation.
+    """
+    caps = job.caps
+    if caps.prices.per_image and not caps.reports_usage:
+        return per_image_cost(caps, quality=job.quality, size=job.size, images=job.n)
+    if job.quality == "auto":
+        per_image = caps.max_output_tokens_per_image(job.size)
+    else:
+        per_image = caps.output_tokens_per_image(job.quality, job.size)
+    usage = TokenUsage(
+        text_input=len(job.prompt.encode("utf-8")),
+        image_input=image_input_tokens,
+        image_output=per_image * job.n,
+    )
+    return token_cost(caps, usage)

@@ -57,6 +57,46 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    # Money, in integer micro-units of the price unit. None means "no limit of this kind".
+    quota_micros: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_quota_micros: Mapped[int | None] = mapped_column(BigInteger)
+    balance_micros: Mapped[int | None] = mapped_column(BigInteger)
+    spent_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Charges are multiplied by this / 1e6 (1_000_000 = list price).
+    price_multiplier_ppm: Mapped[int] = mapped_column(Integer, default=1_000_000, server_default="1000000")
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    ipm: Mapped[int | None] = mapped_column(Integer)
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+
+
+class KeyPeriod(Base):
+    """Spend of one key in one calendar month (UTC), for monthly quotas."""
+
+    __tablename__ = "key_periods"
+
+    key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)  # "2026-11"
+    spent_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Reservation(Base):
+    """Money held for a request in flight; removed when the request settles.
+
+    A row that outlives ``expires_at`` belongs to a request whose process died: the reconciler
+    releases it, so a crash never leaves a key's credit locked.
+    """
+
+    __tablename__ = "reservations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(40), index=True)
+    period: Mapped[str] = mapped_column(String(7))
+    amount_micros: Mapped[int] = mapped_column(BigInteger)
+    request_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class LedgerEntry(Base):

@@ -7,14 +7,16 @@ reservations (SPEC §5) take their place in this sequence as they are built.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.billing.ledger import LedgerRecord, LedgerService
-from app.billing.pricing import request_cost
+from app.billing.ledger import Hold, LedgerRecord, LedgerService
+from app.billing.limits import KeyLimits, RateLimiter
+from app.billing.pricing import apply_multiplier, request_cost, worst_case_cost
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
 from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.jobs import ImageJob, ProviderEvent, TokenUsage
@@ -36,16 +38,24 @@ class ImageOutcome:
     cost_micros: int
     model: str
     upstream: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ImageService:
     def __init__(
-        self, *, catalog: Catalog, registry: ProviderRegistry, router: Router, ledger: LedgerService
+        self,
+        *,
+        catalog: Catalog,
+        registry: ProviderRegistry,
+        router: Router,
+        ledger: LedgerService,
+        limiter: RateLimiter,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._router = router
         self._ledger = ledger
+        self._limiter = limiter
 
     def models_for(self, caller: Caller) -> list[str]:
         """Models this key may use that some upstream serves, in catalog order."""
@@ -77,39 +87,83 @@ class ImageService:
             )
         return job
 
-    async def run(self, *, caller: Caller, job: ImageJob) -> ImageOutcome:
-        """Route a job to an upstream, wait for the whole result, and bill it."""
+    async def execute(self, *, caller: Caller, job: ImageJob) -> ImageOutcome | ImageStream:
+        """The rest of the path for a validated job: limit → reserve → route/call → relay → settle."""
+        grant = await self._limiter.acquire(caller.key_id, _limits(caller), images=job.n)
+        try:
+            hold = await self.reserve(caller=caller, job=job)
+            if job.stream:
+                stream = await self.open_stream(caller=caller, job=job, hold=hold)
+                stream.on_close = lambda: self._limiter.release(grant)
+                stream.headers = grant.headers
+                return stream
+            outcome = await self.run(caller=caller, job=job, hold=hold)
+        except GatewayError as exc:
+            await _shielded(self._limiter.release(grant))
+            exc.headers = {**grant.headers, **exc.headers}
+            raise
+        except BaseException:
+            await _shielded(self._limiter.release(grant))
+            raise
+        await _shielded(self._limiter.release(grant))
+        outcome.headers.update(grant.headers)
+        return outcome
+
+    async def reserve(self, *, caller: Caller, job: ImageJob) -> Hold:
+        """Hold the job's worst-case cost against the key's quota and balance (429 if it won't fit)."""
+        amount = apply_multiplier(worst_case_cost(job), caller.price_multiplier_ppm)
+        return await self._ledger.reserve(
+            key_id=caller.key_id, amount_micros=amount, request_id=job.request_id
+        )
+
+    async def run(self, *, caller: Caller, job: ImageJob, hold: Hold) -> ImageOutcome:
+        """Route a job to an upstream, wait for the whole result, and settle its hold."""
         started = time.monotonic()
         try:
             result, upstream = await self._router.generate(job)
-        except GatewayError as exc:
-            if exc.upstream is not None:
-                await self._ledger.record(
-                    _record(job, caller, exc.upstream, "failed", 0, None, 0, started, error_code=exc.code)
-                )
+        except BaseException as exc:
+            await _shielded(self._settle_failure(caller, job, hold, exc, started))
             raise
         cost, usage = request_cost(job, result.usage, result.image_count)
-        await self._ledger.record(
-            _record(
-                job, caller, upstream, "succeeded", result.image_count, usage, cost, started, result.raw_usage
-            )
+        cost = apply_multiplier(cost, caller.price_multiplier_ppm)
+        record = _record(
+            job, caller, upstream, "succeeded", result.image_count, usage, cost, started, result.raw_usage
         )
+        # Shielded: once the upstream has produced the images, the charge must land even if the
+        # client goes away while it is being written.
+        await _shielded(self._ledger.settle(hold, record))
         _log_completed(job, caller, upstream, result.image_count, cost, started)
         return ImageOutcome(body=result.body, cost_micros=cost, model=job.model, upstream=upstream)
 
-    async def open_stream(self, *, caller: Caller, job: ImageJob) -> ImageStream:
+    async def open_stream(self, *, caller: Caller, job: ImageJob, hold: Hold) -> ImageStream:
         """Route a streaming job until an upstream sends its first event (errors before that are
         raised as usual, so the client gets a plain HTTP error); the rest is relayed by the caller."""
         started = time.monotonic()
         try:
             opened = await self._router.open_stream(job)
-        except GatewayError as exc:
-            if exc.upstream is not None:
-                await self._ledger.record(
-                    _record(job, caller, exc.upstream, "failed", 0, None, 0, started, error_code=exc.code)
-                )
+        except BaseException as exc:
+            await _shielded(self._settle_failure(caller, job, hold, exc, started))
             raise
-        return ImageStream(job=job, caller=caller, opened=opened, ledger=self._ledger, started=started)
+        return ImageStream(
+            job=job, caller=caller, opened=opened, ledger=self._ledger, hold=hold, started=started
+        )
+
+    async def release(self, hold: Hold) -> None:
+        """Give back a hold for a request that ends before any upstream call."""
+        await _shielded(self._ledger.release(hold))
+
+    async def _settle_failure(
+        self, caller: Caller, job: ImageJob, hold: Hold, exc: BaseException, started: float
+    ) -> None:
+        """No charge; a ledger row only if some upstream was actually reached."""
+        upstream = exc.upstream if isinstance(exc, GatewayError) else None
+        if upstream is None:
+            await self._ledger.release(hold)
+            return
+        code = exc.code if isinstance(exc, GatewayError) else None
+        await self._ledger.settle(
+            hold, _record(job, caller, upstream, "failed", 0, None, 0, started, error_code=code)
+        )
 
 
 @dataclass(slots=True)
@@ -120,11 +174,15 @@ class ImageStream:
     caller: Caller
     opened: OpenStream
     ledger: LedgerService
+    hold: Hold
     started: float
     completed: int = 0
     reported: TokenUsage | None = None
     raw_usage: dict[str, Any] = field(default_factory=dict)
     settled: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    # Called once when the stream ends, to free what the request held (its concurrency slot).
+    on_close: Callable[[], Awaitable[None]] | None = None
 
     @property
     def upstream(self) -> str:
@@ -146,8 +204,13 @@ class ImageStream:
         return event
 
     async def close(self) -> None:
-        """Release the upstream connection (at once, when the client has gone)."""
-        await self.opened.aclose()
+        """Release the upstream connection (at once, when the client has gone) and the slot."""
+        try:
+            await self.opened.aclose()
+        finally:
+            on_close, self.on_close = self.on_close, None
+            if on_close is not None:
+                await on_close()
 
     async def settle(self, status: StreamStatus, error_code: str | None = None) -> int:
         """Bill what the upstream reported as completed, whatever the ending; returns the cost."""
@@ -157,7 +220,9 @@ class ImageStream:
         cost, usage = 0, self.reported
         if self.completed:
             cost, usage = request_cost(self.job, self.reported, self.completed)
-        await self.ledger.record(
+            cost = apply_multiplier(cost, self.caller.price_multiplier_ppm)
+        await self.ledger.settle(
+            self.hold,
             _record(
                 self.job,
                 self.caller,
@@ -169,11 +234,20 @@ class ImageStream:
                 self.started,
                 self.raw_usage or None,
                 error_code=error_code,
-            )
+            ),
         )
         if status == "succeeded":
             _log_completed(self.job, self.caller, self.upstream, self.completed, cost, self.started)
         return cost
+
+
+async def _shielded(operation: Coroutine[Any, Any, None]) -> None:
+    """Finish a money movement even if the request's task is being cancelled."""
+    await asyncio.shield(operation)
+
+
+def _limits(caller: Caller) -> KeyLimits:
+    return KeyLimits(rpm=caller.rpm, ipm=caller.ipm, concurrency=caller.concurrency)
 
 
 def _merge_raw(total: dict[str, Any], usage: Any) -> None:

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from app.schemas.base import StrictWireModel
 
 ModerationPolicy = Literal["default", "strict", "off"]
+# Amounts in the price unit, as a JSON number or a decimal string; exact to 1e-6 (micro-units).
+Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+Multiplier = Annotated[Decimal, Field(gt=0, le=1000, decimal_places=6)]
+Limit = Annotated[int, Field(ge=1)]
 
 
-class ApiKeyCreateRequest(StrictWireModel):
+class _KeyLimits(StrictWireModel):
+    quota: Money | None = None
+    monthly_quota: Money | None = None
+    balance: Money | None = None
+    price_multiplier: Multiplier | None = None
+    rpm: Limit | None = None
+    ipm: Limit | None = None
+    concurrency: Limit | None = None
+
+
+class ApiKeyCreateRequest(_KeyLimits):
     name: str = Field(min_length=1, max_length=200)
     owner: str | None = Field(default=None, max_length=200)
     # None: every model the gateway serves.
@@ -23,7 +38,7 @@ class ApiKeyCreateRequest(StrictWireModel):
     metadata: dict[str, Any] | None = None
 
 
-class ApiKeyUpdateRequest(StrictWireModel):
+class ApiKeyUpdateRequest(_KeyLimits):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     owner: str | None = Field(default=None, max_length=200)
     models: list[str] | None = None
@@ -47,6 +62,20 @@ class ApiKeyObject(BaseModel):
     expires_at: int | None
     revoked_at: int | None
     metadata: dict[str, Any] | None
+    # Money as exact decimal strings in the price unit; null means "no limit".
+    quota: str | None
+    monthly_quota: str | None
+    balance: str | None
+    spent: str
+    reserved: str
+    price_multiplier: str
+    rpm: int | None
+    ipm: int | None
+    concurrency: int | None
+
+
+class TopUpRequest(StrictWireModel):
+    amount: Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=6)]
 
 
 class ApiKeyCreatedResponse(ApiKeyObject):

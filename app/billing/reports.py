@@ -1,0 +1,142 @@
+"""Usage reports: totals of the ledger by day or by model, for one key or all."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.billing.pricing import format_micros
+from app.db.tables import LedgerEntry
+
+GroupBy = Literal["day", "model", "key"]
+COLUMNS = (
+    "requests",
+    "images",
+    "text_input_tokens",
+    "image_input_tokens",
+    "text_output_tokens",
+    "image_output_tokens",
+    "cost_micros",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    key_id: str | None = None
+    model: str | None = None
+    start: datetime | None = None  # inclusive
+    end: datetime | None = None  # exclusive
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    group: str | None
+    requests: int
+    images: int
+    text_input_tokens: int
+    image_input_tokens: int
+    text_output_tokens: int
+    image_output_tokens: int
+    cost_micros: int
+
+    def as_dict(self, group_by: str | None) -> dict[str, Any]:
+        row: dict[str, Any] = {group_by: self.group} if group_by else {}
+        row.update({name: getattr(self, name) for name in COLUMNS})
+        row["cost"] = format_micros(self.cost_micros)
+        return row
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    group_by: GroupBy | None
+    price_unit: str
+    filter: UsageFilter
+    rows: list[UsageRow]
+    totals: UsageRow
+
+    def as_dict(self) -> dict[str, Any]:
+        def ts(value: datetime | None) -> int | None:
+            return int(value.timestamp()) if value is not None else None
+
+        return {
+            "object": "usage_report",
+            "group_by": self.group_by,
+            "price_unit": self.price_unit,
+            "key_id": self.filter.key_id,
+            "model": self.filter.model,
+            "from": ts(self.filter.start),
+            "to": ts(self.filter.end),
+            "data": [row.as_dict(self.group_by) for row in self.rows],
+            "totals": self.totals.as_dict(None),
+        }
+
+    def as_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        header = [self.group_by or "group", *COLUMNS, "cost"]
+        writer.writerow(header)
+        for row in [*self.rows, self.totals]:
+            group = row.group if row is not self.totals else "total"
+            writer.writerow([group, *(getattr(row, c) for c in COLUMNS), format_micros(row.cost_micros)])
+        return out.getvalue()
+
+
+def _group_column(group_by: GroupBy, dialect: str) -> ColumnElement[Any]:
+    if group_by == "model":
+        return LedgerEntry.model.expression
+    if group_by == "key":
+        return LedgerEntry.key_id.expression
+    if dialect == "postgresql":
+        return func.to_char(func.timezone("UTC", LedgerEntry.created_at), "YYYY-MM-DD")
+    # SQLite stores the UTC datetime as text "YYYY-MM-DD HH:MM:SS…".
+    return func.substr(LedgerEntry.created_at, 1, 10)
+
+
+async def usage_report(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    where: UsageFilter,
+    group_by: GroupBy | None,
+    price_unit: str,
+) -> UsageReport:
+    sums = [
+        func.count(LedgerEntry.id),
+        func.coalesce(func.sum(LedgerEntry.images), 0),
+        func.coalesce(func.sum(LedgerEntry.text_input_tokens), 0),
+        func.coalesce(func.sum(LedgerEntry.image_input_tokens), 0),
+        func.coalesce(func.sum(LedgerEntry.text_output_tokens), 0),
+        func.coalesce(func.sum(LedgerEntry.image_output_tokens), 0),
+        func.coalesce(func.sum(LedgerEntry.cost_micros), 0),
+    ]
+    conditions: list[ColumnElement[bool]] = []
+    if where.key_id is not None:
+        conditions.append(LedgerEntry.key_id == where.key_id)
+    if where.model is not None:
+        conditions.append(LedgerEntry.model == where.model)
+    if where.start is not None:
+        conditions.append(LedgerEntry.created_at >= where.start)
+    if where.end is not None:
+        conditions.append(LedgerEntry.created_at < where.end)
+    async with sessions() as session:
+        dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+        total = (await session.execute(select(*sums).where(*conditions))).one()
+        rows: list[UsageRow] = []
+        if group_by is not None:
+            group = _group_column(group_by, dialect).label("grp")
+            result = await session.execute(
+                select(group, *sums).where(*conditions).group_by(group).order_by(group)
+            )
+            rows = [UsageRow(str(r[0]), *(int(v) for v in r[1:])) for r in result]
+    return UsageReport(
+        group_by=group_by,
+        price_unit=price_unit,
+        filter=where,
+        rows=rows,
+        totals=UsageRow(None, *(int(v) for v in total)),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,15 +104,52 @@ class Gateway:
         return client
 
     def ledger(self) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.db_path) as connection:
-            connection.row_factory = sqlite3.Row
-            rows = connection.execute("SELECT * FROM ledger_entries ORDER BY id").fetchall()
-        return [dict(row) for row in rows]
+        return self.query("SELECT * FROM ledger_entries ORDER BY id")
+
+    def key_row(self, key_id: str) -> dict[str, Any]:
+        (row,) = self.query(f"SELECT * FROM api_keys WHERE id = '{key_id}'")
+        return row
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        return query(self.settings.database.url, sql)
 
     def close(self) -> None:
         for client in self._clients:
             client.close()
         self.server.stop()
+
+
+def query(url: str, sql: str) -> list[dict[str, Any]]:
+    """Rows as dicts from the gateway's database (SQLite file or PostgreSQL), read directly."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.split("///", 1)[1]) as connection:
+            connection.row_factory = sqlite3.Row
+            return [dict(row) for row in connection.execute(sql).fetchall()]
+
+    async def fetch() -> list[dict[str, Any]]:
+        import asyncpg
+
+        connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            return [dict(row) for row in await connection.fetch(sql)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())
+
+
+def migrate(url: str) -> None:
+    from app.db.engine import create_engine
+    from app.db.migrate import upgrade_head
+
+    async def run() -> None:
+        engine = create_engine(url)
+        try:
+            await upgrade_head(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
 
 
 def start_gateway(settings: Settings, data_dir: Path) -> Gateway:

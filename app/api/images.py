@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -13,6 +17,7 @@ from app.images.service import ImageStream
 from app.streaming import sse_response
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
+T = TypeVar("T")
 
 
 async def read_json(request: Request) -> object:
@@ -27,6 +32,28 @@ async def read_json(request: Request) -> object:
         raise InvalidJSONError() from None
 
 
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelling it if the client hangs up first.
+
+    The body has been read by now, so the next ASGI message can only be the disconnect. Without
+    this, a client that gave up would still have its upstream call run, and be billed for it.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
 @router.post("/generations")
 async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
     request_id: str = request.state.request_id
@@ -37,7 +64,7 @@ async def create_image(request: Request, caller: CallerDep, state: StateDep) -> 
         query_response_format=request.query_params.get("response_format"),
     )
     request.state.model = job.model
-    outcome = await state.images.execute(caller=caller, job=job)
+    outcome = await cancel_on_disconnect(request, state.images.execute(caller=caller, job=job))
     if isinstance(outcome, ImageStream):
         request.state.upstream = outcome.upstream
         return sse_response(outcome, ping_s=state.settings.server.sse_ping_s, headers=outcome.headers)

@@ -119,10 +119,11 @@ class ImageService:
     async def run(self, *, caller: Caller, job: ImageJob, hold: Hold) -> ImageOutcome:
         """Route a job to an upstream, wait for the whole result, and settle its hold."""
         started = time.monotonic()
+        tried: list[str] = []
         try:
-            result, upstream = await self._router.generate(job)
+            result, upstream = await self._router.generate(job, tried)
         except BaseException as exc:
-            await _shielded(self._settle_failure(caller, job, hold, exc, started))
+            await _shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise
         cost, usage = request_cost(job, result.usage, result.image_count)
         cost = apply_multiplier(cost, caller.price_multiplier_ppm)
@@ -139,10 +140,11 @@ class ImageService:
         """Route a streaming job until an upstream sends its first event (errors before that are
         raised as usual, so the client gets a plain HTTP error); the rest is relayed by the caller."""
         started = time.monotonic()
+        tried: list[str] = []
         try:
-            opened = await self._router.open_stream(job)
+            opened = await self._router.open_stream(job, tried)
         except BaseException as exc:
-            await _shielded(self._settle_failure(caller, job, hold, exc, started))
+            await _shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise
         return ImageStream(
             job=job, caller=caller, opened=opened, ledger=self._ledger, hold=hold, started=started
@@ -153,16 +155,21 @@ class ImageService:
         await _shielded(self._ledger.release(hold))
 
     async def _settle_failure(
-        self, caller: Caller, job: ImageJob, hold: Hold, exc: BaseException, started: float
+        self, caller: Caller, job: ImageJob, hold: Hold, exc: BaseException, started: float, tried: list[str]
     ) -> None:
-        """No charge; a ledger row only if some upstream was actually reached."""
-        upstream = exc.upstream if isinstance(exc, GatewayError) else None
+        """No charge; a ledger row only if some upstream was actually reached.
+
+        A cancelled request (the client went away) had its upstream call cut off: ``cancelled``.
+        """
+        if isinstance(exc, GatewayError):
+            upstream, status, code = exc.upstream, "failed", exc.code
+        else:
+            upstream, status, code = (tried[-1] if tried else None), "cancelled", None
         if upstream is None:
             await self._ledger.release(hold)
             return
-        code = exc.code if isinstance(exc, GatewayError) else None
         await self._ledger.settle(
-            hold, _record(job, caller, upstream, "failed", 0, None, 0, started, error_code=code)
+            hold, _record(job, caller, upstream, status, 0, None, 0, started, error_code=code)
         )
 
 

@@ -73,15 +73,15 @@ class Router:
         self._registry = registry
         self._rng = rng or random.Random()
 
-    async def generate(self, job: ImageJob) -> tuple[ImageResult, str]:
+    async def generate(self, job: ImageJob, tried: list[str] | None = None) -> tuple[ImageResult, str]:
         """The first successful result and the upstream that produced it."""
 
         async def attempt(route: Route) -> ImageResult:
             return await route.provider.generate(job, upstream_model=route.upstream_model)
 
-        return await self._failover(job, attempt)
+        return await self._failover(job, attempt, tried)
 
-    async def open_stream(self, job: ImageJob) -> OpenStream:
+    async def open_stream(self, job: ImageJob, tried: list[str] | None = None) -> OpenStream:
         """Fail over until some upstream delivers a first event; then the stream is committed.
 
         Upstreams marked as non-streaming answer with ``generate`` and the result is replayed as
@@ -105,15 +105,21 @@ class Router:
                 raise
             return first, events_iter
 
-        (first, rest), upstream = await self._failover(job, attempt)
+        (first, rest), upstream = await self._failover(job, attempt, tried)
         return OpenStream(upstream=upstream, first=first, rest=rest)
 
-    async def _failover(self, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> tuple[T, str]:
+    async def _failover(
+        self, job: ImageJob, attempt: Callable[[Route], Awaitable[T]], tried: list[str] | None
+    ) -> tuple[T, str]:
+        """``tried`` collects each upstream as it is called, so a caller that is cancelled midway
+        still knows which upstream its request reached."""
         routes = order_routes(self._registry.routes(job.model), self._rng)
         if not routes:
             raise UpstreamUnavailable(f"No upstream serves the model '{job.model}'.", status=503)
         last: GatewayError | None = None
         for number, route in enumerate(routes, start=1):
+            if tried is not None:
+                tried.append(route.name)
             try:
                 return await attempt(route), route.name
             except GatewayError as exc:

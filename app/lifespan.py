@@ -19,7 +19,7 @@ from app.images.service import ImageService
 from app.keys import KeyService
 from app.security import ensure_admin_key
 from app.settings import Settings
-from app.state import AppState
+from app.state import AppState, UploadPolicy
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
 
@@ -63,6 +63,8 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         if _is_sqlite(settings):
             await upgrade_head(engine)
         sessions = create_sessionmaker(engine)
+        uploads = UploadPolicy.from_settings(settings, catalog)
+        uploads.spool_root.mkdir(parents=True, exist_ok=True)
         ledger = LedgerService(sessions, hold_ttl_s=settings.billing.hold_ttl_s)
         limiter = build_limiter(
             settings.redis.url,
@@ -84,6 +86,7 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
             ),
             admin_key=resolve_admin_key(settings),
             ledger=ledger,
+            uploads=uploads,
         )
     finally:
         if limiter is not None:

@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from app.storage.config import StorageSettings
+
 DEFAULT_CONFIG = "config/gateway.yaml"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Values that mean "somebody forgot to set this": refused rather than used as a real secret.
@@ -78,9 +80,13 @@ class RedisSettings(_Section):
     url: str | None = None
 
 
-class StorageSettings(_Section):
-    kind: Literal["local", "s3"] = "local"
-    path: str = "./data/images"
+class UploadSettings(_Section):
+    # Where multipart file parts are spooled while a request runs; default <data_dir>/spool.
+    spool_dir: str | None = None
+    max_input_pixels: int = Field(default=50_000_000, ge=1)
+    max_input_edge: int = Field(default=16_384, ge=1)
+    max_field_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_fields: int = Field(default=100, ge=1)
 
 
 class ServerSettings(_Section):
@@ -193,6 +199,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
+    uploads: UploadSettings = Field(default_factory=UploadSettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]

@@ -3,15 +3,43 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.billing.ledger import LedgerService
 from app.images.capabilities import Catalog
-from app.images.service import ImageService
+from app.images.service import ImageService, InputLimits
+from app.images.uploads import UploadLimits
 from app.keys import KeyService
 from app.settings import Settings
 from app.upstream.registry import ProviderRegistry
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPolicy:
+    """Where edit uploads are spooled and how big they may be."""
+
+    spool_root: Path
+    limits: UploadLimits
+    inputs: InputLimits
+
+    @classmethod
+    def from_settings(cls, settings: Settings, catalog: Catalog) -> UploadPolicy:
+        edits = [caps.edit for name in catalog.names() if (caps := catalog.get(name)) and caps.edit]
+        uploads = settings.uploads
+        return cls(
+            spool_root=Path(uploads.spool_dir or Path(settings.data_dir) / "spool"),
+            limits=UploadLimits(
+                # Parts are refused while arriving at the catalog-wide cap; per-model caps are
+                # checked once the model is known.
+                max_file_bytes=max((e.max_image_bytes for e in edits), default=4 * 1024 * 1024),
+                max_files=max((e.max_images for e in edits), default=1),
+                max_field_bytes=uploads.max_field_bytes,
+                max_fields=uploads.max_fields,
+            ),
+            inputs=InputLimits(max_pixels=uploads.max_input_pixels, max_edge=uploads.max_input_edge),
+        )
 
 
 @dataclass(slots=True)
@@ -25,3 +53,4 @@ class AppState:
     images: ImageService
     admin_key: str
     ledger: LedgerService
+    uploads: UploadPolicy

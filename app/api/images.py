@@ -1,4 +1,4 @@
-"""``POST /v1/images/generations``: parse, hand to the image service, shape the reply."""
+"""``POST /v1/images/generations`` and ``/edits``: parse, hand to the image service, shape the reply."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from starlette.responses import Response
 from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
 from app.errors import InvalidJSONError
-from app.images.service import ImageStream
+from app.images.service import ImageOutcome, ImageStream
+from app.images.uploads import parse_multipart
+from app.state import AppState
 from app.streaming import sse_response
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -65,6 +67,40 @@ async def create_image(request: Request, caller: CallerDep, state: StateDep) -> 
     )
     request.state.model = job.model
     outcome = await cancel_on_disconnect(request, state.images.execute(caller=caller, job=job))
+    return _reply(request, state, outcome)
+
+
+@router.post("/edits")
+async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    request_id: str = request.state.request_id
+    form = await parse_multipart(
+        request.stream(),
+        content_type=request.headers.get("content-type", ""),
+        spool_root=state.uploads.spool_root,
+        limits=state.uploads.limits,
+    )
+    handed_over = False
+    try:
+        job = await state.images.prepare_edit(
+            caller=caller,
+            form=form,
+            request_id=request_id,
+            limits=state.uploads.inputs,
+            query_response_format=request.query_params.get("response_format"),
+        )
+        request.state.model = job.model
+        outcome = await cancel_on_disconnect(request, state.images.execute(caller=caller, job=job))
+        if isinstance(outcome, ImageStream):
+            # The spooled files live until the stream ends, wherever that happens.
+            outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
+            handed_over = True
+        return _reply(request, state, outcome)
+    finally:
+        if not handed_over:
+            await asyncio.to_thread(form.cleanup)
+
+
+def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream) -> Response:
     if isinstance(outcome, ImageStream):
         request.state.upstream = outcome.upstream
         return sse_response(outcome, ping_s=state.settings.server.sse_ping_s, headers=outcome.headers)

@@ -20,11 +20,22 @@ def estimate_text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
+def _input_image_tokens(job: ImageJob, *, worst: bool = False) -> int:
+    count = len(job.images) + (1 if job.mask is not None else 0)
+    if not count or job.caps.edit is None:
+        return 0
+    fidelity = job.input_fidelity
+    if fidelity is None and worst and "high" in job.caps.edit.input_image_tokens:
+        fidelity = "high"  # a reservation must cover the dearer reading
+    return job.caps.edit.input_tokens(fidelity, count)
+
+
 def estimated_usage(job: ImageJob, images: int) -> TokenUsage:
     """What the catalog says a request like this uses, marked as an estimate."""
     per_image = job.caps.output_tokens_per_image(job.quality, job.size)
     return TokenUsage(
         text_input=estimate_text_tokens(job.prompt),
+        image_input=_input_image_tokens(job),
         image_output=per_image * images,
         estimated=True,
     )
@@ -76,7 +87,7 @@ def apply_multiplier(amount: int, multiplier_ppm: int) -> int:
     return -(-amount * multiplier_ppm // MICROS)
 
 
-def worst_case_cost(job: ImageJob, *, image_input_tokens: int = 0) -> int:
+def worst_case_cost(job: ImageJob) -> int:
     """What a request can cost at most, reserved before any upstream is called.
 
     Text input is bounded by the prompt's UTF-8 length (a token is at least one byte); image
@@ -93,7 +104,7 @@ def worst_case_cost(job: ImageJob, *, image_input_tokens: int = 0) -> int:
         per_image = caps.output_tokens_per_image(job.quality, job.size)
     usage = TokenUsage(
         text_input=len(job.prompt.encode("utf-8")),
-        image_input=image_input_tokens,
+        image_input=_input_image_tokens(job, worst=True),
         image_output=per_image * job.n,
     )
     return token_cost(caps, usage)

@@ -65,6 +65,14 @@ class EditCaps:
     formats: tuple[str, ...]
     mask: bool
     square_only: bool = False
+    # Image input tokens per input image, by input_fidelity: estimates, for reservations and the
+    # local backend (an upstream's reported usage always wins).
+    input_image_tokens: Mapping[str, int] = field(default_factory=dict)
+
+    def input_tokens(self, fidelity: str | None, images: int) -> int:
+        table = self.input_image_tokens
+        per_image = table.get(fidelity or "low", max(table.values(), default=0))
+        return per_image * images
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +211,9 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
             formats=tuple(edit_spec.get("formats", ["png"])),
             mask=bool(edit_spec.get("mask", True)),
             square_only=bool(edit_spec.get("square_only", False)),
+            input_image_tokens={
+                str(k): int(v) for k, v in (edit_spec.get("input_image_tokens") or {}).items()
+            },
         )
     free = spec.get("free_size")
     return ModelCapabilities(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from app.images.capabilities import ModelCapabilities
@@ -16,6 +17,23 @@ ResponseFormat = Literal["url", "b64_json"]
 
 # Fields the gateway decides itself and never forwards as the client sent them.
 _GATEWAY_FIELDS = frozenset({"model", "response_format", "stream"})
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage:
+    """An uploaded edit input, spooled to disk and inspected (type, size and alpha from its bytes)."""
+
+    path: Path
+    filename: str | None
+    format: str
+    width: int
+    height: int
+    has_alpha: bool
+    size: int
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.format}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +57,10 @@ class ImageJob:
     response_format: ResponseFormat
     # Everything the client sent that goes upstream unchanged, known fields and unknown ones alike.
     forward: Mapping[str, Any] = field(default_factory=dict)
+    # Edits only: the input images in the order sent, and the optional mask.
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    input_fidelity: str | None = None
 
     def upstream_body(self, upstream_model: str) -> dict[str, Any]:
         """The JSON body for an OpenAI-compatible upstream.

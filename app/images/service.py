@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
@@ -19,8 +19,10 @@ from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import apply_multiplier, request_cost, worst_case_cost
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
 from app.images.capabilities import Catalog, ModelCapabilities
-from app.images.jobs import ImageJob, ProviderEvent, TokenUsage
-from app.images.validation import build_job, parse_generate_request
+from app.images.inspect import ImageInfo, inspect_edit_inputs
+from app.images.jobs import ImageJob, InputImage, ProviderEvent, TokenUsage
+from app.images.uploads import SpooledFile, UploadForm
+from app.images.validation import build_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import OpenStream, Router
@@ -78,6 +80,10 @@ class ImageService:
         job = build_job(
             request=request, caps=caps, request_id=request_id, query_response_format=query_response_format
         )
+        self._check_response_format(job)
+        return job
+
+    def _check_response_format(self, job: ImageJob) -> None:
         if job.response_format == "url":
             raise InvalidRequestError(
                 "response_format 'url' needs the gateway's image store, which is not enabled on this "
@@ -85,7 +91,41 @@ class ImageService:
                 param="response_format",
                 code="unsupported_value",
             )
-        return job
+
+    async def prepare_edit(
+        self,
+        *,
+        caller: Caller,
+        form: UploadForm,
+        request_id: str,
+        limits: InputLimits,
+        query_response_format: str | None = None,
+    ) -> ImageJob:
+        """Validate an edit: its fields like a generation's, then the spooled files (type, size,
+        mask) read from their bytes, off the event loop."""
+        request = parse_edit_form({name: values[-1] for name, values in form.fields.items()})
+        caps = self.resolve_model(request.model, caller)
+        job = build_job(
+            request=request,
+            caps=caps,
+            request_id=request_id,
+            endpoint="edits",
+            query_response_format=query_response_format,
+        )
+        self._check_response_format(job)
+        assert caps.edit is not None  # build_job refuses models without edits
+        uploads, mask = form.images(), form.mask()
+        inputs = await asyncio.to_thread(
+            inspect_edit_inputs,
+            [upload.path for upload in uploads],
+            mask.path if mask is not None else None,
+            caps=caps.edit,
+            max_pixels=limits.max_pixels,
+            max_edge=limits.max_edge,
+        )
+        images = tuple(_input(upload, info) for upload, info in zip(uploads, inputs.images, strict=True))
+        mask_input = _input(mask, inputs.mask) if mask is not None and inputs.mask is not None else None
+        return replace(job, images=images, mask=mask_input)
 
     async def execute(self, *, caller: Caller, job: ImageJob) -> ImageOutcome | ImageStream:
         """The rest of the path for a validated job: limit → reserve → route/call → relay → settle."""
@@ -94,7 +134,7 @@ class ImageService:
             hold = await self.reserve(caller=caller, job=job)
             if job.stream:
                 stream = await self.open_stream(caller=caller, job=job, hold=hold)
-                stream.on_close = lambda: self._limiter.release(grant)
+                stream.closers.append(lambda: self._limiter.release(grant))
                 stream.headers = grant.headers
                 return stream
             outcome = await self.run(caller=caller, job=job, hold=hold)
@@ -188,8 +228,8 @@ class ImageStream:
     raw_usage: dict[str, Any] = field(default_factory=dict)
     settled: bool = False
     headers: dict[str, str] = field(default_factory=dict)
-    # Called once when the stream ends, to free what the request held (its concurrency slot).
-    on_close: Callable[[], Awaitable[None]] | None = None
+    # Called once when the stream ends, to free what the request held (its slot, its spooled files).
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def upstream(self) -> str:
@@ -215,9 +255,9 @@ class ImageStream:
         try:
             await self.opened.aclose()
         finally:
-            on_close, self.on_close = self.on_close, None
-            if on_close is not None:
-                await on_close()
+            closers, self.closers = self.closers, []
+            for close in closers:
+                await close()
 
     async def settle(self, status: StreamStatus, error_code: str | None = None) -> int:
         """Bill what the upstream reported as completed, whatever the ending; returns the cost."""
@@ -251,6 +291,26 @@ class ImageStream:
 async def _shielded(operation: Coroutine[Any, Any, None]) -> None:
     """Finish a money movement even if the request's task is being cancelled."""
     await asyncio.shield(operation)
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """Bounds on edit inputs, from the ``uploads`` settings."""
+
+    max_pixels: int
+    max_edge: int
+
+
+def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
+    return InputImage(
+        path=upload.path,
+        filename=upload.filename,
+        format=info.format,
+        width=info.width,
+        height=info.height,
+        has_alpha=info.has_alpha,
+        size=info.size,
+    )
 
 
 def _limits(caller: Caller) -> KeyLimits:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from app.errors import InvalidJSONError, InvalidRequestError
 from app.images.capabilities import ModelCapabilities, parse_size
 from app.images.jobs import Endpoint, ImageJob, ResponseFormat
-from app.schemas.images import ImageGenerateRequest
+from app.schemas.images import ImageEditForm, ImageGenerateRequest
 
 MODERATION_LEVELS = ("low", "auto")
 RESPONSE_FORMATS = ("url", "b64_json")
@@ -33,6 +33,14 @@ def parse_generate_request(payload: Any) -> ImageGenerateRequest:
         raise _from_pydantic(exc) from None
 
 
+def parse_edit_form(fields: Mapping[str, str]) -> ImageEditForm:
+    """Type-check multipart text fields (numbers and booleans arrive as strings)."""
+    try:
+        return ImageEditForm.model_validate(dict(fields))
+    except ValidationError as exc:
+        raise _from_pydantic(exc) from None
+
+
 def _from_pydantic(exc: ValidationError) -> InvalidRequestError:
     error = exc.errors()[0]
     param = ".".join(str(part) for part in error["loc"]) or None
@@ -40,9 +48,13 @@ def _from_pydantic(exc: ValidationError) -> InvalidRequestError:
         return InvalidRequestError(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
         )
-    expected = {"int_type": "an integer", "bool_type": "a boolean", "string_type": "a string"}.get(
-        error["type"], "a valid value"
-    )
+    expected = {
+        "int_type": "an integer",
+        "int_parsing": "an integer",
+        "bool_type": "a boolean",
+        "bool_parsing": "a boolean",
+        "string_type": "a string",
+    }.get(error["type"], "a valid value")
     return InvalidRequestError(
         f"Invalid type for '{param}': expected {expected}, but got {_json_type(error.get('input'))}.",
         param=param,
@@ -150,9 +162,32 @@ def resolve_response_format(body_value: str | None, query_value: str | None) -> 
     return cast(ResponseFormat, value)
 
 
+def check_edit_fields(request: ImageEditForm, fields: Mapping[str, Any], caps: ModelCapabilities) -> None:
+    """Rules only edits have: the model must take edits, no ``style``, ``input_fidelity`` per model."""
+    if caps.edit is None:
+        raise InvalidRequestError(
+            f"The model '{caps.name}' does not support image edits.", param="model", code="invalid_value"
+        )
+    if fields.get("style") is not None:
+        raise InvalidRequestError(
+            "Unsupported parameter: 'style' is not supported for image edits.",
+            param="style",
+            code="unsupported_parameter",
+        )
+    fidelity = request.input_fidelity
+    if fidelity is not None and fidelity not in caps.input_fidelity:
+        if not caps.input_fidelity:
+            raise InvalidRequestError(
+                f"Unsupported parameter: 'input_fidelity' is not supported with the model '{caps.name}'.",
+                param="input_fidelity",
+                code="unsupported_parameter",
+            )
+        raise _invalid_choice("input_fidelity", fidelity, caps.input_fidelity)
+
+
 def build_job(
     *,
-    request: ImageGenerateRequest,
+    request: ImageGenerateRequest | ImageEditForm,
     caps: ModelCapabilities,
     request_id: str,
     endpoint: Endpoint = "generations",
@@ -164,6 +199,8 @@ def build_job(
     fields.update({k: v for k, v in extra.items() if v is not None})
 
     check_prompt(request.prompt, caps)
+    if isinstance(request, ImageEditForm):
+        check_edit_fields(request, fields, caps)
     check_unsupported(fields, caps)
 
     n = request.n if request.n is not None else 1
@@ -247,4 +284,5 @@ def build_job(
         partial_images=partial_images,
         response_format=response_format,
         forward=fields,
+        input_fidelity=request.input_fidelity if isinstance(request, ImageEditForm) else None,
     )

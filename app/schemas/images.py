@@ -60,3 +60,26 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelObject]
+
+
+class ImageEditForm(WireModel):
+    """``POST /v1/images/edits`` form fields (the files travel separately, spooled to disk).
+
+    Multipart sends everything as text, so numbers and booleans are parsed from strings here
+    (``"2"`` → 2, ``"true"`` → True); anything else the client sends is forwarded upstream as is.
+    """
+
+    prompt: str
+    model: str
+    n: int | None = None
+    size: str | None = None
+    quality: str | None = None
+    background: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    moderation: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
+    response_format: str | None = None
+    input_fidelity: str | None = None
+    user: str | None = None

@@ -21,6 +21,10 @@ class ImageProvider(Protocol):
         """Run a generation and return the ImagesResponse-shaped result."""
         ...
 
+    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+        """Run an edit (``job.images``, ``job.mask``) and return the ImagesResponse-shaped result."""
+        ...
+
     def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
         """Yield partial and completed events as the upstream produces them.
 

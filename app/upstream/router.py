@@ -77,7 +77,7 @@ class Router:
         """The first successful result and the upstream that produced it."""
 
         async def attempt(route: Route) -> ImageResult:
-            return await route.provider.generate(job, upstream_model=route.upstream_model)
+            return await _whole(route, job)
 
         return await self._failover(job, attempt, tried)
 
@@ -90,7 +90,7 @@ class Router:
 
         async def attempt(route: Route) -> tuple[ProviderEvent, AsyncIterator[ProviderEvent]]:
             if not route.streams:
-                result = await route.provider.generate(job, upstream_model=route.upstream_model)
+                result = await _whole(route, job)
                 events = completed_events(job, result)
                 if not events:
                     raise UpstreamError("The upstream service returned no image.")
@@ -143,6 +143,12 @@ class Router:
                     raise error from None
         assert last is not None
         raise last
+
+
+async def _whole(route: Route, job: ImageJob) -> ImageResult:
+    if job.endpoint == "edits":
+        return await route.provider.edit(job, upstream_model=route.upstream_model)
+    return await route.provider.generate(job, upstream_model=route.upstream_model)
 
 
 async def _close(iterator: AsyncIterator[ProviderEvent]) -> None:

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from app.errors import UpstreamRejected
 from app.images.capabilities import parse_size
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
+from app.upstream.providers.local_edit import edit_size, paint_edit
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 RGB = tuple[int, int, int]
@@ -159,19 +160,6 @@ def encode(image: Image.Image, fmt: str, compression: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def _render_b64(
-    prompt: str,
-    seed: int,
-    index: int,
-    size: tuple[int, int],
-    transparent: bool,
-    fmt: str,
-    compression: int | None,
-) -> str:
-    image = render(prompt, seed, index, size[0], size[1], transparent)
-    return base64.b64encode(encode(image, fmt, compression)).decode("ascii")
-
-
 def _seed(job: ImageJob) -> int:
     value = job.forward.get("seed")
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
@@ -205,6 +193,8 @@ class _Plan:
 
 def _plan(job: ImageJob) -> _Plan:
     size = job.caps.resolve_size(job.size)
+    if job.images:
+        size = edit_size((job.images[0].width, job.images[0].height), job.size, size)
     dims = parse_size(size)
     if dims is None:
         raise _rejected(f"The local backend cannot render size {size!r}.", "size")
@@ -217,9 +207,13 @@ def _plan(job: ImageJob) -> _Plan:
 
 
 def _usage(job: ImageJob, images: int, *, with_prompt: bool = True) -> TokenUsage:
+    inputs = len(job.images) + (1 if job.mask is not None else 0)
+    edit = job.caps.edit
     return TokenUsage(
         # An estimate of the tokenizer (about four characters per token): no tokenizer runs here.
         text_input=math.ceil(len(job.prompt) / 4) if with_prompt else 0,
+        # Inputs are counted once per request, with the prompt, from the catalog's table.
+        image_input=edit.input_tokens(job.input_fidelity, inputs) if edit and inputs and with_prompt else 0,
         image_output=job.caps.output_tokens_per_image(job.quality, job.size) * images,
         # The local renderer is itself the authority on what it produced, so this is not an estimate.
         estimated=False,
@@ -234,6 +228,19 @@ def _partial_b64(image: Image.Image, step: int, steps: int, fmt: str, compressio
     )
     preview = small.resize(image.size, Image.Resampling.NEAREST)
     return base64.b64encode(encode(preview, fmt, compression)).decode("ascii")
+
+
+def _draw(job: ImageJob, plan: _Plan, index: int) -> Image.Image:
+    """Image ``index`` of a job: a fresh rendering, or for edits one painted into the input."""
+    overlay = render(job.prompt, plan.seed, index, plan.dims[0], plan.dims[1], plan.transparent)
+    if not job.images:
+        return overlay
+    mask = job.mask.path if job.mask is not None else None
+    return paint_edit(job.images[0].path, mask, overlay, transparent=plan.transparent)
+
+
+def _draw_b64(job: ImageJob, plan: _Plan, index: int) -> str:
+    return _b64(_draw(job, plan, index), plan.fmt, job.output_compression)
 
 
 def _b64(image: Image.Image, fmt: str, compression: int | None) -> str:
@@ -253,21 +260,7 @@ class LocalProvider:
         plan = _plan(job)
         # Rendering is CPU work: off the event loop, one thread per image (Pillow releases the GIL
         # while encoding, so images of one request overlap).
-        images = await asyncio.gather(
-            *(
-                asyncio.to_thread(
-                    _render_b64,
-                    job.prompt,
-                    plan.seed,
-                    i,
-                    plan.dims,
-                    plan.transparent,
-                    plan.fmt,
-                    job.output_compression,
-                )
-                for i in range(job.n)
-            )
-        )
+        images = await asyncio.gather(*(asyncio.to_thread(_draw_b64, job, plan, i) for i in range(job.n)))
         created = int(time.time())
         if job.caps.family != "gpt-image":
             # dall-e answers with created and data only, and reports no usage.
@@ -285,6 +278,10 @@ class LocalProvider:
         }
         return ImageResult(body=body, usage=usage, raw_usage=usage.to_openai())
 
+    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+        """Edits draw like generations, painted into the first input image (see ``local_edit``)."""
+        return await self.generate(job, upstream_model=upstream_model)
+
     async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:  # noqa: ARG002
         """Per image: ``partial_images`` previews, coarse to fine, then the completed image.
 
@@ -296,9 +293,7 @@ class LocalProvider:
         partial_type = event_type(job.endpoint, "partial_image")
         completed_type = event_type(job.endpoint, "completed")
         for index in range(job.n):
-            image = await asyncio.to_thread(
-                render, job.prompt, plan.seed, index, plan.dims[0], plan.dims[1], plan.transparent
-            )
+            image = await asyncio.to_thread(_draw, job, plan, index)
             for step in range(job.partial_images):
                 await asyncio.sleep(self._pace_s)
                 b64 = await asyncio.to_thread(

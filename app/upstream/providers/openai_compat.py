@@ -8,6 +8,7 @@ as it came, so images are never decoded or re-encoded on the way through.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ import orjson
 from app.errors import UpstreamError
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.upstream.errors import INVALID_RESPONSE, map_httpx_errors, rejected_from_response, upstream_secrets
+from app.upstream.multipart import edit_parts
 from app.upstream.sse_decode import iter_sse
 
 
@@ -52,6 +54,15 @@ class OpenAICompatProvider:
         )
         return self._image_result(response)
 
+    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+        """POST ``/images/edits`` as multipart, streaming the spooled files."""
+        with ExitStack() as files:
+            request = self._build(job, upstream_model, files, stream=False)
+            with map_httpx_errors(secrets=self._secrets):
+                response = await self._client.send(request)
+        self._raise_for_status(response)
+        return self._image_result(response)
+
     async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
         """POST with ``stream: true`` and yield each SSE event as it arrives.
 
@@ -59,15 +70,10 @@ class OpenAICompatProvider:
         An upstream that answers plain JSON (it does not stream) still honours the stream contract
         through completed events. Leaving the loop early (client gone) closes the connection.
         """
-        body = job.upstream_body(upstream_model)
-        body["stream"] = True
-        headers = self._headers(request_id=job.request_id, content_type="application/json")
-        headers["accept"] = "text/event-stream"
-        request = self._client.build_request(
-            "POST", self._url(f"/images/{job.endpoint}"), content=orjson.dumps(body), headers=headers
-        )
-        with map_httpx_errors(secrets=self._secrets):
-            response = await self._client.send(request, stream=True)
+        with ExitStack() as files:
+            request = self._build(job, upstream_model, files, stream=True)
+            with map_httpx_errors(secrets=self._secrets):
+                response = await self._client.send(request, stream=True)
         try:
             if not response.is_success:
                 with map_httpx_errors(secrets=self._secrets):
@@ -86,6 +92,23 @@ class OpenAICompatProvider:
                         yield relayed
         finally:
             await response.aclose()
+
+    def _build(self, job: ImageJob, upstream_model: str, files: ExitStack, *, stream: bool) -> httpx.Request:
+        """The upstream request: JSON for generations, multipart (files from the spool) for edits."""
+        headers = self._headers(request_id=job.request_id)
+        if stream:
+            headers["accept"] = "text/event-stream"
+        url = self._url(f"/images/{job.endpoint}")
+        if job.endpoint == "edits":
+            data, parts = edit_parts(job, upstream_model, files, stream=stream)
+            # httpx reads the file objects chunk by chunk while sending, so they must stay open
+            # until `send` returns (the caller's ExitStack).
+            return self._client.build_request("POST", url, data=data, files=parts, headers=headers)
+        body = job.upstream_body(upstream_model)
+        if stream:
+            body["stream"] = True
+        headers["content-type"] = "application/json"
+        return self._client.build_request("POST", url, content=orjson.dumps(body), headers=headers)
 
     def _event(self, name: str, data: bytes) -> ProviderEvent | None:
         """One upstream SSE event; an ``error`` event (or data carrying ``error``) is raised."""

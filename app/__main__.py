@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
     commands.add_parser("migrate", help="upgrade the database to the newest schema")
+    worker = commands.add_parser("worker", help="run task workers only (no HTTP server)")
+    worker.add_argument("--concurrency", type=int, help="worker loops (default: tasks.workers, at least 1)")
     add_key_commands(commands)
     add_usage_command(commands)
     return parser
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         return serve(settings, args)
     if args.command == "migrate":
         return run_migrate(settings)
+    if args.command == "worker":
+        from app.logging import configure_logging
+        from app.tasks.standalone import run_workers
+
+        configure_logging(level=settings.logging.level, json_format=settings.logging.json_format)
+        return run_workers(settings, concurrency=args.concurrency)
     if args.command == "keys":
         return run_keys(settings, args)
     if args.command == "usage":

@@ -82,6 +82,20 @@ def to_public(row: ApiKey) -> ApiKeyObject:
     )
 
 
+def _caller(row: ApiKey) -> Caller:
+    return Caller(
+        key_id=row.id,
+        name=row.name,
+        owner=row.owner,
+        models=frozenset(row.models) if row.models is not None else None,
+        moderation=row.moderation,
+        price_multiplier_ppm=row.price_multiplier_ppm,
+        rpm=row.rpm,
+        ipm=row.ipm,
+        concurrency=row.concurrency,
+    )
+
+
 def _money(value: int | None) -> str | None:
     return None if value is None else format_micros(value)
 
@@ -124,17 +138,18 @@ class KeyService:
         status = key_status(row)
         if status != "active":
             raise AuthenticationError(f"This API key is {status}.")
-        return Caller(
-            key_id=row.id,
-            name=row.name,
-            owner=row.owner,
-            models=frozenset(row.models) if row.models is not None else None,
-            moderation=row.moderation,
-            price_multiplier_ppm=row.price_multiplier_ppm,
-            rpm=row.rpm,
-            ipm=row.ipm,
-            concurrency=row.concurrency,
-        )
+        return _caller(row)
+
+    async def caller_for(self, key_id: str) -> Caller:
+        """The caller behind a key id (a worker running a queued task); 401 if no longer active."""
+        async with self._sessions() as session:
+            row = await repos.get_key(session=session, key_id=key_id)
+        if row is None:
+            raise AuthenticationError(INVALID_KEY_MESSAGE)
+        status = key_status(row)
+        if status != "active":
+            raise AuthenticationError(f"This API key is {status}.")
+        return _caller(row)
 
     async def create(self, request: ApiKeyCreateRequest) -> tuple[ApiKeyObject, str]:
         """A new key; the plaintext is returned here and never stored."""

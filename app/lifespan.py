@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
@@ -20,6 +21,10 @@ from app.keys import KeyService
 from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
+from app.storage import build_store, purge_periodically, resolve_signing_secret
+from app.tasks.queue import TaskQueue
+from app.tasks.service import TaskService, TaskSettingsView
+from app.tasks.worker import purge_forever, work
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
 
@@ -57,12 +62,18 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
     engine = create_engine(settings.database.url, echo=settings.database.echo)
     registry = ProviderRegistry.build(settings.upstreams, catalog)
     limiter: RateLimiter | None = None
+    opened: list[Callable[[], Awaitable[None]]] = []
     try:
         # SQLite is the embedded default: keep it at the newest schema without a separate step.
         # Shared databases (PostgreSQL) are migrated on purpose, with `python -m app migrate`.
         if _is_sqlite(settings):
             await upgrade_head(engine)
         sessions = create_sessionmaker(engine)
+        store = build_store(
+            settings.storage, signing_secret=resolve_signing_secret(settings.storage, settings.data_dir)
+        )
+        await store.start()
+        opened.append(store.aclose)
         uploads = UploadPolicy.from_settings(settings, catalog)
         uploads.spool_root.mkdir(parents=True, exist_ok=True)
         ledger = LedgerService(sessions, hold_ttl_s=settings.billing.hold_ttl_s)
@@ -74,21 +85,51 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         )
         if settings.redis.url is None and settings.server.workers > 1:
             log.warning("rate limits are per worker process: set redis.url to share them")
+        images = ImageService(
+            catalog=catalog,
+            registry=registry,
+            router=Router(registry),
+            ledger=ledger,
+            limiter=limiter,
+            store=store,
+            url_ttl_s=settings.storage.url_ttl_s,
+        )
+        inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
+        inputs_root.mkdir(parents=True, exist_ok=True)
+        keys = KeyService(sessions, catalog.names())
+        tasks = TaskService(
+            queue=TaskQueue(
+                sessions, lease_s=settings.tasks.lease_s, max_attempts=settings.tasks.max_attempts
+            ),
+            images=images,
+            keys=keys,
+            store=store,
+            inputs_root=inputs_root,
+            input_limits=uploads.inputs,
+            settings=TaskSettingsView(
+                # A queued task keeps its hold for as long as it may wait and run.
+                hold_ttl_s=float(settings.storage.retention_s),
+                url_ttl_s=settings.storage.url_ttl_s,
+                retention_s=settings.storage.retention_s,
+            ),
+        )
         yield AppState(
             settings=settings,
             engine=engine,
             sessions=sessions,
             catalog=catalog,
             registry=registry,
-            keys=KeyService(sessions, catalog.names()),
-            images=ImageService(
-                catalog=catalog, registry=registry, router=Router(registry), ledger=ledger, limiter=limiter
-            ),
+            keys=keys,
+            images=images,
+            tasks=tasks,
+            store=store,
             admin_key=resolve_admin_key(settings),
             ledger=ledger,
             uploads=uploads,
         )
     finally:
+        for close in reversed(opened):
+            await close()
         if limiter is not None:
             await limiter.aclose()
         await registry.aclose()
@@ -109,13 +150,36 @@ async def _reconcile_forever(state: AppState) -> None:
 
 @asynccontextmanager
 async def _background(state: AppState) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(_reconcile_forever(state), name="reconciler")]
+    storage = state.settings.storage
+    stop = asyncio.Event()
+    workers = [
+        asyncio.create_task(work(state.tasks, stop, poll_s=state.settings.tasks.poll_s), name=f"worker-{i}")
+        for i in range(state.settings.tasks.workers)
+    ]
+    tasks = [
+        asyncio.create_task(
+            purge_forever(state.tasks, interval_s=storage.purge_interval_s), name="task-purge"
+        ),
+        asyncio.create_task(_reconcile_forever(state), name="reconciler"),
+        asyncio.create_task(
+            purge_periodically(
+                state.store, retention_s=storage.retention_s, interval_s=storage.purge_interval_s
+            ),
+            name="image-purge",
+        ),
+    ]
     try:
         yield
     finally:
-        for task in tasks:
+        # Workers finish the task in hand (its outcome and charge land together), then stop; one
+        # that cannot finish in time is cancelled and its lease lapses, so another worker retakes it.
+        stop.set()
+        _, pending = (
+            await asyncio.wait(workers, timeout=state.settings.tasks.lease_s) if workers else ((), ())
+        )
+        for task in [*tasks, *pending]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *pending, return_exceptions=True)
 
 
 def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

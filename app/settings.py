@@ -95,6 +95,9 @@ class ServerSettings(_Section):
     workers: int = Field(default=1, ge=1)
     # JSON bodies larger than this are refused with 413 before they are parsed.
     max_json_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # The gateway's address as clients reach it (behind a proxy), for image links; default: the
+    # address each request came in on.
+    public_url: str | None = None
     # Keep-alive comment interval on SSE streams, so proxies do not cut long generations.
     sse_ping_s: float = Field(default=15.0, gt=0)
 
@@ -112,6 +115,18 @@ class RateLimitSettings(_Section):
     # On a Redis outage, let requests through (logged) rather than failing all traffic.
     fail_open: bool = True
     prefix: str = "gw:rl:"
+
+
+class TaskSettings(_Section):
+    # Worker loops inside each server process; 0 leaves the queue to `python -m app worker`.
+    workers: int = Field(default=2, ge=0, le=64)
+    # A running task's lease; renewed every third of it, so a dead worker's task is retaken soon.
+    lease_s: float = Field(default=60.0, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    poll_s: float = Field(default=0.5, gt=0)
+    # Where async edits keep their uploads until they run; default <data_dir>/task_inputs.
+    # Replicas that share a queue must share this directory.
+    inputs_dir: str | None = None
 
 
 class LoggingSettings(_Section):
@@ -200,6 +215,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
     uploads: UploadSettings = Field(default_factory=UploadSettings)
+    tasks: TaskSettings = Field(default_factory=TaskSettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]

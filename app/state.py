@@ -13,6 +13,8 @@ from app.images.service import ImageService, InputLimits
 from app.images.uploads import UploadLimits
 from app.keys import KeyService
 from app.settings import Settings
+from app.storage import ImageStore
+from app.tasks.service import TaskService
 from app.upstream.registry import ProviderRegistry
 
 
@@ -54,3 +56,5 @@ class AppState:
     admin_key: str
     ledger: LedgerService
     uploads: UploadPolicy
+    store: ImageStore
+    tasks: TaskService

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import admin_keys, health, images, models, usage
+from app.api import admin_keys, files, health, images, models, tasks, usage
 
 
 def build_api_router() -> APIRouter:
     router = APIRouter()
     router.include_router(images.router)
     router.include_router(models.router)
+    router.include_router(tasks.router)
+    router.include_router(files.router)
     router.include_router(admin_keys.router)
     router.include_router(usage.router)
     router.include_router(health.router)

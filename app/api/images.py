@@ -8,13 +8,15 @@ from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
-from app.errors import InvalidJSONError
+from app.errors import InvalidJSONError, InvalidRequestError
+from app.images.jobs import ImageJob
 from app.images.service import ImageOutcome, ImageStream
-from app.images.uploads import parse_multipart
+from app.images.uploads import UploadForm, parse_multipart
+from app.keys import Caller
 from app.state import AppState
 from app.streaming import sse_response
 
@@ -56,17 +58,69 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -
         watcher.cancel()
 
 
+def wants_async(request: Request) -> bool:
+    """``?async=true`` (or 1/yes): answer 202 with a task instead of waiting."""
+    value = request.query_params.get("async")
+    if value is None or value.lower() in ("false", "0", "no", ""):
+        return False
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    raise InvalidRequestError(f"Invalid value for 'async': '{value}'. Use true or false.", param="async")
+
+
+async def submit_task(
+    request: Request,
+    state: AppState,
+    caller: Caller,
+    job: ImageJob,
+    payload: dict[str, Any],
+    form: UploadForm | None = None,
+) -> Response:
+    if job.stream:
+        raise InvalidRequestError(
+            "stream=true cannot be combined with async=true: poll the task instead.",
+            param="stream",
+            code="invalid_value",
+        )
+    task, headers = await state.tasks.submit(
+        caller=caller,
+        job=job,
+        payload=payload,
+        idempotency_key=request.headers.get("idempotency-key"),
+        form=form,
+    )
+    body = await state.tasks.view(task, base_url=public_base(request, state))
+    return JSONResponse(
+        body,
+        status_code=202,
+        headers={
+            **headers,
+            "location": f"/v1/tasks/{task.id}",
+            "retry-after": "1",
+            "cache-control": "no-store",
+        },
+    )
+
+
 @router.post("/generations")
 async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
     request_id: str = request.state.request_id
+    payload = await read_json(request)
     job = state.images.prepare_generation(
         caller=caller,
-        payload=await read_json(request),
+        payload=payload,
         request_id=request_id,
         query_response_format=request.query_params.get("response_format"),
     )
     request.state.model = job.model
-    outcome = await cancel_on_disconnect(request, state.images.execute(caller=caller, job=job))
+    if wants_async(request):
+        assert isinstance(payload, dict)
+        if job.response_format == "url":
+            payload = {**payload, "response_format": "url"}
+        return await submit_task(request, state, caller, job, payload)
+    outcome = await cancel_on_disconnect(
+        request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+    )
     return _reply(request, state, outcome)
 
 
@@ -89,7 +143,13 @@ async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Re
             query_response_format=request.query_params.get("response_format"),
         )
         request.state.model = job.model
-        outcome = await cancel_on_disconnect(request, state.images.execute(caller=caller, job=job))
+        if wants_async(request):
+            fields = {name: values[-1] for name, values in form.fields.items()}
+            # The task moves the files out of the spool; the empty spool goes in `finally`.
+            return await submit_task(request, state, caller, job, fields, form)
+        outcome = await cancel_on_disconnect(
+            request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+        )
         if isinstance(outcome, ImageStream):
             # The spooled files live until the stream ends, wherever that happens.
             outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
@@ -98,6 +158,12 @@ async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Re
     finally:
         if not handed_over:
             await asyncio.to_thread(form.cleanup)
+
+
+def public_base(request: Request, state: AppState) -> str:
+    """Where clients reach this gateway, for the links it hands out."""
+    configured = state.settings.server.public_url
+    return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
 
 
 def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream) -> Response:

@@ -9,7 +9,7 @@ adds the spend in the same transaction: the ledger's sum and the keys' spend can
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -20,6 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
 from app.errors import QuotaExceededError
 from app.images.jobs import TokenUsage
+
+# Extra work done inside a settlement's transaction; False aborts the whole settlement.
+TxHook = Callable[[AsyncSession], Awaitable[bool]]
+
+
+class SettlementAbandoned(Exception):
+    """A settlement was rolled back because its ``also`` hook refused (e.g. a task taken over)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +65,14 @@ class LedgerService:
         self._sessions = sessions
         self._hold_ttl = timedelta(seconds=hold_ttl_s)
 
-    async def reserve(self, *, key_id: str, amount_micros: int, request_id: str) -> Hold:
-        """Hold ``amount_micros`` of the key's credit, or raise 429 ``insufficient_quota``."""
+    async def reserve(
+        self, *, key_id: str, amount_micros: int, request_id: str, ttl_s: float | None = None
+    ) -> Hold:
+        """Hold ``amount_micros`` of the key's credit, or raise 429 ``insufficient_quota``.
+
+        ``ttl_s`` (default: the configured hold TTL) bounds how long the hold outlives a dead
+        process; queued tasks hold theirs for as long as they may wait.
+        """
         now = utcnow()
         hold = Hold(
             id="hold_" + secrets.token_hex(12),
@@ -108,13 +121,17 @@ class LedgerService:
                     amount_micros=amount_micros,
                     request_id=request_id,
                     created_at=now,
-                    expires_at=now + self._hold_ttl,
+                    expires_at=now + (timedelta(seconds=ttl_s) if ttl_s is not None else self._hold_ttl),
                 )
             )
         return hold
 
-    async def settle(self, hold: Hold | None, record: LedgerRecord) -> None:
-        """Write the request's ledger row, charge its cost and release its hold, atomically."""
+    async def settle(self, hold: Hold | None, record: LedgerRecord, *, also: TxHook | None = None) -> None:
+        """Write the request's ledger row, charge its cost and release its hold, atomically.
+
+        ``also`` runs in the same transaction (a task recording its outcome); if it returns False
+        nothing is committed, so an outcome and its charge are never separated.
+        """
         async with self._sessions.begin() as session:
             released = 0
             if hold is not None:
@@ -129,6 +146,8 @@ class LedgerService:
                 record.cost_micros,
             )
             session.add(_entry(record))
+            if also is not None and not await also(session):
+                raise SettlementAbandoned("the outcome could not be recorded; the charge was not made")
 
     async def release(self, hold: Hold) -> None:
         """Give a hold back with no charge (the request never reached an upstream)."""

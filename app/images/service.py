@@ -14,22 +14,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from app.billing.ledger import Hold, LedgerRecord, LedgerService
+from app.billing.ledger import Hold, LedgerRecord, LedgerService, TxHook
 from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import apply_multiplier, request_cost, worst_case_cost
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
 from app.images.capabilities import Catalog, ModelCapabilities
+from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
 from app.images.jobs import ImageJob, InputImage, ProviderEvent, TokenUsage
 from app.images.uploads import SpooledFile, UploadForm
 from app.images.validation import build_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
+from app.storage import ImageStore
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import OpenStream, Router
 
 log = logging.getLogger(__name__)
 
 StreamStatus = Literal["succeeded", "failed", "cancelled"]
+# Turns an upstream body (and its cost) into the body to return, plus work for the settlement.
+ResultHook = Callable[[dict[str, Any], int], Awaitable[tuple[dict[str, Any], TxHook | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +56,16 @@ class ImageService:
         router: Router,
         ledger: LedgerService,
         limiter: RateLimiter,
+        store: ImageStore,
+        url_ttl_s: int,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._router = router
         self._ledger = ledger
         self._limiter = limiter
+        self._store = store
+        self._url_ttl_s = url_ttl_s
 
     def models_for(self, caller: Caller) -> list[str]:
         """Models this key may use that some upstream serves, in catalog order."""
@@ -84,12 +92,11 @@ class ImageService:
         return job
 
     def _check_response_format(self, job: ImageJob) -> None:
-        if job.response_format == "url":
+        if job.stream and job.response_format == "url":
             raise InvalidRequestError(
-                "response_format 'url' needs the gateway's image store, which is not enabled on this "
-                "gateway; use 'b64_json'.",
+                "response_format 'url' is not supported with stream=true: streamed images are base64.",
                 param="response_format",
-                code="unsupported_value",
+                code="invalid_value",
             )
 
     async def prepare_edit(
@@ -127,7 +134,7 @@ class ImageService:
         mask_input = _input(mask, inputs.mask) if mask is not None and inputs.mask is not None else None
         return replace(job, images=images, mask=mask_input)
 
-    async def execute(self, *, caller: Caller, job: ImageJob) -> ImageOutcome | ImageStream:
+    async def execute(self, *, caller: Caller, job: ImageJob, base_url: str) -> ImageOutcome | ImageStream:
         """The rest of the path for a validated job: limit → reserve → route/call → relay → settle."""
         grant = await self._limiter.acquire(caller.key_id, _limits(caller), images=job.n)
         try:
@@ -137,7 +144,8 @@ class ImageService:
                 stream.closers.append(lambda: self._limiter.release(grant))
                 stream.headers = grant.headers
                 return stream
-            outcome = await self.run(caller=caller, job=job, hold=hold)
+            finish = self._as_urls(job, base_url) if job.response_format == "url" else None
+            outcome = await self.run(caller=caller, job=job, hold=hold, finish=finish)
         except GatewayError as exc:
             await _shielded(self._limiter.release(grant))
             exc.headers = {**grant.headers, **exc.headers}
@@ -149,32 +157,56 @@ class ImageService:
         outcome.headers.update(grant.headers)
         return outcome
 
-    async def reserve(self, *, caller: Caller, job: ImageJob) -> Hold:
+    async def reserve(self, *, caller: Caller, job: ImageJob, ttl_s: float | None = None) -> Hold:
         """Hold the job's worst-case cost against the key's quota and balance (429 if it won't fit)."""
         amount = apply_multiplier(worst_case_cost(job), caller.price_multiplier_ppm)
         return await self._ledger.reserve(
-            key_id=caller.key_id, amount_micros=amount, request_id=job.request_id
+            key_id=caller.key_id, amount_micros=amount, request_id=job.request_id, ttl_s=ttl_s
         )
 
-    async def run(self, *, caller: Caller, job: ImageJob, hold: Hold) -> ImageOutcome:
-        """Route a job to an upstream, wait for the whole result, and settle its hold."""
+    async def admit(self, *, caller: Caller, job: ImageJob) -> dict[str, str]:
+        """Count a request against the key's rate limits without holding a concurrency slot (a
+        queued task runs later); returns the rate-limit headers."""
+        grant = await self._limiter.acquire(caller.key_id, _limits(caller, concurrency=False), images=job.n)
+        await self._limiter.release(grant)
+        return grant.headers
+
+    async def run(
+        self, *, caller: Caller, job: ImageJob, hold: Hold, finish: ResultHook | None = None
+    ) -> ImageOutcome:
+        """Route a job to an upstream, wait for the whole result, and settle its hold.
+
+        ``finish`` turns the upstream's body into what is returned (stored images, URLs) before
+        the charge is made, and may add work to the settlement's transaction (a task's outcome).
+        """
         started = time.monotonic()
         tried: list[str] = []
         try:
             result, upstream = await self._router.generate(job, tried)
+            cost, usage = request_cost(job, result.usage, result.image_count)
+            cost = apply_multiplier(cost, caller.price_multiplier_ppm)
+            body, also = (result.body, None) if finish is None else await finish(result.body, cost)
         except BaseException as exc:
             await _shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise
-        cost, usage = request_cost(job, result.usage, result.image_count)
-        cost = apply_multiplier(cost, caller.price_multiplier_ppm)
         record = _record(
             job, caller, upstream, "succeeded", result.image_count, usage, cost, started, result.raw_usage
         )
         # Shielded: once the upstream has produced the images, the charge must land even if the
         # client goes away while it is being written.
-        await _shielded(self._ledger.settle(hold, record))
+        await _shielded(self._ledger.settle(hold, record, also=also))
         _log_completed(job, caller, upstream, result.image_count, cost, started)
-        return ImageOutcome(body=result.body, cost_micros=cost, model=job.model, upstream=upstream)
+        return ImageOutcome(body=body, cost_micros=cost, model=job.model, upstream=upstream)
+
+    def _as_urls(self, job: ImageJob, base_url: str) -> ResultHook:
+        async def finish(body: dict[str, Any], cost: int) -> tuple[dict[str, Any], TxHook | None]:  # noqa: ARG001
+            stored = await store_images(body, self._store, output_format=job.output_format)
+            shown = await render_images(
+                stored, self._store, response_format="url", base_url=base_url, ttl_s=self._url_ttl_s
+            )
+            return shown, None
+
+        return finish
 
     async def open_stream(self, *, caller: Caller, job: ImageJob, hold: Hold) -> ImageStream:
         """Route a streaming job until an upstream sends its first event (errors before that are
@@ -313,8 +345,8 @@ def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
     )
 
 
-def _limits(caller: Caller) -> KeyLimits:
-    return KeyLimits(rpm=caller.rpm, ipm=caller.ipm, concurrency=caller.concurrency)
+def _limits(caller: Caller, *, concurrency: bool = True) -> KeyLimits:
+    return KeyLimits(rpm=caller.rpm, ipm=caller.ipm, concurrency=caller.concurrency if concurrency else None)
 
 
 def _merge_raw(total: dict[str, Any], usage: Any) -> None:

@@ -91,4 +91,22 @@ def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
             connect_timeout_s=upstream.connect_timeout_s,
             max_connections=upstream.max_concurrency or 100,
         )
+    if upstream.kind == "azure":
+        from app.upstream.providers.azure import AzureOpenAIProvider
+
+        return AzureOpenAIProvider(
+            name=upstream.name,
+            base_url=upstream.base_url or "",
+            api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
+            api_version=upstream.api_version,
+            # Deployment names other than the public ones are internal and scrubbed from messages.
+            deployments=[
+                m.upstream_model
+                for m in upstream.models
+                if not isinstance(m, str) and m.upstream_model and m.upstream_model != m.name
+            ],
+            timeout_s=upstream.timeout_s,
+            connect_timeout_s=upstream.connect_timeout_s,
+            max_connections=upstream.max_concurrency or 100,
+        )
     raise ValueError(f"upstream '{upstream.name}': kind '{upstream.kind}' is not available yet")

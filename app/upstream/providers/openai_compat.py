@@ -24,6 +24,9 @@ from app.upstream.sse_decode import iter_sse
 class OpenAICompatProvider:
     """An ``ImageProvider`` over one OpenAI-compatible base URL, with its own connection pool."""
 
+    # Body fields this upstream must not receive (Azure: ``model``, which its deployment decides).
+    _omitted_fields: frozenset[str] = frozenset()
+
     def __init__(
         self,
         *,
@@ -98,13 +101,14 @@ class OpenAICompatProvider:
         headers = self._headers(request_id=job.request_id)
         if stream:
             headers["accept"] = "text/event-stream"
-        url = self._url(f"/images/{job.endpoint}")
+        url = self._images_url(job.endpoint, upstream_model)
         if job.endpoint == "edits":
             data, parts = edit_parts(job, upstream_model, files, stream=stream)
+            data = {k: v for k, v in data.items() if k not in self._omitted_fields}
             # httpx reads the file objects chunk by chunk while sending, so they must stay open
             # until `send` returns (the caller's ExitStack).
             return self._client.build_request("POST", url, data=data, files=parts, headers=headers)
-        body = job.upstream_body(upstream_model)
+        body = {k: v for k, v in job.upstream_body(upstream_model).items() if k not in self._omitted_fields}
         if stream:
             body["stream"] = True
         headers["content-type"] = "application/json"
@@ -142,6 +146,10 @@ class OpenAICompatProvider:
 
     def _url(self, path: str) -> str:
         return f"{self._base_url}{path}"
+
+    def _images_url(self, endpoint: str, upstream_model: str) -> str:  # noqa: ARG002
+        """Where an images call goes; Azure names the deployment (the upstream model) in the path."""
+        return self._url(f"/images/{endpoint}")
 
     def _headers(self, *, request_id: str, content_type: str | None = None) -> dict[str, str]:
         """Auth, and the gateway's request id so both sides' logs can be matched."""

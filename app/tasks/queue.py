@@ -1,0 +1,267 @@
+"""The durable task queue, in the gateway's database.
+
+Claiming is one atomic ``UPDATE … WHERE id = (SELECT … LIMIT 1)``: on PostgreSQL the inner
+select takes ``FOR UPDATE SKIP LOCKED``, so concurrent workers (threads, processes, replicas)
+each get a different task without waiting on one another; SQLite serialises writers, which gives
+the same guarantee. A claim is a lease: a worker that dies stops renewing it, and once it lapses
+the task is claimable again (up to ``max_attempts``). Finishing a task is guarded by the worker's
+identity, so a worker whose lease was taken over can never overwrite the new owner's outcome.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import CursorResult, Result, and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db.tables import Task, utcnow
+
+QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    id: str
+    key_id: str
+    request_id: str
+    endpoint: str
+    model: str
+    spec: dict[str, Any]
+    response_format: str
+    idempotency_key: str | None
+    hold_id: str | None
+    hold_period: str | None
+    hold_micros: int
+
+
+def new_task_id() -> str:
+    return "task_" + secrets.token_hex(16)
+
+
+class TaskQueue:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], *, lease_s: float = 60.0, max_attempts: int = 3
+    ) -> None:
+        self._sessions = sessions
+        self.lease = timedelta(seconds=lease_s)
+        self.max_attempts = max_attempts
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
+        return self._sessions.begin()
+
+    async def submit(self, task: NewTask) -> tuple[Task, bool]:
+        """Persist a queued task; with an idempotency key already used by this caller, the existing
+        task instead. Returns (task, created)."""
+        if task.idempotency_key is not None:
+            existing = await self._by_idempotency(task.key_id, task.idempotency_key)
+            if existing is not None:
+                return existing, False
+        row = Task(
+            id=task.id,
+            key_id=task.key_id,
+            request_id=task.request_id,
+            endpoint=task.endpoint,
+            model=task.model,
+            status=QUEUED,
+            spec=task.spec,
+            response_format=task.response_format,
+            idempotency_key=task.idempotency_key,
+            hold_id=task.hold_id,
+            hold_period=task.hold_period,
+            hold_micros=task.hold_micros,
+            attempts=0,
+            created_at=utcnow(),
+        )
+        try:
+            async with self._sessions.begin() as session:
+                session.add(row)
+        except IntegrityError:
+            # Two submissions with one idempotency key raced: the other one won.
+            if task.idempotency_key is None:
+                raise
+            existing = await self._by_idempotency(task.key_id, task.idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        return row, True
+
+    async def find(self, key_id: str, idempotency_key: str) -> Task | None:
+        """The caller's task submitted with this idempotency key, if any."""
+        return await self._by_idempotency(key_id, idempotency_key)
+
+    async def _by_idempotency(self, key_id: str, idempotency_key: str) -> Task | None:
+        async with self._sessions() as session:
+            result = await session.execute(
+                select(Task).where(Task.key_id == key_id, Task.idempotency_key == idempotency_key)
+            )
+            return result.scalar_one_or_none()
+
+    async def claim(self, worker: str) -> Task | None:
+        """Lease the oldest runnable task: queued, or in progress with a lapsed lease."""
+        now = utcnow()
+        async with self._sessions.begin() as session:
+            candidate = (
+                select(Task.id)
+                .where(
+                    or_(
+                        Task.status == QUEUED,
+                        and_(Task.status == IN_PROGRESS, Task.lease_until < now),
+                    )
+                )
+                .order_by(Task.created_at, Task.id)
+                .limit(1)
+            )
+            if _dialect(session) == "postgresql":
+                candidate = candidate.with_for_update(skip_locked=True)
+            task_id = await session.scalar(candidate)
+            if task_id is None:
+                return None
+            claimed = await session.execute(
+                update(Task)
+                .where(
+                    Task.id == task_id,
+                    or_(Task.status == QUEUED, and_(Task.status == IN_PROGRESS, Task.lease_until < now)),
+                )
+                .values(
+                    status=IN_PROGRESS,
+                    worker=worker,
+                    lease_until=now + self.lease,
+                    attempts=Task.attempts + 1,
+                    started_at=now,
+                )
+            )
+            if _rows(claimed) != 1:
+                return None  # another worker got it between the select and the update (SQLite)
+            return await session.get(Task, task_id, populate_existing=True)
+
+    async def renew(self, task_id: str, worker: str) -> bool:
+        """Extend a lease; False when the task is no longer this worker's."""
+        async with self._sessions.begin() as session:
+            renewed = await session.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
+                .values(lease_until=utcnow() + self.lease)
+            )
+            return _rows(renewed) == 1
+
+    async def finish(
+        self,
+        session: AsyncSession,
+        task_id: str,
+        worker: str,
+        *,
+        status: str,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        cost_micros: int = 0,
+    ) -> bool:
+        """Record the outcome inside the caller's transaction (the one that settles billing)."""
+        finished = await session.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
+            .values(
+                status=status,
+                result=result,
+                error=error,
+                cost_micros=cost_micros,
+                finished_at=utcnow(),
+                lease_until=None,
+            )
+        )
+        return _rows(finished) == 1
+
+    async def fail_exhausted(self) -> list[Task]:
+        """Tasks whose lease lapsed after their last allowed attempt: they fail, they don't loop."""
+        now = utcnow()
+        async with self._sessions.begin() as session:
+            rows = (
+                (
+                    await session.execute(
+                        select(Task).where(
+                            Task.status == IN_PROGRESS,
+                            Task.lease_until < now,
+                            Task.attempts >= self.max_attempts,
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for row in rows:
+                row.status = FAILED
+                row.finished_at = now
+                row.lease_until = None
+                row.error = {
+                    "message": "The task was interrupted too many times and was abandoned.",
+                    "type": "api_error",
+                    "param": None,
+                    "code": "task_abandoned",
+                }
+            return list(rows)
+
+    async def get(self, task_id: str, key_id: str) -> Task | None:
+        async with self._sessions() as session:
+            row = await session.get(Task, task_id)
+        return row if row is not None and row.key_id == key_id else None
+
+    async def page(self, key_id: str, *, limit: int, after: str | None) -> tuple[Sequence[Task], bool]:
+        """The caller's tasks, newest first; ``after`` is the last id of the previous page."""
+        async with self._sessions() as session:
+            query = select(Task).where(Task.key_id == key_id)
+            if after is not None:
+                anchor = await session.get(Task, after)
+                if anchor is None or anchor.key_id != key_id:
+                    return [], False
+                query = query.where(
+                    or_(
+                        Task.created_at < anchor.created_at,
+                        and_(Task.created_at == anchor.created_at, Task.id < anchor.id),
+                    )
+                )
+            rows = (
+                (
+                    await session.execute(
+                        query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        return rows[:limit], len(rows) > limit
+
+    async def depth(self) -> int:
+        async with self._sessions() as session:
+            result = await session.execute(select(Task.id).where(Task.status.in_((QUEUED, IN_PROGRESS))))
+            return len(result.all())
+
+    async def purge_finished(self, older_than: timedelta) -> list[Task]:
+        """Delete finished tasks past retention; returns them so their files can go too."""
+        cutoff = utcnow() - older_than
+        async with self._sessions.begin() as session:
+            rows = (
+                (
+                    await session.execute(
+                        select(Task).where(Task.status.in_((SUCCEEDED, FAILED)), Task.finished_at < cutoff)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if rows:
+                await session.execute(delete(Task).where(Task.id.in_([r.id for r in rows])))
+            return list(rows)
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind is not None else ""
+
+
+def _rows(result: Result[Any]) -> int:
+    return int(getattr(result, "rowcount", 0)) if isinstance(result, CursorResult) else 0

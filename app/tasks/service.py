@@ -1,0 +1,253 @@
+"""Asynchronous requests (SPEC §6): submit now, run on a worker, read the outcome later.
+
+Submission does everything that can fail fast (validation, moderation, rate limits and the
+reservation) before answering 202, so errors come back at once and a queued task can always run.
+Running a task goes through the same request path as a synchronous call; its outcome is written
+in the same transaction as its charge, so a task is billed exactly once or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.billing.ledger import Hold, SettlementAbandoned, TxHook
+from app.db.tables import Task
+from app.errors import GatewayError
+from app.images.delivery import image_names, render_images, store_images
+from app.images.jobs import ImageJob
+from app.images.service import ImageService, InputLimits, ResultHook
+from app.images.uploads import SpooledFile, UploadForm
+from app.keys import Caller, KeyService
+from app.storage import ImageStore
+from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSettingsView:
+    hold_ttl_s: float
+    url_ttl_s: int
+    retention_s: int
+
+
+class TaskService:
+    def __init__(
+        self,
+        *,
+        queue: TaskQueue,
+        images: ImageService,
+        keys: KeyService,
+        store: ImageStore,
+        inputs_root: Path,
+        input_limits: InputLimits,
+        settings: TaskSettingsView,
+    ) -> None:
+        self.queue = queue
+        self._images = images
+        self._keys = keys
+        self._store = store
+        self._inputs_root = inputs_root
+        self._input_limits = input_limits
+        self._settings = settings
+        # Set on submit so an in-process worker starts at once instead of at its next poll.
+        self.wakeup = asyncio.Event()
+
+    async def submit(
+        self,
+        *,
+        caller: Caller,
+        job: ImageJob,
+        payload: dict[str, Any],
+        idempotency_key: str | None,
+        form: UploadForm | None = None,
+    ) -> tuple[Task, dict[str, str]]:
+        """Queue a validated job; a repeated idempotency key returns the first task, uncharged."""
+        if idempotency_key is not None:
+            existing = await self.queue.find(caller.key_id, idempotency_key)
+            if existing is not None:
+                return existing, {}
+        headers = await self._images.admit(caller=caller, job=job)
+        hold = await self._images.reserve(caller=caller, job=job, ttl_s=self._settings.hold_ttl_s)
+        task_id = new_task_id()
+        spec: dict[str, Any] = {"payload": payload}
+        try:
+            if form is not None:
+                spec["files"] = await asyncio.to_thread(self._keep_inputs, task_id, form)
+            task, created = await self.queue.submit(
+                NewTask(
+                    id=task_id,
+                    key_id=caller.key_id,
+                    request_id=job.request_id,
+                    endpoint=job.endpoint,
+                    model=job.model,
+                    spec=spec,
+                    response_format=job.response_format,
+                    idempotency_key=idempotency_key,
+                    hold_id=hold.id,
+                    hold_period=hold.period,
+                    hold_micros=hold.amount_micros,
+                )
+            )
+        except BaseException:
+            await self._images.release(hold)
+            await asyncio.to_thread(self._drop_inputs, task_id)
+            raise
+        if not created:
+            await self._images.release(hold)
+            await asyncio.to_thread(self._drop_inputs, task_id)
+        self.wakeup.set()
+        return task, headers
+
+    def _keep_inputs(self, task_id: str, form: UploadForm) -> list[dict[str, Any]]:
+        """Move a request's spooled files into the task's own folder (same filesystem: a rename)."""
+        folder = self._inputs_root / task_id
+        folder.mkdir(parents=True, exist_ok=False)
+        kept = []
+        for index, upload in enumerate(form.files):
+            name = f"{index:03d}-{upload.field.replace('/', '_')[:40]}"
+            shutil.move(upload.path, folder / name)
+            kept.append(
+                {"field": upload.field, "filename": upload.filename, "name": name, "size": upload.size}
+            )
+        return kept
+
+    def _drop_inputs(self, task_id: str) -> None:
+        shutil.rmtree(self._inputs_root / task_id, ignore_errors=True)
+
+    async def view(self, task: Task, *, base_url: str) -> dict[str, Any]:
+        """The task object a client sees, with its images as URLs or base64 as it asked."""
+        body: dict[str, Any] = {
+            "id": task.id,
+            "task_id": task.id,
+            "object": "image.task",
+            "status": task.status,
+            "model": task.model,
+            "endpoint": task.endpoint,
+            "created_at": _ts(task.created_at),
+            "started_at": _ts(task.started_at),
+            "finished_at": _ts(task.finished_at),
+        }
+        if task.status == SUCCEEDED and task.result is not None:
+            body["result"] = await render_images(
+                task.result,
+                self._store,
+                response_format=task.response_format,
+                base_url=base_url,
+                ttl_s=self._settings.url_ttl_s,
+            )
+        if task.status == FAILED and task.error is not None:
+            body["error"] = task.error
+        return body
+
+    async def run_next(self, worker: str) -> bool:
+        """Claim and run one task; False when the queue had nothing runnable."""
+        for abandoned in await self.queue.fail_exhausted():
+            await self._after(abandoned)
+        task = await self.queue.claim(worker)
+        if task is None:
+            return False
+        heartbeat = asyncio.create_task(self._keep_lease(task.id, worker))
+        try:
+            await self._run(task, worker)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        return True
+
+    async def _keep_lease(self, task_id: str, worker: str) -> None:
+        interval = self.queue.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            if not await self.queue.renew(task_id, worker):
+                log.warning("task lease lost", extra={"fields": {"task_id": task_id}})
+                return
+
+    async def _run(self, task: Task, worker: str) -> None:
+        hold = Hold(
+            id=task.hold_id or "",
+            key_id=task.key_id,
+            period=task.hold_period or "",
+            amount_micros=task.hold_micros,
+        )
+        try:
+            caller = await self._keys.caller_for(task.key_id)
+            job = await self._rebuild(task, caller)
+            await self._images.run(
+                caller=caller, job=job, hold=hold, finish=self._finisher(task, worker, job)
+            )
+        except SettlementAbandoned:
+            log.warning("task was taken over by another worker", extra={"fields": {"task_id": task.id}})
+            return
+        except GatewayError as exc:
+            await self._fail(task, worker, exc.to_body()["error"], hold)
+        except Exception:
+            log.exception("task failed unexpectedly", extra={"fields": {"task_id": task.id}})
+            error = GatewayError("The gateway had an error while running the task.", code="internal_error")
+            await self._fail(task, worker, error.to_body()["error"], hold)
+        await self._after(task)
+
+    def _finisher(self, task: Task, worker: str, job: ImageJob) -> ResultHook:
+        async def finish(body: dict[str, Any], cost: int) -> tuple[dict[str, Any], TxHook]:
+            stored = await store_images(body, self._store, output_format=job.output_format)
+
+            async def record(session: AsyncSession) -> bool:
+                return await self.queue.finish(
+                    session, task.id, worker, status=SUCCEEDED, result=stored, cost_micros=cost
+                )
+
+            return stored, record
+
+        return finish
+
+    async def _fail(self, task: Task, worker: str, error: dict[str, Any], hold: Hold) -> None:
+        # The request path has already settled or released the hold for upstream failures; a
+        # failure before it (the key was revoked, validation changed) still holds it: release.
+        await self._images.release(hold)
+        async with self.queue.transaction() as session:
+            await self.queue.finish(session, task.id, worker, status=FAILED, error=error)
+
+    async def _rebuild(self, task: Task, caller: Caller) -> ImageJob:
+        """The job again, from what was submitted (validated again: the catalog may have changed)."""
+        payload = dict(task.spec.get("payload") or {})
+        if task.endpoint == "generations":
+            return self._images.prepare_generation(caller=caller, payload=payload, request_id=task.request_id)
+        folder = self._inputs_root / task.id
+        files = [
+            SpooledFile(
+                field=f["field"],
+                filename=f.get("filename"),
+                content_type=None,
+                path=folder / f["name"],
+                size=f["size"],
+            )
+            for f in task.spec.get("files") or []
+        ]
+        form = UploadForm(fields={k: [str(v)] for k, v in payload.items()}, files=files, spool_dir=folder)
+        return await self._images.prepare_edit(
+            caller=caller, form=form, request_id=task.request_id, limits=self._input_limits
+        )
+
+    async def _after(self, task: Task) -> None:
+        await asyncio.to_thread(self._drop_inputs, task.id)
+
+    async def purge(self) -> int:
+        """Delete finished tasks past retention, with their stored images."""
+        gone = await self.queue.purge_finished(timedelta(seconds=self._settings.retention_s))
+        for task in gone:
+            for name in image_names(task.result):
+                await self._store.delete(name)
+            await asyncio.to_thread(self._drop_inputs, task.id)
+        return len(gone)
+
+
+def _ts(value: Any) -> int | None:
+    return int(value.timestamp()) if value is not None else None

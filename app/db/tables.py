@@ -165,4 +165,7 @@ class Task(Base):
     cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set just before the upstream is called: a task whose worker died after this point is not
+    # run again (the upstream may have done the work), so it never runs to completion twice.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -141,6 +141,16 @@ class TaskQueue:
                 return None  # another worker got it between the select and the update (SQLite)
             return await session.get(Task, task_id, populate_existing=True)
 
+    async def mark_dispatched(self, task_id: str, worker: str) -> bool:
+        """Record that the upstream is about to be called (see ``Task.dispatched_at``)."""
+        async with self._sessions.begin() as session:
+            marked = await session.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
+                .values(dispatched_at=utcnow())
+            )
+            return _rows(marked) == 1
+
     async def renew(self, task_id: str, worker: str) -> bool:
         """Extend a lease; False when the task is no longer this worker's."""
         async with self._sessions.begin() as session:

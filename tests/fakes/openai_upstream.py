@@ -101,6 +101,7 @@ class FakeOpenAI:
         self.always_fail: Fault | None = None
         self.usage: dict[str, Any] = default_usage()
         self.stream_delay_s = 0.0
+        self.abandoned: list[str] = []
         self.noise_images = False
         self.moderation_flag_words: set[str] = {"forbidden"}
         self.moderation_category = "violence"
@@ -298,7 +299,12 @@ class FakeOpenAI:
             return Response(fault.body or b"not json", fault.status_code, fault.headers, "application/json")
         if fault.kind == "delay":
             async with ClientWatch(request.scope, request.receive, self._stopping) as watch:
-                await watch.sleep(fault.delay_s)
+                if await watch.sleep(fault.delay_s):
+                    # The client left while we "worked": nothing was delivered, so nothing ran to
+                    # completion (tests count these to prove a task did not run twice).
+                    with self._cond:
+                        self.abandoned.append(request.url.path)
+                    return Response(b"", 499)
             return None
         if fault.kind == "hang":
             return hanging_response(self._stopping)

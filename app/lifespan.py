@@ -18,6 +18,7 @@ from app.db.migrate import upgrade_head
 from app.images.capabilities import Catalog
 from app.images.service import ImageService
 from app.keys import KeyService
+from app.metrics import Metrics
 from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
@@ -25,7 +26,9 @@ from app.storage import build_store, purge_periodically, resolve_signing_secret
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
 from app.tasks.worker import purge_forever, work
+from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
+from app.upstream.retry import RetryPolicy
 from app.upstream.router import Router
 
 log = logging.getLogger(__name__)
@@ -56,9 +59,11 @@ def _is_sqlite(settings: Settings) -> bool:
 
 
 @asynccontextmanager
-async def open_state(settings: Settings) -> AsyncIterator[AppState]:
+async def open_state(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[AppState]:
     """Everything the gateway needs, opened in dependency order and closed in reverse."""
+    metrics = metrics or Metrics(process=False)
     catalog = Catalog.from_file(settings.models_file)
+    metrics.set_models(catalog.names())
     engine = create_engine(settings.database.url, echo=settings.database.echo)
     registry = ProviderRegistry.build(settings.upstreams, catalog)
     limiter: RateLimiter | None = None
@@ -85,14 +90,21 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
         )
         if settings.redis.url is None and settings.server.workers > 1:
             log.warning("rate limits are per worker process: set redis.url to share them")
+        router = Router(
+            registry,
+            policy=RetryPolicy(**settings.retry.model_dump()),
+            breaker=BreakerConfig(**settings.breaker.model_dump()),
+            metrics=metrics,
+        )
         images = ImageService(
             catalog=catalog,
             registry=registry,
-            router=Router(registry),
+            router=router,
             ledger=ledger,
             limiter=limiter,
             store=store,
             url_ttl_s=settings.storage.url_ttl_s,
+            metrics=metrics,
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)
@@ -113,6 +125,14 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
                 retention_s=settings.storage.retention_s,
             ),
         )
+        queue_depth = tasks.queue.depth
+
+        async def refresh_gauges() -> None:
+            metrics.set_queue_depth(await queue_depth())
+            for snapshot in router.snapshots():
+                metrics.set_breaker_state(upstream=snapshot.name, state=snapshot.state)
+
+        metrics.on_scrape(refresh_gauges)
         yield AppState(
             settings=settings,
             engine=engine,
@@ -126,6 +146,8 @@ async def open_state(settings: Settings) -> AsyncIterator[AppState]:
             admin_key=resolve_admin_key(settings),
             ledger=ledger,
             uploads=uploads,
+            router=router,
+            metrics=metrics,
         )
     finally:
         for close in reversed(opened):
@@ -185,7 +207,7 @@ async def _background(state: AppState) -> AsyncIterator[None]:
 def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_state(settings) as state, _background(state):
+        async with open_state(settings, app.state.metrics) as state, _background(state):
             app.state.gateway = state
             log.info(
                 "gateway ready",

@@ -7,8 +7,10 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import build_api_router
 from app.api.errors import install_error_handlers
+from app.api.metrics import MetricsMiddleware, build_metrics_router
 from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from app.lifespan import make_lifespan
+from app.metrics import Metrics
 from app.settings import Settings
 
 
@@ -20,11 +22,18 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    metrics = Metrics()
+    app.state.metrics = metrics
     app.include_router(build_api_router())
+    if settings.metrics.enabled:
+        token = settings.metrics.token
+        app.include_router(build_metrics_router(token.get_secret_value() if token else None))
     install_error_handlers(app)
     # Pure ASGI middleware (never BaseHTTPMiddleware), so streamed responses pass through untouched.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_json_body_bytes)
     app.add_middleware(RequestContextMiddleware)
+    # Outermost, so refusals made by the middleware above (413) are counted too.
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
 

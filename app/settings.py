@@ -129,6 +129,41 @@ class TaskSettings(_Section):
     inputs_dir: str | None = None
 
 
+class RetrySettings(_Section):
+    max_retries_per_upstream: int = Field(default=2, ge=0)
+    max_attempts_total: int = Field(default=6, ge=1)
+    initial_delay_s: float = Field(default=0.5, ge=0)
+    max_delay_s: float = Field(default=8.0, ge=0)
+    # A retry-after longer than this is not waited for: the request fails (or fails over) instead.
+    max_retry_after_s: float = Field(default=60.0, ge=0)
+    deadline_s: float = Field(default=600.0, gt=0)
+
+
+class BreakerSettings(_Section):
+    failure_threshold: int = Field(default=5, ge=1)
+    error_rate_threshold: float = Field(default=0.5, gt=0, le=1)
+    window_s: float = Field(default=60.0, gt=0)
+    min_requests: int = Field(default=20, ge=1)
+    open_s: float = Field(default=30.0, gt=0)
+    half_open_max_probes: int = Field(default=1, ge=1)
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    # When set, GET /metrics requires `Authorization: Bearer <token>`.
+    token: SecretStr | None = None
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if text.lower() in _PLACEHOLDERS:
+            raise ValueError("metrics.token is a placeholder; set a real token")
+        return value
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(default=True, alias="json")
@@ -216,6 +251,9 @@ class Settings(BaseSettings):
     billing: BillingSettings = Field(default_factory=BillingSettings)
     uploads: UploadSettings = Field(default_factory=UploadSettings)
     tasks: TaskSettings = Field(default_factory=TaskSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]

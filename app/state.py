@@ -12,10 +12,12 @@ from app.images.capabilities import Catalog
 from app.images.service import ImageService, InputLimits
 from app.images.uploads import UploadLimits
 from app.keys import KeyService
+from app.metrics import Metrics
 from app.settings import Settings
 from app.storage import ImageStore
 from app.tasks.service import TaskService
 from app.upstream.registry import ProviderRegistry
+from app.upstream.router import Router
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +60,5 @@ class AppState:
     uploads: UploadPolicy
     store: ImageStore
     tasks: TaskService
+    router: Router
+    metrics: Metrics

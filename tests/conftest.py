@@ -39,6 +39,8 @@ def make_settings(data_dir: Path, upstreams: list[dict[str, Any]], **extra: Any)
         "database": {"url": f"sqlite+aiosqlite:///{data_dir / 'gateway.db'}"},
         "logging": {"level": "INFO"},
         "upstreams": upstreams,
+        # Production backoffs (0.5 s and up) would only slow the suite; the policy is the same.
+        "retry": {"initial_delay_s": 0.01, "max_delay_s": 0.05},
     }
     config.update(extra)
     return build_settings(config)

@@ -25,6 +25,7 @@ from app.images.jobs import ImageJob, InputImage, ProviderEvent, TokenUsage
 from app.images.uploads import SpooledFile, UploadForm
 from app.images.validation import build_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
+from app.metrics import Metrics
 from app.storage import ImageStore
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import OpenStream, Router
@@ -58,6 +59,7 @@ class ImageService:
         limiter: RateLimiter,
         store: ImageStore,
         url_ttl_s: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -66,6 +68,7 @@ class ImageService:
         self._limiter = limiter
         self._store = store
         self._url_ttl_s = url_ttl_s
+        self._metrics = metrics or Metrics(process=False)
 
     def models_for(self, caller: Caller) -> list[str]:
         """Models this key may use that some upstream serves, in catalog order."""
@@ -195,6 +198,7 @@ class ImageService:
         # Shielded: once the upstream has produced the images, the charge must land even if the
         # client goes away while it is being written.
         await _shielded(self._ledger.settle(hold, record, also=also))
+        _observe(self._metrics, job, usage, cost, result.image_count)
         _log_completed(job, caller, upstream, result.image_count, cost, started)
         return ImageOutcome(body=body, cost_micros=cost, model=job.model, upstream=upstream)
 
@@ -219,7 +223,13 @@ class ImageService:
             await _shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise
         return ImageStream(
-            job=job, caller=caller, opened=opened, ledger=self._ledger, hold=hold, started=started
+            job=job,
+            caller=caller,
+            opened=opened,
+            ledger=self._ledger,
+            hold=hold,
+            started=started,
+            metrics=self._metrics,
         )
 
     async def release(self, hold: Hold) -> None:
@@ -255,6 +265,7 @@ class ImageStream:
     ledger: LedgerService
     hold: Hold
     started: float
+    metrics: Metrics
     completed: int = 0
     reported: TokenUsage | None = None
     raw_usage: dict[str, Any] = field(default_factory=dict)
@@ -315,6 +326,7 @@ class ImageStream:
                 error_code=error_code,
             ),
         )
+        _observe(self.metrics, self.job, usage, cost, self.completed)
         if status == "succeeded":
             _log_completed(self.job, self.caller, self.upstream, self.completed, cost, self.started)
         return cost
@@ -342,6 +354,19 @@ def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
         height=info.height,
         has_alpha=info.has_alpha,
         size=info.size,
+    )
+
+
+def _observe(metrics: Metrics, job: ImageJob, usage: TokenUsage | None, cost: int, images: int) -> None:
+    tokens = usage or TokenUsage()
+    metrics.observe_usage(
+        model=job.model,
+        text_input=tokens.text_input,
+        image_input=tokens.image_input,
+        text_output=tokens.text_output,
+        image_output=tokens.image_output,
+        cost_micros=cost,
+        images=images,
     )
 
 

@@ -178,9 +178,22 @@ class TaskService:
             period=task.hold_period or "",
             amount_micros=task.hold_micros,
         )
+        if task.dispatched_at is not None:
+            # An earlier worker died after calling the upstream. Running again could make the
+            # upstream do (and charge for) the work twice: fail it, uncharged, instead.
+            error = GatewayError(
+                "The gateway stopped while this task's upstream call was in flight; it was not "
+                "charged. Submit it again.",
+                code="task_interrupted",
+            )
+            await self._fail(task, worker, error.to_body()["error"], hold)
+            await self._after(task)
+            return
         try:
             caller = await self._keys.caller_for(task.key_id)
             job = await self._rebuild(task, caller)
+            if not await self.queue.mark_dispatched(task.id, worker):
+                return  # the lease was lost meanwhile: the new owner decides
             await self._images.run(
                 caller=caller, job=job, hold=hold, finish=self._finisher(task, worker, job)
             )

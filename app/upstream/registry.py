@@ -32,9 +32,19 @@ class Route:
 
 
 class ProviderRegistry:
-    def __init__(self, routes: dict[str, list[Route]], providers: Sequence[ImageProvider]) -> None:
+    def __init__(
+        self,
+        routes: dict[str, list[Route]],
+        providers: Sequence[ImageProvider],
+        limits: dict[str, int | None] | None = None,
+    ) -> None:
         self._routes = routes
         self._providers = list(providers)
+        self._limits = limits or {}
+
+    def concurrency_limits(self) -> dict[str, int | None]:
+        """Each upstream's ``max_concurrency`` (None: unbounded)."""
+        return dict(self._limits)
 
     def models(self) -> list[str]:
         """Public models at least one active upstream serves."""
@@ -57,6 +67,7 @@ class ProviderRegistry:
     def build(cls, upstreams: Sequence[UpstreamSettings], catalog: Catalog) -> ProviderRegistry:
         routes: dict[str, list[Route]] = {name: [] for name in catalog.names()}
         providers: list[ImageProvider] = []
+        limits: dict[str, int | None] = {}
         for upstream in upstreams:
             if not upstream.active:
                 log.info(
@@ -66,6 +77,7 @@ class ProviderRegistry:
                 continue
             provider = _make_provider(upstream)
             providers.append(provider)
+            limits[upstream.name] = upstream.max_concurrency
             for model, upstream_model in upstream.model_map(catalog.names()).items():
                 if model not in routes:
                     log.warning(
@@ -76,7 +88,7 @@ class ProviderRegistry:
                 routes[model].append(
                     Route(provider, upstream_model, upstream.weight, upstream.priority, upstream.stream)
                 )
-        return cls(routes, providers)
+        return cls(routes, providers, limits)
 
 
 def _make_provider(upstream: UpstreamSettings) -> ImageProvider:

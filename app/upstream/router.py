@@ -1,15 +1,20 @@
 """Choose upstreams for a job and fail over between them.
 
-Candidates are ordered by priority tier (lower number first), weighted-random inside a tier.
-An attempt that fails in a way another upstream might not (connect error, timeout, 429, 5xx,
-an unusable answer, or an upstream refusing the gateway's own credentials) moves on to the next
-candidate; any other upstream 4xx is the client's mistake and is returned at once.
+Candidates are ordered by priority tier (lower number first), weighted-random inside a tier;
+upstreams whose circuit breaker is open are skipped. An attempt that fails in a way another
+upstream might not (connect error, timeout, 408/409/429, 5xx, an unusable answer, or an upstream
+refusing the gateway's own credentials) moves on to the next candidate at once; on the last
+candidate the retry policy may try again after a backoff. Any other upstream 4xx is the
+client's mistake and is returned at once. Each upstream's ``max_concurrency`` bounds its calls
+in flight from this process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -17,7 +22,10 @@ from typing import TypeVar
 
 from app.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
+from app.metrics import Metrics, outcome_of
+from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 from app.upstream.registry import ProviderRegistry, Route
+from app.upstream.retry import RetryAction, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +39,6 @@ def order_routes(routes: Sequence[Route], rng: random.Random) -> list[Route]:
             pick = rng.choices(range(len(pool)), weights=[r.weight for r in pool])[0]
             ordered.append(pool.pop(pick))
     return ordered
-
-
-def is_retryable(error: GatewayError) -> bool:
-    if isinstance(error, UpstreamRejected):
-        return error.retryable
-    return isinstance(error, UpstreamError)
 
 
 def _credential_failure(error: UpstreamRejected) -> UpstreamError:
@@ -69,9 +71,26 @@ async def _replay(events: list[ProviderEvent]) -> AsyncIterator[ProviderEvent]:
 
 
 class Router:
-    def __init__(self, registry: ProviderRegistry, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        registry: ProviderRegistry,
+        rng: random.Random | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        breaker: BreakerConfig | None = None,
+        metrics: Metrics | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._registry = registry
         self._rng = rng or random.Random()
+        self._policy = policy or RetryPolicy()
+        self._metrics = metrics
+        self._sleep = sleep
+        config = breaker or BreakerConfig()
+        self.breakers = {name: CircuitBreaker(name, config) for name in registry.provider_names()}
+        self._slots = {
+            name: asyncio.Semaphore(limit) for name, limit in registry.concurrency_limits().items() if limit
+        }
 
     async def generate(self, job: ImageJob, tried: list[str] | None = None) -> tuple[ImageResult, str]:
         """The first successful result and the upstream that produced it."""
@@ -111,38 +130,120 @@ class Router:
     async def _failover(
         self, job: ImageJob, attempt: Callable[[Route], Awaitable[T]], tried: list[str] | None
     ) -> tuple[T, str]:
-        """``tried`` collects each upstream as it is called, so a caller that is cancelled midway
-        still knows which upstream its request reached."""
+        """Try candidates in order. A retryable failure moves to the next candidate at once; on the
+        last one, the policy may retry it after a backoff (honouring ``retry-after``). Open circuit
+        breakers are skipped. ``tried`` collects each upstream as it is called, so a caller that is
+        cancelled midway still knows which upstream its request reached."""
         routes = order_routes(self._registry.routes(job.model), self._rng)
         if not routes:
             raise UpstreamUnavailable(f"No upstream serves the model '{job.model}'.", status=503)
+        deadline = self._policy.deadline()
         last: GatewayError | None = None
-        for number, route in enumerate(routes, start=1):
-            if tried is not None:
-                tried.append(route.name)
-            try:
-                return await attempt(route), route.name
-            except GatewayError as exc:
-                exc.upstream = route.name
-                error = exc
-                if isinstance(exc, UpstreamRejected) and exc.status_code in (401, 403):
-                    error = _credential_failure(exc)
-                log.warning(
-                    "upstream attempt failed",
-                    extra={
-                        "fields": {
-                            "upstream": route.name,
-                            "attempt": number,
-                            "status": error.status_code,
-                            "code": error.code,
-                        }
-                    },
-                )
-                last = error
-                if not is_retryable(error):
-                    raise error from None
-        assert last is not None
+        attempts = 0
+        for index, route in enumerate(routes):
+            # Asked lazily, right before a call: in half-open, `allow` hands out the probe slot.
+            if not self.breakers[route.name].allow():
+                self._skip(route, job)
+                continue
+            tries_here = 0
+            while True:
+                attempts += 1
+                tries_here += 1
+                if tried is not None:
+                    tried.append(route.name)
+                try:
+                    return await self._call(route, job, attempt), route.name
+                except GatewayError as exc:
+                    error = self._classify(exc, route)
+                    last = error
+                    decision = self._policy.decide(
+                        error,
+                        tries_here=tries_here,
+                        attempts_total=attempts,
+                        deadline=deadline,
+                        rng=self._rng,
+                    )
+                    _log_attempt(route, attempts, error, decision.action)
+                    if decision.action is RetryAction.GIVE_UP:
+                        raise error from None
+                    more_candidates = index + 1 < len(routes)
+                    if decision.action is RetryAction.RETRY and not more_candidates and not _credentials(exc):
+                        await self._sleep(decision.delay_s)
+                        continue
+                    break  # another upstream (if any) gets the next try
+        if last is None:
+            raise UpstreamUnavailable(
+                "Every upstream for this model is cooling down after failures.", status=503
+            )
         raise last
+
+    def _skip(self, route: Route, job: ImageJob) -> None:
+        """Count a candidate skipped because its breaker is open."""
+        if self._metrics is not None:
+            self._metrics.observe_upstream_try(
+                upstream=route.name, model=job.model, outcome="circuit_open", seconds=0.0
+            )
+
+    async def _call(self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> T:
+        breaker = self.breakers[route.name]
+        slots = self._slots.get(route.name)
+        started = time.monotonic()
+        error: BaseException | None = None
+        if slots is not None:
+            await slots.acquire()
+        breaker.started()
+        try:
+            return await attempt(route)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            breaker.finished()
+            if slots is not None:
+                slots.release()
+            elapsed = time.monotonic() - started
+            if error is None:
+                breaker.record_success(elapsed)
+            elif isinstance(error, GatewayError):
+                # A client mistake (a 4xx other than 429) says the upstream works fine.
+                if self._policy.should_retry(error) or _credentials(error):
+                    breaker.record_failure()
+                else:
+                    breaker.record_success(elapsed)
+            if self._metrics is not None:
+                self._metrics.observe_upstream_try(
+                    upstream=route.name, model=job.model, outcome=outcome_of(error), seconds=elapsed
+                )
+
+    @staticmethod
+    def _classify(exc: GatewayError, route: Route) -> GatewayError:
+        exc.upstream = route.name
+        if _credentials(exc):
+            assert isinstance(exc, UpstreamRejected)
+            return _credential_failure(exc)
+        return exc
+
+    def snapshots(self) -> list[BreakerSnapshot]:
+        return [breaker.snapshot() for breaker in self.breakers.values()]
+
+
+def _credentials(error: BaseException) -> bool:
+    return isinstance(error, UpstreamRejected) and error.status_code in (401, 403)
+
+
+def _log_attempt(route: Route, attempt: int, error: GatewayError, action: RetryAction) -> None:
+    log.warning(
+        "upstream attempt failed",
+        extra={
+            "fields": {
+                "upstream": route.name,
+                "attempt": attempt,
+                "status": error.status_code,
+                "code": error.code,
+                "next": action.value,
+            }
+        },
+    )
 
 
 async def _whole(route: Route, job: ImageJob) -> ImageResult:

@@ -504,7 +504,7 @@ def test_client_leaving_mid_upload_leaves_no_spool(gateway: Gateway) -> None:
 
 
 def test_upstream_failure_leaves_no_spool(gateway: Gateway, upstream: FakeOpenAI) -> None:
-    upstream.enqueue_fault(Fault.status(500, "boom"))
+    upstream.enqueue_fault(Fault.status(500, "boom", times=3))  # every retry fails too
     with pytest.raises(openai.InternalServerError):
         gateway.client().images.edit(
             model="gpt-image-1", image=("a.png", files.png(64, 64), "image/png"), prompt="x"

@@ -102,7 +102,7 @@ def test_failures_and_disconnects_cost_nothing(metered: Gateway, upstream: FakeO
     key, key_id = metered.create_key(name="no-charge", quota="10")
     headers = {"Authorization": f"Bearer {key}"}
 
-    upstream.enqueue_fault(Fault.status(500, "boom"))
+    upstream.enqueue_fault(Fault.status(500, "boom", times=3))  # the first try and both retries
     assert httpx.post(metered.url + GEN, json=BODY, headers=headers, timeout=30).status_code == 500
     assert spent(metered, key_id) == (0, 0)
 

@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import Gateway, fake_upstream_config, make_settings, start_gateway
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 
+NO_RETRY = {"max_retries_per_upstream": 0}
+
 
 def closed_port() -> int:
     with socket.socket() as sock:
@@ -25,9 +27,9 @@ def closed_port() -> int:
 def gateway_with(tmp_path: Path) -> Iterator[Any]:
     started: list[Gateway] = []
 
-    def start(*upstreams: dict[str, Any]) -> Gateway:
+    def start(*upstreams: dict[str, Any], **extra: Any) -> Gateway:
         data_dir = tmp_path / f"gw{len(started)}"
-        gw = start_gateway(make_settings(data_dir, list(upstreams)), data_dir)
+        gw = start_gateway(make_settings(data_dir, list(upstreams), **extra), data_dir)
         started.append(gw)
         return gw
 
@@ -56,7 +58,7 @@ def test_connect_error_is_502(gateway_with: Any) -> None:
 
 
 def test_timeout_is_504(gateway_with: Any, upstream: FakeOpenAI) -> None:
-    gw = gateway_with(fake_upstream_config(upstream, timeout_s=0.5))
+    gw = gateway_with(fake_upstream_config(upstream, timeout_s=0.5), retry=NO_RETRY)
     upstream.enqueue_fault(Fault(kind="delay", delay_s=3.0))
     with pytest.raises(openai.APIStatusError) as caught:
         gw.client().images.generate(model="gpt-image-1", prompt="x")
@@ -65,7 +67,7 @@ def test_timeout_is_504(gateway_with: Any, upstream: FakeOpenAI) -> None:
 
 
 def test_invalid_upstream_answer_is_502(gateway_with: Any, upstream: FakeOpenAI) -> None:
-    gw = gateway_with(fake_upstream_config(upstream))
+    gw = gateway_with(fake_upstream_config(upstream), retry=NO_RETRY)
     upstream.enqueue_fault(Fault(kind="invalid_json", status_code=200))
     with pytest.raises(openai.APIStatusError) as caught:
         gw.client().images.generate(model="gpt-image-1", prompt="x")
@@ -73,7 +75,7 @@ def test_invalid_upstream_answer_is_502(gateway_with: Any, upstream: FakeOpenAI)
 
 
 def test_dropped_connection_is_502(gateway_with: Any, upstream: FakeOpenAI) -> None:
-    gw = gateway_with(fake_upstream_config(upstream))
+    gw = gateway_with(fake_upstream_config(upstream), retry=NO_RETRY)
     upstream.enqueue_fault(Fault(kind="close"))
     with pytest.raises(openai.APIStatusError) as caught:
         gw.client().images.generate(model="gpt-image-1", prompt="x")
@@ -100,12 +102,11 @@ def test_server_error_fails_over_to_the_next_upstream(gateway_with: Any, upstrea
     assert rows[0]["upstream"] in ("flaky", "local")
 
 
-def test_rate_limited_upstream_fails_over_and_last_429_is_relayed(
-    gateway_with: Any, upstream: FakeOpenAI
-) -> None:
+def test_a_429_beyond_the_retry_after_cap_is_relayed(gateway_with: Any, upstream: FakeOpenAI) -> None:
     gw = gateway_with(fake_upstream_config(upstream))
+    # 120 s is beyond the policy's 60 s cap: not waited for, so the last 429 goes back as it is.
     upstream.enqueue_fault(
-        Fault.status(429, "slow down", type="rate_limit_error", code="rate_limit_exceeded", retry_after=7)
+        Fault.status(429, "slow down", type="rate_limit_error", code="rate_limit_exceeded", retry_after=120)
     )
     response = httpx.post(
         gw.url + "/v1/images/generations",
@@ -114,8 +115,33 @@ def test_rate_limited_upstream_fails_over_and_last_429_is_relayed(
         timeout=30,
     )
     assert response.status_code == 429
-    assert response.headers["retry-after"] == "7"
+    assert response.headers["retry-after"] == "120"
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert upstream.count("/v1/images/generations") == 1
+
+
+def test_a_short_retry_after_is_honoured_on_the_same_upstream(
+    gateway_with: Any, upstream: FakeOpenAI
+) -> None:
+    gw = gateway_with(fake_upstream_config(upstream))
+    upstream.enqueue_fault(Fault.status(429, "slow down", retry_after=1))
+    result = gw.client().images.generate(model="gpt-image-1", prompt="x")
+    assert result.data
+    first, second = upstream.requests
+    assert second.received_at - first.received_at >= 0.9, "retry-after was not waited for"
+
+
+def test_a_429_fails_over_at_once_when_another_upstream_exists(
+    gateway_with: Any, upstream: FakeOpenAI
+) -> None:
+    gw = gateway_with(
+        fake_upstream_config(upstream, name="a"), fake_upstream_config(upstream, name="b", priority=1)
+    )
+    upstream.enqueue_fault(Fault.status(429, "slow down", retry_after=30))
+    assert gw.client().images.generate(model="gpt-image-1", prompt="x").data
+    first, second = upstream.requests
+    assert second.received_at - first.received_at < 5
+    assert [r["upstream"] for r in gw.ledger()] == ["b"]
 
 
 def test_upstream_client_error_is_not_retried(gateway_with: Any, upstream: FakeOpenAI) -> None:

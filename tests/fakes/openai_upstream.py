@@ -101,7 +101,7 @@ class FakeOpenAI:
         self.always_fail: Fault | None = None
         self.usage: dict[str, Any] = default_usage()
         self.stream_delay_s = 0.0
-        self.abandoned: list[str] = []
+        self.abandoned: list[tuple[str, str | None]] = []
         self.noise_images = False
         self.moderation_flag_words: set[str] = {"forbidden"}
         self.moderation_category = "violence"
@@ -303,7 +303,7 @@ class FakeOpenAI:
                     # The client left while we "worked": nothing was delivered, so nothing ran to
                     # completion (tests count these to prove a task did not run twice).
                     with self._cond:
-                        self.abandoned.append(request.url.path)
+                        self.abandoned.append((request.url.path, request.headers.get("x-request-id")))
                     return Response(b"", 499)
             return None
         if fault.kind == "hang":

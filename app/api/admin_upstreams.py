@@ -1,0 +1,44 @@
+"""``GET /admin/upstreams``: each upstream's health as the router sees it (breaker, load, errors)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.api.deps import AdminDep, StateDep
+
+router = APIRouter(prefix="/admin/upstreams", tags=["admin"], dependencies=[AdminDep])
+
+
+@router.get("")
+async def list_upstreams(state: StateDep) -> dict[str, Any]:
+    now_wall, now_mono = time.time(), time.monotonic()
+    configured = {u.name: u for u in state.settings.upstreams}
+    data = []
+    for snapshot in state.router.snapshots():
+        upstream = configured.get(snapshot.name)
+        opened_at = None
+        if snapshot.opened_at is not None:
+            # The breaker keeps monotonic time; clients want a wall-clock timestamp.
+            opened_at = int(now_wall - (now_mono - snapshot.opened_at))
+        data.append(
+            {
+                "name": snapshot.name,
+                "object": "gateway.upstream",
+                "kind": upstream.kind if upstream else None,
+                "priority": upstream.priority if upstream else None,
+                "weight": upstream.weight if upstream else None,
+                "state": str(snapshot.state),
+                "consecutive_failures": snapshot.consecutive_failures,
+                "error_rate": snapshot.error_rate,
+                "requests_in_window": snapshot.requests_in_window,
+                "in_flight": snapshot.in_flight,
+                "latency_p50_ms": snapshot.latency_p50_ms,
+                "latency_avg_ms": snapshot.latency_avg_ms,
+                "opened_at": opened_at,
+                "retry_in_s": snapshot.retry_in_s,
+            }
+        )
+    return {"object": "list", "data": data}

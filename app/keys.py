@@ -17,6 +17,7 @@ from app.db import repos
 from app.db.tables import ApiKey, utcnow
 from app.errors import AuthenticationError, InvalidRequestError, NotFoundError
 from app.images.capabilities import MICROS
+from app.moderation.lists import validate_terms
 from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateRequest
 from app.security import display_prefix, generate_api_key, hash_key, looks_like_key
 
@@ -37,6 +38,8 @@ class Caller:
     rpm: int | None = None
     ipm: int | None = None
     concurrency: int | None = None
+    moderation_allow: tuple[str, ...] = ()
+    moderation_block: tuple[str, ...] = ()
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -79,6 +82,8 @@ def to_public(row: ApiKey) -> ApiKeyObject:
         rpm=row.rpm,
         ipm=row.ipm,
         concurrency=row.concurrency,
+        moderation_allow=row.moderation_allow,
+        moderation_block=row.moderation_block,
     )
 
 
@@ -93,6 +98,8 @@ def _caller(row: ApiKey) -> Caller:
         rpm=row.rpm,
         ipm=row.ipm,
         concurrency=row.concurrency,
+        moderation_allow=tuple(row.moderation_allow or ()),
+        moderation_block=tuple(row.moderation_block or ()),
     )
 
 
@@ -117,6 +124,16 @@ class KeyService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], known_models: Sequence[str]) -> None:
         self._sessions = sessions
         self._known_models = list(known_models)
+
+    @staticmethod
+    def _check_terms(changes: dict[str, object]) -> None:
+        for field in ("moderation_allow", "moderation_block"):
+            terms = changes.get(field)
+            if isinstance(terms, list):
+                try:
+                    validate_terms(terms)
+                except ValueError as exc:
+                    raise InvalidRequestError(str(exc), param=field, code="invalid_value") from None
 
     def _check_models(self, models: list[str] | None) -> None:
         unknown = sorted(set(models or ()) - set(self._known_models))
@@ -154,6 +171,7 @@ class KeyService:
     async def create(self, request: ApiKeyCreateRequest) -> tuple[ApiKeyObject, str]:
         """A new key; the plaintext is returned here and never stored."""
         self._check_models(request.models)
+        self._check_terms(request.model_dump())
         key = generate_api_key()
         async with self._sessions.begin() as session:
             row = await repos.create_key(
@@ -186,6 +204,7 @@ class KeyService:
         changes = request.model_dump(exclude_unset=True)
         if "models" in changes:
             self._check_models(changes["models"])
+        self._check_terms(changes)
         async with self._sessions.begin() as session:
             row = await self._row(session, key_id)
             if row.revoked_at is not None:
@@ -193,7 +212,13 @@ class KeyService:
             for field, value in changes.items():
                 if field in ("name", "enabled", "moderation") and value is None:
                     continue
-                if field in _MONEY_FIELDS or field in ("rpm", "ipm", "concurrency"):
+                if field in _MONEY_FIELDS or field in (
+                    "rpm",
+                    "ipm",
+                    "concurrency",
+                    "moderation_allow",
+                    "moderation_block",
+                ):
                     continue
                 setattr(row, "metadata_" if field == "metadata" else field, value)
             self._apply_limits(row, changes)
@@ -208,7 +233,7 @@ class KeyService:
                 if field == "price_multiplier" and value is None:
                     value = Decimal(1)
                 setattr(row, column, to_micros(value) if isinstance(value, Decimal) else None)
-        for field in ("rpm", "ipm", "concurrency"):
+        for field in ("rpm", "ipm", "concurrency", "moderation_allow", "moderation_block"):
             if field in changes:
                 setattr(row, field, changes[field])
 

@@ -19,6 +19,8 @@ from app.images.capabilities import Catalog
 from app.images.service import ImageService
 from app.keys import KeyService
 from app.metrics import Metrics
+from app.moderation import ModerationService
+from app.moderation.audit import ModerationLog
 from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
@@ -96,6 +98,8 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             breaker=BreakerConfig(**settings.breaker.model_dump()),
             metrics=metrics,
         )
+        moderation = ModerationService.from_settings(settings.moderation, base_dir=Path.cwd())
+        opened.append(moderation.aclose)
         images = ImageService(
             catalog=catalog,
             registry=registry,
@@ -105,6 +109,8 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             store=store,
             url_ttl_s=settings.storage.url_ttl_s,
             metrics=metrics,
+            moderation=moderation,
+            audit=ModerationLog(sessions),
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)
@@ -148,6 +154,7 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             uploads=uploads,
             router=router,
             metrics=metrics,
+            moderation_log=ModerationLog(sessions),
         )
     finally:
         for close in reversed(opened):

@@ -57,5 +57,7 @@ def configure_logging(*, level: str = "INFO", json_format: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # uvicorn's access log duplicates ours and would print query strings verbatim.
+    # uvicorn's access log duplicates ours and would print query strings verbatim; httpx logs
+    # every outbound URL at INFO, which would put upstream addresses in the logs.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from app.moderation.config import ModerationSettings
 from app.storage.config import StorageSettings
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -254,6 +255,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    moderation: ModerationSettings = Field(default_factory=ModerationSettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]

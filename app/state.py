@@ -13,6 +13,7 @@ from app.images.service import ImageService, InputLimits
 from app.images.uploads import UploadLimits
 from app.keys import KeyService
 from app.metrics import Metrics
+from app.moderation.audit import ModerationLog
 from app.settings import Settings
 from app.storage import ImageStore
 from app.tasks.service import TaskService
@@ -62,3 +63,4 @@ class AppState:
     tasks: TaskService
     router: Router
     metrics: Metrics
+    moderation_log: ModerationLog

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -68,6 +68,9 @@ class ApiKey(Base):
     rpm: Mapped[int | None] = mapped_column(Integer)
     ipm: Mapped[int | None] = mapped_column(Integer)
     concurrency: Mapped[int | None] = mapped_column(Integer)
+    # Per-key moderation lists, on top of the global ones.
+    moderation_allow: Mapped[list[str] | None] = mapped_column(JSON)
+    moderation_block: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class KeyPeriod(Base):
@@ -169,3 +172,24 @@ class Task(Base):
     # run again (the upstream may have done the work), so it never runs to completion twice.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ModerationEvent(Base):
+    """One blocked request, for the audit trail (``GET /admin/moderation/events``)."""
+
+    __tablename__ = "moderation_events"
+    __table_args__ = (Index("ix_moderation_key_created", "key_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(40))
+    stage: Mapped[str] = mapped_column(String(10))
+    level: Mapped[str] = mapped_column(String(10))
+    checker: Mapped[str] = mapped_column(String(40))
+    categories: Mapped[list[str]] = mapped_column(JSON)
+    rules: Mapped[list[str]] = mapped_column(JSON)
+    prompt_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Only with moderation.store_prompts: true.
+    prompt: Mapped[str | None] = mapped_column(Text)
+    image_sha256: Mapped[list[str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -26,6 +26,8 @@ from app.images.uploads import SpooledFile, UploadForm
 from app.images.validation import build_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
 from app.metrics import Metrics
+from app.moderation import ModerationService
+from app.moderation.audit import ModerationLog
 from app.storage import ImageStore
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import OpenStream, Router
@@ -59,6 +61,8 @@ class ImageService:
         limiter: RateLimiter,
         store: ImageStore,
         url_ttl_s: int,
+        moderation: ModerationService,
+        audit: ModerationLog,
         metrics: Metrics | None = None,
     ) -> None:
         self._catalog = catalog
@@ -69,6 +73,8 @@ class ImageService:
         self._store = store
         self._url_ttl_s = url_ttl_s
         self._metrics = metrics or Metrics(process=False)
+        self._moderation = moderation
+        self._audit = audit
 
     def models_for(self, caller: Caller) -> list[str]:
         """Models this key may use that some upstream serves, in catalog order."""
@@ -137,8 +143,44 @@ class ImageService:
         mask_input = _input(mask, inputs.mask) if mask is not None and inputs.mask is not None else None
         return replace(job, images=images, mask=mask_input)
 
+    async def screen(self, *, caller: Caller, job: ImageJob) -> ImageJob:
+        """Moderate the prompt (and edit inputs) at the level the key's policy allows; a block is
+        audited, counted and raised as 400 ``moderation_blocked`` before anything is charged.
+        Returns the job with the effective level to forward upstream."""
+        outcome = await self._moderation.check_prompt(
+            prompt=job.prompt,
+            requested_level=job.moderation,
+            key_policy=caller.moderation,
+            key_id=caller.key_id,
+            allow=caller.moderation_allow,
+            block=caller.moderation_block,
+        )
+        if not outcome.blocked and job.images:
+            outcome = await self._moderation.check_images(
+                images=[image.path for image in job.images],
+                requested_level=job.moderation,
+                key_policy=caller.moderation,
+                key_id=caller.key_id,
+            )
+        if outcome.audit is not None:
+            await self._audit.record(outcome.audit, request_id=job.request_id)
+            self._metrics.observe_moderation_block(
+                categories=outcome.audit.categories, stage=outcome.audit.stage
+            )
+            log.info(
+                "request blocked by moderation",
+                extra={"fields": {"key_id": caller.key_id, "categories": list(outcome.audit.categories)}},
+            )
+        outcome.raise_if_blocked()
+        if outcome.level == "off" or "moderation" in job.caps.drop_fields or job.caps.family != "gpt-image":
+            return job
+        # A key forced to `auto` must not be loosened upstream either.
+        return replace(job, moderation=outcome.level, forward={**job.forward, "moderation": outcome.level})
+
     async def execute(self, *, caller: Caller, job: ImageJob, base_url: str) -> ImageOutcome | ImageStream:
-        """The rest of the path for a validated job: limit → reserve → route/call → relay → settle."""
+        """The rest of the path for a validated job: moderate → limit → reserve → route/call → relay
+        → settle."""
+        job = await self.screen(caller=caller, job=job)
         grant = await self._limiter.acquire(caller.key_id, _limits(caller), images=job.n)
         try:
             hold = await self.reserve(caller=caller, job=job)

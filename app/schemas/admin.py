@@ -18,6 +18,9 @@ Limit = Annotated[int, Field(ge=1)]
 
 
 class _KeyLimits(StrictWireModel):
+    # Per-key moderation lists, on top of the global ones (phrases; "{a,b}" alternatives expand).
+    moderation_allow: list[str] | None = None
+    moderation_block: list[str] | None = None
     quota: Money | None = None
     monthly_quota: Money | None = None
     balance: Money | None = None
@@ -72,6 +75,8 @@ class ApiKeyObject(BaseModel):
     rpm: int | None
     ipm: int | None
     concurrency: int | None
+    moderation_allow: list[str] | None
+    moderation_block: list[str] | None
 
 
 class TopUpRequest(StrictWireModel):

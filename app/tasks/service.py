@@ -75,6 +75,7 @@ class TaskService:
             existing = await self.queue.find(caller.key_id, idempotency_key)
             if existing is not None:
                 return existing, {}
+        job = await self._images.screen(caller=caller, job=job)
         headers = await self._images.admit(caller=caller, job=job)
         hold = await self._images.reserve(caller=caller, job=job, ttl_s=self._settings.hold_ttl_s)
         task_id = new_task_id()

@@ -86,6 +86,8 @@ def test_generation(azure_gateway: Gateway, upstream: FakeOpenAI) -> None:
         "size": "1024x1536",
         "quality": "low",
         "future_field": "kept",
+        # The gateway's effective moderation level always goes upstream (SPEC §4).
+        "moderation": "auto",
     }
     # The image is relayed byte for byte as the upstream rendered it.
     assert result.data and result.data[0].b64_json == render_b64(1024, 1536, "png")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from pathlib import Path
+from types import FrameType
+
+import uvicorn
 
 from app.cli import add_key_commands, add_usage_command, run_keys, run_migrate, run_usage
 from app.settings import ConfigError, Settings, load_settings
@@ -57,9 +61,16 @@ Or from Python:
 """
 
 
-def serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT once it has shut down, so a clean drain would exit as
+    "killed by signal"; a drain that completed is a success, and exits 0."""
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
     from app.lifespan import prepare
     from app.logging import configure_logging
     from app.main import create_app
@@ -71,13 +82,24 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     # Migrate and create the admin key once here, so several workers never race to do it.
     asyncio.run(prepare(settings))
     print(_banner(settings, host, port), flush=True)
+    # Past the grace period uvicorn cancels what is left; a little slack lets streams end first.
+    grace = math.ceil(settings.server.shutdown_grace_s) + 2
     if workers > 1:
         # Worker processes rebuild the app from the same config file and environment.
         uvicorn.run(
-            "app.main:app_from_env", factory=True, host=host, port=port, workers=workers, log_config=None
+            "app.main:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,
+            timeout_graceful_shutdown=grace,
         )
     else:
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+        config = uvicorn.Config(
+            create_app(settings), host=host, port=port, log_config=None, timeout_graceful_shutdown=grace
+        )
+        DrainingServer(config).run()
     return 0
 
 

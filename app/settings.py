@@ -101,6 +101,9 @@ class ServerSettings(_Section):
     public_url: str | None = None
     # Keep-alive comment interval on SSE streams, so proxies do not cut long generations.
     sse_ping_s: float = Field(default=15.0, gt=0)
+    # On SIGTERM: stop accepting, let requests and streams in flight finish for this long, then
+    # cut what is left (its holds are released, nothing unfinished is charged).
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
 
 
 class BillingSettings(_Section):

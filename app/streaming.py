@@ -56,10 +56,14 @@ async def _relay(stream: ImageStream) -> AsyncIterator[ServerSentEvent]:
         yield _error_event(error)
 
 
-def sse_response(stream: ImageStream, *, ping_s: float, headers: dict[str, str]) -> EventSourceResponse:
+def sse_response(
+    stream: ImageStream, *, ping_s: float, headers: dict[str, str], shutdown_grace_s: float
+) -> EventSourceResponse:
     return EventSourceResponse(
         _relay(stream),
         ping=ping_s,
+        # On shutdown, a stream in flight may finish within the grace period before it is cut.
+        shutdown_grace_period=shutdown_grace_s,
         headers={
             **headers,
             "cache-control": "no-cache",

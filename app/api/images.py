@@ -169,7 +169,12 @@ def public_base(request: Request, state: AppState) -> str:
 def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream) -> Response:
     if isinstance(outcome, ImageStream):
         request.state.upstream = outcome.upstream
-        return sse_response(outcome, ping_s=state.settings.server.sse_ping_s, headers=outcome.headers)
+        return sse_response(
+            outcome,
+            ping_s=state.settings.server.sse_ping_s,
+            headers=outcome.headers,
+            shutdown_grace_s=state.settings.server.shutdown_grace_s,
+        )
     request.state.upstream = outcome.upstream
     request.state.cost_micros = outcome.cost_micros
     return Response(

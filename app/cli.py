@@ -62,7 +62,9 @@ async def _key_service(settings: Settings) -> AsyncIterator[KeyService]:
     try:
         await upgrade_head(engine)
         catalog = Catalog.from_file(settings.models_file)
-        yield KeyService(create_sessionmaker(engine), catalog.names())
+        yield KeyService(
+            create_sessionmaker(engine), catalog.names(), pepper=settings.security.pepper(settings.data_dir)
+        )
     finally:
         await engine.dispose()
 

@@ -11,6 +11,7 @@ Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``co
     ├── PermissionDeniedError          403 permission_error
     │   └── ModelNotAllowedError       403 model_not_allowed
     ├── NotFoundError                  404 not_found
+    ├── RequestTimeoutError            408 request_timeout
     ├── PayloadTooLargeError           413 payload_too_large
     ├── QuotaExceededError             429 insufficient_quota
     └── UpstreamError                  502 api_error upstream_error
@@ -112,6 +113,12 @@ class NotFoundError(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "not_found"
+
+
+class RequestTimeoutError(GatewayError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class PayloadTooLargeError(GatewayError):

@@ -121,9 +121,12 @@ _MONEY_FIELDS = {
 
 
 class KeyService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], known_models: Sequence[str]) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], known_models: Sequence[str], *, pepper: bytes
+    ) -> None:
         self._sessions = sessions
         self._known_models = list(known_models)
+        self._pepper = pepper
 
     @staticmethod
     def _check_terms(changes: dict[str, object]) -> None:
@@ -149,7 +152,7 @@ class KeyService:
         if not token or not looks_like_key(token):
             raise AuthenticationError(INVALID_KEY_MESSAGE)
         async with self._sessions() as session:
-            row = await repos.get_key_by_hash(session=session, key_hash=hash_key(token))
+            row = await repos.get_key_by_hash(session=session, key_hash=hash_key(token, self._pepper))
         if row is None:
             raise AuthenticationError(INVALID_KEY_MESSAGE)
         status = key_status(row)
@@ -177,7 +180,7 @@ class KeyService:
             row = await repos.create_key(
                 session=session,
                 key_id="key_" + secrets.token_hex(12),
-                key_hash=hash_key(key),
+                key_hash=hash_key(key, self._pepper),
                 prefix=display_prefix(key),
                 name=request.name,
                 owner=request.owner,

@@ -54,6 +54,7 @@ async def prepare(settings: Settings) -> None:
         finally:
             await engine.dispose()
     resolve_admin_key(settings)
+    settings.security.pepper(settings.data_dir)
 
 
 def _is_sqlite(settings: Settings) -> bool:
@@ -114,7 +115,7 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)
-        keys = KeyService(sessions, catalog.names())
+        keys = KeyService(sessions, catalog.names(), pepper=settings.security.pepper(settings.data_dir))
         tasks = TaskService(
             queue=TaskQueue(
                 sessions, lease_s=settings.tasks.lease_s, max_attempts=settings.tasks.max_attempts

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import build_api_router
 from app.api.errors import install_error_handlers
 from app.api.metrics import MetricsMiddleware, build_metrics_router
-from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.api.middleware import BodyGuardMiddleware, RequestContextMiddleware
 from app.lifespan import make_lifespan
 from app.metrics import Metrics
 from app.settings import Settings
@@ -30,7 +31,21 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(build_metrics_router(token.get_secret_value() if token else None))
     install_error_handlers(app)
     # Pure ASGI middleware (never BaseHTTPMiddleware), so streamed responses pass through untouched.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_json_body_bytes)
+    app.add_middleware(
+        BodyGuardMiddleware,
+        max_bytes=settings.server.max_json_body_bytes,
+        read_timeout_s=settings.server.body_read_timeout_s,
+    )
+    if settings.server.cors_origins:
+        # Closed by default: browsers may call the API only from origins the operator lists.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["authorization", "content-type", "idempotency-key", "openai-organization"],
+            expose_headers=["x-request-id", "x-gateway-cost", "retry-after", "location"],
+            max_age=600,
+        )
     app.add_middleware(RequestContextMiddleware)
     # Outermost, so refusals made by the middleware above (413) are counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)

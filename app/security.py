@@ -1,8 +1,11 @@
 """API-key generation, hashing and verification.
 
-Keys are 256-bit random secrets, so a plain SHA-256 is enough to store them safely (no dictionary
-to attack); the plaintext is shown once, at creation. Lookups go by hash, and comparisons of
-secrets use ``hmac.compare_digest`` so timing does not reveal how much of a guess was right.
+Keys are 256-bit random secrets shown once, at creation. What is stored is a keyed hash,
+HMAC-SHA256 under a server-side pepper: a copy of the database alone (a backup, a replica, a
+leaked dump) is then not enough to check guesses offline, or to recognise a key seen elsewhere.
+Lookups go by that hash, and every comparison of secrets uses ``hmac.compare_digest``.
+The pepper comes from ``security.key_pepper`` (every replica must share it) or is generated once
+into the data directory, like the admin key.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ def generate_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def hash_key(key: str) -> str:
+def hash_key(key: str, pepper: bytes) -> str:
     """The stored form of a key."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return hmac.new(pepper, key.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def display_prefix(key: str) -> str:
@@ -45,11 +48,20 @@ def secrets_equal(given: str, expected: str) -> bool:
 
 def ensure_admin_key(data_dir: str | Path) -> tuple[str, Path]:
     """Read the generated admin key, creating it (mode 0600) the first time."""
-    path = Path(data_dir) / "admin_key"
+    return _ensure_secret_file(Path(data_dir) / "admin_key", ADMIN_PREFIX + secrets.token_urlsafe(32))
+
+
+def ensure_key_pepper(data_dir: str | Path) -> bytes:
+    """Read the generated key-hashing pepper, creating it (mode 0600) the first time."""
+    text, _ = _ensure_secret_file(Path(data_dir) / "key_pepper", secrets.token_urlsafe(48))
+    return text.encode("utf-8")
+
+
+def _ensure_secret_file(path: Path, new_value: str) -> tuple[str, Path]:
     if path.exists():
         return path.read_text(encoding="utf-8").strip(), path
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = ADMIN_PREFIX + secrets.token_urlsafe(32)
+    key = new_value
     # O_EXCL: two processes starting together must not overwrite each other's key.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

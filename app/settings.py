@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.moderation.config import ModerationSettings
+from app.security import ensure_key_pepper
 from app.storage.config import StorageSettings
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -99,6 +100,10 @@ class ServerSettings(_Section):
     # The gateway's address as clients reach it (behind a proxy), for image links; default: the
     # address each request came in on.
     public_url: str | None = None
+    # A request body that sends nothing for this long is answered 408 (stalled uploads).
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    # Origins allowed to call the API from a browser (CORS); empty: no cross-origin access.
+    cors_origins: list[str] = Field(default_factory=list)
     # Keep-alive comment interval on SSE streams, so proxies do not cut long generations.
     sse_ping_s: float = Field(default=15.0, gt=0)
     # On SIGTERM: stop accepting, let requests and streams in flight finish for this long, then
@@ -166,6 +171,27 @@ class MetricsSettings(_Section):
         if text.lower() in _PLACEHOLDERS:
             raise ValueError("metrics.token is a placeholder; set a real token")
         return value
+
+
+class SecuritySettings(_Section):
+    # Pepper of the keyed hash API keys are stored under. Replicas sharing a database must share
+    # it; unset, it is generated once into <data_dir>/key_pepper. Changing it invalidates all keys.
+    key_pepper: SecretStr | None = None
+
+    @field_validator("key_pepper", mode="before")
+    @classmethod
+    def _pepper(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if len(text) < 32 or text.lower() in _PLACEHOLDERS:
+            raise ValueError("security.key_pepper must be at least 32 characters and not a placeholder")
+        return value
+
+    def pepper(self, data_dir: str) -> bytes:
+        if self.key_pepper is not None:
+            return self.key_pepper.get_secret_value().encode("utf-8")
+        return ensure_key_pepper(data_dir)
 
 
 class LoggingSettings(_Section):
@@ -259,6 +285,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]

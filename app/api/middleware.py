@@ -5,6 +5,7 @@ Pure ASGI rather than BaseHTTPMiddleware, so streamed responses are relayed chun
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -13,10 +14,19 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLargeError
+from app.errors import PayloadTooLargeError, RequestTimeoutError
 from app.logging import set_request_id
 
 log = logging.getLogger("app.access")
+
+# An API answers JSON and images, never pages: nothing to sniff, frame, cache or refer from.
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+)
 
 
 class RequestContextMiddleware:
@@ -41,6 +51,8 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(item for item in SECURITY_HEADERS if item[0] not in present)
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -67,36 +79,54 @@ class RequestContextMiddleware:
             set_request_id(None)
 
 
-class BodySizeLimitMiddleware:
-    """Refuses non-multipart bodies over ``max_bytes`` with 413, by header or while they arrive.
+class BodyGuardMiddleware:
+    """Bounds what a client can make the gateway wait for and hold while it reads a body.
 
-    Multipart uploads have their own per-part limits, enforced by the upload parser.
+    - Non-multipart bodies over ``max_bytes`` get 413, by header or while they arrive (multipart
+      uploads have per-part limits, enforced by the upload parser as parts stream in).
+    - A body that stalls (no bytes for ``read_timeout_s``) gets 408, so a slow or stuck upload
+      cannot hold a connection, a spool file and a worker slot forever. uvicorn has no body-read
+      timeout of its own.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_multipart(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = None if _is_multipart(scope) else self.max_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _too_large(send, self.max_bytes)
+        if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
             return
         seen = 0
+        body_done = False
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal seen, body_done
+            if body_done:
+                # After the body, receive() only reports a disconnect: waiting on it is fine.
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"The request body stalled: no data for {self.read_timeout_s:g} seconds."
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLargeError(_too_large_message(self.max_bytes))
+                body_done = not message.get("more_body", False)
+                if limit is not None and seen > limit:
+                    raise PayloadTooLargeError(_too_large_message(limit))
+            else:
+                body_done = True
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, guarded_receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

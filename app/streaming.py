@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.billing.pricing import format_micros
 from app.errors import GatewayError
-from app.images.service import ImageStream, StreamStatus
+from app.images.settlement import ImageStream, StreamStatus
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
 from app.errors import InvalidJSONError, InvalidRequestError
 from app.images.jobs import ImageJob
-from app.images.service import ImageOutcome, ImageStream
+from app.images.service import ImageOutcome
+from app.images.settlement import ImageStream
 from app.images.uploads import UploadForm, parse_multipart
 from app.keys import Caller
 from app.state import AppState

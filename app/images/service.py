@@ -10,18 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
-from app.billing.ledger import Hold, LedgerRecord, LedgerService, TxHook
+from app.billing.ledger import Hold, LedgerService, TxHook
 from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import apply_multiplier, request_cost, worst_case_cost
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
 from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
-from app.images.jobs import ImageJob, InputImage, ProviderEvent, TokenUsage
+from app.images.jobs import ImageJob, InputImage
+from app.images.settlement import (
+    ImageStream,
+    ledger_record,
+    log_completed,
+    observe_outcome,
+    shielded,
+)
 from app.images.uploads import SpooledFile, UploadForm
 from app.images.validation import build_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
@@ -30,11 +37,10 @@ from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
 from app.storage import ImageStore
 from app.upstream.registry import ProviderRegistry
-from app.upstream.router import OpenStream, Router
+from app.upstream.router import Router
 
 log = logging.getLogger(__name__)
 
-StreamStatus = Literal["succeeded", "failed", "cancelled"]
 # Turns an upstream body (and its cost) into the body to return, plus work for the settlement.
 ResultHook = Callable[[dict[str, Any], int], Awaitable[tuple[dict[str, Any], TxHook | None]]]
 
@@ -192,13 +198,13 @@ class ImageService:
             finish = self._as_urls(job, base_url) if job.response_format == "url" else None
             outcome = await self.run(caller=caller, job=job, hold=hold, finish=finish)
         except GatewayError as exc:
-            await _shielded(self._limiter.release(grant))
+            await shielded(self._limiter.release(grant))
             exc.headers = {**grant.headers, **exc.headers}
             raise
         except BaseException:
-            await _shielded(self._limiter.release(grant))
+            await shielded(self._limiter.release(grant))
             raise
-        await _shielded(self._limiter.release(grant))
+        await shielded(self._limiter.release(grant))
         outcome.headers.update(grant.headers)
         return outcome
 
@@ -232,16 +238,16 @@ class ImageService:
             cost = apply_multiplier(cost, caller.price_multiplier_ppm)
             body, also = (result.body, None) if finish is None else await finish(result.body, cost)
         except BaseException as exc:
-            await _shielded(self._settle_failure(caller, job, hold, exc, started, tried))
+            await shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise
-        record = _record(
+        record = ledger_record(
             job, caller, upstream, "succeeded", result.image_count, usage, cost, started, result.raw_usage
         )
         # Shielded: once the upstream has produced the images, the charge must land even if the
         # client goes away while it is being written.
-        await _shielded(self._ledger.settle(hold, record, also=also))
-        _observe(self._metrics, job, usage, cost, result.image_count)
-        _log_completed(job, caller, upstream, result.image_count, cost, started)
+        await shielded(self._ledger.settle(hold, record, also=also))
+        observe_outcome(self._metrics, job, usage, cost, result.image_count)
+        log_completed(job, caller, upstream, result.image_count, cost, started)
         return ImageOutcome(body=body, cost_micros=cost, model=job.model, upstream=upstream)
 
     def _as_urls(self, job: ImageJob, base_url: str) -> ResultHook:
@@ -262,7 +268,7 @@ class ImageService:
         try:
             opened = await self._router.open_stream(job, tried)
         except BaseException as exc:
-            await _shielded(self._settle_failure(caller, job, hold, exc, started, tried))
+            await shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise
         return ImageStream(
             job=job,
@@ -276,7 +282,7 @@ class ImageService:
 
     async def release(self, hold: Hold) -> None:
         """Give back a hold for a request that ends before any upstream call."""
-        await _shielded(self._ledger.release(hold))
+        await shielded(self._ledger.release(hold))
 
     async def _settle_failure(
         self, caller: Caller, job: ImageJob, hold: Hold, exc: BaseException, started: float, tried: list[str]
@@ -293,90 +299,8 @@ class ImageService:
             await self._ledger.release(hold)
             return
         await self._ledger.settle(
-            hold, _record(job, caller, upstream, status, 0, None, 0, started, error_code=code)
+            hold, ledger_record(job, caller, upstream, status, 0, None, 0, started, error_code=code)
         )
-
-
-@dataclass(slots=True)
-class ImageStream:
-    """A committed stream: relays events, remembers what completed, and settles exactly once."""
-
-    job: ImageJob
-    caller: Caller
-    opened: OpenStream
-    ledger: LedgerService
-    hold: Hold
-    started: float
-    metrics: Metrics
-    completed: int = 0
-    reported: TokenUsage | None = None
-    raw_usage: dict[str, Any] = field(default_factory=dict)
-    settled: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-    # Called once when the stream ends, to free what the request held (its slot, its spooled files).
-    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-    @property
-    def upstream(self) -> str:
-        return self.opened.upstream
-
-    async def events(self) -> AsyncIterator[ProviderEvent]:
-        """Every event, first one included; an upstream failure mid-stream is raised."""
-        yield self._track(self.opened.first)
-        async for event in self.opened.rest:
-            yield self._track(event)
-
-    def _track(self, event: ProviderEvent) -> ProviderEvent:
-        if event.is_completed:
-            self.completed += 1
-            usage = event.usage
-            if usage is not None:
-                self.reported = usage if self.reported is None else self.reported + usage
-                _merge_raw(self.raw_usage, event.data.get("usage"))
-        return event
-
-    async def close(self) -> None:
-        """Release the upstream connection (at once, when the client has gone) and the slot."""
-        try:
-            await self.opened.aclose()
-        finally:
-            closers, self.closers = self.closers, []
-            for close in closers:
-                await close()
-
-    async def settle(self, status: StreamStatus, error_code: str | None = None) -> int:
-        """Bill what the upstream reported as completed, whatever the ending; returns the cost."""
-        if self.settled:
-            return 0
-        self.settled = True
-        cost, usage = 0, self.reported
-        if self.completed:
-            cost, usage = request_cost(self.job, self.reported, self.completed)
-            cost = apply_multiplier(cost, self.caller.price_multiplier_ppm)
-        await self.ledger.settle(
-            self.hold,
-            _record(
-                self.job,
-                self.caller,
-                self.upstream,
-                status,
-                self.completed,
-                usage,
-                cost,
-                self.started,
-                self.raw_usage or None,
-                error_code=error_code,
-            ),
-        )
-        _observe(self.metrics, self.job, usage, cost, self.completed)
-        if status == "succeeded":
-            _log_completed(self.job, self.caller, self.upstream, self.completed, cost, self.started)
-        return cost
-
-
-async def _shielded(operation: Coroutine[Any, Any, None]) -> None:
-    """Finish a money movement even if the request's task is being cancelled."""
-    await asyncio.shield(operation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,81 +323,5 @@ def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
     )
 
 
-def _observe(metrics: Metrics, job: ImageJob, usage: TokenUsage | None, cost: int, images: int) -> None:
-    tokens = usage or TokenUsage()
-    metrics.observe_usage(
-        model=job.model,
-        text_input=tokens.text_input,
-        image_input=tokens.image_input,
-        text_output=tokens.text_output,
-        image_output=tokens.image_output,
-        cost_micros=cost,
-        images=images,
-    )
-
-
 def _limits(caller: Caller, *, concurrency: bool = True) -> KeyLimits:
     return KeyLimits(rpm=caller.rpm, ipm=caller.ipm, concurrency=caller.concurrency if concurrency else None)
-
-
-def _merge_raw(total: dict[str, Any], usage: Any) -> None:
-    """Sum OpenAI usage objects field by field (nested details included), for the ledger's copy."""
-    if not isinstance(usage, dict):
-        return
-    for key, value in usage.items():
-        if isinstance(value, dict):
-            _merge_raw(total.setdefault(key, {}), value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            total[key] = total.get(key, 0) + value
-
-
-def _record(
-    job: ImageJob,
-    caller: Caller,
-    upstream: str,
-    status: str,
-    images: int,
-    usage: TokenUsage | None,
-    cost: int,
-    started: float,
-    raw_usage: Any = None,
-    *,
-    error_code: str | None = None,
-) -> LedgerRecord:
-    return LedgerRecord(
-        request_id=job.request_id,
-        key_id=caller.key_id,
-        model=job.model,
-        upstream=upstream,
-        endpoint=job.endpoint,
-        status=status,
-        images=images,
-        usage=usage,
-        cost_micros=cost,
-        latency_ms=_ms_since(started),
-        error_code=error_code,
-        raw_usage=raw_usage,
-    )
-
-
-def _log_completed(
-    job: ImageJob, caller: Caller, upstream: str, images: int, cost: int, started: float
-) -> None:
-    log.info(
-        "image request completed",
-        extra={
-            "fields": {
-                "key_id": caller.key_id,
-                "model": job.model,
-                "upstream": upstream,
-                "images": images,
-                "cost_micros": cost,
-                "latency_ms": _ms_since(started),
-                "stream": job.stream,
-            }
-        },
-    )
-
-
-def _ms_since(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)

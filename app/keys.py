@@ -87,6 +87,16 @@ def to_public(row: ApiKey) -> ApiKeyObject:
     )
 
 
+def _active_caller(row: ApiKey | None) -> Caller:
+    """The caller for a key row, or 401 when there is none or it is not active."""
+    if row is None:
+        raise AuthenticationError(INVALID_KEY_MESSAGE)
+    status = key_status(row)
+    if status != "active":
+        raise AuthenticationError(f"This API key is {status}.")
+    return _caller(row)
+
+
 def _caller(row: ApiKey) -> Caller:
     return Caller(
         key_id=row.id,
@@ -153,23 +163,13 @@ class KeyService:
             raise AuthenticationError(INVALID_KEY_MESSAGE)
         async with self._sessions() as session:
             row = await repos.get_key_by_hash(session=session, key_hash=hash_key(token, self._pepper))
-        if row is None:
-            raise AuthenticationError(INVALID_KEY_MESSAGE)
-        status = key_status(row)
-        if status != "active":
-            raise AuthenticationError(f"This API key is {status}.")
-        return _caller(row)
+        return _active_caller(row)
 
     async def caller_for(self, key_id: str) -> Caller:
         """The caller behind a key id (a worker running a queued task); 401 if no longer active."""
         async with self._sessions() as session:
             row = await repos.get_key(session=session, key_id=key_id)
-        if row is None:
-            raise AuthenticationError(INVALID_KEY_MESSAGE)
-        status = key_status(row)
-        if status != "active":
-            raise AuthenticationError(f"This API key is {status}.")
-        return _caller(row)
+        return _active_caller(row)
 
     async def create(self, request: ApiKeyCreateRequest) -> tuple[ApiKeyObject, str]:
         """A new key; the plaintext is returned here and never stored."""

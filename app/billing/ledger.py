@@ -8,8 +8,9 @@ adds the spend in the same transaction: the ledger's sum and the keys' spend can
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -64,6 +65,7 @@ class LedgerService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *, hold_ttl_s: float = 3600) -> None:
         self._sessions = sessions
         self._hold_ttl = timedelta(seconds=hold_ttl_s)
+        self._pending: set[asyncio.Future[None]] = set()
 
     async def reserve(
         self, *, key_id: str, amount_micros: int, request_id: str, ttl_s: float | None = None
@@ -72,7 +74,37 @@ class LedgerService:
 
         ``ttl_s`` (default: the configured hold TTL) bounds how long the hold outlives a dead
         process; queued tasks hold theirs for as long as they may wait.
+
+        A caller cancelled midway (its client hung up) must not cut a write transaction in half:
+        that would leave the database locked (SQLite) or the hold half-made. The reservation runs
+        to its end in its own task, and is then given back.
         """
+        work = asyncio.ensure_future(self._reserve(key_id, amount_micros, request_id, ttl_s))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self._background(self._undo(work))
+            raise
+
+    async def _undo(self, work: asyncio.Future[Hold]) -> None:
+        try:
+            hold = await work
+        except Exception:
+            return  # nothing was held
+        await self._release(hold)
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(coroutine)
+        # Referenced until done: the event loop keeps only weak references to tasks.
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    async def _protected(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a write transaction to its end even if the caller is cancelled meanwhile."""
+        await asyncio.shield(self._background(coroutine))
+
+    async def _reserve(self, key_id: str, amount_micros: int, request_id: str, ttl_s: float | None) -> Hold:
         now = utcnow()
         hold = Hold(
             id="hold_" + secrets.token_hex(12),
@@ -127,6 +159,10 @@ class LedgerService:
         return hold
 
     async def settle(self, hold: Hold | None, record: LedgerRecord, *, also: TxHook | None = None) -> None:
+        """See ``_settle``; runs to its end even if the caller is cancelled."""
+        await self._protected(self._settle(hold, record, also))
+
+    async def _settle(self, hold: Hold | None, record: LedgerRecord, also: TxHook | None) -> None:
         """Write the request's ledger row, charge its cost and release its hold, atomically.
 
         ``also`` runs in the same transaction (a task recording its outcome); if it returns False
@@ -151,6 +187,9 @@ class LedgerService:
 
     async def release(self, hold: Hold) -> None:
         """Give a hold back with no charge (the request never reached an upstream)."""
+        await self._protected(self._release(hold))
+
+    async def _release(self, hold: Hold) -> None:
         async with self._sessions.begin() as session:
             gone = await session.execute(delete(Reservation).where(Reservation.id == hold.id))
             if _rows(gone) == 1:

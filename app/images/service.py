@@ -169,7 +169,7 @@ class ImageService:
                 key_id=caller.key_id,
             )
         if outcome.audit is not None:
-            await self._audit.record(outcome.audit, request_id=job.request_id)
+            await shielded(self._audit.record(outcome.audit, request_id=job.request_id))
             self._metrics.observe_moderation_block(
                 categories=outcome.audit.categories, stage=outcome.audit.stage
             )

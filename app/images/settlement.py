@@ -99,9 +99,17 @@ class ImageStream:
         return cost
 
 
+# Shielded operations still running after their caller was cancelled; referenced so that they
+# finish (the event loop itself keeps only weak references to tasks).
+_PENDING: set[asyncio.Future[None]] = set()
+
+
 async def shielded(operation: Coroutine[Any, Any, None]) -> None:
-    """Finish a money movement even if the request's task is being cancelled."""
-    await asyncio.shield(operation)
+    """Finish a money movement (or a slot's release) even if the request's task is cancelled."""
+    task = asyncio.ensure_future(operation)
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+    await asyncio.shield(task)
 
 
 def observe_outcome(

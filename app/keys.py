@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -22,6 +23,7 @@ from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateReq
 from app.security import display_prefix, generate_api_key, hash_key, looks_like_key
 
 KeyStatus = Literal["active", "disabled", "expired", "revoked"]
+_CACHE_MAX = 10_000
 INVALID_KEY_MESSAGE = "Incorrect API key provided. You can create keys with the gateway's admin API."
 
 
@@ -132,11 +134,23 @@ _MONEY_FIELDS = {
 
 class KeyService:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], known_models: Sequence[str], *, pepper: bytes
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        known_models: Sequence[str],
+        *,
+        pepper: bytes,
+        cache_ttl_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sessions = sessions
         self._known_models = list(known_models)
         self._pepper = pepper
+        # Valid keys seen recently, by hash: saves a database round trip per request. Changes
+        # made through this process take effect at once; through another one (a replica, the
+        # CLI), within ``cache_ttl_s``.
+        self._cache: dict[str, tuple[float, ApiKey]] = {}
+        self._cache_ttl_s = cache_ttl_s
+        self._clock = clock
 
     @staticmethod
     def _check_terms(changes: dict[str, object]) -> None:
@@ -161,9 +175,20 @@ class KeyService:
         """The caller for a bearer token; 401 for a missing, unknown, disabled, revoked or expired key."""
         if not token or not looks_like_key(token):
             raise AuthenticationError(INVALID_KEY_MESSAGE)
+        key_hash = hash_key(token, self._pepper)
+        cached = self._cache.get(key_hash)
+        if cached is not None and self._clock() - cached[0] < self._cache_ttl_s:
+            return _active_caller(cached[1])  # status is re-checked: expiry passes with time
         async with self._sessions() as session:
-            row = await repos.get_key_by_hash(session=session, key_hash=hash_key(token, self._pepper))
+            row = await repos.get_key_by_hash(session=session, key_hash=key_hash)
+        if row is not None and self._cache_ttl_s > 0:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[key_hash] = (self._clock(), row)
         return _active_caller(row)
+
+    def _forget(self, row: ApiKey) -> None:
+        self._cache.pop(row.key_hash, None)
 
     async def caller_for(self, key_id: str) -> Caller:
         """The caller behind a key id (a worker running a queued task); 401 if no longer active."""
@@ -226,6 +251,7 @@ class KeyService:
                 setattr(row, "metadata_" if field == "metadata" else field, value)
             self._apply_limits(row, changes)
             await session.flush()
+            self._forget(row)
             return to_public(row)
 
     @staticmethod
@@ -261,6 +287,7 @@ class KeyService:
                 row.revoked_at = utcnow()
                 row.enabled = False
             await session.flush()
+            self._forget(row)
             return to_public(row)
 
     async def _row(self, session: AsyncSession, key_id: str) -> ApiKey:

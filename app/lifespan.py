@@ -115,7 +115,12 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)
-        keys = KeyService(sessions, catalog.names(), pepper=settings.security.pepper(settings.data_dir))
+        keys = KeyService(
+            sessions,
+            catalog.names(),
+            pepper=settings.security.pepper(settings.data_dir),
+            cache_ttl_s=settings.security.key_cache_ttl_s,
+        )
         tasks = TaskService(
             queue=TaskQueue(
                 sessions, lease_s=settings.tasks.lease_s, max_attempts=settings.tasks.max_attempts

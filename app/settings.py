@@ -177,6 +177,9 @@ class SecuritySettings(_Section):
     # Pepper of the keyed hash API keys are stored under. Replicas sharing a database must share
     # it; unset, it is generated once into <data_dir>/key_pepper. Changing it invalidates all keys.
     key_pepper: SecretStr | None = None
+    # Valid keys are remembered this long per process (one database read less per request). A key
+    # revoked or changed through another replica or the CLI stops working within this delay.
+    key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
 
     @field_validator("key_pepper", mode="before")
     @classmethod

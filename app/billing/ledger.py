@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Result, delete, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
@@ -127,26 +129,21 @@ class LedgerService:
                     ),
                 )
                 .values(reserved_micros=ApiKey.reserved_micros + amount_micros)
+                .returning(ApiKey.monthly_quota_micros)
             )
-            if _rows(taken) != 1:
+            taken_row = taken.first()
+            if taken_row is None:
                 raise QuotaExceededError(await self._why(session, key_id, amount_micros))
-            monthly = await session.scalar(select(ApiKey.monthly_quota_micros).where(ApiKey.id == key_id))
-            await self._ensure_period(session, key_id, hold.period)
-            conditions = [KeyPeriod.key_id == key_id, KeyPeriod.period == hold.period]
-            if monthly is not None:
-                conditions.append(
-                    KeyPeriod.spent_micros + KeyPeriod.reserved_micros + amount_micros <= monthly
-                )
-            month = await session.execute(
-                update(KeyPeriod)
-                .where(*conditions)
-                .values(reserved_micros=KeyPeriod.reserved_micros + amount_micros)
-            )
-            if _rows(month) != 1:
+            monthly = taken_row[0]
+            if monthly is not None and amount_micros > monthly:
+                raise QuotaExceededError("This API key has used its monthly quota.")
+            if not await self._add_to_period(
+                session, key_id, hold.period, reserved=amount_micros, limit=monthly
+            ):
                 # Leaving the block by exception rolls back the key's reservation above too.
                 raise QuotaExceededError("This API key has used its monthly quota.")
-            session.add(
-                Reservation(
+            await session.execute(
+                insert(Reservation).values(
                     id=hold.id,
                     key_id=key_id,
                     period=hold.period,
@@ -181,7 +178,7 @@ class LedgerService:
                 released,
                 record.cost_micros,
             )
-            session.add(_entry(record))
+            await session.execute(insert(LedgerEntry).values(**_entry(record)))
             if also is not None and not await also(session):
                 raise SettlementAbandoned("the outcome could not be recorded; the charge was not made")
 
@@ -228,31 +225,37 @@ class LedgerService:
                 balance_micros=ApiKey.balance_micros - cost,  # NULL stays NULL: no balance kept
             )
         )
-        await self._ensure_period(session, key_id, period)
-        await session.execute(
-            update(KeyPeriod)
-            .where(KeyPeriod.key_id == key_id, KeyPeriod.period == period)
-            .values(
-                reserved_micros=KeyPeriod.reserved_micros - released,
-                spent_micros=KeyPeriod.spent_micros + cost,
+        await self._add_to_period(session, key_id, period, reserved=-released, spent=cost)
+
+    async def _add_to_period(
+        self,
+        session: AsyncSession,
+        key_id: str,
+        period: str,
+        *,
+        reserved: int = 0,
+        spent: int = 0,
+        limit: int | None = None,
+    ) -> bool:
+        """Add to a key's month in one upsert; with ``limit``, only if the month stays within it."""
+        dialect = session.bind.dialect.name if session.bind is not None else ""
+        upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+        statement = upsert(KeyPeriod).values(
+            key_id=key_id, period=period, spent_micros=spent, reserved_micros=reserved
+        )
+        changed = await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[KeyPeriod.key_id, KeyPeriod.period],
+                set_={
+                    "reserved_micros": KeyPeriod.reserved_micros + reserved,
+                    "spent_micros": KeyPeriod.spent_micros + spent,
+                },
+                where=(KeyPeriod.spent_micros + KeyPeriod.reserved_micros + reserved <= limit)
+                if limit is not None
+                else None,
             )
         )
-
-    async def _ensure_period(self, session: AsyncSession, key_id: str, period: str) -> None:
-        exists = await session.scalar(
-            select(KeyPeriod.key_id).where(KeyPeriod.key_id == key_id, KeyPeriod.period == period)
-        )
-        if exists is None:
-            dialect = session.bind.dialect.name if session.bind is not None else ""
-            values = {"key_id": key_id, "period": period, "spent_micros": 0, "reserved_micros": 0}
-            statement: Any
-            if dialect == "postgresql":
-                from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-                statement = pg_insert(KeyPeriod).values(**values).on_conflict_do_nothing()
-            else:
-                statement = insert(KeyPeriod).values(**values).prefix_with("OR IGNORE")
-            await session.execute(statement)
+        return _rows(changed) == 1
 
     async def _why(self, session: AsyncSession, key_id: str, amount: int) -> str:
         row = await session.get(ApiKey, key_id)
@@ -274,9 +277,9 @@ def _rows(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-def _entry(record: LedgerRecord) -> LedgerEntry:
+def _entry(record: LedgerRecord) -> dict[str, Any]:
     usage = record.usage or TokenUsage()
-    return LedgerEntry(
+    return dict(
         request_id=record.request_id,
         key_id=record.key_id,
         model=record.model,

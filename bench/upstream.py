@@ -1,0 +1,262 @@
+"""The benchmark's fake OpenAI Images upstream: ``python -m bench.upstream --port 0``.
+
+It answers from bytes computed once at start, so it costs microseconds per request and is never
+the bottleneck of a measurement. It is a raw asyncio protocol over httptools (the parser uvicorn
+uses) rather than an ASGI app, because an ASGI framework would add tens of microseconds per request
+to the *direct* baseline and so flatter every proxy measured against it.
+
+Routes (anything else is a 404):
+
+- ``POST /v1/images/generations``: a tiny PNG per image, or, when ``size`` is ``1536x1024`` and
+  ``quality`` is ``high``, a ~2.5 MB PNG (~3.5 MB in base64) like a real high-quality answer;
+  ``n`` copies. With ``"stream": true``: ``partial_images`` partial events then one completed event
+  per image, ``--pace-ms`` apart, each carrying ``emitted_ns`` (``time.monotonic_ns()`` when it was
+  written; CLOCK_MONOTONIC is system-wide on Linux, so a client on the same machine can subtract it
+  from its own arrival time to get the relay delay of each event).
+- ``POST /v1/images/edits``: reads and discards the (multipart) body, answers a tiny image.
+- ``GET /v1/models``: a model list, for readiness probes.
+
+The listening port is printed on stdout as ``PORT <n>`` once the socket is bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import random
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import httptools
+import orjson
+from PIL import Image
+
+CREATED = 1_750_000_000
+LARGE_SIZE = (1536, 1024)
+
+
+def _tiny_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _large_png() -> bytes:
+    """A real 1536x1024 PNG of ~2.3 MB: noise restricted to 3 bits per channel, which compresses
+    about as badly as a detailed photo-like render. Seeded, so every run serves the same bytes."""
+    rng = random.Random(1536)
+    raw = bytes(b & 0x07 for b in rng.randbytes(LARGE_SIZE[0] * LARGE_SIZE[1] * 3))
+    out = io.BytesIO()
+    Image.frombytes("RGB", LARGE_SIZE, raw).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _usage(image_tokens: int, n: int) -> dict[str, Any]:
+    return {
+        "input_tokens": 12,
+        "input_tokens_details": {"text_tokens": 12, "image_tokens": 0},
+        "output_tokens": image_tokens * n,
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": image_tokens * n},
+        "total_tokens": 12 + image_tokens * n,
+    }
+
+
+class Answers:
+    """Precomputed answer bodies, keyed by what the request asked for."""
+
+    def __init__(self) -> None:
+        import base64
+
+        self.tiny_b64 = base64.b64encode(_tiny_png()).decode()
+        self.large_b64 = base64.b64encode(_large_png()).decode()
+        self._bodies: dict[tuple[bool, int], bytes] = {}
+        self.models = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": CREATED, "owned_by": "bench"}
+                    for name in ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+                ],
+            }
+        )
+
+    @staticmethod
+    def is_large(request: dict[str, Any]) -> bool:
+        return request.get("size") == "1536x1024" and request.get("quality") == "high"
+
+    def generation(self, request: dict[str, Any]) -> bytes:
+        large = self.is_large(request)
+        n = _count(request.get("n"))
+        key = (large, n)
+        if key not in self._bodies:
+            self._bodies[key] = orjson.dumps(
+                {
+                    "created": CREATED,
+                    "data": [{"b64_json": self.large_b64 if large else self.tiny_b64}] * n,
+                    "background": "opaque",
+                    "output_format": "png",
+                    "quality": "high" if large else "low",
+                    "size": "1536x1024" if large else "1024x1024",
+                    "usage": _usage(6208 if large else 272, n),
+                }
+            )
+        return self._bodies[key]
+
+    def events(self, request: dict[str, Any], prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        """The SSE events of a streamed answer, without their ``emitted_ns`` (added when sent)."""
+        large = self.is_large(request)
+        settings = {
+            "background": "opaque",
+            "output_format": "png",
+            "quality": "high" if large else "low",
+            "size": "1536x1024" if large else "1024x1024",
+            "created_at": CREATED,
+        }
+        events: list[tuple[str, dict[str, Any]]] = []
+        for index in range(min(_count(request.get("partial_images"), low=0), 3)):
+            kind = f"{prefix}.partial_image"
+            events.append(
+                (kind, {"type": kind, "b64_json": self.tiny_b64, "partial_image_index": index, **settings})
+            )
+        for _ in range(_count(request.get("n"))):
+            kind = f"{prefix}.completed"
+            image = self.large_b64 if large else self.tiny_b64
+            events.append((kind, {"type": kind, "b64_json": image, **settings, "usage": _usage(272, 1)}))
+        return events
+
+
+def _count(value: object, *, low: int = 1) -> int:
+    return max(low, min(int(value), 10)) if isinstance(value, int) else low
+
+
+def _head(status: int, content_type: str, length: int | None, keep_alive: bool) -> bytes:
+    reason = {200: "OK", 404: "Not Found", 400: "Bad Request"}.get(status, "OK")
+    lines = [f"HTTP/1.1 {status} {reason}", f"content-type: {content_type}"]
+    lines.append(f"content-length: {length}" if length is not None else "transfer-encoding: chunked")
+    if content_type == "text/event-stream":
+        # nginx honours this per response: SSE goes through unbuffered, JSON keeps nginx's defaults.
+        lines.append("x-accel-buffering: no")
+    lines.append("connection: keep-alive" if keep_alive else "connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection. Requests are handled one at a time, as none of the clients pipeline."""
+
+    def __init__(self, answers: Answers, pace_s: float) -> None:
+        self.answers = answers
+        self.pace_s = pace_s
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.body = bytearray()
+        self.discard_body = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # TCP: always a full Transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._send(400, b'{"error": {"message": "bad request"}}', keep_alive=False)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.body = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_headers_complete(self) -> None:
+        # Edit uploads can be hundreds of MB: count nothing, keep nothing.
+        self.discard_body = self.url.startswith(b"/v1/images/edits")
+
+    def on_body(self, body: bytes) -> None:
+        if not self.discard_body:
+            self.body += body
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method()
+        path = self.url.split(b"?", 1)[0]
+        keep_alive = self.parser.should_keep_alive()
+        if method == b"GET" and path == b"/v1/models":
+            self._send(200, self.answers.models, keep_alive=keep_alive)
+        elif method == b"POST" and path == b"/v1/images/edits":
+            self._send(200, self.answers.generation({}), keep_alive=keep_alive)
+        elif method == b"POST" and path == b"/v1/images/generations":
+            request = orjson.loads(self.body) if self.body else {}
+            if request.get("stream") is True:
+                asyncio.ensure_future(self._stream(request, keep_alive))
+            else:
+                self._send(200, self.answers.generation(request), keep_alive=keep_alive)
+        else:
+            self._send(
+                404,
+                b'{"error": {"message": "no such route", "type": "invalid_request_error"}}',
+                keep_alive=True,
+            )
+
+    def _send(self, status: int, body: bytes, *, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(_head(status, "application/json", len(body), keep_alive) + body)
+        if not keep_alive:
+            self.transport.close()
+
+    async def _stream(self, request: dict[str, Any], keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(_head(200, "text/event-stream", None, keep_alive))
+        for index, (kind, data) in enumerate(self.answers.events(request, "image_generation")):
+            if index and self.pace_s:
+                await asyncio.sleep(self.pace_s)
+            if transport.is_closing():
+                return
+            payload = orjson.dumps({**data, "emitted_ns": time.monotonic_ns()})
+            event = b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
+            transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+        transport.write(b"0\r\n\r\n")
+        if not keep_alive:
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002  # asyncio's signature
+        self.transport = None
+
+
+async def serve(host: str, port: int, pace_s: float) -> None:
+    answers = Answers()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: UpstreamProtocol(answers, pace_s), host, port, backlog=1024)
+    bound = server.sockets[0].getsockname()[1]
+    print(f"PORT {bound}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fast fake OpenAI Images upstream for benchmarks")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--pace-ms", type=float, default=10.0, help="pause between streamed events")
+    args = parser.parse_args()
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:  # plain asyncio is fast enough; uvloop only lowers the floor further
+        pass
+    try:
+        run(serve(args.host, args.port, args.pace_ms / 1000))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

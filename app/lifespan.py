@@ -123,7 +123,10 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         )
         tasks = TaskService(
             queue=TaskQueue(
-                sessions, lease_s=settings.tasks.lease_s, max_attempts=settings.tasks.max_attempts
+                sessions,
+                lease_s=settings.tasks.lease_s,
+                max_attempts=settings.tasks.max_attempts,
+                hold_ttl_s=float(settings.storage.retention_s),
             ),
             images=images,
             keys=keys,

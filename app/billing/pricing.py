@@ -98,10 +98,12 @@ def worst_case_cost(job: ImageJob) -> int:
     caps = job.caps
     if caps.prices.per_image and not caps.reports_usage:
         return per_image_cost(caps, quality=job.quality, size=job.size, images=job.n)
+    # `auto` may be rendered at any of the model's sizes and qualities: take the dearest.
+    sizes = [s for s in caps.sizes if s != "auto"] if job.size == "auto" else [job.size]
     if job.quality == "auto":
-        per_image = caps.max_output_tokens_per_image(job.size)
+        per_image = max((caps.max_output_tokens_per_image(size) for size in sizes), default=0)
     else:
-        per_image = caps.output_tokens_per_image(job.quality, job.size)
+        per_image = max((caps.output_tokens_per_image(job.quality, size) for size in sizes), default=0)
     usage = TokenUsage(
         text_input=len(job.prompt.encode("utf-8")),
         image_input=_input_image_tokens(job, worst=True),

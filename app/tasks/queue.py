@@ -21,7 +21,7 @@ from sqlalchemy import CursorResult, Result, and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.tables import Task, utcnow
+from app.db.tables import Reservation, Task, utcnow
 
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
 
@@ -47,9 +47,15 @@ def new_task_id() -> str:
 
 class TaskQueue:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], *, lease_s: float = 60.0, max_attempts: int = 3
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        lease_s: float = 60.0,
+        max_attempts: int = 3,
+        hold_ttl_s: float | None = None,
     ) -> None:
         self._sessions = sessions
+        self.hold_ttl = timedelta(seconds=hold_ttl_s) if hold_ttl_s is not None else None
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
 
@@ -82,6 +88,13 @@ class TaskQueue:
         try:
             async with self._sessions.begin() as session:
                 session.add(row)
+                if task.hold_id is not None and self.hold_ttl is not None:
+                    # A queued task keeps its hold for as long as it may wait and run.
+                    await session.execute(
+                        update(Reservation)
+                        .where(Reservation.id == task.hold_id)
+                        .values(expires_at=utcnow() + self.hold_ttl)
+                    )
         except IntegrityError:
             # Two submissions with one idempotency key raced: the other one won.
             if task.idempotency_key is None:

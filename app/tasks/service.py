@@ -77,7 +77,9 @@ class TaskService:
                 return existing, {}
         job = await self._images.screen(caller=caller, job=job)
         headers = await self._images.admit(caller=caller, job=job)
-        hold = await self._images.reserve(caller=caller, job=job, ttl_s=self._settings.hold_ttl_s)
+        # The normal hold TTL until the task row exists: a submission cut short (a crash between
+        # the two) must not lock the credit for a day. The task insert extends it.
+        hold = await self._images.reserve(caller=caller, job=job)
         task_id = new_task_id()
         spec: dict[str, Any] = {"payload": payload}
         try:

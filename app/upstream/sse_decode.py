@@ -90,7 +90,8 @@ class SSEDecoder:
     def flush(self) -> Iterator[SSEEvent]:
         """At end of stream: a final event not followed by a blank line is still delivered."""
         if self._buffer:
-            event = self._line(bytes(self._buffer))
+            # A CR held back as a possible half of CRLF is, at the end, a line ending of its own.
+            event = self._line(bytes(self._buffer).removesuffix(b"\r"))
             self._buffer.clear()
             if event is not None:
                 yield event

@@ -12,8 +12,8 @@ GET /v1/models, GET /v1/models/{id}, GET /v1/fake-files/{name} (the images of `r
 auth). Azure paths (/openai/deployments/{deployment}/..., /openai/v1/...) map onto the same handlers.
 Unknown routes: 404 OpenAI-shaped.
 
-Order of handling: record the request -> apply a fault (queued first, then `always_fail`) -> check the key
-(`Authorization: Bearer <api_key>` or Azure `api-key: <api_key>`) -> answer.
+Order of handling: record the request -> apply a fault (queued first, then `random_faults`, then
+`always_fail`) -> check the key (`Authorization: Bearer <api_key>` or Azure `api-key: <api_key>`) -> answer.
 Connections are dropped by closing uvicorn's transport (see `tests/fakes/asgi.py`): the client sees a
 transport error (httpx `RemoteProtocolError`; the SDK's `APIConnectionError`).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import threading
 import time
 import uuid
@@ -74,7 +75,9 @@ class FakeOpenAI:
     """The fake upstream. Tunables are plain attributes, restored to their defaults by `clear()`:
     `usage` (per response, and per streamed completed event), `stream_delay_s` (between SSE events),
     `noise_images` (incompressible images: payload size follows the image size), `moderation_flag_words`,
-    `moderation_category`, `moderation_flag_images`, `models`, `always_fail`."""
+    `moderation_category`, `moderation_flag_images`, `models`, `always_fail`, and `random_faults`
+    (`fault_rate`, `fault_rng`): each request without a queued fault gets, with probability `fault_rate`, one
+    of `random_faults` drawn by `fault_rng` (seed it for a reproducible run)."""
 
     def __init__(self, api_key: str = "sk-upstream-test", **server_kwargs: Any) -> None:
         """`server_kwargs` go to `ThreadedServer` (and from there to `uvicorn.Config`)."""
@@ -99,6 +102,9 @@ class FakeOpenAI:
             self._stream_disconnects = 0
             self._max_in_flight = self._in_flight
         self.always_fail: Fault | None = None
+        self.random_faults: list[Fault] = []
+        self.fault_rate = 0.0
+        self.fault_rng = random.Random(0)
         self.usage: dict[str, Any] = default_usage()
         self.stream_delay_s = 0.0
         self.abandoned: list[tuple[str, str | None]] = []
@@ -202,6 +208,11 @@ class FakeOpenAI:
                     if fault.fired >= fault.times:
                         self._faults.remove(fault)
                     return fault
+            if self.random_faults and self.fault_rng.random() < self.fault_rate:
+                drawn = self.fault_rng.choice(self.random_faults)
+                if drawn.matches(*paths):
+                    drawn.fired += 1
+                    return drawn
             persistent = self.always_fail
             if persistent is not None and persistent.matches(*paths):
                 persistent.fired += 1

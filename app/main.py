@@ -9,7 +9,7 @@ from app import __version__
 from app.api import build_api_router
 from app.api.errors import install_error_handlers
 from app.api.metrics import MetricsMiddleware, build_metrics_router
-from app.api.middleware import BodyGuardMiddleware, RequestContextMiddleware
+from app.api.middleware import AdminGuardMiddleware, BodyGuardMiddleware, RequestContextMiddleware
 from app.lifespan import make_lifespan
 from app.metrics import Metrics
 from app.settings import Settings
@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["x-request-id", "x-gateway-cost", "retry-after", "location"],
             max_age=600,
         )
+    app.add_middleware(AdminGuardMiddleware)
     app.add_middleware(RequestContextMiddleware)
     # Outermost, so refusals made by the middleware above (413) are counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -84,7 +84,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         message = f"Method {request.method} is not allowed for {request.url.path}"
         return error_response(405, message, error_type="invalid_request_error", code="method_not_allowed")
-    return error_response(exc.status_code, str(exc.detail), error_type="invalid_request_error")
+    # FastAPI's only own 400 is a body it could not decode (e.g. not UTF-8).
+    code = "invalid_json" if exc.status_code == 400 else None
+    return error_response(exc.status_code, str(exc.detail), error_type="invalid_request_error", code=code)
 
 
 async def _unexpected(_: Request, exc: Exception) -> Response:

@@ -14,8 +14,10 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLargeError, RequestTimeoutError
+from app.errors import AuthenticationError, PayloadTooLargeError, RequestTimeoutError
+from app.keys import INVALID_KEY_MESSAGE
 from app.logging import set_request_id
+from app.security import secrets_equal
 
 log = logging.getLogger("app.access")
 
@@ -156,3 +158,38 @@ async def _too_large(send: Send, limit: int) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class AdminGuardMiddleware:
+    """Checks the admin key on ``/admin/…`` before anything reads the request.
+
+    The routes check it too (``require_admin``); doing it here first means a caller without the
+    admin key learns nothing from the body's parsing (a 400 would answer before the 401).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/admin"):
+            await self.app(scope, receive, send)
+            return
+        state = getattr(scope["app"].state, "gateway", None)
+        header = _header(scope, b"authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if state is not None and scheme.lower() == "bearer" and secrets_equal(token.strip(), state.admin_key):
+            await self.app(scope, receive, send)
+            return
+        error = AuthenticationError(INVALID_KEY_MESSAGE)
+        body = orjson.dumps(error.to_body())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

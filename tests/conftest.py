@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,29 @@ def migrate(url: str) -> None:
 def start_gateway(settings: Settings, data_dir: Path) -> Gateway:
     server = ThreadedServer(create_app(settings), name="gateway", lifespan="on").start()
     return Gateway(settings=settings, server=server, data_dir=data_dir)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: an upstream there refuses connections."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def gateway_with(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """Start gateways with given upstreams and settings for one test; all closed afterwards."""
+    started: list[Gateway] = []
+
+    def start(*upstreams: dict[str, Any], **extra: Any) -> Gateway:
+        data_dir = tmp_path / f"gw{len(started)}"
+        gw = start_gateway(make_settings(data_dir, list(upstreams), **extra), data_dir)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,21 +17,14 @@ from tests.conftest import (
     ADMIN_KEY,
     UPSTREAM_KEY,
     Gateway,
+    closed_port,
     fake_upstream_config,
-    make_settings,
-    start_gateway,
 )
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.processes import GatewayProcess
 
 GEN = "/v1/images/generations"
 BREAKER = {"failure_threshold": 2, "open_s": 0.5, "min_requests": 1000}
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -47,34 +39,19 @@ def third_fake() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[Any]:
-    started: list[Gateway] = []
-
-    def start(*upstreams: dict[str, Any], **extra: Any) -> Gateway:
-        data_dir = tmp_path / f"gw{len(started)}"
-        gw = start_gateway(make_settings(data_dir, list(upstreams), **extra), data_dir)
-        started.append(gw)
-        return gw
-
-    yield start
-    for gw in started:
-        gw.close()
-
-
 def states(gw: Gateway) -> dict[str, str]:
     body = gw.admin("GET", "/admin/upstreams").json()
     return {u["name"]: u["state"] for u in body["data"]}
 
 
 def test_faulty_upstreams_trip_their_breakers_and_recover(
-    gateways: Any, upstream: FakeOpenAI, second_fake: FakeOpenAI, third_fake: FakeOpenAI
+    gateway_with: Any, upstream: FakeOpenAI, second_fake: FakeOpenAI, third_fake: FakeOpenAI
 ) -> None:
     second_fake.clear()
     third_fake.clear()
     second_fake.always_fail = Fault.status(500, "broken")
     third_fake.always_fail = Fault.hang()
-    gw = gateways(
+    gw = gateway_with(
         {
             "name": "dead",
             "kind": "openai",
@@ -111,11 +88,11 @@ def test_faulty_upstreams_trip_their_breakers_and_recover(
 
 
 def test_a_rate_limited_upstream_yields_to_a_healthy_one(
-    gateways: Any, upstream: FakeOpenAI, second_fake: FakeOpenAI
+    gateway_with: Any, upstream: FakeOpenAI, second_fake: FakeOpenAI
 ) -> None:
     second_fake.clear()
     second_fake.always_fail = Fault.status(429, "slow down", retry_after=30)
-    gw = gateways(
+    gw = gateway_with(
         fake_upstream_config(second_fake, name="limited"),
         fake_upstream_config(upstream, name="ok", priority=1),
     )
@@ -125,8 +102,8 @@ def test_a_rate_limited_upstream_yields_to_a_healthy_one(
     second_fake.always_fail = None
 
 
-def test_weighted_routing_follows_the_weights(gateways: Any, upstream: FakeOpenAI) -> None:
-    gw = gateways(
+def test_weighted_routing_follows_the_weights(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway_with(
         fake_upstream_config(upstream, name="three", weight=3),
         fake_upstream_config(upstream, name="one", weight=1),
         logging={"level": "WARNING"},
@@ -152,8 +129,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_metrics_count_what_happened(gateways: Any, upstream: FakeOpenAI) -> None:
-    gw = gateways(fake_upstream_config(upstream, name="fake"), retry={"max_retries_per_upstream": 0})
+def test_metrics_count_what_happened(gateway_with: Any, upstream: FakeOpenAI) -> None:
+    gw = gateway_with(fake_upstream_config(upstream, name="fake"), retry={"max_retries_per_upstream": 0})
     key, _ = gw.create_key()
     headers = {"Authorization": f"Bearer {key}"}
     for _ in range(3):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,10 @@ from tests.conftest import (
     MODELS_FILE,
     Gateway,
     fake_upstream_config,
-    make_settings,
-    start_gateway,
 )
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 
 GEN = "/v1/images/generations"
-
-
-@pytest.fixture
-def gateway_with(tmp_path: Path) -> Iterator[Any]:
-    started: list[Gateway] = []
-
-    def start(*upstreams: dict[str, Any], **extra: Any) -> Gateway:
-        data_dir = tmp_path / f"gw{len(started)}"
-        gw = start_gateway(make_settings(data_dir, list(upstreams), **extra), data_dir)
-        started.append(gw)
-        return gw
-
-    yield start
-    for gw in started:
-        gw.close()
 
 
 def collect(events: Any) -> list[Any]:

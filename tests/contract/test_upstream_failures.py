@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, fake_upstream_config, make_settings, start_gateway
+from tests.conftest import closed_port, fake_upstream_config
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 
 NO_RETRY = {"max_retries_per_upstream": 0}
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def gateway_with(tmp_path: Path) -> Iterator[Any]:
-    started: list[Gateway] = []
-
-    def start(*upstreams: dict[str, Any], **extra: Any) -> Gateway:
-        data_dir = tmp_path / f"gw{len(started)}"
-        gw = start_gateway(make_settings(data_dir, list(upstreams), **extra), data_dir)
-        started.append(gw)
-        return gw
-
-    yield start
-    for gw in started:
-        gw.close()
 
 
 def assert_clean(error: openai.APIStatusError, *secrets: str) -> None:

@@ -15,6 +15,7 @@ from app.billing.ledger import LedgerService
 from app.billing.limits import RateLimiter, build_limiter
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
+from app.db.writer import create_writer
 from app.images.capabilities import Catalog
 from app.images.service import ImageService
 from app.keys import KeyService
@@ -77,6 +78,8 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         if _is_sqlite(settings):
             await upgrade_head(engine)
         sessions = create_sessionmaker(engine)
+        writer = create_writer(engine)
+        opened.append(writer.aclose)
         store = build_store(
             settings.storage, signing_secret=resolve_signing_secret(settings.storage, settings.data_dir)
         )
@@ -84,7 +87,7 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         opened.append(store.aclose)
         uploads = UploadPolicy.from_settings(settings, catalog)
         uploads.spool_root.mkdir(parents=True, exist_ok=True)
-        ledger = LedgerService(sessions, hold_ttl_s=settings.billing.hold_ttl_s)
+        ledger = LedgerService(writer, hold_ttl_s=settings.billing.hold_ttl_s)
         limiter = build_limiter(
             settings.redis.url,
             prefix=settings.rate_limits.prefix,
@@ -124,6 +127,7 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         tasks = TaskService(
             queue=TaskQueue(
                 sessions,
+                writer,
                 lease_s=settings.tasks.lease_s,
                 max_attempts=settings.tasks.max_attempts,
                 hold_ttl_s=float(settings.storage.retention_s),

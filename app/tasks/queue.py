@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Result, and_, delete, or_, select, update
+from sqlalchemy import Connection, CursorResult, Result, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.tables import Reservation, Task, utcnow
+from app.db.writer import Writer
 
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
 
@@ -49,18 +49,18 @@ class TaskQueue:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
+        writer: Writer,
         *,
         lease_s: float = 60.0,
         max_attempts: int = 3,
         hold_ttl_s: float | None = None,
     ) -> None:
         self._sessions = sessions
+        # Writes go through the writer (app/db/writer.py); reads for the task API use sessions.
+        self._writer = writer
         self.hold_ttl = timedelta(seconds=hold_ttl_s) if hold_ttl_s is not None else None
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
-
-    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
-        return self._sessions.begin()
 
     async def submit(self, task: NewTask) -> tuple[Task, bool]:
         """Persist a queued task; with an idempotency key already used by this caller, the existing
@@ -69,7 +69,7 @@ class TaskQueue:
             existing = await self._by_idempotency(task.key_id, task.idempotency_key)
             if existing is not None:
                 return existing, False
-        row = Task(
+        values = dict(
             id=task.id,
             key_id=task.key_id,
             request_id=task.request_id,
@@ -85,16 +85,19 @@ class TaskQueue:
             attempts=0,
             created_at=utcnow(),
         )
+
+        def write(c: Connection) -> None:
+            c.execute(insert(Task).values(values))
+            if task.hold_id is not None and self.hold_ttl is not None:
+                # A queued task keeps its hold for as long as it may wait and run.
+                c.execute(
+                    update(Reservation)
+                    .where(Reservation.id == task.hold_id)
+                    .values(expires_at=utcnow() + self.hold_ttl)
+                )
+
         try:
-            async with self._sessions.begin() as session:
-                session.add(row)
-                if task.hold_id is not None and self.hold_ttl is not None:
-                    # A queued task keeps its hold for as long as it may wait and run.
-                    await session.execute(
-                        update(Reservation)
-                        .where(Reservation.id == task.hold_id)
-                        .values(expires_at=utcnow() + self.hold_ttl)
-                    )
+            await self._writer.run(write)
         except IntegrityError:
             # Two submissions with one idempotency key raced: the other one won.
             if task.idempotency_key is None:
@@ -103,7 +106,7 @@ class TaskQueue:
             if existing is None:
                 raise
             return existing, False
-        return row, True
+        return Task(**values), True
 
     async def find(self, key_id: str, idempotency_key: str) -> Task | None:
         """The caller's task submitted with this idempotency key, if any."""
@@ -118,65 +121,91 @@ class TaskQueue:
 
     async def claim(self, worker: str) -> Task | None:
         """Lease the oldest runnable task: queued, or in progress with a lapsed lease."""
+        return await self._writer.run(lambda c: self._claim(c, worker))
+
+    def _claim(self, c: Connection, worker: str) -> Task | None:
         now = utcnow()
-        async with self._sessions.begin() as session:
-            candidate = (
-                select(Task.id)
-                .where(
-                    or_(
-                        Task.status == QUEUED,
-                        and_(Task.status == IN_PROGRESS, Task.lease_until < now),
-                    )
-                )
-                .order_by(Task.created_at, Task.id)
-                .limit(1)
-            )
-            if _dialect(session) == "postgresql":
-                candidate = candidate.with_for_update(skip_locked=True)
-            task_id = await session.scalar(candidate)
-            if task_id is None:
-                return None
-            claimed = await session.execute(
-                update(Task)
-                .where(
-                    Task.id == task_id,
-                    or_(Task.status == QUEUED, and_(Task.status == IN_PROGRESS, Task.lease_until < now)),
-                )
-                .values(
-                    status=IN_PROGRESS,
-                    worker=worker,
-                    lease_until=now + self.lease,
-                    attempts=Task.attempts + 1,
-                    started_at=now,
+        candidate = (
+            select(Task.id)
+            .where(
+                or_(
+                    Task.status == QUEUED,
+                    and_(Task.status == IN_PROGRESS, Task.lease_until < now),
                 )
             )
-            if _rows(claimed) != 1:
-                return None  # another worker got it between the select and the update (SQLite)
-            return await session.get(Task, task_id, populate_existing=True)
+            .order_by(Task.created_at, Task.id)
+            .limit(1)
+        )
+        if c.dialect.name == "postgresql":
+            candidate = candidate.with_for_update(skip_locked=True)
+        task_id = c.scalar(candidate)
+        if task_id is None:
+            return None
+        claimed = c.execute(
+            update(Task)
+            .where(
+                Task.id == task_id,
+                or_(Task.status == QUEUED, and_(Task.status == IN_PROGRESS, Task.lease_until < now)),
+            )
+            .values(
+                status=IN_PROGRESS,
+                worker=worker,
+                lease_until=now + self.lease,
+                attempts=Task.attempts + 1,
+                started_at=now,
+            )
+        )
+        if _rows(claimed) != 1:
+            return None  # another worker got it between the select and the update (SQLite)
+        row = c.execute(select(Task.__table__).where(Task.id == task_id)).one()
+        return Task(**row._asdict())
 
     async def mark_dispatched(self, task_id: str, worker: str) -> bool:
         """Record that the upstream is about to be called (see ``Task.dispatched_at``)."""
-        async with self._sessions.begin() as session:
-            marked = await session.execute(
+
+        def mark(c: Connection) -> bool:
+            marked = c.execute(
                 update(Task)
                 .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
                 .values(dispatched_at=utcnow())
             )
             return _rows(marked) == 1
 
+        return await self._writer.run(mark)
+
     async def renew(self, task_id: str, worker: str) -> bool:
         """Extend a lease; False when the task is no longer this worker's."""
-        async with self._sessions.begin() as session:
-            renewed = await session.execute(
+
+        def extend(c: Connection) -> bool:
+            renewed = c.execute(
                 update(Task)
                 .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
                 .values(lease_until=utcnow() + self.lease)
             )
             return _rows(renewed) == 1
 
+        return await self._writer.run(extend)
+
     async def finish(
         self,
-        session: AsyncSession,
+        task_id: str,
+        worker: str,
+        *,
+        status: str,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        cost_micros: int = 0,
+    ) -> bool:
+        """Record an outcome in a transaction of its own (one with no charge)."""
+        return await self._writer.run(
+            lambda c: self.finish_in(
+                c, task_id, worker, status=status, result=result, error=error, cost_micros=cost_micros
+            )
+        )
+
+    def finish_in(
+        self,
+        c: Connection,
         task_id: str,
         worker: str,
         *,
@@ -186,7 +215,7 @@ class TaskQueue:
         cost_micros: int = 0,
     ) -> bool:
         """Record the outcome inside the caller's transaction (the one that settles billing)."""
-        finished = await session.execute(
+        finished = c.execute(
             update(Task)
             .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
             .values(
@@ -202,32 +231,30 @@ class TaskQueue:
 
     async def fail_exhausted(self) -> list[Task]:
         """Tasks whose lease lapsed after their last allowed attempt: they fail, they don't loop."""
+        return await self._writer.run(self._fail_exhausted)
+
+    def _fail_exhausted(self, c: Connection) -> list[Task]:
         now = utcnow()
-        async with self._sessions.begin() as session:
-            rows = (
-                (
-                    await session.execute(
-                        select(Task).where(
-                            Task.status == IN_PROGRESS,
-                            Task.lease_until < now,
-                            Task.attempts >= self.max_attempts,
-                        )
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            for row in rows:
-                row.status = FAILED
-                row.finished_at = now
-                row.lease_until = None
-                row.error = {
-                    "message": "The task was interrupted too many times and was abandoned.",
-                    "type": "api_error",
-                    "param": None,
-                    "code": "task_abandoned",
-                }
-            return list(rows)
+        exhausted = and_(
+            Task.status == IN_PROGRESS, Task.lease_until < now, Task.attempts >= self.max_attempts
+        )
+        rows = [Task(**row._asdict()) for row in c.execute(select(Task.__table__).where(exhausted))]
+        if not rows:
+            return []
+        error = {
+            "message": "The task was interrupted too many times and was abandoned.",
+            "type": "api_error",
+            "param": None,
+            "code": "task_abandoned",
+        }
+        c.execute(
+            update(Task)
+            .where(Task.id.in_([row.id for row in rows]), exhausted)
+            .values(status=FAILED, finished_at=now, lease_until=None, error=error)
+        )
+        for row in rows:
+            row.status, row.finished_at, row.lease_until, row.error = FAILED, now, None, error
+        return rows
 
     async def get(self, task_id: str, key_id: str) -> Task | None:
         async with self._sessions() as session:
@@ -261,8 +288,10 @@ class TaskQueue:
 
     async def depth(self) -> int:
         async with self._sessions() as session:
-            result = await session.execute(select(Task.id).where(Task.status.in_((QUEUED, IN_PROGRESS))))
-            return len(result.all())
+            depth = await session.scalar(
+                select(func.count()).select_from(Task).where(Task.status.in_((QUEUED, IN_PROGRESS)))
+            )
+            return int(depth or 0)
 
     async def purge_finished(self, older_than: timedelta) -> list[Task]:
         """Delete finished tasks past retention; returns them so their files can go too."""
@@ -280,10 +309,6 @@ class TaskQueue:
             if rows:
                 await session.execute(delete(Task).where(Task.id.in_([r.id for r in rows])))
             return list(rows)
-
-
-def _dialect(session: AsyncSession) -> str:
-    return session.bind.dialect.name if session.bind is not None else ""
 
 
 def _rows(result: Result[Any]) -> int:

@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Connection
 
 from app.billing.ledger import Hold, SettlementAbandoned, TxHook
 from app.db.tables import Task
@@ -215,9 +215,9 @@ class TaskService:
         async def finish(body: dict[str, Any], cost: int) -> tuple[dict[str, Any], TxHook]:
             stored = await store_images(body, self._store, output_format=job.output_format)
 
-            async def record(session: AsyncSession) -> bool:
-                return await self.queue.finish(
-                    session, task.id, worker, status=SUCCEEDED, result=stored, cost_micros=cost
+            def record(c: Connection) -> bool:
+                return self.queue.finish_in(
+                    c, task.id, worker, status=SUCCEEDED, result=stored, cost_micros=cost
                 )
 
             return stored, record
@@ -228,8 +228,7 @@ class TaskService:
         # The request path has already settled or released the hold for upstream failures; a
         # failure before it (the key was revoked, validation changed) still holds it: release.
         await self._images.release(hold)
-        async with self.queue.transaction() as session:
-            await self.queue.finish(session, task.id, worker, status=FAILED, error=error)
+        await self.queue.finish(task.id, worker, status=FAILED, error=error)
 
     async def _rebuild(self, task: Task, caller: Caller) -> ImageJob:
         """The job again, from what was submitted (validated again: the catalog may have changed)."""

@@ -276,15 +276,20 @@ def test_stale_holds_are_released(metered: Gateway) -> None:
     _, key_id = metered.create_key(name="crashed")
 
     async def scenario() -> int:
-        from app.db.engine import create_engine, create_sessionmaker
+        from app.db.engine import create_engine
         from app.db.tables import utcnow
+        from app.db.writer import create_writer
 
         engine = create_engine(metered.settings.database.url)
         try:
-            ledger = LedgerService(create_sessionmaker(engine), hold_ttl_s=0.001)
-            await ledger.reserve(key_id=key_id, amount_micros=12345, request_id="req_dead")
-            await asyncio.sleep(0.01)
-            return await ledger.release_expired(utcnow())
+            writer = create_writer(engine)
+            try:
+                ledger = LedgerService(writer, hold_ttl_s=0.001)
+                await ledger.reserve(key_id=key_id, amount_micros=12345, request_id="req_dead")
+                await asyncio.sleep(0.01)
+                return await ledger.release_expired(utcnow())
+            finally:
+                await writer.aclose()
         finally:
             await engine.dispose()
 

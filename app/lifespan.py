@@ -18,6 +18,7 @@ from app.db.migrate import upgrade_head
 from app.db.writer import create_writer
 from app.images.capabilities import Catalog
 from app.images.service import ImageService
+from app.images.sweep import SweepPolicy, sweep_forever
 from app.keys import KeyService
 from app.metrics import Metrics
 from app.moderation import ModerationService
@@ -208,6 +209,19 @@ async def _background(state: AppState) -> AsyncIterator[None]:
                 state.store, retention_s=storage.retention_s, interval_s=storage.purge_interval_s
             ),
             name="image-purge",
+        ),
+        asyncio.create_task(
+            sweep_forever(
+                SweepPolicy(
+                    spool_root=state.uploads.spool_root,
+                    inputs_root=state.tasks.inputs_root,
+                    spool_age_s=state.settings.uploads.orphan_age_s,
+                    inputs_age_s=state.settings.tasks.inputs_orphan_age_s,
+                ),
+                state.tasks.queue.active_ids,
+                interval_s=state.settings.uploads.sweep_interval_s,
+            ),
+            name="orphan-sweep",
         ),
     ]
     try:

@@ -35,6 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
         BodyGuardMiddleware,
         max_bytes=settings.server.max_json_body_bytes,
         read_timeout_s=settings.server.body_read_timeout_s,
+        deadline_s=settings.server.body_deadline_s,
     )
     if settings.server.cors_origins:
         # Closed by default: browsers may call the API only from origins the operator lists.

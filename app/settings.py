@@ -89,6 +89,13 @@ class UploadSettings(_Section):
     max_input_edge: int = Field(default=16_384, ge=1)
     max_field_bytes: int = Field(default=256 * 1024, ge=1024)
     max_fields: int = Field(default=100, ge=1)
+    # A spool folder nothing has written to for this long belongs to a request whose process died
+    # (SIGKILL, OOM) and is swept. Replicas and `python -m app worker` share the data dir, so age is
+    # the only safe sign of an orphan: it must outlive any live request (checked below), and six
+    # hours leaves room for streams, which no setting bounds.
+    orphan_age_s: float = Field(default=6 * 3600.0, gt=0)
+    # How often the orphan sweep (spool and task input folders) runs in each server process.
+    sweep_interval_s: float = Field(default=600.0, gt=0)
 
 
 class ServerSettings(_Section):
@@ -102,6 +109,11 @@ class ServerSettings(_Section):
     public_url: str | None = None
     # A request body that sends nothing for this long is answered 408 (stalled uploads).
     body_read_timeout_s: float = Field(default=30.0, gt=0)
+    # A body still arriving this long after the request came in is answered 408, however steadily
+    # it trickles (the timeout above alone lets one byte every 29 s hold a request for ever). 900 s
+    # carries the largest edit the catalog admits (16 images of 50 MB, 800 MB) at 1 MB/s (8 Mbit/s
+    # upstream); a usual edit of a few MB needs under a minute even at 100 KB/s.
+    body_deadline_s: float = Field(default=900.0, gt=0)
     # Origins allowed to call the API from a browser (CORS); empty: no cross-origin access.
     cors_origins: list[str] = Field(default_factory=list)
     # Keep-alive comment interval on SSE streams, so proxies do not cut long generations.
@@ -136,6 +148,10 @@ class TaskSettings(_Section):
     # Where async edits keep their uploads until they run; default <data_dir>/task_inputs.
     # Replicas that share a queue must share this directory.
     inputs_dir: str | None = None
+    # A task's input folder is swept once its task is finished or unknown and the folder is this old.
+    # The age covers the moment between moving the files in and committing the task row, and the
+    # clock skew of a disk shared between hosts; a queued or running task's inputs are always kept.
+    inputs_orphan_age_s: float = Field(default=3600.0, ge=60)
 
 
 class RetrySettings(_Section):
@@ -310,6 +326,25 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"upstreams: duplicate names {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_spares_live_requests(self) -> Settings:
+        # A live request stops writing its spool when its body ends (within body_deadline_s), then
+        # may retry upstream until retry.deadline_s, start one last call of an upstream's timeout_s
+        # and drain for shutdown_grace_s: the sweep must not take its folder for an orphan sooner.
+        longest = (
+            self.server.body_deadline_s
+            + self.retry.deadline_s
+            + max((u.timeout_s for u in self.upstreams), default=0.0)
+            + self.server.shutdown_grace_s
+        )
+        if self.uploads.orphan_age_s <= longest:
+            raise ValueError(
+                f"uploads.orphan_age_s must be above {longest:g} s, the longest a live request may "
+                "hold its spool (server.body_deadline_s + retry.deadline_s + the longest upstream "
+                "timeout_s + server.shutdown_grace_s)"
+            )
         return self
 
     @classmethod

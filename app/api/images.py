@@ -178,8 +178,9 @@ def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStrea
         )
     request.state.upstream = outcome.upstream
     request.state.cost_micros = outcome.cost_micros
+    body = outcome.body
     return Response(
-        orjson.dumps(outcome.body),
+        body if isinstance(body, bytes) else orjson.dumps(body),
         media_type="application/json",
         headers={**outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
     )

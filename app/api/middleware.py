@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids and access logs, and the JSON body size cap.
+"""Pure ASGI middleware: request ids and access logs, body size and time limits, the admin guard.
 
 Pure ASGI rather than BaseHTTPMiddleware, so streamed responses are relayed chunk by chunk.
 """
@@ -89,12 +89,18 @@ class BodyGuardMiddleware:
     - A body that stalls (no bytes for ``read_timeout_s``) gets 408, so a slow or stuck upload
       cannot hold a connection, a spool file and a worker slot forever. uvicorn has no body-read
       timeout of its own.
+    - A body not complete ``deadline_s`` after the request came in gets 408 too: without it, one
+      byte every ``read_timeout_s`` - 1 seconds would hold all of the above for ever.
+
+    Both 408s are raised from ``receive()``, so they reach the handlers as any error does and the
+    upload parser removes its spool on the way out.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float, deadline_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
+        self.deadline_s = deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,6 +111,8 @@ class BodyGuardMiddleware:
         if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
             await _too_large(send, limit)
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s
         seen = 0
         body_done = False
 
@@ -113,12 +121,13 @@ class BodyGuardMiddleware:
             if body_done:
                 # After the body, receive() only reports a disconnect: waiting on it is fine.
                 return await receive()
+            left = deadline - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                if left <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), min(self.read_timeout_s, left))
             except TimeoutError:
-                raise RequestTimeoutError(
-                    f"The request body stalled: no data for {self.read_timeout_s:g} seconds."
-                ) from None
+                raise RequestTimeoutError(self._timeout_message(late=left <= self.read_timeout_s)) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
@@ -129,6 +138,11 @@ class BodyGuardMiddleware:
             return message
 
         await self.app(scope, guarded_receive, send)
+
+    def _timeout_message(self, *, late: bool) -> str:
+        if late:
+            return f"The request body took too long: it must arrive within {self.deadline_s:g} seconds."
+        return f"The request body stalled: no data for {self.read_timeout_s:g} seconds."
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

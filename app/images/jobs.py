@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 from app.images.capabilities import ModelCapabilities
 
 Endpoint = Literal["generations", "edits"]
@@ -137,18 +139,54 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-@dataclass(slots=True)
 class ImageResult:
-    """A provider's answer: an ImagesResponse-shaped dict, relayed as is, plus parsed usage."""
+    """A provider's answer: an ImagesResponse, relayed as is, plus parsed usage.
 
-    body: dict[str, Any]
-    usage: TokenUsage | None
-    raw_usage: Mapping[str, Any] | None = None
+    ``raw`` is the upstream's own JSON when there is one (the provider has validated it and read
+    its usage and image count). Relaying those bytes spares decoding and re-encoding megabytes of
+    base64, so ``body`` is only parsed from them when something needs the images themselves (URL
+    delivery, task storage, a replayed stream); a provider that builds its answer passes ``body``.
+    """
+
+    __slots__ = ("_body", "_count", "raw", "raw_usage", "usage")
+
+    def __init__(
+        self,
+        body: dict[str, Any] | None = None,
+        usage: TokenUsage | None = None,
+        raw_usage: Mapping[str, Any] | None = None,
+        *,
+        raw: bytes | None = None,
+        image_count: int | None = None,
+    ) -> None:
+        if body is None and raw is None:
+            raise ValueError("an ImageResult needs a body or its raw JSON")
+        self._body = body
+        self._count = image_count
+        self.raw = raw
+        self.usage = usage
+        self.raw_usage = raw_usage
+
+    @property
+    def body(self) -> dict[str, Any]:
+        if self._body is None:
+            assert self.raw is not None
+            parsed = orjson.loads(self.raw)
+            if not isinstance(parsed, dict):
+                raise TypeError("the raw JSON of an ImageResult is not an object")
+            self._body = parsed
+        return self._body
 
     @property
     def image_count(self) -> int:
-        data = self.body.get("data")
-        return len(data) if isinstance(data, list) else 0
+        if self._count is None:
+            data = self.body.get("data")
+            self._count = len(data) if isinstance(data, list) else 0
+        return self._count
+
+    def __repr__(self) -> str:
+        size = f"{len(self.raw)} bytes" if self.raw is not None else "built"
+        return f"ImageResult({self.image_count} images, {size}, usage={self.usage!r})"
 
 
 @dataclass(frozen=True, slots=True)

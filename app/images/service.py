@@ -47,9 +47,13 @@ ResultHook = Callable[[dict[str, Any], int], Awaitable[tuple[dict[str, Any], TxH
 
 @dataclass(frozen=True, slots=True)
 class ImageOutcome:
-    """A completed request: the body to relay and what it cost."""
+    """A completed request: the body to relay and what it cost.
 
-    body: dict[str, Any]
+    ``body`` is the upstream's own JSON when nothing had to change it (it is sent byte for byte),
+    else the dict to encode.
+    """
+
+    body: dict[str, Any] | bytes
     cost_micros: int
     model: str
     upstream: str
@@ -236,7 +240,12 @@ class ImageService:
             result, upstream = await self._router.generate(job, tried)
             cost, usage = request_cost(job, result.usage, result.image_count)
             cost = apply_multiplier(cost, caller.price_multiplier_ppm)
-            body, also = (result.body, None) if finish is None else await finish(result.body, cost)
+            body: dict[str, Any] | bytes
+            if finish is not None:
+                body, also = await finish(result.body, cost)
+            else:
+                # `result.body` would parse the upstream's megabytes of base64 only to encode them again.
+                body, also = (result.raw if result.raw is not None else result.body), None
         except BaseException as exc:
             await shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise

@@ -45,6 +45,9 @@ from app.errors import InvalidRequestError, PayloadTooLargeError
 from app.images.inspect import MASK_MAX_BYTES
 
 FLUSH_BYTES = 1024 * 1024
+# Each request's spool folder is ``<spool_root>/upload-<random>``; the orphan sweep (sweep.py)
+# recognises its folders by this prefix and leaves everything else in the root alone.
+SPOOL_PREFIX = "upload-"
 _IMAGE_FIELD = re.compile(r"image(?:\[\d{0,4}\])?")
 
 Role = Literal["image", "mask", "field"]
@@ -349,7 +352,7 @@ async def parse_multipart(
     """
     boundary = multipart_boundary(content_type)
     spool_root.mkdir(parents=True, exist_ok=True)
-    spool_dir = Path(tempfile.mkdtemp(prefix="upload-", dir=spool_root))
+    spool_dir = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=spool_root))
     spooler: _Spooler | None = None
     try:
         spooler = _Spooler(boundary, spool_dir, limits)

@@ -11,7 +11,7 @@ identity, so a worker whose lease was taken over can never overwrite the new own
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -285,6 +285,16 @@ class TaskQueue:
                 .all()
             )
         return rows[:limit], len(rows) > limit
+
+    async def active_ids(self, task_ids: Collection[str]) -> set[str]:
+        """Those of ``task_ids`` still queued or in progress (their input files are in use)."""
+        if not task_ids:
+            return set()
+        async with self._sessions() as session:
+            result = await session.execute(
+                select(Task.id).where(Task.id.in_(list(task_ids)), Task.status.in_((QUEUED, IN_PROGRESS)))
+            )
+            return set(result.scalars().all())
 
     async def depth(self) -> int:
         async with self._sessions() as session:

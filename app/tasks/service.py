@@ -110,6 +110,11 @@ class TaskService:
         self.wakeup.set()
         return task, headers
 
+    @property
+    def inputs_root(self) -> Path:
+        """Where queued edits keep their input files (swept for orphans by the lifespan)."""
+        return self._inputs_root
+
     def _keep_inputs(self, task_id: str, form: UploadForm) -> list[dict[str, Any]]:
         """Move a request's spooled files into the task's own folder (same filesystem: a rename)."""
         folder = self._inputs_root / task_id

@@ -75,7 +75,8 @@ class FakeOpenAI:
     """The fake upstream. Tunables are plain attributes, restored to their defaults by `clear()`:
     `usage` (per response, and per streamed completed event), `stream_delay_s` (between SSE events),
     `noise_images` (incompressible images: payload size follows the image size), `moderation_flag_words`,
-    `moderation_category`, `moderation_flag_images`, `models`, `always_fail`, and `random_faults`
+    `moderation_category`, `moderation_flag_images`, `models`, `pretty_json` (indent non-streamed image
+    answers, as a gateway re-encoding them would not), `always_fail`, and `random_faults`
     (`fault_rate`, `fault_rng`): each request without a queued fault gets, with probability `fault_rate`, one
     of `random_faults` drawn by `fault_rng` (seed it for a reproducible run)."""
 
@@ -113,6 +114,8 @@ class FakeOpenAI:
         self.moderation_category = "violence"
         self.moderation_flag_images = False
         self.models: list[str] = list(DEFAULT_MODELS)
+        self.pretty_json = False
+        self.last_answer: bytes | None = None  # the body of the last non-streamed image answer
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -357,7 +360,18 @@ class FakeOpenAI:
             return json_response(exc.body, 400)
         if job.stream:
             return self._stream(job.events(self.usage), cut.events_before_cut if cut else None)
-        return json_response(job.payload(self.usage, lambda variant: self._store(job, variant)))
+        payload = job.payload(self.usage, lambda variant: self._store(job, variant))
+        if not self.pretty_json:
+            response = json_response(payload)
+        else:
+            response = Response(
+                json.dumps(payload, indent=2).encode(),
+                200,
+                {"x-request-id": request_id()},
+                "application/json",
+            )
+        self.last_answer = bytes(response.body)
+        return response
 
     def _stream(self, events: Iterator[tuple[str, dict[str, Any]]], cut_after: int | None) -> Response:
         """SSE: events separated by `stream_delay_s`; records a client that leaves before the end."""

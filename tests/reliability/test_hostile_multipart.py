@@ -10,10 +10,11 @@ nothing behind: no spool directory, and no request still counted in flight.
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class Raw:
         host, port = gw.url.removeprefix("http://").split(":")
         self.address = (host, int(port))
         self.key = key
+        self.data_dir = gw.data_dir
 
     def head(self, path: str, content_type: str | None, length: int | None, extra: str = "") -> bytes:
         lines = [f"POST {path} HTTP/1.1", f"Host: {self.address[0]}", f"Authorization: Bearer {self.key}"]
@@ -348,6 +350,44 @@ def test_a_stalled_upload_holds_its_spool_until_the_timeout(hostile: Gateway, ke
     assert seen, "the upload never reached the spool"
     assert_refused(answer, 408, "request_timeout")
     assert settled(hostile) == ([], 1)
+
+
+def trickle(raw: Raw, path: str, content_type: str, start: bytes, *, every_s: float) -> tuple[Answer, bool]:
+    """Send ``start``, then one more byte every ``every_s`` (never a stall) until the gateway answers.
+    Returns the answer and whether a spool folder existed while the body was trickling."""
+    spool_seen = False
+    with socket.create_connection(raw.address, timeout=30) as sock:
+        sock.sendall(raw.head(path, content_type, len(start) + 100_000) + start)
+        give_up = time.monotonic() + 20  # bounds the test only: the gateway must answer long before
+        while not select.select([sock], [], [], every_s)[0]:
+            assert time.monotonic() < give_up, "the gateway let the trickle go on"
+            spool_seen = spool_seen or bool(list((raw.data_dir / "spool").iterdir()))
+            try:
+                sock.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        return read_answer(sock), spool_seen
+
+
+def test_a_trickled_body_is_answered_408_at_the_body_deadline(
+    gateway_with: Callable[..., Gateway], fake_upstream: FakeOpenAI
+) -> None:
+    """One byte every 0.1 s never trips the stall timeout (5 s here), so only the overall deadline
+    (1 s here, `server.body_deadline_s`) can end it: 408 as for a stall, nothing kept afterwards."""
+    gw = gateway_with(
+        fake_upstream_config(fake_upstream), server={"body_read_timeout_s": 5, "body_deadline_s": 1}
+    )
+    key = gw.create_key()[0]
+    raw = Raw(gw, key)
+    for path, content_type, start in (
+        (EDIT, "multipart/form-data; boundary=BOUNDARY", WHOLE[: WHOLE.index(IMAGE) + 10]),
+        (GEN, "application/json", b'{"model": "gpt-image-1", "prompt": "a ha'),
+    ):
+        answer, spool_seen = trickle(raw, path, content_type, start, every_s=0.1)
+        assert_refused(answer, 408, "request_timeout")
+        assert answer.error is not None and "1 seconds" in str(answer.error["message"]), answer.error
+        assert spool_seen == (path == EDIT), path  # so for an edit the 408 did release a real spool
+        assert settled(gw) == ([], 1), path
 
 
 def test_a_client_that_vanishes_mid_upload_leaves_nothing(hostile: Gateway, key: str) -> None:

@@ -151,6 +151,7 @@ async def test_usage_parsed_and_body_relayed_as_is(provider_for: Callable[..., O
     result = await provider_for(Recorder(lambda _: json_response(200, answer))).generate(
         make_job(), upstream_model="gpt-image-1"
     )
+    assert result.raw == orjson.dumps(answer)  # what is relayed
     assert result.body == answer
     assert result.body["data"][0]["b64_json"] == B64
     assert result.usage == TokenUsage(text_input=40, image_input=10, text_output=0, image_output=1056)

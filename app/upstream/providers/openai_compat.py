@@ -2,7 +2,7 @@
 
 The job already knows its upstream body (``ImageJob.upstream_body``); this module only moves bytes:
 it posts that body, turns a failure into an ``app.errors`` upstream error and hands a success back
-as it came, so images are never decoded or re-encoded on the way through.
+as the bytes it came in, so images are never decoded or re-encoded on the way through.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from app.errors import UpstreamError
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.upstream.errors import INVALID_RESPONSE, map_httpx_errors, rejected_from_response, upstream_secrets
 from app.upstream.multipart import edit_parts
+from app.upstream.skeleton import summarize
 from app.upstream.sse_decode import iter_sse
 
 
@@ -181,14 +182,19 @@ class OpenAICompatProvider:
 
     @staticmethod
     def _image_result(response: httpx.Response) -> ImageResult:
-        """The parsed ImagesResponse; a body without a ``data`` list is the upstream's fault (502)."""
+        """The ImagesResponse as the bytes it came in, with its usage and image count read from a
+        skeleton (``app.upstream.skeleton``); a body without a ``data`` list is the upstream's fault
+        (502)."""
+        raw = response.content
         try:
-            body = orjson.loads(response.content)
-        except orjson.JSONDecodeError as exc:
+            answer = summarize(raw)
+        except ValueError as exc:
             raise UpstreamError(INVALID_RESPONSE) from exc
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            raise UpstreamError(INVALID_RESPONSE)
-        usage = body.get("usage")
-        if not isinstance(usage, dict) or not usage:
-            return ImageResult(body=body, usage=None, raw_usage=None)
-        return ImageResult(body=body, usage=TokenUsage.from_openai(usage), raw_usage=usage)
+        usage = answer.usage or None
+        return ImageResult(
+            answer.body,
+            TokenUsage.from_openai(usage) if usage else None,
+            usage,
+            raw=raw,
+            image_count=answer.count,
+        )

@@ -39,6 +39,11 @@ GROUP_NOTES = {
         "`POST …?async=true` then `GET /v1/tasks/{id}` every 50 ms. req/s is tasks completed per second "
         "(first submit to last completion); p50/p99 submit-to-succeeded."
     ),
+    "6. workers (both cores)": (
+        "Small answers through `serve --workers 1` and `--workers 2`, each gateway allowed on both cores "
+        "(so sharing one with wrk and the fake upstream): what a second worker process buys on this "
+        "machine. SQLite, no Redis."
+    ),
 }
 
 
@@ -148,7 +153,7 @@ def results(bench: Bench) -> str:
         out += [*restarts, ""]
     if "moderation" in bench.texts:
         out += [
-            "### 6. moderation classifier",
+            "### 7. moderation classifier",
             "",
             "`python -m bench.moderation_bench`:",
             "",

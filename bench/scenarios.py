@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from bench.load import LoadResult, NotSupported, async_task_load, edit_load, run_wrk, stream_load, warm_up
-from bench.servers import MODEL, ROOT, Cpus, PeakSampler, Server, pinned, rss_bytes
+from bench.servers import MODEL, ROOT, Cpus, PeakSampler, Server, pinned, rss_bytes, start_gateway
 
 SMALL: dict[str, Any] = {
     "model": MODEL,
@@ -339,6 +339,36 @@ def async_mode(bench: Bench) -> None:
         bench.measure("5. async tasks", f"{tasks} tasks, c=16", target, run)
 
 
+def workers(bench: Bench) -> None:
+    """``serve --workers N``: one process against two, each free to use every core.
+
+    The other scenarios give the target one core of its own; a second worker needs a second core,
+    which here is the one wrk and the fake upstream run on, so these figures are this machine's
+    ceiling rather than a clean per-worker cost. Both gateways run the same way, so the ratio holds.
+    """
+    upstream = bench.target("direct").server
+    if upstream is None or bench.wrk is None:
+        return
+    every_core = Cpus(server=tuple(sorted({*bench.cpus.server, *bench.cpus.load})), load=bench.cpus.load)
+    for count in (1, 2):
+        server = start_gateway(bench.workdir, every_core, upstream, workers=count)
+        target = Target(f"gateway, {count} worker{'s' if count > 1 else ''}", server)
+        try:
+            probe(server)
+            for connections in (16, 64):
+                single = Bench(
+                    targets=[target],
+                    cpus=bench.cpus,
+                    workdir=bench.workdir,
+                    settings=bench.settings,
+                    wrk=bench.wrk,
+                )
+                single.wrk_row("6. workers (both cores)", f"c={connections}", SMALL, connections)
+                bench.cells.extend(single.cells)
+        finally:
+            server.stop(grace_s=5)
+
+
 def hang_ups(bench: Bench) -> None:
     """Not a speed test: do the proxies survive clients that hang up with requests in flight?
     Plain wrk does exactly that at the end of a run, as do clients that time out."""
@@ -408,6 +438,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "stream": streaming,
     "edits": edits,
     "async": async_mode,
+    "workers": workers,
     "hangups": hang_ups,
     "moderation": moderation,
 }

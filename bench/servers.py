@@ -157,9 +157,9 @@ def start_upstream(workdir: Path, cpus: Cpus, *, pace_ms: float) -> Server:
 # -- gateway ----------------------------------------------------------------------------------------
 
 
-def start_gateway(workdir: Path, cpus: Cpus, upstream: Server) -> Server:
-    """The gateway as shipped (one worker, SQLite, local storage) with logs at WARNING, in front of
-    the fake upstream only; then one tenant key made through the admin API."""
+def start_gateway(workdir: Path, cpus: Cpus, upstream: Server, *, workers: int = 1) -> Server:
+    """The gateway as shipped (one worker unless told otherwise, SQLite, local storage) with logs at
+    WARNING, in front of the fake upstream only; then one tenant key made through the admin API."""
     # A fresh data dir per start: a restarted gateway must not inherit a locked database.
     data = Path(tempfile.mkdtemp(prefix="gateway-data-", dir=workdir))
     port = free_port()
@@ -170,7 +170,7 @@ def start_gateway(workdir: Path, cpus: Cpus, upstream: Server) -> Server:
         "database": {"url": f"sqlite+aiosqlite:///{data}/gateway.db"},
         "storage": {"kind": "local", "path": str(data / "images")},
         "models_file": str(ROOT / "config" / "models.yaml"),
-        "server": {"host": "127.0.0.1", "port": port, "workers": 1},
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
         "logging": {"level": "WARNING", "json": True},
         "upstreams": [
             {

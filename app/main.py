@@ -10,6 +10,7 @@ from app.api import build_api_router
 from app.api.errors import install_error_handlers
 from app.api.metrics import MetricsMiddleware, build_metrics_router
 from app.api.middleware import AdminGuardMiddleware, BodyGuardMiddleware, RequestContextMiddleware
+from app.api.openapi import install_openapi
 from app.lifespan import make_lifespan
 from app.metrics import Metrics
 from app.settings import Settings
@@ -30,6 +31,7 @@ def create_app(settings: Settings) -> FastAPI:
         token = settings.metrics.token
         app.include_router(build_metrics_router(token.get_secret_value() if token else None))
     install_error_handlers(app)
+    install_openapi(app)
     # Pure ASGI middleware (never BaseHTTPMiddleware), so streamed responses pass through untouched.
     app.add_middleware(
         BodyGuardMiddleware,

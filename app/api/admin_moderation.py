@@ -17,7 +17,8 @@ async def moderation_events(
     key_id: str | None = None,
     category: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    before: int | None = None,
+    # An event id (the table's integer key): bounded so the database never sees an overflowing int.
+    before: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
 ) -> dict[str, Any]:
     rows = await state.moderation_log.recent(key_id=key_id, category=category, limit=limit, before=before)
     data = [

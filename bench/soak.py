@@ -3,10 +3,10 @@
     python -m bench.soak --minutes 30          # the real thing (not run by the test suite)
     python -m bench.soak --minutes 1           # a smoke run of the same
 
-A gateway process (SQLite, 2 in-process task workers) in front of the fake OpenAI upstream, which
-misbehaves on ``--fault-rate`` of its calls with every fault kind it has; ``--concurrency`` clients
-send the mix of ``tests/reliability`` (generations, streams, edits, url results, async tasks) without
-pause. Every ``--report-every`` seconds a line gives the requests so far, their rate, the answers that
+A gateway process (SQLite, ``--task-workers`` in-process task workers) in front of the fake OpenAI
+upstream, which misbehaves on ``--fault-rate`` of its calls with every fault kind it has;
+``--concurrency`` clients send the mix of ``tests/reliability`` (generations, streams, edits, url
+results, async tasks, each polled to its end by its client) without pause. Every ``--report-every`` seconds a line gives the requests so far, their rate, the answers that
 broke the contract, the task queue and the gateway's resident memory. At the end, once every task
 has ended: the ledger invariant (Σ ledger = Σ spend = the catalog price of what the clients saw
 complete, nothing reserved), no stuck task, no leftover spool file, and memory growth since the
@@ -67,12 +67,10 @@ def soak(args: argparse.Namespace, workdir: Path) -> int:
         gateway = GatewayProcess(gateway_config(fake, data_dir, db_url, tasks=tasks), workdir).wait_ready()
         try:
             key, key_id = create_key(gateway.url, "soak")
-            traffic = Traffic(gateway.url, key, seed=args.seed)
-            # Async submissions at a rate the task workers keep up with on a saturated gateway (a
-            # third of the load test's share), so the queue stays level instead of growing all along.
-            traffic.MIX = tuple(
-                (kind, weight // 3 if kind.startswith("async") else weight) for kind, weight in Traffic.MIX
-            )
+            # The load test's mix; each client polls its async task to the end before its next
+            # request, as SDK users do, so the queue holds what is in flight rather than growing
+            # whenever submissions outpace the workers.
+            traffic = Traffic(gateway.url, key, seed=args.seed, wait_for_tasks=True)
             print(
                 f"soak: {args.minutes:g} min at concurrency {args.concurrency}, "
                 f"{args.fault_rate:.0%} upstream faults; gateway pid {gateway.proc.pid}, logs in {workdir}"

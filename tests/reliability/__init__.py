@@ -199,8 +199,14 @@ class Traffic:
         ("async_edit", 10),
     )
 
-    def __init__(self, base_url: str, key: str, *, seed: int = 0, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, key: str, *, seed: int = 0, timeout_s: float = 60.0, wait_for_tasks: bool = False
+    ) -> None:
         self.base_url = base_url
+        # Like an SDK user, poll each submitted task until it ends before sending the next request
+        # (else a client submits as fast as the gateway answers 202s, and the queue grows as long
+        # as submissions outpace the workers, which no queue survives).
+        self.wait_for_tasks = wait_for_tasks
         self.headers = {"Authorization": f"Bearer {key}"}
         self.rng = random.Random(seed)
         self.timeout_s = timeout_s
@@ -278,6 +284,8 @@ class Traffic:
             outcome.detail = response.text[:300]
         elif response.status_code == 202:
             outcome.task_id = payload["id"]
+            if self.wait_for_tasks:
+                await self._wait(client, outcome)
         else:
             outcome.completed.append(payload["usage"])
             if kind == "url":
@@ -316,6 +324,21 @@ class Traffic:
                 outcome.body_ok = outcome.error is not None and event.get("type") == "error"
         return outcome
 
+    async def _wait(self, client: httpx.AsyncClient, outcome: Outcome, poll_s: float = 0.25) -> None:
+        while outcome.task_status is None:
+            await asyncio.sleep(poll_s)
+            self._record(outcome, (await client.get(f"/v1/tasks/{outcome.task_id}")).json())
+
+    @staticmethod
+    def _record(outcome: Outcome, task: dict[str, Any]) -> None:
+        """A finished task's outcome (its result's usage is billed); nothing while it runs."""
+        if task["status"] == "succeeded":
+            outcome.task_status = "succeeded"
+            outcome.completed.append(task["result"]["usage"])
+        elif task["status"] == "failed":
+            outcome.task_status = "failed"
+            outcome.error = task.get("error")
+
     async def settle_tasks(self, *, timeout_s: float = 120.0) -> list[Outcome]:
         """Poll every submitted task until it ends; records its result's usage. Returns those still
         open at the deadline (none, when the queue works)."""
@@ -325,14 +348,8 @@ class Traffic:
             while pending and time.monotonic() < deadline:
                 still = []
                 for outcome in pending:
-                    task = (await client.get(f"/v1/tasks/{outcome.task_id}")).json()
-                    if task["status"] == "succeeded":
-                        outcome.task_status = "succeeded"
-                        outcome.completed.append(task["result"]["usage"])
-                    elif task["status"] == "failed":
-                        outcome.task_status = "failed"
-                        outcome.error = task.get("error")
-                    else:
+                    self._record(outcome, (await client.get(f"/v1/tasks/{outcome.task_id}")).json())
+                    if outcome.task_status is None:
                         still.append(outcome)
                 pending = still
                 if pending:

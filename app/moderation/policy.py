@@ -35,6 +35,7 @@ from app.moderation.classifier import Classifier
 from app.moderation.config import ModerationSettings, PolicyError, load_policy
 from app.moderation.lists import BlocklistChecker, TermCache, validate_terms
 from app.moderation.normalize import normalize
+from app.moderation.thumbnails import thumbnail
 from app.moderation.upstream import UpstreamModerator
 
 if TYPE_CHECKING:  # only the moderation adapter (upstream.py) does HTTP
@@ -154,17 +155,24 @@ class ModerationService:
         level = self._level(requested_level, key_policy)
         if level == "off" or self.upstream is None or not images:
             return ModerationOutcome(level=level, verdict=Verdict.allow(level))
-        data = [
-            item if isinstance(item, bytes) else await asyncio.to_thread(item.read_bytes) for item in images
-        ]
+        data: list[bytes] = []
+        hashes: list[str] = []
+        for item in images:  # one at a time: a single decoded image in memory
+            if isinstance(item, bytes):
+                data.append(item)
+                hashes.append(sha256_hex(item))
+            else:
+                small = await asyncio.to_thread(thumbnail, item)
+                data.append(small.data)
+                hashes.append(small.original_sha256)
         verdict = await self.upstream.check_images(data, level=level)
         if not verdict.blocked:
             return ModerationOutcome(level=level, verdict=verdict)
-        audit = self._audit(key_id, verdict, None, images=data)
+        audit = self._audit(key_id, verdict, None, image_hashes=hashes)
         return ModerationOutcome(level=level, verdict=verdict, audit=audit)
 
     def _audit(
-        self, key_id: str, verdict: Verdict, prompt: str | None, *, images: Sequence[bytes] = ()
+        self, key_id: str, verdict: Verdict, prompt: str | None, *, image_hashes: Sequence[str] = ()
     ) -> AuditEvent:
         return AuditEvent(
             key_id=key_id,
@@ -175,5 +183,5 @@ class ModerationService:
             rules=verdict.rules,
             prompt_sha256=sha256_hex(prompt) if prompt is not None else None,
             prompt=prompt if self.settings.store_prompts else None,
-            image_sha256=tuple(sha256_hex(data) for data in images),
+            image_sha256=tuple(image_hashes),
         )

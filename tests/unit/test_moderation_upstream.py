@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -127,6 +129,23 @@ async def test_flagged_edit_image_is_blocked(
         (item,) = body["input"]
         assert item["type"] == "image_url"
         assert item["image_url"]["url"].startswith("data:image/png;base64,iVBORw0KGgo")
+
+
+async def test_edit_files_are_shrunk_before_moderation_and_audited_by_the_original_hash(
+    upstream: FakeOpenAI, make_service: Factory, tmp_path: Path
+) -> None:
+    upstream.moderation_flag_images = True
+    svc = await make_service()
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (3000, 2000), "green").save(big, format="JPEG", quality=95)
+    outcome = await check_images(svc, [big])
+    assert outcome.blocked and outcome.audit is not None
+    assert outcome.audit.image_sha256 == (hashlib.sha256(big.read_bytes()).hexdigest(),)
+    (body,) = [r.json for r in upstream.requests if r.path == MODERATIONS]
+    url = body["input"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as sent:
+        assert max(sent.size) <= 1024 and sent.size[0] / sent.size[1] == pytest.approx(1.5, rel=0.01)
 
 
 async def test_clean_edit_image_passes(upstream: FakeOpenAI, make_service: Factory) -> None:

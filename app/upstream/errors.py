@@ -1,15 +1,20 @@
 """Translate what an upstream does wrong into the gateway's own errors (``app.errors``).
 
-Adapters call upstreams with httpx, but nothing above ``app/upstream`` may see an httpx exception
-(ARCHITECTURE convention 8), so every call runs inside ``map_httpx_errors``. As in httpx's own
-``map_httpcore_exceptions``, the most specific class wins and the original stays as ``__cause__``:
+Adapters call upstreams with aiohttp (image providers) or httpx (the moderation client), but nothing
+above ``app/upstream`` may see a transport exception (ARCHITECTURE convention 8), so every call runs
+inside ``map_aiohttp_errors`` or ``map_httpx_errors``. As in httpx's own ``map_httpcore_exceptions``,
+the most specific class wins and the original stays as ``__cause__``. Both map alike:
 
-    httpx.HTTPStatusError     → UpstreamRejected   the upstream's status, type and code (sanitised)
-    httpx.TimeoutException    → UpstreamTimeout    504 upstream_timeout
-    httpx.TransportError      → UpstreamUnavailable 502 upstream_unavailable (connect, read, protocol…)
-    other httpx.RequestError  → UpstreamError      502 upstream_error (undecodable body, redirect loop)
+    status error (raise_for_status)  → UpstreamRejected    the upstream's status, type and code (sanitised)
+    timeout (connect, read, write,   → UpstreamTimeout     504 upstream_timeout
+      pool)
+    transport trouble (connect,      → UpstreamUnavailable 502 upstream_unavailable
+      reset, truncated or malformed
+      answer, proxy, bad URL)
+    undecodable body (content-       → UpstreamError       502 upstream_error
+      encoding), redirect loop
 
-Transport messages are generic on purpose: httpx exception strings carry the request URL, and the
+Transport messages are generic on purpose: exception strings carry the request URL, and the
 client must never learn upstream URLs, hosts or keys (SPEC §1.4). An upstream's own error *body* is
 worth relaying (status, type, param, code, moderation details), so ``rejected_from_response`` keeps
 it, but every string in it goes through ``sanitize`` first. The router (convention 9) reads the
@@ -24,8 +29,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 
 from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 
@@ -55,6 +62,30 @@ def map_httpx_errors(*, secrets: Sequence[str] = ()) -> Iterator[None]:
         raise UpstreamUnavailable() from exc
     except httpx.RequestError as exc:
         raise UpstreamError(INVALID_RESPONSE) from exc
+
+
+@contextmanager
+def map_aiohttp_errors(*, secrets: Sequence[str] = ()) -> Iterator[None]:
+    """Re-raise aiohttp exceptions from the block as ``app.errors`` upstream errors."""
+    try:
+        yield
+    # Before ClientError: aiohttp's own timeouts (connect, sock_read) are ServerTimeoutErrors, which
+    # are both; a stalled upload (``multipart``) raises a plain TimeoutError.
+    except TimeoutError as exc:
+        raise UpstreamTimeout() from exc
+    except aiohttp.ClientResponseError as exc:
+        # A status line or headers that do not parse arrive as a ClientResponseError with status 400:
+        # that is the upstream talking nonsense (httpx: RemoteProtocolError), not a client mistake.
+        if isinstance(exc.__cause__, HttpProcessingError) or isinstance(exc, aiohttp.ClientHttpProxyError):
+            raise UpstreamUnavailable() from exc
+        # Only from raise_for_status(), which adapters do not use; aiohttp has released the body.
+        raise rejected_from_response(exc.status, b"", exc.headers or {}, secrets=secrets) from exc
+    except aiohttp.ClientPayloadError as exc:
+        if isinstance(exc.__cause__, ContentEncodingError):
+            raise UpstreamError(INVALID_RESPONSE) from exc
+        raise UpstreamUnavailable() from exc  # a body cut short: the connection broke
+    except aiohttp.ClientError as exc:  # connect, disconnect, reset, TLS, invalid or non-HTTP URL
+        raise UpstreamUnavailable() from exc
 
 
 def sanitize(message: str, *, secrets: Sequence[str]) -> str:

@@ -1,16 +1,19 @@
-"""AzureOpenAIProvider against httpx.MockTransport: addressing, auth, bodies, streams, error shapes."""
+"""AzureOpenAIProvider against real HTTP upstreams on 127.0.0.1: addressing, auth, bodies, streams,
+error shapes. A loopback resolver gives the upstream its Azure-style host name, whose resource
+label must be scrubbed like the key."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from app.errors import UpstreamError, UpstreamRejected
 from app.images.capabilities import Catalog
@@ -24,18 +27,24 @@ from app.upstream.providers.azure import (
     resource_endpoint,
     with_reset_retry_after,
 )
+from app.upstream.providers.openai_compat import client_timeout, new_session
 from app.upstream.registry import ProviderRegistry
+from tests.fakes.scripted_http import (
+    Answer,
+    LoopbackResolver,
+    ScriptedUpstream,
+    json_response,
+    sse,
+    sse_response,
+)
 
 CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "config" / "models.yaml")
-ENDPOINT = "https://contoso-images.openai.azure.com"
 HOST = "contoso-images.openai.azure.com"
+ENDPOINT = f"https://{HOST}"  # for the tests without an upstream
 API_KEY = "0123456789abcdef0123456789abcdef"
 DEPLOYMENT = "prod-img-east"
 VERSION = "2025-04-01-preview"
-GENERATIONS = f"{ENDPOINT}/openai/deployments/{DEPLOYMENT}/images/generations?api-version={VERSION}"
 B64 = base64.b64encode(b"\x89PNG azure image bytes").decode()
-
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def make_job(endpoint: str = "generations", model: str = "gpt-image-1", **forward: Any) -> ImageJob:
@@ -68,70 +77,63 @@ def input_image(path: Path, data: bytes) -> InputImage:
     )
 
 
-def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.Response(
-        status, content=orjson.dumps(body), headers={"content-type": "application/json", **(headers or {})}
-    )
-
-
-def ok(_: httpx.Request) -> httpx.Response:
+def ok(_: web.Request) -> web.Response:
     return json_response(200, {"created": 1700000000, "data": [{"b64_json": B64}]})
 
 
-class Recorder:
-    def __init__(self, answer: Handler = ok) -> None:
-        self.answer = answer
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        request.read()  # multipart bodies are streamed from the spooled files: read them while open
-        self.requests.append(request)
-        return self.answer(request)
+@dataclasses.dataclass
+class Harness:
+    provider: AzureOpenAIProvider
+    upstream: ScriptedUpstream
+    endpoint: str  # http://contoso-images.openai.azure.com:<port>
 
     @property
-    def last(self) -> httpx.Request:
-        return self.requests[-1]
+    def generations(self) -> str:
+        return f"{self.endpoint}/openai/deployments/{DEPLOYMENT}/images/generations?api-version={VERSION}"
+
+
+Build = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def provider_for() -> AsyncIterator[Callable[..., AzureOpenAIProvider]]:
-    clients: list[httpx.AsyncClient] = []
+async def provider_for() -> AsyncIterator[Build]:
+    async with AsyncExitStack() as stack:
 
-    def build(handler: Handler, **kwargs: Any) -> AzureOpenAIProvider:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        clients.append(client)
-        options: dict[str, Any] = {
-            "name": "azure",
-            "base_url": ENDPOINT,
-            "api_key": API_KEY,
-            "api_version": VERSION,
-            "deployments": [DEPLOYMENT],
-            **kwargs,
-        }
-        return AzureOpenAIProvider(client=client, **options)
+        async def build(answer: Answer = ok, *, suffix: str = "", **kwargs: Any) -> Harness:
+            upstream = await stack.enter_async_context(ScriptedUpstream(answer))
+            endpoint = f"http://{HOST}:{upstream.port}"
+            session = new_session(client_timeout(300, 10), max_connections=10, resolver=LoopbackResolver())
+            stack.push_async_callback(session.close)
+            options: dict[str, Any] = {
+                "name": "azure",
+                "base_url": endpoint + suffix,
+                "api_key": API_KEY,
+                "api_version": VERSION,
+                "deployments": [DEPLOYMENT],
+                **kwargs,
+            }
+            return Harness(AzureOpenAIProvider(session=session, **options), upstream, endpoint)
 
-    yield build
-    for client in clients:
-        await client.aclose()
+        yield build
 
 
 # --- requests ---------------------------------------------------------------------------------------
 
 
-async def test_generation_url_auth_and_body(provider_for: Callable[..., AzureOpenAIProvider]) -> None:
-    rec = Recorder()
+async def test_generation_url_auth_and_body(provider_for: Build) -> None:
+    h = await provider_for()
     job = make_job(quality="low", safety_identifier="user-42", future_field={"x": 1})
-    result = await provider_for(rec).generate(job, upstream_model=DEPLOYMENT)
+    result = await h.provider.generate(job, upstream_model=DEPLOYMENT)
 
-    request = rec.last
+    request = h.upstream.last
     assert request.method == "POST"
-    assert str(request.url) == GENERATIONS
-    assert request.url.params["api-version"] == VERSION
+    assert request.url == h.generations
     assert request.headers["api-key"] == API_KEY
     assert "authorization" not in request.headers
     assert request.headers["content-type"] == "application/json"
+    assert request.headers["accept"] == "application/json"
     assert request.headers["x-request-id"] == "req_az"
-    body = orjson.loads(request.content)
+    body = request.json()
     # The deployment decides the model; every other field goes as the client sent it.
     assert "model" not in body
     assert body == {
@@ -143,57 +145,47 @@ async def test_generation_url_auth_and_body(provider_for: Callable[..., AzureOpe
     assert result.body["data"][0]["b64_json"] == B64
 
 
-async def test_dall_e_deployment_still_asks_for_base64(
-    provider_for: Callable[..., AzureOpenAIProvider],
-) -> None:
-    rec = Recorder()
-    await provider_for(rec).generate(make_job(model="dall-e-3", style="vivid"), upstream_model="dalle3")
-    body = orjson.loads(rec.last.content)
-    assert body == {"prompt": "a red fox", "style": "vivid", "response_format": "b64_json"}
-    assert rec.last.url.path == "/openai/deployments/dalle3/images/generations"
+async def test_dall_e_deployment_still_asks_for_base64(provider_for: Build) -> None:
+    h = await provider_for()
+    await h.provider.generate(make_job(model="dall-e-3", style="vivid"), upstream_model="dalle3")
+    assert h.upstream.last.json() == {"prompt": "a red fox", "style": "vivid", "response_format": "b64_json"}
+    assert h.upstream.last.path == "/openai/deployments/dalle3/images/generations"
 
 
-@pytest.mark.parametrize(
-    "base_url",
-    [ENDPOINT, ENDPOINT + "/", ENDPOINT + "/openai", ENDPOINT + "/openai/", ENDPOINT + "/OpenAI"],
-)
-async def test_base_url_forms(provider_for: Callable[..., AzureOpenAIProvider], base_url: str) -> None:
-    rec = Recorder()
-    await provider_for(rec, base_url=base_url).generate(make_job(), upstream_model=DEPLOYMENT)
-    assert str(rec.last.url) == GENERATIONS
+@pytest.mark.parametrize("suffix", ["", "/", "/openai", "/openai/", "/OpenAI"])
+async def test_base_url_forms(provider_for: Build, suffix: str) -> None:
+    h = await provider_for(suffix=suffix)
+    await h.provider.generate(make_job(), upstream_model=DEPLOYMENT)
+    assert h.upstream.last.url == h.generations
 
 
-async def test_default_api_version_and_quoted_deployment(
-    provider_for: Callable[..., AzureOpenAIProvider],
-) -> None:
-    rec = Recorder()
-    await provider_for(rec, api_version=None).generate(make_job(), upstream_model="img deploy/1")
-    assert rec.last.url.raw_path.decode() == (
+async def test_default_api_version_and_quoted_deployment(provider_for: Build) -> None:
+    h = await provider_for(api_version=None)
+    await h.provider.generate(make_job(), upstream_model="img deploy/1")
+    assert h.upstream.last.path_qs == (
         f"/openai/deployments/img%20deploy%2F1/images/generations?api-version={DEFAULT_API_VERSION}"
     )
 
 
-async def test_no_key_sends_no_auth_header(provider_for: Callable[..., AzureOpenAIProvider]) -> None:
-    rec = Recorder()
-    await provider_for(rec, api_key=None).generate(make_job(), upstream_model=DEPLOYMENT)
-    assert "api-key" not in rec.last.headers and "authorization" not in rec.last.headers
+async def test_no_key_sends_no_auth_header(provider_for: Build) -> None:
+    h = await provider_for(api_key=None)
+    await h.provider.generate(make_job(), upstream_model=DEPLOYMENT)
+    assert "api-key" not in h.upstream.last.headers and "authorization" not in h.upstream.last.headers
 
 
-async def test_edit_multipart_to_the_deployment(
-    provider_for: Callable[..., AzureOpenAIProvider], tmp_path: Path
-) -> None:
-    rec = Recorder()
+async def test_edit_multipart_to_the_deployment(provider_for: Build, tmp_path: Path) -> None:
+    h = await provider_for()
     images = (input_image(tmp_path / "a", b"\x89PNG-first"), input_image(tmp_path / "b", b"\x89PNG-second"))
     job = dataclasses.replace(
         make_job("edits", input_fidelity="high"), images=images, mask=input_image(tmp_path / "m", b"MASK")
     )
-    await provider_for(rec).edit(job, upstream_model=DEPLOYMENT)
+    await h.provider.edit(job, upstream_model=DEPLOYMENT)
 
-    request = rec.last
-    assert str(request.url) == GENERATIONS.replace("/generations?", "/edits?")
+    request = h.upstream.last
+    assert request.url == h.generations.replace("/generations?", "/edits?")
     assert request.headers["api-key"] == API_KEY and "authorization" not in request.headers
     assert request.headers["content-type"].startswith("multipart/form-data")
-    content = request.content
+    content = request.body
     assert b'name="model"' not in content
     assert b'name="prompt"\r\n\r\na red fox' in content
     assert b'name="input_fidelity"\r\n\r\nhigh' in content
@@ -203,54 +195,37 @@ async def test_edit_multipart_to_the_deployment(
     assert b'name="mask"' in content and b"MASK" in content
 
 
-def sse(*events: tuple[str, dict[str, Any]]) -> bytes:
-    return b"".join(
-        f"event: {name}\ndata: {orjson.dumps(data).decode()}\n\n".encode() for name, data in events
-    )
-
-
-async def test_stream_relays_events(provider_for: Callable[..., AzureOpenAIProvider]) -> None:
+async def test_stream_relays_events(provider_for: Build) -> None:
     partial = {"type": "image_generation.partial_image", "b64_json": B64, "partial_image_index": 0}
     done = {"type": "image_generation.completed", "b64_json": B64, "usage": {"total_tokens": 3}}
-    body = sse(("image_generation.partial_image", partial), ("image_generation.completed", done))
-    rec = Recorder(
-        lambda _: httpx.Response(
-            200, stream=httpx.ByteStream(body), headers={"content-type": "text/event-stream"}
-        )
-    )
+    chunks = sse(("image_generation.partial_image", partial), ("image_generation.completed", done))
+    h = await provider_for(sse_response(chunks))
     job = make_job(partial_images=1)
-    events = [e async for e in provider_for(rec).stream(job, upstream_model=DEPLOYMENT)]
+    events = [e async for e in h.provider.stream(job, upstream_model=DEPLOYMENT)]
 
     assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
     assert events[1].data == done
-    assert str(rec.last.url) == GENERATIONS
-    assert rec.last.headers["accept"] == "text/event-stream"
-    sent = orjson.loads(rec.last.content)
+    assert h.upstream.last.url == h.generations
+    assert h.upstream.last.headers["accept"] == "text/event-stream"
+    sent = h.upstream.last.json()
     assert sent["stream"] is True and sent["partial_images"] == 1 and "model" not in sent
 
 
-async def test_stream_error_status_is_mapped_before_any_event(
-    provider_for: Callable[..., AzureOpenAIProvider],
-) -> None:
-    rec = Recorder(lambda _: json_response(400, content_filter_body()))
-    events = provider_for(rec).stream(make_job(), upstream_model=DEPLOYMENT)
+async def test_stream_error_status_is_mapped_before_any_event(provider_for: Build) -> None:
+    h = await provider_for(lambda _: json_response(400, content_filter_body()))
+    events = h.provider.stream(make_job(), upstream_model=DEPLOYMENT)
     with pytest.raises(UpstreamRejected) as info:
         await anext(events)
     assert info.value.code == "moderation_blocked"
 
 
-async def test_stream_error_event_is_mapped(provider_for: Callable[..., AzureOpenAIProvider]) -> None:
+async def test_stream_error_event_is_mapped(provider_for: Build) -> None:
     error = {
         "error": {"code": "content_filter", "message": "Generated image was filtered by the safety system."}
     }
-    body = sse(("error", error))
-    rec = Recorder(
-        lambda _: httpx.Response(
-            200, stream=httpx.ByteStream(body), headers={"content-type": "text/event-stream"}
-        )
-    )
+    h = await provider_for(sse_response(sse(("error", error))))
     with pytest.raises(UpstreamRejected) as info:
-        async for _ in provider_for(rec).stream(make_job(), upstream_model=DEPLOYMENT):
+        async for _ in h.provider.stream(make_job(), upstream_model=DEPLOYMENT):
             pass
     assert info.value.to_body()["error"]["moderation_details"] == {
         "moderation_stage": "output",
@@ -258,11 +233,12 @@ async def test_stream_error_event_is_mapped(provider_for: Callable[..., AzureOpe
     }
 
 
-async def test_probe_lists_models_with_api_version(provider_for: Callable[..., AzureOpenAIProvider]) -> None:
-    rec = Recorder(lambda _: httpx.Response(401))
-    assert await provider_for(rec).probe() is True
-    assert str(rec.last.url) == f"{ENDPOINT}/openai/models?api-version={VERSION}"
-    assert rec.last.headers["api-key"] == API_KEY
+async def test_probe_lists_models_with_api_version(provider_for: Build) -> None:
+    h = await provider_for(lambda _: web.Response(status=401))
+    assert await h.provider.probe() is True
+    assert h.upstream.last.method == "GET"
+    assert h.upstream.last.url == f"{h.endpoint}/openai/models?api-version={VERSION}"
+    assert h.upstream.last.headers["api-key"] == API_KEY
 
 
 # --- error shapes -----------------------------------------------------------------------------------
@@ -384,14 +360,14 @@ CATEGORIES = ["self-harm", "violence", "custom_blocklists"]
     ],
 )
 async def test_error_mapping(
-    provider_for: Callable[..., AzureOpenAIProvider],
+    provider_for: Build,
     status: int,
     body: dict[str, Any],
     expected: tuple[int, str, str, str | None, str | None, list[str] | None],
 ) -> None:
-    provider = provider_for(Recorder(lambda _: json_response(status, body)))
+    h = await provider_for(lambda _: json_response(status, body))
     with pytest.raises(UpstreamRejected) as info:
-        await provider.generate(make_job(), upstream_model=DEPLOYMENT)
+        await h.provider.generate(make_job(), upstream_model=DEPLOYMENT)
     exc = info.value
     status_code, error_type, code, param, stage, categories = expected
     assert (exc.status_code, exc.error_type, exc.code, exc.param) == (status_code, error_type, code, param)
@@ -432,13 +408,13 @@ async def test_error_mapping(
     ],
 )
 async def test_configuration_errors_become_upstream_error(
-    provider_for: Callable[..., AzureOpenAIProvider], status: int, body: Any
+    provider_for: Build, status: int, body: Any
 ) -> None:
     """A missing deployment or route is the gateway's fault: 502, retryable, nothing internal relayed."""
     content = body if isinstance(body, bytes) else orjson.dumps(body)
-    provider = provider_for(Recorder(lambda _: httpx.Response(status, content=content)))
+    h = await provider_for(lambda _: web.Response(status=status, body=content))
     with pytest.raises(UpstreamError) as info:
-        await provider.generate(make_job(), upstream_model=DEPLOYMENT)
+        await h.provider.generate(make_job(), upstream_model=DEPLOYMENT)
     exc = info.value
     assert type(exc) is UpstreamError
     assert (exc.status_code, exc.code, exc.message) == (502, "upstream_error", NOT_CONFIGURED)
@@ -456,32 +432,35 @@ async def test_configuration_errors_become_upstream_error(
         ({}, None),
     ],
 )
-async def test_429_retry_after(
-    provider_for: Callable[..., AzureOpenAIProvider], headers: dict[str, str], retry_after: str | None
-) -> None:
+async def test_429_retry_after(provider_for: Build, headers: dict[str, str], retry_after: str | None) -> None:
     body = {"error": {"code": "429", "message": "Rate limit. Please retry after 12 seconds."}}
-    provider = provider_for(Recorder(lambda _: json_response(429, body, headers)))
+    h = await provider_for(lambda _: json_response(429, body, headers))
     with pytest.raises(UpstreamRejected) as info:
-        await provider.generate(make_job(), upstream_model=DEPLOYMENT)
+        await h.provider.generate(make_job(), upstream_model=DEPLOYMENT)
     exc = info.value
     assert exc.status_code == 429 and exc.retryable
     assert exc.retry_after == retry_after
     assert exc.headers.get("retry-after") == retry_after
 
 
-async def test_secrets_scrubbed(provider_for: Callable[..., AzureOpenAIProvider]) -> None:
-    message = (
-        f"Call to {GENERATIONS} with key {API_KEY} failed on {HOST}: resource contoso-images, "
-        f"deployment {DEPLOYMENT} overloaded"
-    )
-    body = {"error": {"code": "ServiceUnavailable", "message": message, "hint": f"retry {DEPLOYMENT} later"}}
-    provider = provider_for(Recorder(lambda _: json_response(503, body)))
+async def test_secrets_scrubbed(provider_for: Build) -> None:
+    def answer(request: web.Request) -> web.Response:
+        message = (
+            f"Call to http://{request.host}{request.raw_path} with key {API_KEY} failed on {request.host}: "
+            f"resource contoso-images, deployment {DEPLOYMENT} overloaded"
+        )
+        body = {
+            "error": {"code": "ServiceUnavailable", "message": message, "hint": f"retry {DEPLOYMENT} later"}
+        }
+        return json_response(503, body)
+
+    h = await provider_for(answer)
     with pytest.raises(UpstreamRejected) as info:
-        await provider.generate(make_job(), upstream_model=DEPLOYMENT)
+        await h.provider.generate(make_job(), upstream_model=DEPLOYMENT)
     exc = info.value
     assert exc.status_code == 503 and exc.retryable
     rendered = str(exc) + orjson.dumps(exc.to_body()).decode()
-    for leaked in (API_KEY, ENDPOINT, HOST, "contoso-images", DEPLOYMENT, "https://"):
+    for leaked in (API_KEY, h.endpoint, HOST, "contoso-images", DEPLOYMENT, "http://"):
         assert leaked not in rendered
     assert exc.to_body()["error"]["hint"] == "retry [redacted] later"
 

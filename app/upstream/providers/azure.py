@@ -3,8 +3,8 @@
     POST {endpoint}/openai/deployments/{deployment}/images/{generations|edits}?api-version={version}
     api-key: <key>
 
-Everything else (JSON bodies, multipart edits from the spool, SSE relay, transport error mapping,
-scrubbing) is ``OpenAICompatProvider``'s. What differs:
+Everything else (JSON bodies, multipart edits from the spool, SSE relay, the connection pool,
+transport error mapping, scrubbing) is ``OpenAICompatProvider``'s. What differs:
 
 - The configured ``upstream_model`` is the *deployment* name; it goes in the path, and ``model`` is
   left out of the body, as Azure's ``CreateImageRequest`` has no such field (the deployment decides).
@@ -33,15 +33,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-import httpx
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from app.errors import UpstreamError, UpstreamRejected
-from app.images.jobs import ImageJob, ImageResult, ProviderEvent
-from app.upstream.errors import map_httpx_errors, rejected_from_response
+from app.images.jobs import ProviderEvent
+from app.upstream.errors import rejected_from_response
 from app.upstream.providers.openai_compat import OpenAICompatProvider
 
 # The first version serving gpt-image-1 generations and edits; override with `api_version`.
@@ -78,7 +79,7 @@ class AzureOpenAIProvider(OpenAICompatProvider):
         timeout_s: float = 300.0,
         connect_timeout_s: float = 10.0,
         max_connections: int = 100,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         """``deployments``: deployment names that differ from the public model names; they are
         internal names (SPEC §1.4), so relayed messages are scrubbed of them like the key and host."""
@@ -89,51 +90,34 @@ class AzureOpenAIProvider(OpenAICompatProvider):
             timeout_s=timeout_s,
             connect_timeout_s=connect_timeout_s,
             max_connections=max_connections,
-            client=client,
+            session=session,
         )
         self._api_version = api_version or DEFAULT_API_VERSION
-        host = httpx.URL(self._base_url).host
+        host = URL(self._base_url).host or ""
         # The resource name (first label of *.openai.azure.com) identifies the customer's account.
         resource = host.split(".", 1)[0] if host.endswith(_AZURE_HOST_SUFFIX) else ""
         self._secrets = (*self._secrets, *(s for s in (resource, *deployments) if s))
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        """POST the JSON body to the deployment; built by ``_build`` like edits, so it omits ``model``."""
-        return await self._send_whole(job, upstream_model)
-
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        """POST the multipart edit to the deployment."""
-        return await self._send_whole(job, upstream_model)
-
-    async def _send_whole(self, job: ImageJob, upstream_model: str) -> ImageResult:
-        with ExitStack() as files:
-            request = self._build(job, upstream_model, files, stream=False)
-            with map_httpx_errors(secrets=self._secrets):
-                response = await self._client.send(request)
-        self._raise_for_status(response)
-        return self._image_result(response)
-
     def _url(self, path: str) -> str:
         """``{endpoint}/openai{path}?api-version=…``; also what ``probe`` calls (``/openai/models``)."""
-        return str(httpx.URL(f"{self._base_url}/openai{path}", params={"api-version": self._api_version}))
+        return f"{self._base_url}/openai{path}?{urlencode({'api-version': self._api_version})}"
 
     def _images_url(self, endpoint: str, upstream_model: str) -> str:
         return self._url(f"/deployments/{quote(upstream_model, safe='')}/images/{endpoint}")
 
-    def _headers(self, *, request_id: str, content_type: str | None = None) -> dict[str, str]:
+    def _headers(self, *, request_id: str) -> dict[str, str]:
         """Azure's ``api-key`` header in place of a bearer token."""
-        headers = super()._headers(request_id=request_id, content_type=content_type)
+        headers = super()._headers(request_id=request_id)
         headers.pop("authorization", None)
         if self._api_key:
             headers["api-key"] = self._api_key
         return headers
 
-    def _raise_for_status(self, response: httpx.Response) -> None:
-        if response.is_success:
+    def _raise_for_status(self, status: int, body: bytes, headers: CIMultiDictProxy[str]) -> None:
+        if 200 <= status < 300:
             return
-        headers = with_reset_retry_after(response.headers)
         rejected = rejected_from_response(
-            response.status_code, response.content, headers, secrets=self._secrets
+            status, body, with_reset_retry_after(headers), secrets=self._secrets
         )
         raise openai_shaped(rejected)
 

@@ -3,23 +3,102 @@
 The job already knows its upstream body (``ImageJob.upstream_body``); this module only moves bytes:
 it posts that body, turns a failure into an ``app.errors`` upstream error and hands a success back
 as the bytes it came in, so images are never decoded or re-encoded on the way through.
+
+The HTTP client is aiohttp rather than httpx: per call, httpx on anyio cost three to four times the
+CPU (cancel scopes, sniffio look-ups, locks), close to half of all the gateway's CPU per request.
 """
 
 from __future__ import annotations
 
+import ssl
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
+from functools import cache
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
+from aiohttp.abc import AbstractResolver
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from app.errors import UpstreamError
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
-from app.upstream.errors import INVALID_RESPONSE, map_httpx_errors, rejected_from_response, upstream_secrets
-from app.upstream.multipart import edit_parts
+from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
+from app.upstream.multipart import edit_form
 from app.upstream.skeleton import summarize
 from app.upstream.sse_decode import iter_sse
+
+# httpx's idle-connection expiry, kept: shorter than most servers' own keep-alive (uvicorn: 5 s), so
+# the pool rarely picks a connection the upstream is closing at that very moment.
+KEEPALIVE_S = 5.0
+# /readyz asks every upstream; one that does not answer within this is not ready.
+PROBE_TIMEOUT = aiohttp.ClientTimeout(connect=5.0, sock_connect=5.0, sock_read=5.0)
+
+Body = bytes | aiohttp.MultipartWriter
+
+
+def client_timeout(timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
+    """What ``httpx.Timeout(timeout_s, connect=connect_timeout_s)`` meant, in aiohttp's terms.
+
+    httpx bounds each step, never the whole call: ``connect_timeout_s`` to connect, ``timeout_s``
+    to wait for a pooled connection and for each socket read or write. So no ``total`` (a stream may
+    run as long as events keep coming); ``sock_read`` is the idle bound on answers and streams, and
+    ``connect`` (pool wait plus connecting) is the sum of httpx's two bounds. Writes are bounded by
+    ``multipart.StallBoundForm``; JSON bodies are small enough never to wait on the socket.
+    """
+    return aiohttp.ClientTimeout(
+        total=None,
+        connect=timeout_s + connect_timeout_s,
+        sock_connect=connect_timeout_s,
+        sock_read=timeout_s,
+    )
+
+
+def new_session(
+    timeout: aiohttp.ClientTimeout, *, max_connections: int, resolver: AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    """A pooled keep-alive session as providers use it; ``resolver`` lets tests aim names at loopback.
+
+    Must be called inside the running loop.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, keepalive_timeout=KEEPALIVE_S, resolver=resolver, ssl=trust_store()
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        # Like httpx: gzip and deflate answers are decoded, so a relayed body is plain JSON.
+        auto_decompress=True,
+        # Like httpx, cookies an upstream sets (load-balancer affinity, bot management) are sent
+        # back; `unsafe` keeps them for upstreams addressed by IP too.
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+    )
+
+
+@cache
+def trust_store() -> ssl.SSLContext:
+    """The CAs httpx trusted: certifi's bundle, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set.
+
+    aiohttp would use the system store, which a slim container image may not even have.
+    """
+    return httpx.create_ssl_context()
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy httpx took from the environment for ``url`` (``HTTPS_PROXY``, ``ALL_PROXY``,
+    ``NO_PROXY``…), read once: aiohttp's ``trust_env`` re-reads the environment, and ``~/.netrc``,
+    on every request."""
+    target = URL(url)
+    if not target.host or urllib.request.proxy_bypass(target.host):
+        return None
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(target.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 class OpenAICompatProvider:
@@ -37,35 +116,44 @@ class OpenAICompatProvider:
         timeout_s: float = 300.0,
         connect_timeout_s: float = 10.0,
         max_connections: int = 100,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
+        """``session``: one to share (its owner closes it, and its timeouts apply); by default the
+        provider makes its own on first use, since a session belongs to the loop it was made in and
+        providers are often built before the loop runs."""
         self.name = name
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key or None
         # Everything that identifies the upstream is scrubbed from relayed messages (SPEC §1.4).
         self._secrets = upstream_secrets(base_url, api_key)
-        # Tests inject a client on httpx.MockTransport; only a client made here is closed here.
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections),
-        )
+        self._timeout_s = timeout_s
+        self._timeout = client_timeout(timeout_s, connect_timeout_s)
+        self._max_connections = max_connections
+        self._proxy = env_proxy(self._base_url)
+        self._owns_session = session is None
+        self._session = session
+        self._closed = False
 
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
         """POST ``/images/generations`` and return the upstream's ImagesResponse as is."""
-        response = await self._post_json(
-            "/images/generations", job.upstream_body(upstream_model), request_id=job.request_id
-        )
-        return self._image_result(response)
+        return await self._send_whole(job, upstream_model)
 
     async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
         """POST ``/images/edits`` as multipart, streaming the spooled files."""
+        return await self._send_whole(job, upstream_model)
+
+    async def _send_whole(self, job: ImageJob, upstream_model: str) -> ImageResult:
         with ExitStack() as files:
-            request = self._build(job, upstream_model, files, stream=False)
-            with map_httpx_errors(secrets=self._secrets):
-                response = await self._client.send(request)
-        self._raise_for_status(response)
-        return self._image_result(response)
+            url, headers, body = self._build(job, upstream_model, files, stream=False)
+            with map_aiohttp_errors(secrets=self._secrets):
+                # The body is read inside: the connection goes back to the pool (and the multipart
+                # writer stops reading the files) before the files close.
+                async with self._http().post(
+                    url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
+                ) as response:
+                    raw = await response.read()
+        self._raise_for_status(response.status, raw, response.headers)
+        return self._image_result(raw)
 
     async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
         """POST with ``stream: true`` and yield each SSE event as it arrives.
@@ -75,45 +163,56 @@ class OpenAICompatProvider:
         through completed events. Leaving the loop early (client gone) closes the connection.
         """
         with ExitStack() as files:
-            request = self._build(job, upstream_model, files, stream=True)
-            with map_httpx_errors(secrets=self._secrets):
-                response = await self._client.send(request, stream=True)
-        try:
-            if not response.is_success:
-                with map_httpx_errors(secrets=self._secrets):
-                    await response.aread()
-                self._raise_for_status(response)
-            if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                with map_httpx_errors(secrets=self._secrets):
-                    await response.aread()
-                for event in completed_events(job, self._image_result(response)):
-                    yield event
-                return
-            with map_httpx_errors(secrets=self._secrets):
-                async for sse in iter_sse(response.aiter_raw()):
-                    relayed = self._event(sse.event, sse.data)
-                    if relayed is not None:
-                        yield relayed
-        finally:
-            await response.aclose()
+            url, headers, body = self._build(job, upstream_model, files, stream=True)
+            with map_aiohttp_errors(secrets=self._secrets):
+                response = await self._http().post(
+                    url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
+                )
+            try:
+                if not 200 <= response.status < 300:
+                    with map_aiohttp_errors(secrets=self._secrets):
+                        raw = await response.read()
+                    self._raise_for_status(response.status, raw, response.headers)
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    with map_aiohttp_errors(secrets=self._secrets):
+                        raw = await response.read()
+                    for event in completed_events(job, self._image_result(raw)):
+                        yield event
+                    return
+                with map_aiohttp_errors(secrets=self._secrets):
+                    async for sse in iter_sse(response.content.iter_any()):
+                        relayed = self._event(sse.event, sse.data)
+                        if relayed is not None:
+                            yield relayed
+            finally:
+                # Back to the pool when the stream was read to its end; closed when it was not.
+                response.release()
 
-    def _build(self, job: ImageJob, upstream_model: str, files: ExitStack, *, stream: bool) -> httpx.Request:
+    def _build(
+        self, job: ImageJob, upstream_model: str, files: ExitStack, *, stream: bool
+    ) -> tuple[str, dict[str, str], Body]:
         """The upstream request: JSON for generations, multipart (files from the spool) for edits."""
         headers = self._headers(request_id=job.request_id)
         if stream:
             headers["accept"] = "text/event-stream"
         url = self._images_url(job.endpoint, upstream_model)
         if job.endpoint == "edits":
-            data, parts = edit_parts(job, upstream_model, files, stream=stream)
-            data = {k: v for k, v in data.items() if k not in self._omitted_fields}
-            # httpx reads the file objects chunk by chunk while sending, so they must stay open
-            # until `send` returns (the caller's ExitStack).
-            return self._client.build_request("POST", url, data=data, files=parts, headers=headers)
+            # The form reads the files chunk by chunk while sending, so they must stay open until
+            # the answer is in (the caller's ExitStack). It sets its own content-type, with boundary.
+            form = edit_form(
+                job,
+                upstream_model,
+                files,
+                stream=stream,
+                omitted=self._omitted_fields,
+                write_timeout_s=self._timeout_s,
+            )
+            return url, headers, form
         body = {k: v for k, v in job.upstream_body(upstream_model).items() if k not in self._omitted_fields}
         if stream:
             body["stream"] = True
         headers["content-type"] = "application/json"
-        return self._client.build_request("POST", url, content=orjson.dumps(body), headers=headers)
+        return url, headers, orjson.dumps(body)
 
     def _event(self, name: str, data: bytes) -> ProviderEvent | None:
         """One upstream SSE event; an ``error`` event (or data carrying ``error``) is raised."""
@@ -133,17 +232,31 @@ class OpenAICompatProvider:
     async def probe(self) -> bool:
         """Reachability: any HTTP answer from ``/models`` will do, even 401 or 404."""
         try:
-            await self._client.get(
-                self._url("/models"), headers=self._headers(request_id="probe"), timeout=5.0
-            )
-        except httpx.HTTPError:
+            async with self._http().get(
+                self._url("/models"),
+                headers=self._headers(request_id="probe"),
+                timeout=PROBE_TIMEOUT,
+                allow_redirects=False,
+                proxy=self._proxy,
+            ) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError):
             return False
         return True
 
     async def aclose(self) -> None:
         """Close the connection pool, unless it was injected (its owner closes it)."""
-        if self._owns_client:
-            await self._client.aclose()
+        self._closed = True
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        """The session, made inside the running loop on first use."""
+        if self._session is None:
+            if self._closed:
+                raise RuntimeError(f"upstream provider {self.name!r} is closed")
+            self._session = new_session(self._timeout, max_connections=self._max_connections)
+        return self._session
 
     def _url(self, path: str) -> str:
         return f"{self._base_url}{path}"
@@ -152,45 +265,29 @@ class OpenAICompatProvider:
         """Where an images call goes; Azure names the deployment (the upstream model) in the path."""
         return self._url(f"/images/{endpoint}")
 
-    def _headers(self, *, request_id: str, content_type: str | None = None) -> dict[str, str]:
+    def _headers(self, *, request_id: str) -> dict[str, str]:
         """Auth, and the gateway's request id so both sides' logs can be matched."""
         headers = {"accept": "application/json", "x-request-id": request_id}
-        if content_type is not None:
-            headers["content-type"] = content_type
         if self._api_key:
             # Keyless upstreams (a local server) get no header rather than an empty bearer.
             headers["authorization"] = f"Bearer {self._api_key}"
         return headers
 
-    async def _post_json(self, path: str, body: dict[str, Any], *, request_id: str) -> httpx.Response:
-        """Send ``body`` as JSON; any error status becomes ``UpstreamRejected``."""
-        with map_httpx_errors(secrets=self._secrets):
-            response = await self._client.post(
-                self._url(path),
-                content=orjson.dumps(body),
-                headers=self._headers(request_id=request_id, content_type="application/json"),
-            )
-        self._raise_for_status(response)
-        return response
-
-    def _raise_for_status(self, response: httpx.Response) -> None:
+    def _raise_for_status(self, status: int, body: bytes, headers: CIMultiDictProxy[str]) -> None:
         """Raise the sanitised ``UpstreamRejected`` for anything but a 2xx (3xx are not followed)."""
-        if not response.is_success:
-            raise rejected_from_response(
-                response.status_code, response.content, response.headers, secrets=self._secrets
-            )
+        if not 200 <= status < 300:
+            raise rejected_from_response(status, body, headers, secrets=self._secrets)
 
     @staticmethod
-    def _image_result(response: httpx.Response) -> ImageResult:
+    def _image_result(raw: bytes) -> ImageResult:
         """The ImagesResponse as the bytes it came in, with its usage and image count read from a
         skeleton (``app.upstream.skeleton``); a body without a ``data`` list is the upstream's fault
         (502)."""
-        raw = response.content
         try:
             answer = summarize(raw)
         except ValueError as exc:
             raise UpstreamError(INVALID_RESPONSE) from exc
-        usage = answer.usage or None
+        usage: dict[str, Any] | None = answer.usage or None
         return ImageResult(
             answer.body,
             TokenUsage.from_openai(usage) if usage else None,

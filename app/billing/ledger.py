@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
-from app.db.writer import Writer
+from app.db.writer import WouldBlock, Writer
 from app.errors import QuotaExceededError
 from app.images.jobs import TokenUsage
 
@@ -162,7 +162,13 @@ class LedgerService:
             amount_micros=amount_micros,
         )
         expires = now + (timedelta(seconds=ttl_s) if ttl_s is not None else self._hold_ttl)
-        work = self._background(self._writer.run(lambda c: self._reserve(c, hold, request_id, now, expires)))
+        reserve = partial(self._reserve, hold=hold, request_id=request_id, now=now, expires=expires)
+        try:
+            self._writer.run_now(reserve)  # nothing to cancel: it runs to its end right here
+            return hold
+        except WouldBlock:
+            pass
+        work = self._background(self._writer.run(reserve))
         try:
             await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -186,6 +192,11 @@ class LedgerService:
 
     async def _protected(self, work: Callable[[Connection], None]) -> None:
         """Run a write transaction to its end even if the caller is cancelled meanwhile."""
+        try:
+            self._writer.run_now(work)
+            return
+        except WouldBlock:
+            pass
         await asyncio.shield(self._background(self._writer.run(work)))
 
     def _reserve(self, c: Connection, hold: Hold, request_id: str, now: datetime, expires: datetime) -> None:

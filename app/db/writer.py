@@ -6,23 +6,25 @@ on SQLite, a thread hop through aiosqlite: about 3 ms of CPU per request, most o
 cost (profile in BENCHMARKS.md). Here a write is a plain synchronous function over a Core
 ``Connection`` with pre-built statements, and the whole function runs in one go:
 
-- SQLite: on one dedicated thread that owns its own connection, so a transaction costs one hop
-  to that thread and back, and writes from the whole process queue there instead of contending
-  for SQLite's lock (its busy handler sleeps for milliseconds when they collide).
+- SQLite: right away on the event loop when the database's write lock is free (``BEGIN
+  IMMEDIATE`` with no busy wait: a transaction of a few statements takes tens of microseconds,
+  less than a hop to a thread and back); when another connection or process holds the lock, on a
+  dedicated thread whose connection waits for it, so the event loop never sleeps on a lock.
 - Other databases (PostgreSQL): through the async engine's pool with ``run_sync``; each statement
   still awaits the network, but without ORM sessions.
 
-Every call waits for its own commit before returning, so nothing is acknowledged that is not
+Every call returns once its transaction has committed, so nothing is acknowledged that is not
 durable (a crash loses no ledger row: the crash tests check it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -32,6 +34,14 @@ from app.db.engine import sqlite_pragmas
 T = TypeVar("T")
 Work = Callable[[Connection], T]
 
+# Inline commits between two WAL checkpoints (the inline connection never checkpoints itself:
+# a checkpoint writes and syncs the database file, which must not happen on the event loop).
+CHECKPOINT_EVERY = 1000
+
+
+class WouldBlock(Exception):
+    """``run_now`` could not start its transaction without waiting; use ``run``."""
+
 
 class Writer(Protocol):
     """Runs ``work`` in a transaction of its own and returns its result once committed; an
@@ -39,51 +49,76 @@ class Writer(Protocol):
 
     dialect: str
 
+    def run_now(self, work: Work[T]) -> T:
+        """Run ``work`` synchronously if that needs no waiting, else raise ``WouldBlock``."""
+        ...
+
     async def run(self, work: Work[T]) -> T: ...
 
     async def aclose(self) -> None: ...
 
 
-class ThreadWriter:
-    """SQLite: every write of this process on one thread and one connection, in arrival order."""
+class SqliteWriter:
+    """SQLite: inline when the write lock is free, else on one thread that waits for it."""
 
     dialect = "sqlite"
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, waiting: Engine, inline: Engine) -> None:
+        self._waiting = waiting
+        self._inline_engine = inline
+        self._inline: Connection | None = None
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writer")
+        self._commits = 0
+
+    def run_now(self, work: Work[T]) -> T:
+        connection = self._inline
+        if connection is None or connection.closed or connection.invalidated:
+            connection = self._inline = self._inline_engine.connect()
+        try:
+            result = _transact(connection, work)
+        except sqlite3.OperationalError as exc:
+            if _locked(exc):  # raised by BEGIN IMMEDIATE: nothing ran
+                raise WouldBlock from None
+            raise
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0:
+            self._pool.submit(self._checkpoint)
+        return result
+
+    async def run(self, work: Work[T]) -> T:
+        try:
+            return self.run_now(work)
+        except WouldBlock:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, work)
 
     def _connection(self) -> Connection:
         connection: Connection | None = getattr(self._local, "connection", None)
         if connection is None or connection.closed or connection.invalidated:
-            connection = self._engine.connect()
+            connection = self._waiting.connect()
             self._local.connection = connection
         return connection
 
     def _call(self, work: Work[T]) -> T:
-        connection = self._connection()
-        try:
-            with connection.begin():
-                return work(connection)
-        except BaseException:
-            if connection.invalidated:
-                connection.close()
-            raise
+        return _transact(self._connection(), work)
 
-    async def run(self, work: Work[T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, work)
+    def _checkpoint(self) -> None:
+        # PASSIVE: copies what it can without waiting for readers or writers.
+        self._connection().exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _close(self) -> None:
         connection: Connection | None = getattr(self._local, "connection", None)
         if connection is not None:
             connection.close()
-        self._engine.dispose()
+        self._waiting.dispose()
 
     async def aclose(self) -> None:
         # Queued writes run first: the pool executes in order, and this is queued last.
         await asyncio.get_running_loop().run_in_executor(self._pool, self._close)
         self._pool.shutdown(wait=True)
+        if self._inline is not None:
+            self._inline.close()
+        self._inline_engine.dispose()
 
 
 class AsyncWriter:
@@ -92,6 +127,9 @@ class AsyncWriter:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self.dialect = engine.dialect.name
+
+    def run_now(self, work: Work[T]) -> T:  # noqa: ARG002
+        raise WouldBlock  # every statement is network I/O
 
     async def run(self, work: Work[T]) -> T:
         async with self._engine.begin() as connection:
@@ -102,15 +140,59 @@ class AsyncWriter:
 
 
 def create_writer(engine: AsyncEngine) -> Writer:
-    """The writer for ``engine``'s database (SQLite gets its own synchronous connection)."""
-    url = engine.url
-    if url.get_backend_name() != "sqlite":
+    """The writer for ``engine``'s database (SQLite gets synchronous connections of its own)."""
+    if engine.url.get_backend_name() != "sqlite":
         return AsyncWriter(engine)
+    return SqliteWriter(_sqlite(engine, busy_timeout_s=30), _sqlite(engine, busy_timeout_s=0))
+
+
+def _sqlite(engine: AsyncEngine, *, busy_timeout_s: float) -> Engine:
+    """A one-connection synchronous engine on ``engine``'s file whose transactions take the write
+    lock up front (``BEGIN IMMEDIATE``): a deferred transaction that reads before it writes can
+    fail to upgrade its lock without waiting, which SQLite reports as busy at once."""
     sync = create_engine(
-        url.set(drivername="sqlite"),
-        connect_args={"timeout": 30, "check_same_thread": False},
+        engine.url.set(drivername="sqlite"),
+        connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
         pool_size=1,
         max_overflow=0,
     )
-    event.listen(sync, "connect", sqlite_pragmas)
-    return ThreadWriter(sync)
+    waits = busy_timeout_s > 0
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        sqlite_pragmas(dbapi_connection, record)
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        if not waits:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
+        cursor.close()
+        # Transactions are begun by `_transact`, not by the driver before the first write.
+        dbapi_connection.isolation_level = None
+
+    event.listen(sync, "connect", on_connect)
+    return sync
+
+
+def _transact(connection: Connection, work: Work[T]) -> T:
+    """``work`` in a transaction that holds the write lock from its first statement.
+
+    The BEGIN goes straight to the driver: if it fails (the lock is taken) nothing has started,
+    on either side, so the connection is clean for the next attempt.
+    """
+    raw = connection.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(connection)
+        connection.commit()  # SQLAlchemy's own transaction, begun by the first statement
+        if raw.in_transaction:  # `work` ran nothing through SQLAlchemy
+            raw.commit()
+    except BaseException:
+        connection.rollback()
+        if raw.in_transaction:
+            raw.rollback()
+        raise
+    return result
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED") or "locked" in str(exc)

@@ -20,10 +20,11 @@ from datetime import datetime, timedelta
 from functools import cached_property, partial
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Connection, CursorResult, bindparam, delete, insert, or_, select, update
+from sqlalchemy import BigInteger, Connection, bindparam, delete, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from app.db.prepared import Executed, Prepared
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
 from app.db.writer import WouldBlock, Writer
 from app.errors import QuotaExceededError
@@ -70,14 +71,36 @@ def period_of(moment: datetime) -> str:
     return moment.strftime("%Y-%m")
 
 
+HOLD_COLUMNS = ("id", "key_id", "period", "amount_micros", "request_id", "created_at", "expires_at")
+ENTRY_COLUMNS = (
+    "request_id",
+    "key_id",
+    "model",
+    "upstream",
+    "endpoint",
+    "status",
+    "images",
+    "text_input_tokens",
+    "image_input_tokens",
+    "text_output_tokens",
+    "image_output_tokens",
+    "cost_micros",
+    "estimated",
+    "latency_ms",
+    "error_code",
+    "usage",
+    "created_at",
+)
+
+
 class _Statements:
-    """The ledger's statements for one dialect, built once: building and cache-keying a statement
-    costs more than running it on SQLite."""
+    """The ledger's statements for one dialect, built and compiled once (see app/db/prepared.py:
+    on SQLite, SQLAlchemy's per-execution work costs several times the statement itself)."""
 
     def __init__(self, dialect: str) -> None:
         self.dialect = dialect
         amount = bindparam("amount", type_=BigInteger)
-        self.take = (
+        self.take = Prepared(
             update(ApiKey)
             .where(
                 ApiKey.id == bindparam("key"),
@@ -93,7 +116,7 @@ class _Statements:
             .values(reserved_micros=ApiKey.reserved_micros + amount)
             .returning(ApiKey.monthly_quota_micros)
         )
-        self.move = (
+        self.move = Prepared(
             update(ApiKey)
             .where(ApiKey.id == bindparam("key"))
             .values(
@@ -102,12 +125,14 @@ class _Statements:
                 balance_micros=ApiKey.balance_micros - bindparam("cost"),  # NULL stays NULL
             )
         )
-        self.period_within = self._period(limited=True)
-        self.period = self._period(limited=False)
-        self.hold = insert(Reservation)
-        self.unhold = delete(Reservation).where(Reservation.id == bindparam("hold"))
-        self.entry = insert(LedgerEntry)
-        self.key = select(ApiKey.balance_micros, ApiKey.reserved_micros).where(ApiKey.id == bindparam("key"))
+        self.period_within = Prepared(self._period(limited=True))
+        self.period = Prepared(self._period(limited=False))
+        self.hold = Prepared(insert(Reservation), columns=HOLD_COLUMNS)
+        self.unhold = Prepared(delete(Reservation).where(Reservation.id == bindparam("hold")))
+        self.entry = Prepared(insert(LedgerEntry), columns=ENTRY_COLUMNS)
+        self.key = Prepared(
+            select(ApiKey.balance_micros, ApiKey.reserved_micros).where(ApiKey.id == bindparam("key"))
+        )
 
     def _period(self, *, limited: bool) -> Any:
         """Add to a key's month in one upsert; ``limited``: only if the month stays within ``limit``."""
@@ -201,7 +226,7 @@ class LedgerService:
 
     def _reserve(self, c: Connection, hold: Hold, request_id: str, now: datetime, expires: datetime) -> None:
         sql, amount = self._sql, hold.amount_micros
-        taken = c.execute(sql.take, {"key": hold.key_id, "amount": amount}).first()
+        taken = sql.take.execute(c, {"key": hold.key_id, "amount": amount}).first()
         if taken is None:
             raise QuotaExceededError(self._why(c, hold.key_id, amount))
         monthly = taken[0]
@@ -210,8 +235,8 @@ class LedgerService:
         if not self._add_to_period(c, hold.key_id, hold.period, reserved=amount, limit=monthly):
             # Leaving by exception rolls back the key's reservation above too.
             raise QuotaExceededError("This API key has used its monthly quota.")
-        c.execute(
-            sql.hold,
+        sql.hold.execute(
+            c,
             {
                 "id": hold.id,
                 "key_id": hold.key_id,
@@ -243,12 +268,12 @@ class LedgerService:
     ) -> None:
         released = 0
         if hold is not None:
-            gone = c.execute(self._sql.unhold, {"hold": hold.id})
+            gone = self._sql.unhold.execute(c, {"hold": hold.id})
             # A hold the reconciler already released must not be released twice.
             released = hold.amount_micros if _rows(gone) == 1 else 0
         period = hold.period if hold else period_of(utcnow())
         self._move(c, record.key_id, period, released, record.cost_micros)
-        c.execute(self._sql.entry, entry)
+        self._sql.entry.execute(c, entry)
         if also is not None and not also(c):
             raise SettlementAbandoned("the outcome could not be recorded; the charge was not made")
 
@@ -257,7 +282,7 @@ class LedgerService:
         await self._protected(lambda c: self._release(c, hold))
 
     def _release(self, c: Connection, hold: Hold) -> None:
-        gone = c.execute(self._sql.unhold, {"hold": hold.id})
+        gone = self._sql.unhold.execute(c, {"hold": hold.id})
         if _rows(gone) == 1:
             self._move(c, hold.key_id, hold.period, hold.amount_micros, 0)
 
@@ -280,14 +305,14 @@ class LedgerService:
         return released
 
     def _release_if_held(self, c: Connection, hold: Hold) -> bool:
-        gone = c.execute(self._sql.unhold, {"hold": hold.id})
+        gone = self._sql.unhold.execute(c, {"hold": hold.id})
         if _rows(gone) != 1:
             return False
         self._move(c, hold.key_id, hold.period, hold.amount_micros, 0)
         return True
 
     def _move(self, c: Connection, key_id: str, period: str, released: int, cost: int) -> None:
-        c.execute(self._sql.move, {"key": key_id, "released": released, "cost": cost})
+        self._sql.move.execute(c, {"key": key_id, "released": released, "cost": cost})
         self._add_to_period(c, key_id, period, reserved=-released, spent=cost)
 
     def _add_to_period(
@@ -302,11 +327,11 @@ class LedgerService:
     ) -> bool:
         params = {"key": key_id, "period": period, "reserved": reserved, "spent": spent}
         if limit is None:
-            return _rows(c.execute(self._sql.period, params)) == 1
-        return _rows(c.execute(self._sql.period_within, {**params, "limit": limit})) == 1
+            return _rows(self._sql.period.execute(c, params)) == 1
+        return _rows(self._sql.period_within.execute(c, {**params, "limit": limit})) == 1
 
     def _why(self, c: Connection, key_id: str, amount: int) -> str:
-        row = c.execute(self._sql.key, {"key": key_id}).first()
+        row = self._sql.key.execute(c, {"key": key_id}).first()
         if row is not None and row[0] is not None and row[1] + amount > row[0]:
             return "This API key's balance is too low for this request; top it up to continue."
         return "This API key has used its quota; this request would exceed it."
@@ -316,7 +341,7 @@ class LedgerService:
         await self.settle(None, record)
 
 
-def _rows(result: CursorResult[Any]) -> int:
+def _rows(result: Executed) -> int:
     """Rows matched by an UPDATE/DELETE/upsert."""
     return result.rowcount
 

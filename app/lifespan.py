@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -243,6 +244,11 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContex
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_state(settings, app.state.metrics) as state, _background(state):
             app.state.gateway = state
+            # Everything built so far (app, catalog, classifier, pools) lives as long as the
+            # process: out of the collector's sight, full collections stop re-scanning it, which
+            # under load showed up as tens of milliseconds at the p99.
+            gc.collect()
+            gc.freeze()
             log.info(
                 "gateway ready",
                 extra={

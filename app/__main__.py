@@ -94,10 +94,16 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
             workers=workers,
             log_config=None,
             timeout_graceful_shutdown=grace,
+            timeout_keep_alive=settings.server.keep_alive_s,
         )
     else:
         config = uvicorn.Config(
-            create_app(settings), host=host, port=port, log_config=None, timeout_graceful_shutdown=grace
+            create_app(settings),
+            host=host,
+            port=port,
+            log_config=None,
+            timeout_graceful_shutdown=grace,
+            timeout_keep_alive=settings.server.keep_alive_s,
         )
         DrainingServer(config).run()
     return 0

@@ -121,6 +121,11 @@ class ServerSettings(_Section):
     # On SIGTERM: stop accepting, let requests and streams in flight finish for this long, then
     # cut what is left (its holds are released, nothing unfinished is charged).
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # How long an idle client connection is kept open. Longer than clients' own idle expiry (httpx,
+    # and so the OpenAI SDK, drop theirs after 5 s; uvicorn's default is also 5 s): when the server
+    # closes first, a client can send its next request on a connection being closed and get a
+    # transport error for a request the gateway never saw, or, worse, one it ran and charged.
+    keep_alive_s: int = Field(default=75, gt=0)
 
 
 class BillingSettings(_Section):

@@ -21,6 +21,7 @@ from app.images.capabilities import Catalog
 from app.images.service import ImageService
 from app.images.sweep import SweepPolicy, sweep_forever
 from app.keys import KeyService
+from app.memory import release_free_memory
 from app.metrics import Metrics
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
@@ -189,6 +190,8 @@ async def _reconcile_forever(state: AppState) -> None:
                 log.warning("released stale holds", extra={"fields": {"count": released}})
         except Exception:
             log.exception("hold reconciliation failed; retrying later")
+        # The same housekeeping tick gives memory freed since the last one back (app/memory.py).
+        await asyncio.to_thread(release_free_memory)
         await asyncio.sleep(state.settings.billing.reconcile_every_s)
 
 

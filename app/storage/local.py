@@ -16,7 +16,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
@@ -103,11 +103,18 @@ class LocalImageStore:
         return await asyncio.to_thread(self._purge, require_aware(cutoff).timestamp())
 
     def _purge(self, cutoff_ts: float) -> int:
-        removed = 0
         try:
-            entries = list(os.scandir(self.root))
+            # Streamed, not listed: a day of images can be 100,000 entries, and a list of them (each
+            # keeps its stat, ~900 bytes) left the process tens of MB larger after every purge in
+            # the soak: freed, but too fragmented to go back to the OS.
+            with os.scandir(self.root) as entries:
+                return self._purge_entries(entries, cutoff_ts)
         except FileNotFoundError:
             return 0
+
+    @staticmethod
+    def _purge_entries(entries: Iterator[os.DirEntry[str]], cutoff_ts: float) -> int:
+        removed = 0
         for entry in entries:
             is_image = NAME_PATTERN.fullmatch(entry.name) is not None
             # Anything else in the directory is not ours to delete.

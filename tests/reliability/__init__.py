@@ -87,6 +87,8 @@ def gateway_config(fake: FakeOpenAI, data_dir: Path, db_url: str, **extra: Any) 
     config: dict[str, Any] = {
         "admin_key": ADMIN_KEY,
         "data_dir": str(data_dir),
+        # Beside the rest of the run's files, not in the checkout's ./data/images (the default).
+        "storage": {"path": str(data_dir / "images")},
         "models_file": MODELS_FILE,
         "database": {"url": db_url},
         "logging": {"level": "WARNING"},

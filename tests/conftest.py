@@ -44,6 +44,8 @@ def make_settings(data_dir: Path, upstreams: list[dict[str, Any]], **extra: Any)
         "retry": {"initial_delay_s": 0.01, "max_delay_s": 0.05},
     }
     config.update(extra)
+    # Images beside the rest of the test's files, not in the checkout's ./data/images (the default).
+    config["storage"] = {"path": str(data_dir / "images"), **config.get("storage", {})}
     return build_settings(config)
 
 

@@ -303,14 +303,17 @@ class TaskQueue:
             )
             return int(depth or 0)
 
-    async def purge_finished(self, older_than: timedelta) -> list[Task]:
-        """Delete finished tasks past retention; returns them so their files can go too."""
+    async def purge_finished(self, older_than: timedelta, *, limit: int = 500) -> list[Task]:
+        """Delete up to ``limit`` finished tasks past retention; returns them so their files can go
+        too. Bounded because a day's tasks, results included, would otherwise be loaded at once."""
         cutoff = utcnow() - older_than
         async with self._sessions.begin() as session:
             rows = (
                 (
                     await session.execute(
-                        select(Task).where(Task.status.in_((SUCCEEDED, FAILED)), Task.finished_at < cutoff)
+                        select(Task)
+                        .where(Task.status.in_((SUCCEEDED, FAILED)), Task.finished_at < cutoff)
+                        .limit(limit)
                     )
                 )
                 .scalars()

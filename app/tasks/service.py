@@ -31,6 +31,9 @@ from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
 
 log = logging.getLogger(__name__)
 
+# Finished tasks deleted per transaction by the purge: memory stays flat however many are due.
+PURGE_BATCH = 500
+
 
 @dataclass(frozen=True, slots=True)
 class TaskSettingsView:
@@ -261,12 +264,18 @@ class TaskService:
 
     async def purge(self) -> int:
         """Delete finished tasks past retention, with their stored images."""
-        gone = await self.queue.purge_finished(timedelta(seconds=self._settings.retention_s))
-        for task in gone:
-            for name in image_names(task.result):
-                await self._store.delete(name)
-            await asyncio.to_thread(self._drop_inputs, task.id)
-        return len(gone)
+        purged = 0
+        while True:
+            gone = await self.queue.purge_finished(
+                timedelta(seconds=self._settings.retention_s), limit=PURGE_BATCH
+            )
+            for task in gone:
+                for name in image_names(task.result):
+                    await self._store.delete(name)
+                await asyncio.to_thread(self._drop_inputs, task.id)
+            purged += len(gone)
+            if len(gone) < PURGE_BATCH:
+                return purged
 
 
 def _ts(value: Any) -> int | None:

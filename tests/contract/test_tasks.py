@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -229,6 +230,43 @@ def test_a_failing_upstream_fails_the_task_without_charge(gateway: Gateway, upst
     assert task["error"]["code"] == "content_policy_violation" and "result" not in task
     key_row = gateway.key_row(key_id)
     assert (int(key_row["spent_micros"]), int(key_row["reserved_micros"])) == (0, 0)
+
+
+def test_finished_tasks_past_retention_are_purged_with_their_images(
+    gateway_with: Callable[..., Gateway],
+    upstream: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Batches of two, so the purge has to go round its loop to reach the fourth expired task.
+    monkeypatch.setattr("app.tasks.service.PURGE_BATCH", 2)
+    gw = gateway_with(fake_upstream_config(upstream), storage={"purge_interval_s": 1})
+    caplog.set_level(logging.INFO, logger="app.tasks.worker")
+    client = gw.client()
+    ids = [
+        client.images.with_raw_response.generate(
+            model="gpt-image-1", prompt=f"p{i}", response_format="url", extra_query=ASYNC
+        ).http_response.json()["id"]
+        for i in range(5)
+    ]
+    assert [poll(client, task_id)["status"] for task_id in ids] == ["succeeded"] * 5
+    images = gw.data_dir / "images"
+    assert len(list(images.iterdir())) == 5
+    expired, kept = ids[:4], ids[4]
+    listed = ", ".join(f"'{task_id}'" for task_id in expired)
+    gw.query(f"UPDATE tasks SET finished_at = '2000-01-01 00:00:00.000000' WHERE id IN ({listed})")
+
+    deadline = time.monotonic() + 30
+    while gw.query("SELECT COUNT(*) AS n FROM tasks")[0]["n"] > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [row["id"] for row in gw.query("SELECT id FROM tasks")] == [kept]
+    purges = [r for r in caplog.records if r.getMessage() == "purged finished tasks"]
+    assert [r.fields for r in purges] == [{"count": 4}]  # one purge, two batches and an empty one
+    for task_id in expired:
+        with pytest.raises(openai.NotFoundError):
+            client.get(f"/tasks/{task_id}", cast_to=object)
+    (survivor,) = poll(client, kept)["result"]["data"]
+    assert [p.name for p in images.iterdir()] == [urlparse(survivor["url"]).path.rsplit("/", 1)[-1]]
 
 
 # -- durability: SIGKILL mid-way, then restart --------------------------------------------------------

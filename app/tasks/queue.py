@@ -303,7 +303,7 @@ class TaskQueue:
             )
             return int(depth or 0)
 
-    async def purge_finished(self, older_than: timedelta, *, limit: int = 500) -> list[Task]:
+    async def purge_finished(self, older_than: timedelta, *, limit: int) -> list[Task]:
         """Delete up to ``limit`` finished tasks past retention; returns them so their files can go
         too. Bounded because a day's tasks, results included, would otherwise be loaded at once."""
         cutoff = utcnow() - older_than

@@ -21,7 +21,7 @@ from app.images.capabilities import Catalog
 from app.images.service import ImageService
 from app.images.sweep import SweepPolicy, sweep_forever
 from app.keys import KeyService
-from app.memory import release_free_memory
+from app.memory import release_free_memory, tune_allocator
 from app.metrics import Metrics
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
@@ -255,6 +255,7 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContex
             gc.collect()
             gc.freeze()
             gc.set_threshold(20_000, 50, 100)
+            tune_allocator()
             log.info(
                 "gateway ready",
                 extra={

@@ -1,11 +1,17 @@
-"""Giving freed memory back to the operating system.
+"""How the gateway uses glibc's malloc: large buffers reused, freed memory given back on a tick.
 
-CPython returns its own small-object arenas when they empty, but buffers it gets from glibc's
-malloc (request and response bodies, SQLite's page caches, the threads that write files) stay with
-the process after a burst unless glibc trims them, which it does only at the top of the main heap.
-In the soak (BENCHMARKS.md) such a burst left the gateway's RSS tens of megabytes above its steady
-state for many minutes. ``malloc_trim`` releases free pages in every arena; it is called on the
-gateway's housekeeping tick. Elsewhere than glibc it does nothing.
+Image answers are big (3.5 MB of base64 for one high-quality image, 14 MB for four), and each
+passes through buffers of that size (the upstream read, chunk by chunk, then the body). With its
+defaults glibc grew the heap for them and trimmed it again as soon as they were freed (or mapped and
+unmapped them), so every request faulted its pages in anew: 19 ms of system time per n=4 answer,
+more than all the rest of the request (strace showed the heap's top going up and down by the
+answer's size on each request). :func:`tune_allocator` keeps that memory in the heap for the next
+answer: 25 → 11 ms of CPU per n=4 answer, 7 → 4 ms for one image (BENCHMARKS.md).
+
+The memory kept that way, and what else a burst leaves behind (CPython returns its own arenas, but
+not what it got from malloc), goes back to the OS when :func:`release_free_memory` runs on the
+gateway's housekeeping tick: ``malloc_trim`` releases free pages in every arena. Elsewhere than
+glibc both do nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +37,42 @@ def _load_trim() -> Callable[[int], int] | None:
     return trim
 
 
+def _load_mallopt() -> Callable[[int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
 _TRIM = _load_trim()
+_MALLOPT = _load_mallopt()
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+# Allocations below this come from the heap, not their own mapping: glibc's ceiling (32 MiB on
+# 64-bit), above the largest answer the catalog allows in one buffer (n=4 high-quality images).
+MMAP_THRESHOLD = 32 * 1024 * 1024
+# Free memory at the top of the heap kept for reuse instead of trimmed at once (default 128 KiB):
+# room for several answers in flight; the housekeeping tick's malloc_trim gives it back.
+TRIM_THRESHOLD = 128 * 1024 * 1024
+
+
+def tune_allocator() -> bool:
+    """Keep large buffers in malloc's heap for reuse (see the module's docstring); True if set.
+    Fixed values also stop glibc adapting its thresholds to the sizes it has seen freed, under which
+    the same benchmark cell ran at one speed or at half of it from one start to the next."""
+    if _MALLOPT is None:
+        return False
+    return bool(_MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        _MALLOPT(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def release_free_memory() -> bool:

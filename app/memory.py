@@ -20,38 +20,27 @@ import ctypes
 import ctypes.util
 import logging
 from collections.abc import Callable
+from typing import cast
 
 log = logging.getLogger(__name__)
 
 
-def _load_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _glibc(name: str, *argtypes: type[ctypes.c_int] | type[ctypes.c_size_t]) -> Callable[..., int] | None:
+    """One of glibc's malloc functions, or None where the C library is another (musl, macOS)."""
+    library = ctypes.util.find_library("c")
+    if library is None:
         return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc (musl, macOS)
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-def _load_mallopt() -> Callable[[int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
+        function = getattr(ctypes.CDLL(library), name)
     except (OSError, AttributeError):
         return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return cast("Callable[..., int]", function)
 
 
-_TRIM = _load_trim()
-_MALLOPT = _load_mallopt()
+_TRIM = _glibc("malloc_trim", ctypes.c_size_t)
+_MALLOPT = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1

@@ -87,16 +87,24 @@ class SqliteWriter:
             if _locked(exc):  # raised by BEGIN IMMEDIATE: nothing ran
                 raise WouldBlock from None
             raise
-        self._commits += 1
-        if self._commits % CHECKPOINT_EVERY == 0:
-            self._pool.submit(self._checkpoint)
+        self._committed()
         return result
 
     async def run(self, work: Work[T]) -> T:
         try:
             return self.run_now(work)
         except WouldBlock:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, work)
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, self._call, work)
+            # Commits on the thread grow the WAL too; left uncounted, a busy spell (when most writes
+            # wait for the lock) stretched the gap between checkpoints far past CHECKPOINT_EVERY.
+            self._committed()
+            return result
+
+    def _committed(self) -> None:
+        # Called on the event loop only, so the counter needs no lock.
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0:
+            self._pool.submit(self._checkpoint)
 
     def _connection(self) -> Connection:
         connection: Connection | None = getattr(self._local, "connection", None)

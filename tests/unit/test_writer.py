@@ -106,8 +106,11 @@ async def test_the_wal_is_checkpointed_and_kept_small_under_steady_writes(
             await made.run(big)
         reader.execute("SELECT count(*) FROM t").fetchall()  # a reader between writes, as in the app
         await asyncio.sleep(0.01 if round_ % 2 else 0)
-    await made.run(lambda c: None)  # the checkpoint queued last has run once this returns... or soon
-    await asyncio.sleep(0.2)
+    await made.run(lambda c: None)
+    # The writer thread runs its queue in order: once a job queued now has run, so has the
+    # checkpoint queued at the last CHECKPOINT_EVERY-th commit (waiting on it, not on a timer).
+    assert isinstance(made, SqliteWriter)
+    await asyncio.get_running_loop().run_in_executor(made._pool, lambda: None)
     wal = path.with_name(path.name + "-wal")
     # Without checkpoints the WAL holds every commit's pages (~1,200 commits here); with them it
     # is truncated every CHECKPOINT_EVERY commits.

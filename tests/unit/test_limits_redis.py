@@ -103,14 +103,18 @@ async def prefix(redis_url: str) -> AsyncIterator[str]:
         await client.aclose()
 
 
-@pytest.fixture
-async def server_now(redis_url: str) -> float:
+async def redis_time(redis_url: str) -> float:
     client = Redis.from_url(redis_url)
     try:
         seconds, micros = await client.time()
     finally:
         await client.aclose()
     return seconds + micros / 1_000_000
+
+
+@pytest.fixture
+async def server_now(redis_url: str) -> float:
+    return await redis_time(redis_url)
 
 
 async def refused(limiter: RedisRateLimiter, key: str, limits: KeyLimits, images: int = 1) -> RateLimitError:
@@ -224,16 +228,17 @@ async def test_an_unreleased_lease_expires(redis_url: str, prefix: str) -> None:
 
 
 @pytest.mark.redis
-async def test_a_crashed_process_lease_expires_on_the_server_clock(
-    redis_url: str, prefix: str, server_now: float
-) -> None:
+async def test_a_crashed_process_lease_expires_on_the_server_clock(redis_url: str, prefix: str) -> None:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CHILD_CRASH, redis_url, prefix, cwd=ROOT
     )
     assert await child.wait() == 0
+    # Read the server's clock only once the child has taken its lease: however slowly the child
+    # started, its lease expires by then + 30 s, so the "later" limiter's clock is past it.
+    after = await redis_time(redis_url)
     limits = KeyLimits(concurrency=1)
     now = RedisRateLimiter(redis_url, prefix=prefix, fail_open=False)
-    later = RedisRateLimiter(redis_url, prefix=prefix, clock=lambda: server_now + 31, fail_open=False)
+    later = RedisRateLimiter(redis_url, prefix=prefix, clock=lambda: after + 31, fail_open=False)
     try:
         await refused(now, "crash", limits)
         await later.acquire("crash", limits, images=1)

@@ -39,6 +39,14 @@ def third_fake() -> Iterator[FakeOpenAI]:
         yield fake
 
 
+class ManualClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def states(gw: Gateway) -> dict[str, str]:
     body = gw.admin("GET", "/admin/upstreams").json()
     return {u["name"]: u["state"] for u in body["data"]}
@@ -64,6 +72,10 @@ def test_faulty_upstreams_trip_their_breakers_and_recover(
         breaker=BREAKER,
         retry={"max_retries_per_upstream": 0},
     )
+    # The breakers read a clock the test moves, so a slow run cannot let open_s pass by itself.
+    clock = ManualClock(time.monotonic())
+    for breaker in gw.server.app.state.gateway.router.breakers.values():
+        breaker._clock = clock
     client = gw.client()
     for _ in range(4):
         assert client.images.generate(model="gpt-image-1", prompt="x", quality="low").data
@@ -81,7 +93,7 @@ def test_faulty_upstreams_trip_their_breakers_and_recover(
 
     # The erroring upstream recovers: after the cool-down a probe goes through and closes it.
     second_fake.always_fail = None
-    time.sleep(0.6)
+    clock.now += BREAKER["open_s"] + 0.1
     assert client.images.generate(model="gpt-image-1", prompt="x", quality="low").data
     assert states(gw)["erroring"] == "closed"
     third_fake.always_fail = None

@@ -14,6 +14,8 @@ Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``co
     ├── RequestTimeoutError            408 request_timeout
     ├── PayloadTooLargeError           413 payload_too_large
     ├── QuotaExceededError             429 insufficient_quota
+    ├── UpstreamJobTimeout             504 api_error upstream_timeout (a submitted provider job
+    │                                  never finished: not retried, which would submit it twice)
     └── UpstreamError                  502 api_error upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable (connect failure) / 503 (no upstream)
         ├── UpstreamTimeout            504 upstream_timeout
@@ -131,6 +133,18 @@ class QuotaExceededError(GatewayError):
     status_code = 429
     error_type = "insufficient_quota"
     default_code = "insufficient_quota"
+
+
+class UpstreamJobTimeout(GatewayError):
+    """A job the upstream accepted (FLUX) did not finish within the polling budget.
+
+    Deliberately not an ``UpstreamError``: those are retried and failed over, and a retry would
+    submit the job again while the first one may still finish, and be billed, upstream.
+    """
+
+    status_code = 504
+    error_type = "api_error"
+    default_code = "upstream_timeout"
 
 
 class UpstreamError(GatewayError):

@@ -234,7 +234,8 @@ def _all_models() -> list[str | UpstreamModelSettings]:
 
 class UpstreamSettings(_Section):
     name: str = Field(min_length=1)
-    kind: Literal["openai", "azure", "local"]
+    # gemini | imagen | bfl | stability: image providers with their own wire formats (issue 19).
+    kind: Literal["openai", "azure", "local", "gemini", "imagen", "bfl", "stability"]
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_version: str | None = None
@@ -250,6 +251,14 @@ class UpstreamSettings(_Section):
     stream: bool = True
     # `local` only: pause before each streamed event, to mimic a real upstream's pace.
     stream_pace_s: float = Field(default=0.0, ge=0, le=60)
+    # `bfl` only: how long a submitted job is polled (first interval, growing x1.5 to the max), and
+    # the hosts the key may be sent to (polling_url) and images fetched from (result.sample):
+    # `host`, `host:port` or `*.domain`. None: BFL's own (api.bfl.ai, *.bfl.ai).
+    poll_budget_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    poll_max_interval_s: float = Field(default=5.0, gt=0)
+    polling_hosts: list[str] | None = None
+    delivery_hosts: list[str] | None = None
 
     @field_validator("api_key", mode="before")
     @classmethod

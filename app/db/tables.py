@@ -171,6 +171,10 @@ class Task(Base):
     # Set just before the upstream is called: a task whose worker died after this point is not
     # run again (the upstream may have done the work), so it never runs to completion twice.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # For upstreams that accept a job and are polled for it (FLUX): the jobs accepted for this task
+    # ({"upstream", "jobs": [{"id", "polling_url"}]}), so a worker taking over after a crash polls
+    # them instead of submitting again.
+    provider_job: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 

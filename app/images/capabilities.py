@@ -16,7 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
-Family = Literal["gpt-image", "dall-e-2", "dall-e-3"]
+from app.images.provider_spec import ProviderSpec, ProviderSpecError
+
+Family = Literal["gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability"]
+FAMILIES: tuple[str, ...] = ("gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability")
 MICROS = 1_000_000
 
 
@@ -109,11 +112,14 @@ class ModelCapabilities:
     # quality -> size -> output image tokens per image
     output_token_estimate: Mapping[str, Mapping[str, int]]
     free_size: FreeSizeRule | None = None
+    # Models served by a non-OpenAI provider: how OpenAI settings map onto it (provider_spec.py).
+    provider: ProviderSpec | None = None
 
     @property
     def reports_usage(self) -> bool:
-        """GPT-Image reports token usage; dall-e is priced per image."""
-        return self.family == "gpt-image"
+        """GPT-Image and Gemini report token usage; dall-e, Imagen, FLUX and Stability are priced
+        per image."""
+        return self.family in ("gpt-image", "gemini")
 
     def resolve_size(self, size: str) -> str:
         """The concrete size a request will be rendered at (``auto`` → the first listed size)."""
@@ -195,8 +201,8 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
         return spec[key]
 
     family = need("family")
-    if family not in ("gpt-image", "dall-e-2", "dall-e-3"):
-        raise CatalogError(f"models.{name}.family: must be gpt-image, dall-e-2 or dall-e-3")
+    if family not in FAMILIES:
+        raise CatalogError(f"models.{name}.family: must be one of {', '.join(FAMILIES)}")
     sizes = tuple(str(s) for s in need("sizes"))
     for size in sizes:
         if size != "auto" and parse_size(size) is None:
@@ -239,7 +245,17 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
             for q, table in (spec.get("output_token_estimate") or {}).items()
         },
         free_size=FreeSizeRule(**free) if isinstance(free, Mapping) else None,
+        provider=_provider(name, spec.get("provider")),
     )
+
+
+def _provider(name: str, spec: Any) -> ProviderSpec | None:
+    if spec is None:
+        return None
+    try:
+        return ProviderSpec.from_mapping(spec, where=f"models.{name}.provider")
+    except ProviderSpecError as exc:
+        raise CatalogError(str(exc)) from exc
 
 
 def _prices(name: str, spec: Mapping[str, Any]) -> Prices:
@@ -251,6 +267,15 @@ def _prices(name: str, spec: Mapping[str, Any]) -> Prices:
         str(q): {str(s): to_micros(v, where=f"models.{name}.prices.per_image.{q}.{s}") for s, v in t.items()}
         for q, t in (spec.get("per_image") or {}).items()
     }
+    if "credits_per_image" in spec:
+        # Providers that bill credits (Stability): the per-image price is credits x credit price,
+        # exact in Decimal before it becomes micro-units.
+        where = f"models.{name}.prices.credits_per_image"
+        try:
+            amount = Decimal(str(spec["credits_per_image"])) * Decimal(str(spec.get("credit_price")))
+        except InvalidOperation as exc:
+            raise CatalogError(f"{where}: credits_per_image and credit_price must be numbers") from exc
+        per_image = {"*": {"*": to_micros(amount, where=where)}}
     return Prices(
         text_input=price("text_input"),
         image_input=price("image_input"),

@@ -5,7 +5,7 @@ A validated request becomes an ``ImageJob``; a provider answers with an ``ImageR
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +63,12 @@ class ImageJob:
     images: tuple[InputImage, ...] = ()
     mask: InputImage | None = None
     input_fidelity: str | None = None
+    # Upstreams that run a job and are polled for it (FLUX): ``resume`` is what an earlier run of
+    # this task recorded (``{"upstream", "jobs": [{"id", "polling_url"}]}``), to poll those jobs
+    # again instead of submitting new ones; ``on_submitted`` records it once the jobs are submitted.
+    # Both are set by the task runner only; a synchronous request has neither.
+    resume: Mapping[str, Any] | None = None
+    on_submitted: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
     def upstream_body(self, upstream_model: str) -> dict[str, Any]:
         """The JSON body for an OpenAI-compatible upstream.

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from app.errors import InvalidJSONError, InvalidRequestError
 from app.images.capabilities import ModelCapabilities, parse_size
 from app.images.jobs import Endpoint, ImageJob, ResponseFormat
+from app.images.provider_spec import unmapped_fields
 from app.schemas.images import ImageEditForm, ImageGenerateRequest
 
 MODERATION_LEVELS = ("low", "auto")
@@ -139,6 +140,18 @@ def check_unsupported(fields: Mapping[str, Any], caps: ModelCapabilities) -> Non
         )
 
 
+def check_unmapped(extra: Mapping[str, Any], caps: ModelCapabilities) -> None:
+    """A provider model (Gemini, FLUX, …) has nowhere to forward a field the gateway does not know:
+    unless its catalog entry maps it (``provider.params``), it is a 400, never silently dropped."""
+    unmapped = unmapped_fields((k for k, v in extra.items() if v is not None), caps.provider)
+    if unmapped:
+        raise InvalidRequestError(
+            f"Unsupported parameter: '{unmapped[0]}' is not supported with the model '{caps.name}'.",
+            param=unmapped[0],
+            code="unsupported_parameter",
+        )
+
+
 def check_size(size: str, caps: ModelCapabilities) -> None:
     if size in caps.sizes:
         return
@@ -202,6 +215,7 @@ def build_job(
     if isinstance(request, ImageEditForm):
         check_edit_fields(request, fields, caps)
     check_unsupported(fields, caps)
+    check_unmapped(extra, caps)
 
     n = request.n if request.n is not None else 1
     _bounded("n", n, 1, N_MAX)

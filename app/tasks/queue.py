@@ -173,6 +173,20 @@ class TaskQueue:
 
         return await self._writer.run(mark)
 
+    async def record_provider_job(self, task_id: str, worker: str, provider_job: dict[str, Any]) -> bool:
+        """Record the jobs a polled upstream accepted (see ``Task.provider_job``), committed before
+        the first poll; False when the task is no longer this worker's."""
+
+        def record(c: Connection) -> bool:
+            recorded = c.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
+                .values(provider_job=provider_job)
+            )
+            return _rows(recorded) == 1
+
+        return await self._writer.run(record)
+
     async def renew(self, task_id: str, worker: str) -> bool:
         """Extend a lease; False when the task is no longer this worker's."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -189,9 +190,11 @@ class TaskService:
             period=task.hold_period or "",
             amount_micros=task.hold_micros,
         )
-        if task.dispatched_at is not None:
+        resuming = task.dispatched_at is not None and bool(task.provider_job)
+        if task.dispatched_at is not None and not resuming:
             # An earlier worker died after calling the upstream. Running again could make the
-            # upstream do (and charge for) the work twice: fail it, uncharged, instead.
+            # upstream do (and charge for) the work twice: fail it, uncharged, instead. (Unless
+            # the upstream recorded the job it accepted: then it is polled again, not resubmitted.)
             error = GatewayError(
                 "The gateway stopped while this task's upstream call was in flight; it was not "
                 "charged. Submit it again.",
@@ -203,8 +206,9 @@ class TaskService:
         try:
             caller = await self._keys.caller_for(task.key_id)
             job = await self._rebuild(task, caller)
-            if not await self.queue.mark_dispatched(task.id, worker):
+            if not resuming and not await self.queue.mark_dispatched(task.id, worker):
                 return  # the lease was lost meanwhile: the new owner decides
+            job = replace(job, resume=task.provider_job, on_submitted=self._recorder(task, worker))
             await self._images.run(
                 caller=caller, job=job, hold=hold, finish=self._finisher(task, worker, job)
             )
@@ -218,6 +222,18 @@ class TaskService:
             error = GatewayError("The gateway had an error while running the task.", code="internal_error")
             await self._fail(task, worker, error.to_body()["error"], hold)
         await self._after(task)
+
+    def _recorder(self, task: Task, worker: str) -> Callable[[dict[str, Any]], Awaitable[None]]:
+        """What a polled upstream (FLUX) calls once it has accepted the task's jobs."""
+
+        async def record(provider_job: dict[str, Any]) -> None:
+            if not await self.queue.record_provider_job(task.id, worker, provider_job):
+                log.warning(
+                    "task lease lost before its provider job was recorded",
+                    extra={"fields": {"task_id": task.id}},
+                )
+
+        return record
 
     def _finisher(self, task: Task, worker: str, job: ImageJob) -> ResultHook:
         async def finish(body: dict[str, Any], cost: int) -> tuple[dict[str, Any], TxHook]:

@@ -78,17 +78,47 @@ class ProviderRegistry:
             provider = _make_provider(upstream)
             providers.append(provider)
             limits[upstream.name] = upstream.max_concurrency
-            for model, upstream_model in upstream.model_map(catalog.names()).items():
+            for model, upstream_model in upstream.model_map(_servable(upstream, catalog)).items():
                 if model not in routes:
                     log.warning(
                         "upstream lists a model missing from the catalog; ignored",
                         extra={"fields": {"upstream": upstream.name, "model": model}},
                     )
                     continue
+                caps = catalog.get(model)
+                spec = caps.provider if caps is not None else None
+                if upstream.kind in NATIVE_KINDS:
+                    if spec is None or spec.kind != upstream.kind:
+                        log.warning(
+                            "upstream lists a model of another provider; ignored",
+                            extra={"fields": {"upstream": upstream.name, "model": model}},
+                        )
+                        continue
+                    if upstream_model == model:
+                        upstream_model = spec.model  # the catalog names the provider's model id
                 routes[model].append(
                     Route(provider, upstream_model, upstream.weight, upstream.priority, upstream.stream)
                 )
         return cls(routes, providers, limits)
+
+
+# Upstream kinds with their own wire formats; each serves the catalog models whose
+# `provider.kind` is the same.
+NATIVE_KINDS = ("gemini", "imagen", "bfl", "stability")
+
+
+def _servable(upstream: UpstreamSettings, catalog: Catalog) -> list[str]:
+    """What ``"*"`` stands for on this upstream: every model for ``local``; a provider's own models
+    for its kind; the models of no other provider for OpenAI-compatible kinds."""
+    if upstream.kind == "local":
+        return catalog.names()
+    names = []
+    for name in catalog.names():
+        caps = catalog.get(name)
+        kind = caps.provider.kind if caps is not None and caps.provider is not None else None
+        if kind == upstream.kind or (kind is None and upstream.kind not in NATIVE_KINDS):
+            names.append(name)
+    return names
 
 
 def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
@@ -121,4 +151,8 @@ def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
             connect_timeout_s=upstream.connect_timeout_s,
             max_connections=upstream.max_concurrency or 100,
         )
+    if upstream.kind in NATIVE_KINDS:
+        from app.upstream.providers.factory import native_provider
+
+        return native_provider(upstream)
     raise ValueError(f"upstream '{upstream.name}': kind '{upstream.kind}' is not available yet")

@@ -135,6 +135,10 @@ class Router:
         breakers are skipped. ``tried`` collects each upstream as it is called, so a caller that is
         cancelled midway still knows which upstream its request reached."""
         routes = order_routes(self._registry.routes(job.model), self._rng)
+        if job.resume is not None:
+            # A task resuming a provider job (FLUX) polls it where it runs: any other upstream
+            # would submit it a second time.
+            routes = [r for r in routes if r.name == job.resume.get("upstream")]
         if not routes:
             raise UpstreamUnavailable(f"No upstream serves the model '{job.model}'.", status=503)
         deadline = self._policy.deadline()

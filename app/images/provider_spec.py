@@ -1,0 +1,122 @@
+"""How a catalog model served by a non-OpenAI provider maps onto that provider (``provider:`` in
+``config/models.yaml``).
+
+The OpenAI Images API asks for a ``size`` in pixels, a ``quality`` and an ``output_format``; Gemini,
+Imagen, FLUX and Stability ask for an aspect ratio, a resolution tier or pixel dimensions with
+their own rules, and make only some formats. This part of the catalog says, per model, what the
+provider takes, so the adapters translate from data rather than from per-model code, and adding a
+model of a known provider stays a YAML edit:
+
+    provider:
+      kind: gemini                      # which adapter family serves it (documentation, checks)
+      model: gemini-2.5-flash-image     # the provider's model id (an upstream's default rename)
+      aspect_ratios: ["1:1", "3:2", …]  # what ``size`` maps to, nearest on a log scale
+      resolutions: {1K: 1024, 2K: 2048} # resolution tiers by nominal long edge (Gemini imageSize,
+                                        #   Imagen imageSize); nearest to the asked long edge
+      quality_resolutions: {hd: 2K}     # a quality that picks a tier instead of the size
+      dimensions: {multiple: 32, min: 256, max: 1440}   # FLUX width/height instead of a ratio
+      native_formats: [png]             # formats the provider makes itself; others re-encoded
+      params: {seed: seed}              # extra client fields that map: client name → provider name
+
+A client field the gateway does not know is forwarded unchanged to OpenAI-compatible upstreams; a
+provider model has nowhere to forward it, so it is refused with 400 ``unsupported_parameter``
+unless ``params`` maps it (``check_extra_fields``). Nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PROVIDER_KINDS = ("gemini", "imagen", "bfl", "stability")
+
+
+class ProviderSpecError(ValueError):
+    """The ``provider`` section of a model is malformed; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class DimensionRule:
+    """Pixel dimensions a provider takes (FLUX ``width``/``height``)."""
+
+    multiple: int = 32
+    min: int = 256
+    max: int = 1440
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """The nearest allowed dimensions with the asked aspect ratio: scaled down to fit ``max``
+        (or up to reach ``min``), then each edge rounded to the multiple and clamped."""
+        scale = 1.0
+        if max(width, height) > self.max:
+            scale = self.max / max(width, height)
+        elif min(width, height) < self.min:
+            scale = min(self.min / min(width, height), self.max / max(width, height))
+        return self._edge(width * scale), self._edge(height * scale)
+
+    def _edge(self, value: float) -> int:
+        edge = round(value / self.multiple) * self.multiple
+        return max(self.min, min(self.max, edge))
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    kind: str
+    model: str
+    aspect_ratios: tuple[str, ...] = ()
+    default_ratio: str = "1:1"
+    resolutions: Mapping[str, int] = field(default_factory=dict)
+    quality_resolutions: Mapping[str, str] = field(default_factory=dict)
+    dimensions: DimensionRule | None = None
+    native_formats: tuple[str, ...] = ("png",)
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, spec: Any, *, where: str) -> ProviderSpec:
+        if not isinstance(spec, Mapping):
+            raise ProviderSpecError(f"{where}: expected a mapping")
+        kind = spec.get("kind")
+        if kind not in PROVIDER_KINDS:
+            raise ProviderSpecError(f"{where}.kind: must be one of {', '.join(PROVIDER_KINDS)}")
+        model = spec.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProviderSpecError(f"{where}.model: missing")
+        ratios = tuple(str(r) for r in spec.get("aspect_ratios") or ())
+        for ratio in ratios:
+            width, sep, height = ratio.partition(":")
+            if not sep or not width.isdigit() or not height.isdigit() or not int(width) or not int(height):
+                raise ProviderSpecError(f"{where}.aspect_ratios: {ratio!r} is not W:H")
+        resolutions = {str(k): int(v) for k, v in (spec.get("resolutions") or {}).items()}
+        quality_resolutions = {str(k): str(v) for k, v in (spec.get("quality_resolutions") or {}).items()}
+        for quality, tier in quality_resolutions.items():
+            if tier not in resolutions:
+                raise ProviderSpecError(
+                    f"{where}.quality_resolutions.{quality}: {tier!r} is not a resolution"
+                )
+        dims = spec.get("dimensions")
+        default_ratio = str(spec.get("default_ratio", "1:1"))
+        if ratios and default_ratio not in ratios:
+            raise ProviderSpecError(f"{where}.default_ratio: {default_ratio!r} is not among aspect_ratios")
+        return cls(
+            kind=kind,
+            model=model,
+            aspect_ratios=ratios,
+            default_ratio=default_ratio,
+            resolutions=resolutions,
+            quality_resolutions=quality_resolutions,
+            dimensions=DimensionRule(**dims) if isinstance(dims, Mapping) else None,
+            native_formats=tuple(str(f) for f in spec.get("native_formats") or ("png",)),
+            params={str(k): str(v) for k, v in (spec.get("params") or {}).items()},
+        )
+
+    def mapped_params(self, forward: Mapping[str, Any]) -> dict[str, Any]:
+        """The client's extra fields that this provider takes, under the provider's names."""
+        return {self.params[name]: value for name, value in forward.items() if name in self.params}
+
+
+def unmapped_fields(extra: Iterable[str], spec: ProviderSpec | None) -> list[str]:
+    """Extra (non-OpenAI) client fields a provider model cannot take, sorted; [] for OpenAI models,
+    which forward every extra field upstream."""
+    if spec is None:
+        return []
+    return sorted(name for name in extra if name not in spec.params)

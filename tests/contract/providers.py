@@ -50,3 +50,41 @@ def uncharged(gw: Gateway, key_id: str) -> None:
     assert all(int(r["cost_micros"]) == 0 and int(r["images"]) == 0 for r in rows), rows
     assert int(gw.key_row(key_id)["spent_micros"]) == 0
     assert gw.query(f"SELECT * FROM reservations WHERE key_id = '{key_id}'") == []
+
+
+def books_violations(gw: Gateway, key_ids: list[str]) -> list[str]:
+    """The money invariant for provider models, as messages (empty: it holds): each ledger row costs
+    its tokens at the catalog's token prices (Gemini) or its images at the per-image price (the
+    others), rows without images cost nothing, Σ ledger = the keys' spend, nothing stays held."""
+    from app.images.capabilities import Catalog
+    from tests.conftest import MODELS_FILE
+
+    catalog = Catalog.from_file(MODELS_FILE)
+    problems: list[str] = []
+    for key_id in key_ids:
+        rows = [r for r in gw.ledger() if r["key_id"] == key_id]
+        for row in rows:
+            caps = catalog.get(row["model"])
+            assert caps is not None
+            if caps.prices.per_image:
+                (price,) = {p for table in caps.prices.per_image.values() for p in table.values()}
+                expected = int(row["images"]) * price
+            else:
+                prices = caps.prices
+                per_kind = {
+                    "text_input": prices.text_input,
+                    "image_input": prices.image_input,
+                    "text_output": prices.text_output,
+                    "image_output": prices.image_output,
+                }
+                expected = token_cost(per_kind, row) if int(row["images"]) else 0
+            if int(row["cost_micros"]) != expected:
+                problems.append(f"{row['model']} row {row['request_id']}: {row['cost_micros']} != {expected}")
+        key = gw.key_row(key_id)
+        if int(key["spent_micros"]) != sum(int(r["cost_micros"]) for r in rows):
+            problems.append(f"key {key_id}: spent {key['spent_micros']} != ledger")
+        if int(key["reserved_micros"]) != 0:
+            problems.append(f"key {key_id}: {key['reserved_micros']} still reserved")
+        if gw.query(f"SELECT id FROM reservations WHERE key_id = '{key_id}'"):
+            problems.append(f"key {key_id}: reservations left")
+    return problems

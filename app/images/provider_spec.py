@@ -114,9 +114,31 @@ class ProviderSpec:
         return {self.params[name]: value for name, value in forward.items() if name in self.params}
 
 
-def unmapped_fields(extra: Iterable[str], spec: ProviderSpec | None) -> list[str]:
-    """Extra (non-OpenAI) client fields a provider model cannot take, sorted; [] for OpenAI models,
-    which forward every extra field upstream."""
+# The OpenAI request fields every provider adapter translates (or the gateway itself consumes:
+# ``moderation``, ``response_format``, ``stream``); the catalog's rules bound their values.
+TRANSLATED_FIELDS = frozenset(
+    {
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "quality",
+        "background",
+        "output_format",
+        "output_compression",
+        "moderation",
+        "stream",
+        "partial_images",
+        "response_format",
+        "input_fidelity",
+    }
+)
+
+
+def unmapped_fields(names: Iterable[str], spec: ProviderSpec | None) -> list[str]:
+    """Set client fields a provider model cannot take, sorted: any field, OpenAI's own included
+    (a new one the adapters do not know would otherwise be dropped), that is neither translated
+    nor mapped by ``params``. [] for OpenAI models, which forward every field upstream."""
     if spec is None:
         return []
-    return sorted(name for name in extra if name not in spec.params)
+    return sorted(name for name in names if name not in TRANSLATED_FIELDS and name not in spec.params)

@@ -140,10 +140,13 @@ def check_unsupported(fields: Mapping[str, Any], caps: ModelCapabilities) -> Non
         )
 
 
-def check_unmapped(extra: Mapping[str, Any], caps: ModelCapabilities) -> None:
-    """A provider model (Gemini, FLUX, …) has nowhere to forward a field the gateway does not know:
-    unless its catalog entry maps it (``provider.params``), it is a 400, never silently dropped."""
-    unmapped = unmapped_fields((k for k, v in extra.items() if v is not None), caps.provider)
+def check_unmapped(fields: Mapping[str, Any], caps: ModelCapabilities) -> None:
+    """A provider model (Gemini, FLUX, …) has nowhere to forward a field its adapter does not
+    translate: unless its catalog entry maps it (``provider.params``), it is a 400, never silently
+    dropped. ``false`` and ``null`` mean "off", which every model supports."""
+    unmapped = unmapped_fields(
+        (k for k, v in fields.items() if v is not None and v is not False), caps.provider
+    )
     if unmapped:
         raise InvalidRequestError(
             f"Unsupported parameter: '{unmapped[0]}' is not supported with the model '{caps.name}'.",
@@ -215,7 +218,7 @@ def build_job(
     if isinstance(request, ImageEditForm):
         check_edit_fields(request, fields, caps)
     check_unsupported(fields, caps)
-    check_unmapped(extra, caps)
+    check_unmapped(fields, caps)
 
     n = request.n if request.n is not None else 1
     _bounded("n", n, 1, N_MAX)

@@ -3,17 +3,22 @@ the catalog's provider section and credit prices."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from yarl import URL
 
 from app.images.capabilities import Catalog, CatalogError
-from app.images.jobs import TokenUsage
+from app.images.jobs import ImageJob, ImageResult, TokenUsage
 from app.images.provider_spec import DimensionRule, ProviderSpec, ProviderSpecError, unmapped_fields
+from app.images.validation import build_job, parse_generate_request
 from app.upstream.providers.bfl import host_allowed
 from app.upstream.providers.gemini import usage_of
 from app.upstream.providers.native import nearest_ratio, nearest_tier
+from app.upstream.registry import ProviderRegistry, Route
+from app.upstream.router import Router
 from tests.conftest import MODELS_FILE
 
 GEMINI_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
@@ -163,3 +168,45 @@ def test_catalog_rejects_a_bad_provider_section() -> None:
     raw["models"]["m"]["prices"] = {"credits_per_image": "three", "credit_price": 0.01}
     with pytest.raises(CatalogError, match="credits_per_image"):
         Catalog.from_mapping(raw)
+
+
+def test_openai_fields_no_adapter_translates_are_refused_too() -> None:
+    spec = ProviderSpec(kind="gemini", model="m")
+    assert unmapped_fields(["size", "n", "quality", "moderation", "complexity"], spec) == ["complexity"]
+
+
+class _Recorder:
+    """A provider that records which upstream was asked."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        self.name = name
+        self._calls = calls
+
+    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+        self._calls.append(self.name)
+        return ImageResult({"created": 1, "data": [{"b64_json": "AA=="}]})
+
+    async def probe(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_resumed_job_is_routed_only_to_the_upstream_that_has_it() -> None:
+    catalog = Catalog.from_file(MODELS_FILE)
+    caps = catalog.get("flux-pro-1.1")
+    assert caps is not None
+    request = parse_generate_request({"model": "flux-pro-1.1", "prompt": "x"})
+    job = build_job(request=request, caps=caps, request_id="req-1")
+    calls: list[str] = []
+    providers = [_Recorder(name, calls) for name in ("flux-a", "flux-b")]
+    routes = {
+        "flux-pro-1.1": [Route(p, "flux-pro-1.1", 1, priority) for priority, p in enumerate(providers)]  # type: ignore[arg-type]
+    }
+    router = Router(ProviderRegistry(routes, providers))  # type: ignore[arg-type]
+
+    asyncio.run(router.generate(job))
+    resumed = replace(job, resume={"upstream": "flux-b", "jobs": [{"id": "j", "polling_url": "u"}]})
+    asyncio.run(router.generate(resumed))
+    assert calls == ["flux-a", "flux-b"]

@@ -85,8 +85,18 @@ def test_books_balance_under_mixed_provider_traffic(
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             outcomes = list(pool.map(run, range(REQUESTS)))
+        # The usage report groups provider models like OpenAI's: per model, the ledger's sums.
+        report = gw.admin("GET", "/admin/usage", params={"group_by": "model"}).json()
     finally:
         gw.close()
+    rows = gw.ledger()
+    for group in report["data"]:
+        mine = [r for r in rows if r["model"] == group["model"]]
+        assert group["requests"] == len(mine)
+        assert group["images"] == sum(int(r["images"]) for r in mine)
+        assert group["image_output_tokens"] == sum(int(r["image_output_tokens"]) for r in mine)
+        assert group["cost_micros"] == sum(int(r["cost_micros"]) for r in mine)
+    assert {g["model"] for g in report["data"]} == {r["model"] for r in rows}
     assert "ok" in outcomes and "moderation_blocked" in outcomes, outcomes
     assert set(outcomes) <= {"ok", "moderation_blocked"}, outcomes
     assert books_violations(gw, [key_id for _, key_id in keys]) == []

@@ -32,10 +32,11 @@ Translation:
 Polling: every ``poll_interval_s``, growing ×1.5 up to ``poll_max_interval_s``, until the job is
 ``Ready`` or ``poll_budget_s`` has passed. A poll or download that fails in transit (connection,
 429, 5xx) or a poll answer that does not parse is tried again within the budget: once a job is
-submitted, going back to the router (which would submit it again) is never the answer. The budget exhausted → 504 ``upstream_timeout``
-(``UpstreamJobTimeout``, not retried). ``Request Moderated`` / ``Content Moderated`` → 400
-``moderation_blocked`` (input / output), not charged; ``Error`` / ``Failed`` / ``Task not found`` →
-502, which the router may retry with a new submission (the failed job produced nothing).
+submitted, going back to the router (which would submit it again) is never the answer. The budget
+exhausted → 504 ``upstream_timeout`` (``UpstreamJobTimeout``, not retried). ``Request Moderated`` /
+``Content Moderated`` → 400 ``moderation_blocked`` (input / output), not charged; ``Error`` /
+``Failed`` / ``Task not found`` → 502, which the router may retry with a new submission (the failed
+job produced nothing).
 
 Trust: the key goes to ``polling_url``, so it must be on ``base_url``'s own origin or a host of
 ``polling_hosts``; the image is fetched only from a host of ``delivery_hosts`` (patterns like

@@ -7,14 +7,18 @@
                           "imageConfig": {"aspectRatio": "3:2", "imageSize": "2K"}}}
 
 Read before writing it (public documentation, read not copied):
-- Gemini API reference, generateContent / streamGenerateContent, ``x-goog-api-key``:
-  https://ai.google.dev/api and https://ai.google.dev/api/rest/v1beta/GenerationConfig
-- Image generation with Gemini (responseModalities, imageConfig aspectRatio / imageSize, inline
-  image parts in and out): https://ai.google.dev/gemini-api/docs/image-generation
-- ImageConfig fields (aspectRatio, imageSize): https://firebase.google.com/docs/reference/js/ai.imageconfig.md.txt
-- FinishReason and BlockedReason values (SAFETY, IMAGE_SAFETY, PROHIBITED_CONTENT, BLOCKLIST, …),
-  promptFeedback, usageMetadata with per-modality token details: the GenerateContentResponse
-  reference at https://ai.google.dev/api/generate-content
+- Gemini API reference: generateContent / streamGenerateContent, the ``x-goog-api-key`` header:
+  https://ai.google.dev/api and the GenerationConfig reference (responseModalities, imageConfig),
+  https://ai.google.dev/api/rest/v1beta/GenerationConfig
+- ImageConfig (aspectRatio, imageSize): https://firebase.google.com/docs/reference/js/ai.imageconfig.md.txt
+- FinishReason values (SAFETY, RECITATION, BLOCKLIST, PROHIBITED_CONTENT, SPII, IMAGE_SAFETY, …)
+  and promptFeedback.blockReason: the Vertex AI BlockedReason / PromptFeedback references,
+  https://cloud.google.com/vertex-ai/generative-ai/docs/reference/nodejs/latest/vertexai/blockedreason
+  and a promptFeedback / usageMetadata answer quoted in https://github.com/vercel/ai/issues/4235
+- Aspect ratios and resolution tiers of the image models (1K only for 2.5 Flash; 1K/2K/4K for
+  3 Pro), and per-modality usage: Google's image-generation guide
+  (https://ai.google.dev/gemini-api/docs/image-generation), read through the summaries of it at
+  https://docs.gptproto.com/docs/allapi/Google/gemini-3-pro-image-preview/official-format/image-edit
 
 Translation:
 - ``size`` → ``imageConfig.aspectRatio``, the catalog's nearest ratio; ``imageSize`` (1K/2K/4K)

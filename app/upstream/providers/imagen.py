@@ -7,8 +7,11 @@
     → {"predictions": [{"bytesBase64Encoded": …, "mimeType": "image/png"} | {"raiFilteredReason": …}]}
 
 Read before writing it (public documentation, read not copied):
-- Imagen on the Gemini API (models, sampleCount 1–4, aspectRatio 1:1 3:4 4:3 9:16 16:9,
-  imageSize 1K/2K for Standard and Ultra, personGeneration): https://ai.google.dev/gemini-api/docs/imagen
+- Imagen on the Gemini API (models, ``:predict``, sampleCount 1–4, aspectRatio 1:1 3:4 4:3 9:16
+  16:9, imageSize 1K/2K for Standard and Ultra only, personGeneration), as summarised from
+  https://ai.google.dev/gemini-api/docs/imagen in
+  https://gitea.arisingmedia.us/AM-WEB/arisingmedia-web-sops/src/branch/main/image-gen-workflow/imagen-api-reference.json
+  and https://doc.routescope.ai/en/docs/api/images/imagen
 - The Vertex AI Imagen reference for the predictions' fields (bytesBase64Encoded, mimeType,
   raiFilteredReason) and the aspect-ratio guide:
   https://cloud.google.com/vertex-ai/generative-ai/docs/reference/rest/Shared.Types/VisionGenerativeModelResult

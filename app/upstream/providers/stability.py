@@ -6,15 +6,17 @@
     → {"image": "<base64>", "finish_reason": "SUCCESS" | "CONTENT_FILTERED", "seed": 123}
 
 Read before writing it (public documentation, read not copied):
-- API reference, Generate (Core, Ultra, SD3: multipart, ``accept: application/json`` for a base64
-  JSON answer, aspect_ratio 16:9 1:1 21:9 2:3 3:2 4:5 5:4 9:16 9:21, output_format, seed,
-  negative_prompt, SD3's ``model``): https://platform.stability.ai/docs/api-reference
-  (operations /v2beta/stable-image/generate/core, /ultra, /sd3), and the v2beta OpenAPI document
-  mirrored at https://apis.apis.io/apis/stability-ai/stable-image-generate/
+- The v2beta Generate operations (Core, Ultra, SD3: multipart, ``accept: application/json`` for a
+  base64 JSON answer ``{image, finish_reason: SUCCESS | CONTENT_FILTERED, seed}``, aspect_ratio
+  16:9 1:1 21:9 2:3 3:2 4:5 5:4 9:16 9:21, output_format, seed, negative_prompt, SD3's ``model``),
+  https://platform.stability.ai/docs/api-reference, read through its OpenAPI document mirrored at
+  https://apis.apis.io/apis/stability-ai/stable-image-generate/ and
+  https://raw.githubusercontent.com/api-evangelist/stability-ai/refs/heads/main/json-structure/stability-ai-image-generation-structure.json
 - Inpaint (image, mask: white is repainted, black kept; without a mask the image's alpha channel
-  is used; grow_mask): the same reference, operation /v2beta/stable-image/edit/inpaint
-- Errors: ``{"id", "name", "errors": [...]}``; 403 ``content_moderation`` for a flagged request;
-  ``finish_reason: CONTENT_FILTERED`` for a filtered output.
+  is used; grow_mask): https://schemas.apis.io/schemas/stability-ai/stability-ai-inpaintrequest/
+  and https://glitch9inc.github.io/DocFx.AIDevKit/api/Glitch9.AIDevKit.Stability.StabilityInpaintRequest.html
+- Errors: ``{"id", "name", "errors": [...]}``, and 403 ``content_moderation`` for a flagged request,
+  as the API reference lists them (from the reference itself; no mirror above shows them).
 
 Translation:
 - The catalog's provider model is the endpoint: ``core`` and ``ultra`` post to their own;

@@ -163,6 +163,17 @@ class UpstreamUnavailable(UpstreamError):
         self.status_code = status
 
 
+class UpstreamBusy(UpstreamUnavailable):
+    """Every candidate upstream is at its ``max_concurrency`` and no slot freed up within the
+    configured wait. Not the upstream's fault, so it never counts against its circuit breaker."""
+
+    def __init__(self, message: str, *, status: int, retry_after_s: int) -> None:
+        super().__init__(message, status=status)
+        self.error_type = "rate_limit_error" if status == 429 else "api_error"
+        self.code = "rate_limit_exceeded" if status == 429 else "upstream_unavailable"
+        self.headers["retry-after"] = str(max(1, retry_after_s))
+
+
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     default_code = "upstream_timeout"

@@ -41,6 +41,7 @@ class Caller:
     ipm: int | None = None
     concurrency: int | None = None
     moderation_allow: tuple[str, ...] = ()
+    max_queued_tasks: int | None = None
     moderation_block: tuple[str, ...] = ()
 
     def may_use(self, model: str) -> bool:
@@ -84,6 +85,8 @@ def to_public(row: ApiKey) -> ApiKeyObject:
         rpm=row.rpm,
         ipm=row.ipm,
         concurrency=row.concurrency,
+        max_queued_tasks=row.max_queued_tasks,
+        max_tasks_in_flight=row.max_tasks_in_flight,
         moderation_allow=row.moderation_allow,
         moderation_block=row.moderation_block,
     )
@@ -112,6 +115,7 @@ def _caller(row: ApiKey) -> Caller:
         concurrency=row.concurrency,
         moderation_allow=tuple(row.moderation_allow or ()),
         moderation_block=tuple(row.moderation_block or ()),
+        max_queued_tasks=row.max_queued_tasks,
     )
 
 
@@ -244,6 +248,8 @@ class KeyService:
                     "rpm",
                     "ipm",
                     "concurrency",
+                    "max_queued_tasks",
+                    "max_tasks_in_flight",
                     "moderation_allow",
                     "moderation_block",
                 ):
@@ -262,7 +268,15 @@ class KeyService:
                 if field == "price_multiplier" and value is None:
                     value = Decimal(1)
                 setattr(row, column, to_micros(value) if isinstance(value, Decimal) else None)
-        for field in ("rpm", "ipm", "concurrency", "moderation_allow", "moderation_block"):
+        for field in (
+            "rpm",
+            "ipm",
+            "concurrency",
+            "max_queued_tasks",
+            "max_tasks_in_flight",
+            "moderation_allow",
+            "moderation_block",
+        ):
             if field in changes:
                 setattr(row, field, changes[field])
 

@@ -151,8 +151,12 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
 
         async def refresh_gauges() -> None:
             metrics.set_queue_depth(await queue_depth())
+            metrics.set_tasks_running(tasks.running)
             for snapshot in router.snapshots():
                 metrics.set_breaker_state(upstream=snapshot.name, state=snapshot.state)
+            for upstream, waiting in router.waiting().items():
+                for source, count in waiting.items():
+                    metrics.set_upstream_waiting(upstream=upstream, source=source, count=count)
 
         metrics.on_scrape(refresh_gauges)
         yield AppState(
@@ -199,9 +203,19 @@ async def _reconcile_forever(state: AppState) -> None:
 async def _background(state: AppState) -> AsyncIterator[None]:
     storage = state.settings.storage
     stop = asyncio.Event()
+    config = state.settings.tasks
     workers = [
-        asyncio.create_task(work(state.tasks, stop, poll_s=state.settings.tasks.poll_s), name=f"worker-{i}")
-        for i in range(state.settings.tasks.workers)
+        asyncio.create_task(
+            work(
+                state.tasks,
+                stop,
+                poll_s=config.poll_s,
+                concurrency=config.concurrency,
+                batch=config.claim_batch,
+            ),
+            name=f"worker-{i}",
+        )
+        for i in range(config.workers)
     ]
     tasks = [
         asyncio.create_task(

@@ -144,8 +144,13 @@ class RateLimitSettings(_Section):
 
 
 class TaskSettings(_Section):
-    # Worker loops inside each server process; 0 leaves the queue to `python -m app worker`.
-    workers: int = Field(default=2, ge=0, le=64)
+    # Worker pools inside each server process; 0 leaves the queue to `python -m app worker`.
+    workers: int = Field(default=1, ge=0, le=64)
+    # Tasks one pool runs at once, as coroutines: an image call mostly waits on the upstream, so
+    # this is set by upstream capacity (and the limits below), not by CPU.
+    concurrency: int = Field(default=256, ge=1, le=100_000)
+    # Tasks leased per claim (one statement); fairness across keys is per claim (app/tasks/queue.py).
+    claim_batch: int = Field(default=32, ge=1, le=1000)
     # A running task's lease; renewed every third of it, so a dead worker's task is retaken soon.
     lease_s: float = Field(default=60.0, ge=1)
     max_attempts: int = Field(default=3, ge=1)
@@ -245,7 +250,12 @@ class UpstreamSettings(_Section):
     priority: int = 0
     timeout_s: float = Field(default=300.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Calls in flight from one process; null (the default) means no cap at all, not even the
+    # HTTP client's pool. With a cap, a call waits up to `queue_timeout_s` for a slot, then gets
+    # `busy_status` (429 or 503) with retry-after, unless another upstream can take it.
     max_concurrency: int | None = Field(default=None, ge=1)
+    queue_timeout_s: float = Field(default=30.0, ge=0)
+    busy_status: Literal[429, 503] = 503
     enabled: bool = True
     # Whether the upstream can stream SSE; when False, streams are answered with completed events.
     stream: bool = True

@@ -16,6 +16,7 @@ router = APIRouter(prefix="/admin/upstreams", tags=["admin"], dependencies=[Admi
 async def list_upstreams(state: StateDep) -> dict[str, Any]:
     now_wall, now_mono = time.time(), time.monotonic()
     configured = {u.name: u for u in state.settings.upstreams}
+    waiting = state.router.waiting()
     data = []
     for snapshot in state.router.snapshots():
         upstream = configured.get(snapshot.name)
@@ -35,6 +36,9 @@ async def list_upstreams(state: StateDep) -> dict[str, Any]:
                 "error_rate": snapshot.error_rate,
                 "requests_in_window": snapshot.requests_in_window,
                 "in_flight": snapshot.in_flight,
+                "max_concurrency": upstream.max_concurrency if upstream else None,
+                # Calls waiting for a slot while the upstream is at max_concurrency, by source.
+                "waiting": waiting.get(snapshot.name, {"request": 0, "task": 0}),
                 "latency_p50_ms": snapshot.latency_p50_ms,
                 "latency_avg_ms": snapshot.latency_avg_ms,
                 "opened_at": opened_at,

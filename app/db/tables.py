@@ -68,6 +68,9 @@ class ApiKey(Base):
     rpm: Mapped[int | None] = mapped_column(Integer)
     ipm: Mapped[int | None] = mapped_column(Integer)
     concurrency: Mapped[int | None] = mapped_column(Integer)
+    # Asynchronous tasks: how many may wait in the queue, and how many may run at once (None: no cap).
+    max_queued_tasks: Mapped[int | None] = mapped_column(Integer)
+    max_tasks_in_flight: Mapped[int | None] = mapped_column(Integer)
     # Per-key moderation lists, on top of the global ones.
     moderation_allow: Mapped[list[str] | None] = mapped_column(JSON)
     moderation_block: Mapped[list[str] | None] = mapped_column(JSON)

@@ -29,6 +29,7 @@ from app.images.uploads import SpooledFile, UploadForm
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
 from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
+from app.upstream.slots import CALL_SOURCE
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class TaskService:
         self._settings = settings
         # Set on submit so an in-process worker starts at once instead of at its next poll.
         self.wakeup = asyncio.Event()
+        # Tasks this process is running now (for /metrics).
+        self.running = 0
 
     async def submit(
         self,
@@ -102,7 +105,8 @@ class TaskService:
                     hold_id=hold.id,
                     hold_period=hold.period,
                     hold_micros=hold.amount_micros,
-                )
+                ),
+                max_queued=caller.max_queued_tasks,
             )
         except BaseException:
             await self._images.release(hold)
@@ -160,28 +164,20 @@ class TaskService:
             body["error"] = task.error
         return body
 
-    async def run_next(self, worker: str) -> bool:
-        """Claim and run one task; False when the queue had nothing runnable."""
+    async def claim(self, worker: str, limit: int) -> list[Task]:
+        """Fail the tasks that ran out of attempts, then lease up to ``limit`` runnable ones."""
         for abandoned in await self.queue.fail_exhausted():
             await self._after(abandoned)
-        task = await self.queue.claim(worker)
-        if task is None:
-            return False
-        heartbeat = asyncio.create_task(self._keep_lease(task.id, worker))
+        return await self.queue.claim_batch(worker, limit)
+
+    async def run_claimed(self, task: Task, worker: str) -> None:
+        """Run one leased task to its outcome (its lease is renewed by the worker pool)."""
+        CALL_SOURCE.set("task")  # this coroutine's own context: upstream waits count as tasks'
+        self.running += 1
         try:
             await self._run(task, worker)
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
-        return True
-
-    async def _keep_lease(self, task_id: str, worker: str) -> None:
-        interval = self.queue.lease.total_seconds() / 3
-        while True:
-            await asyncio.sleep(interval)
-            if not await self.queue.renew(task_id, worker):
-                log.warning("task lease lost", extra={"fields": {"task_id": task_id}})
-                return
+            self.running -= 1
 
     async def _run(self, task: Task, worker: str) -> None:
         hold = Hold(

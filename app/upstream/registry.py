@@ -11,6 +11,7 @@ from app.settings import UpstreamSettings
 from app.upstream.base import ImageProvider
 from app.upstream.providers.local import LocalProvider
 from app.upstream.providers.openai_compat import OpenAICompatProvider
+from app.upstream.slots import SlotPolicy
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,20 @@ class ProviderRegistry:
         routes: dict[str, list[Route]],
         providers: Sequence[ImageProvider],
         limits: dict[str, int | None] | None = None,
+        slot_policies: dict[str, SlotPolicy] | None = None,
     ) -> None:
         self._routes = routes
         self._providers = list(providers)
         self._limits = limits or {}
+        self._slot_policies = slot_policies or {}
 
     def concurrency_limits(self) -> dict[str, int | None]:
         """Each upstream's ``max_concurrency`` (None: unbounded)."""
         return dict(self._limits)
+
+    def slot_policy(self, name: str) -> SlotPolicy:
+        """How calls to ``name`` wait for a slot (its cap, how long, what to answer then)."""
+        return self._slot_policies.get(name) or SlotPolicy(limit=self._limits.get(name))
 
     def models(self) -> list[str]:
         """Public models at least one active upstream serves."""
@@ -68,6 +75,7 @@ class ProviderRegistry:
         routes: dict[str, list[Route]] = {name: [] for name in catalog.names()}
         providers: list[ImageProvider] = []
         limits: dict[str, int | None] = {}
+        policies: dict[str, SlotPolicy] = {}
         for upstream in upstreams:
             if not upstream.active:
                 log.info(
@@ -78,6 +86,9 @@ class ProviderRegistry:
             provider = _make_provider(upstream)
             providers.append(provider)
             limits[upstream.name] = upstream.max_concurrency
+            policies[upstream.name] = SlotPolicy(
+                upstream.max_concurrency, upstream.queue_timeout_s, upstream.busy_status
+            )
             for model, upstream_model in upstream.model_map(_servable(upstream, catalog)).items():
                 if model not in routes:
                     log.warning(
@@ -99,7 +110,7 @@ class ProviderRegistry:
                 routes[model].append(
                     Route(provider, upstream_model, upstream.weight, upstream.priority, upstream.stream)
                 )
-        return cls(routes, providers, limits)
+        return cls(routes, providers, limits, policies)
 
 
 # Upstream kinds with their own wire formats; each serves the catalog models whose
@@ -131,7 +142,7 @@ def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
             api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
             timeout_s=upstream.timeout_s,
             connect_timeout_s=upstream.connect_timeout_s,
-            max_connections=upstream.max_concurrency or 100,
+            max_connections=upstream.max_concurrency,
         )
     if upstream.kind == "azure":
         from app.upstream.providers.azure import AzureOpenAIProvider
@@ -149,7 +160,7 @@ def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
             ],
             timeout_s=upstream.timeout_s,
             connect_timeout_s=upstream.connect_timeout_s,
-            max_connections=upstream.max_concurrency or 100,
+            max_connections=upstream.max_concurrency,
         )
     if upstream.kind in NATIVE_KINDS:
         from app.upstream.providers.factory import native_provider

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import TypeVar
 
-from app.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from app.errors import GatewayError, UpstreamBusy, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
 from app.metrics import Metrics, outcome_of
 from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 from app.upstream.registry import ProviderRegistry, Route
 from app.upstream.retry import RetryAction, RetryPolicy
+from app.upstream.slots import UpstreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ class Router:
         self._sleep = sleep
         config = breaker or BreakerConfig()
         self.breakers = {name: CircuitBreaker(name, config) for name in registry.provider_names()}
-        self._slots = {
-            name: asyncio.Semaphore(limit) for name, limit in registry.concurrency_limits().items() if limit
+        self.slots = {
+            name: UpstreamSlots(name, registry.slot_policy(name)) for name in registry.provider_names()
         }
 
     async def generate(self, job: ImageJob, tried: list[str] | None = None) -> tuple[ImageResult, str]:
@@ -157,6 +158,11 @@ class Router:
                     tried.append(route.name)
                 try:
                     return await self._call(route, job, attempt), route.name
+                except UpstreamBusy as exc:
+                    # Our own cap, not a failure of the upstream: the next candidate, if any.
+                    exc.upstream = None
+                    last = exc
+                    break
                 except GatewayError as exc:
                     error = self._classify(exc, route)
                     last = error
@@ -189,12 +195,13 @@ class Router:
             )
 
     async def _call(self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> T:
+        async with self.slots[route.name].hold():
+            return await self._call_now(route, job, attempt)
+
+    async def _call_now(self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> T:
         breaker = self.breakers[route.name]
-        slots = self._slots.get(route.name)
         started = time.monotonic()
         error: BaseException | None = None
-        if slots is not None:
-            await slots.acquire()
         breaker.started()
         try:
             return await attempt(route)
@@ -203,8 +210,6 @@ class Router:
             raise
         finally:
             breaker.finished()
-            if slots is not None:
-                slots.release()
             elapsed = time.monotonic() - started
             if error is None:
                 breaker.record_success(elapsed)
@@ -229,6 +234,10 @@ class Router:
 
     def snapshots(self) -> list[BreakerSnapshot]:
         return [breaker.snapshot() for breaker in self.breakers.values()]
+
+    def waiting(self) -> dict[str, dict[str, int]]:
+        """Calls waiting for a slot, per upstream and per source (``request`` or ``task``)."""
+        return {name: dict(slots.waiting) for name, slots in self.slots.items()}
 
 
 def _credentials(error: BaseException) -> bool:

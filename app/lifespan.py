@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
@@ -36,6 +37,9 @@ from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
 from app.upstream.retry import RetryPolicy
 from app.upstream.router import Router
+from app.webhooks.endpoints import WebhookEndpoints
+from app.webhooks.outbox import Outbox
+from app.webhooks.sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,19 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             pepper=settings.security.pepper(settings.data_dir),
             cache_ttl_s=settings.security.key_cache_ttl_s,
         )
+        webhooks = WebhookEndpoints(sessions)
+        hooks = settings.webhooks
+        outbox = Outbox(
+            sessions,
+            writer,
+            retry_period_s=hooks.retry_period_s,
+            initial_backoff_s=hooks.initial_backoff_s,
+            max_backoff_s=hooks.max_backoff_s,
+            send_lease_s=2 * hooks.timeout_s + 5,
+        )
         tasks = TaskService(
+            outbox=outbox,
+            endpoints=webhooks,
             queue=TaskQueue(
                 sessions,
                 writer,
@@ -175,6 +191,8 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             router=router,
             metrics=metrics,
             moderation_log=ModerationLog(sessions),
+            webhooks=webhooks,
+            outbox=outbox,
         )
     finally:
         for close in reversed(opened):
@@ -202,6 +220,7 @@ async def _reconcile_forever(state: AppState) -> None:
 @asynccontextmanager
 async def _background(state: AppState) -> AsyncIterator[None]:
     storage = state.settings.storage
+    hooks = state.settings.webhooks
     stop = asyncio.Event()
     config = state.settings.tasks
     workers = [
@@ -222,6 +241,11 @@ async def _background(state: AppState) -> AsyncIterator[None]:
             purge_forever(state.tasks, interval_s=storage.purge_interval_s), name="task-purge"
         ),
         asyncio.create_task(_reconcile_forever(state), name="reconciler"),
+        *(
+            [asyncio.create_task(webhook_sender(state).run_forever(), name="webhooks")]
+            if hooks.enabled
+            else []
+        ),
         asyncio.create_task(
             purge_periodically(
                 state.store, retention_s=storage.retention_s, interval_s=storage.purge_interval_s
@@ -254,6 +278,35 @@ async def _background(state: AppState) -> AsyncIterator[None]:
         for task in [*tasks, *pending]:
             task.cancel()
         await asyncio.gather(*tasks, *pending, return_exceptions=True)
+
+
+def public_base_url(settings: Settings) -> str:
+    """Where clients reach this gateway, for links in webhook events (no request to read it from)."""
+    if settings.server.public_url:
+        return settings.server.public_url.rstrip("/")
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{settings.server.port}"
+
+
+def webhook_sender(state: AppState) -> WebhookSender:
+    """The outbox's sender for this process, woken as soon as a task's events are queued."""
+    hooks = state.settings.webhooks
+    base_url = public_base_url(state.settings)
+
+    async def render(task_id: str) -> dict[str, Any] | None:
+        return await state.tasks.render(task_id, base_url=base_url)
+
+    sender = WebhookSender(
+        state.outbox,
+        state.webhooks,
+        render,
+        timeout_s=hooks.timeout_s,
+        concurrency=hooks.concurrency,
+        batch=hooks.batch,
+        poll_s=hooks.poll_s,
+    )
+    state.tasks.on_events = sender.wakeup.set
+    return sender
 
 
 def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

@@ -164,6 +164,20 @@ class TaskSettings(_Section):
     inputs_orphan_age_s: float = Field(default=3600.0, ge=60)
 
 
+class WebhookSettings(_Section):
+    # Deliveries are sent by every server process and `python -m app worker` (leased, never twice at
+    # once); false stops this process sending (events still queue in the outbox).
+    enabled: bool = True
+    timeout_s: float = Field(default=10.0, gt=0)
+    # An undelivered event is retried with exponential backoff for this long (3 days), then failed.
+    retry_period_s: float = Field(default=3 * 86400.0, gt=0)
+    initial_backoff_s: float = Field(default=5.0, gt=0)
+    max_backoff_s: float = Field(default=3600.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    concurrency: int = Field(default=32, ge=1, le=1000)
+    batch: int = Field(default=100, ge=1, le=1000)
+
+
 class RetrySettings(_Section):
     max_retries_per_upstream: int = Field(default=2, ge=0)
     max_attempts_total: int = Field(default=6, ge=1)
@@ -324,6 +338,7 @@ class Settings(BaseSettings):
     billing: BillingSettings = Field(default_factory=BillingSettings)
     uploads: UploadSettings = Field(default_factory=UploadSettings)
     tasks: TaskSettings = Field(default_factory=TaskSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -63,6 +63,8 @@ def wants_async(request: Request) -> bool:
     """``?async=true`` (or 1/yes): answer 202 with a task instead of waiting."""
     value = request.query_params.get("async")
     if value is None or value.lower() in ("false", "0", "no", ""):
+        if "webhook" in request.query_params:
+            raise InvalidRequestError("'webhook' applies to async=true requests only.", param="webhook")
         return False
     if value.lower() in ("true", "1", "yes"):
         return True
@@ -89,6 +91,8 @@ async def submit_task(
         payload=payload,
         idempotency_key=request.headers.get("idempotency-key"),
         form=form,
+        # Ids of the key's own webhook endpoints (or "none"); absent: all of the key's endpoints.
+        webhooks=request.query_params.getlist("webhook") if "webhook" in request.query_params else None,
     )
     body = await state.tasks.view(task, base_url=public_base(request, state))
     return JSONResponse(

@@ -136,6 +136,10 @@ class TaskQueue:
             return existing, False
         return Task(**values), True
 
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        return self._sessions
+
     async def find(self, key_id: str, idempotency_key: str) -> Task | None:
         """The caller's task submitted with this idempotency key, if any."""
         return await self._by_idempotency(key_id, idempotency_key)
@@ -266,13 +270,20 @@ class TaskQueue:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         cost_micros: int = 0,
+        also: Callable[[Connection], Any] | None = None,
     ) -> bool:
-        """Record an outcome in a transaction of its own (one with no charge)."""
-        return await self._writer.run(
-            lambda c: self.finish_in(
+        """Record an outcome in a transaction of its own (one with no charge); ``also`` runs in the
+        same transaction when the outcome was recorded (the task's webhook events)."""
+
+        def write(c: Connection) -> bool:
+            done = self.finish_in(
                 c, task_id, worker, status=status, result=result, error=error, cost_micros=cost_micros
             )
-        )
+            if done and also is not None:
+                also(c)
+            return done
+
+        return await self._writer.run(write)
 
     def finish_in(
         self,
@@ -300,9 +311,18 @@ class TaskQueue:
         )
         return _rows(finished) == 1
 
-    async def fail_exhausted(self) -> list[Task]:
-        """Tasks whose lease lapsed after their last allowed attempt: they fail, they don't loop."""
-        return await self._writer.run(self._fail_exhausted)
+    async def fail_exhausted(self, on_failed: Callable[[Connection, Task], Any] | None = None) -> list[Task]:
+        """Tasks whose lease lapsed after their last allowed attempt: they fail, they don't loop.
+        ``on_failed`` runs for each inside the same transaction (its webhook events)."""
+
+        def fail(c: Connection) -> list[Task]:
+            rows = self._fail_exhausted(c)
+            if on_failed is not None:
+                for row in rows:
+                    on_failed(c, row)
+            return rows
+
+        return await self._writer.run(fail)
 
     def _fail_exhausted(self, c: Connection) -> list[Task]:
         now = self._now()

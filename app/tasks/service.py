@@ -30,6 +30,8 @@ from app.keys import Caller, KeyService
 from app.storage import ImageStore
 from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
 from app.upstream.slots import CALL_SOURCE
+from app.webhooks.endpoints import WebhookEndpoints
+from app.webhooks.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,14 @@ class TaskService:
         inputs_root: Path,
         input_limits: InputLimits,
         settings: TaskSettingsView,
+        outbox: Outbox | None = None,
+        endpoints: WebhookEndpoints | None = None,
     ) -> None:
         self.queue = queue
+        self._outbox = outbox
+        self._endpoints = endpoints
+        # Called after a task's events were queued (the webhook sender's wakeup).
+        self.on_events: Callable[[], None] = lambda: None
         self._images = images
         self._keys = keys
         self._store = store
@@ -76,12 +84,15 @@ class TaskService:
         payload: dict[str, Any],
         idempotency_key: str | None,
         form: UploadForm | None = None,
+        webhooks: list[str] | None = None,
     ) -> tuple[Task, dict[str, str]]:
         """Queue a validated job; a repeated idempotency key returns the first task, uncharged."""
         if idempotency_key is not None:
             existing = await self.queue.find(caller.key_id, idempotency_key)
             if existing is not None:
                 return existing, {}
+        # Only among the key's own endpoints (400 otherwise), before anything is held.
+        chosen = await self._endpoints.choose(caller.key_id, webhooks) if self._endpoints else []
         job = await self._images.screen(caller=caller, job=job)
         headers = await self._images.admit(caller=caller, job=job)
         # The normal hold TTL until the task row exists: a submission cut short (a crash between
@@ -89,6 +100,8 @@ class TaskService:
         hold = await self._images.reserve(caller=caller, job=job)
         task_id = new_task_id()
         spec: dict[str, Any] = {"payload": payload}
+        if chosen:
+            spec["webhooks"] = chosen
         try:
             if form is not None:
                 spec["files"] = await asyncio.to_thread(self._keep_inputs, task_id, form)
@@ -166,7 +179,7 @@ class TaskService:
 
     async def claim(self, worker: str, limit: int) -> list[Task]:
         """Fail the tasks that ran out of attempts, then lease up to ``limit`` runnable ones."""
-        for abandoned in await self.queue.fail_exhausted():
+        for abandoned in await self.queue.fail_exhausted(self._events_for_abandoned):
             await self._after(abandoned)
         return await self.queue.claim_batch(worker, limit)
 
@@ -236,9 +249,12 @@ class TaskService:
             stored = await store_images(body, self._store, output_format=job.output_format)
 
             def record(c: Connection) -> bool:
-                return self.queue.finish_in(
+                done = self.queue.finish_in(
                     c, task.id, worker, status=SUCCEEDED, result=stored, cost_micros=cost
                 )
+                if done and self._outbox is not None:
+                    self._outbox.enqueue_in(c, task, status=SUCCEEDED)
+                return done
 
             return stored, record
 
@@ -248,7 +264,13 @@ class TaskService:
         # The request path has already settled or released the hold for upstream failures; a
         # failure before it (the key was revoked, validation changed) still holds it: release.
         await self._images.release(hold)
-        await self.queue.finish(task.id, worker, status=FAILED, error=error)
+        outbox = self._outbox
+
+        def events(c: Connection) -> None:
+            if outbox is not None:
+                outbox.enqueue_in(c, task, status=FAILED, error=error)
+
+        await self.queue.finish(task.id, worker, status=FAILED, error=error, also=events)
 
     async def _rebuild(self, task: Task, caller: Caller) -> ImageJob:
         """The job again, from what was submitted (validated again: the catalog may have changed)."""
@@ -271,8 +293,19 @@ class TaskService:
             caller=caller, form=form, request_id=task.request_id, limits=self._input_limits
         )
 
+    def _events_for_abandoned(self, c: Connection, task: Task) -> None:
+        if self._outbox is not None:
+            self._outbox.enqueue_in(c, task, status=FAILED, error=task.error)
+
     async def _after(self, task: Task) -> None:
+        self.on_events()
         await asyncio.to_thread(self._drop_inputs, task.id)
+
+    async def render(self, task_id: str, *, base_url: str) -> dict[str, Any] | None:
+        """The task object as its owner sees it (for webhook events); None when it is gone."""
+        async with self.queue.sessions() as session:
+            task = await session.get(Task, task_id)
+        return await self.view(task, base_url=base_url) if task is not None else None
 
     async def purge(self) -> int:
         """Delete finished tasks past retention, with their stored images."""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from app.lifespan import open_state, prepare
+from app.lifespan import open_state, prepare, webhook_sender
 from app.settings import Settings
 from app.tasks.worker import work
 
@@ -26,13 +26,23 @@ def run_workers(settings: Settings, *, concurrency: int | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         async with open_state(settings) as state:
             log.info("standalone worker running", extra={"fields": {"concurrency": limit}})
-            await work(
-                state.tasks,
-                stop,
-                poll_s=settings.tasks.poll_s,
-                concurrency=limit,
-                batch=settings.tasks.claim_batch,
+            sender = (
+                asyncio.create_task(webhook_sender(state).run_forever())
+                if settings.webhooks.enabled
+                else None
             )
+            try:
+                await work(
+                    state.tasks,
+                    stop,
+                    poll_s=settings.tasks.poll_s,
+                    concurrency=limit,
+                    batch=settings.tasks.claim_batch,
+                )
+            finally:
+                if sender is not None:
+                    sender.cancel()
+                    await asyncio.gather(sender, return_exceptions=True)
 
     asyncio.run(main())
     return 0

@@ -30,8 +30,13 @@ def new_secret() -> str:
 
 
 def check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port
+    except ValueError:
+        host = None
+    if host is None or parts.scheme not in ("http", "https") or any(ch.isspace() for ch in url):
         raise InvalidRequestError("A webhook URL must be an absolute http(s) URL.", param="url")
     if parts.username or parts.password:
         raise InvalidRequestError("A webhook URL may not carry credentials.", param="url")

@@ -146,9 +146,12 @@ def _head(status: int, content_type: str, length: int | None, keep_alive: bool) 
 class UpstreamProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection. Requests are handled one at a time, as none of the clients pipeline."""
 
-    def __init__(self, answers: Answers, pace_s: float) -> None:
+    def __init__(self, answers: Answers, pace_s: float, hold_s: float = 0.0) -> None:
         self.answers = answers
         self.pace_s = pace_s
+        # The "slow upstream" scenario: each generation is answered this long after it arrived,
+        # as a real image model takes 5-60 s (a timer, not a sleeping task: thousands at once are cheap).
+        self.hold_s = hold_s
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -192,6 +195,11 @@ class UpstreamProtocol(asyncio.Protocol):
             request = orjson.loads(self.body) if self.body else {}
             if request.get("stream") is True:
                 asyncio.ensure_future(self._stream(request, keep_alive))
+            elif self.hold_s > 0:
+                body = self.answers.generation(request)
+                asyncio.get_running_loop().call_later(
+                    self.hold_s, lambda: self._send(200, body, keep_alive=keep_alive)
+                )
             else:
                 self._send(200, self.answers.generation(request), keep_alive=keep_alive)
         else:
@@ -229,10 +237,12 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(host: str, port: int, pace_s: float) -> None:
+async def serve(host: str, port: int, pace_s: float, hold_s: float = 0.0) -> None:
     answers = Answers()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: UpstreamProtocol(answers, pace_s), host, port, backlog=1024)
+    server = await loop.create_server(
+        lambda: UpstreamProtocol(answers, pace_s, hold_s), host, port, backlog=4096
+    )
     bound = server.sockets[0].getsockname()[1]
     print(f"PORT {bound}", flush=True)
     async with server:
@@ -244,6 +254,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--pace-ms", type=float, default=10.0, help="pause between streamed events")
+    parser.add_argument("--hold-s", type=float, default=0.0, help="answer each generation after this long")
     args = parser.parse_args()
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -253,7 +264,7 @@ def main() -> None:
     except ImportError:  # plain asyncio is fast enough; uvloop only lowers the floor further
         pass
     try:
-        run(serve(args.host, args.port, args.pace_ms / 1000))
+        run(serve(args.host, args.port, args.pace_ms / 1000, args.hold_s))
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -164,6 +164,7 @@ class TaskService:
             "created_at": _ts(task.created_at),
             "started_at": _ts(task.started_at),
             "finished_at": _ts(task.finished_at),
+            "progress": _progress(task),
         }
         if task.status == SUCCEEDED and task.result is not None:
             body["result"] = await render_images(
@@ -321,6 +322,19 @@ class TaskService:
             purged += len(gone)
             if len(gone) < PURGE_BATCH:
                 return purged
+
+
+def _progress(task: Task) -> dict[str, int]:
+    """Images completed of those asked for. The upstream answers a non-streamed call whole, so the
+    count moves from 0 to all at once; it is the count the result holds, not an estimate."""
+    payload = (task.spec or {}).get("payload") or {}
+    asked = payload.get("n")
+    images = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 1
+    completed = 0
+    if task.status == SUCCEEDED and isinstance(task.result, dict):
+        data = task.result.get("data")
+        completed = len(data) if isinstance(data, list) else 0
+    return {"images": max(images, completed), "images_completed": completed}
 
 
 def _ts(value: Any) -> int | None:

@@ -116,6 +116,15 @@ class Outbox:
     async def claim_due(self, limit: int) -> list[WebhookDelivery]:
         """Lease up to ``limit`` deliveries that are due: pushed ``send_lease_s`` ahead, so another
         process does not send them meanwhile, and due again if this one dies mid-send."""
+        # A read first: an idle outbox then costs no write transaction (SQLite's write lock) per poll.
+        async with self._sessions() as session:
+            any_due = await session.scalar(
+                select(WebhookDelivery.id)
+                .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= self._now())
+                .limit(1)
+            )
+        if any_due is None:
+            return []
 
         def claim(c: Connection) -> list[WebhookDelivery]:
             now = self._now()

@@ -72,6 +72,8 @@ class Row:
     seconds: float = 0.0
     hold_s: float = 10.0
     rss_per_request: float | None = None
+    # The most generations the upstream held at once during the cell (its own count).
+    upstream_max_in_flight: int | None = None
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -92,24 +94,33 @@ async def closed_loop(
     server: Server, concurrency: int, rounds: int, timeout_s: float, deadline_s: float
 ) -> tuple[int, int, float, str]:
     """``concurrency`` clients, ``rounds`` requests each; (ok, errors, wall seconds, error kinds).
-    Requests not answered by ``deadline_s`` count as errors."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    Requests not answered by ``deadline_s`` count as errors.
+
+    aiohttp rather than httpx here: with thousands of connections httpx's pool costs the load
+    generator more CPU than the proxy under test spends, and the load shares a core with the upstream.
+    """
+    import aiohttp
+
     kinds: dict[str, int] = {}
     ok = errors = 0
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    body = json.dumps(BODY).encode()
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
 
         async def one_client() -> None:
             nonlocal ok, errors
             for _ in range(rounds):
                 try:
-                    answer = await client.post(
-                        server.base_url + "/images/generations", headers=server.headers(), json=BODY
-                    )
-                    if answer.status_code == 200:
-                        ok += 1
-                        continue
-                    kind = f"HTTP {answer.status_code}"
-                except httpx.HTTPError as exc:
+                    async with client.post(
+                        server.base_url + "/images/generations", headers=server.headers(), data=body
+                    ) as answer:
+                        await answer.read()
+                        if answer.status == 200:
+                            ok += 1
+                            continue
+                        kind = f"HTTP {answer.status}"
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     kind = type(exc).__name__
                 errors += 1
                 kinds[kind] = kinds.get(kind, 0) + 1
@@ -125,9 +136,16 @@ async def closed_loop(
     return ok, errors, wall, ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items()))
 
 
-def sync_cell(server: Server, target: str, concurrency: int, hold_s: float) -> Row:
+def held_reset(upstream: Server) -> int:
+    """The upstream's most-held-at-once count since the last call, and a fresh start for it."""
+    answer = httpx.post(upstream.base_url + "/_held/reset", timeout=30)
+    return int(answer.json()["most"])
+
+
+def sync_cell(server: Server, target: str, concurrency: int, hold_s: float, upstream: Server) -> Row:
     row = Row("sync", target, concurrency, hold_s=hold_s)
     time.sleep(1.0)
+    held_reset(upstream)
     try:
         with PeakSampler(server.pid) as sampler:
             ok, errors, wall, kinds = asyncio.run(
@@ -141,6 +159,7 @@ def sync_cell(server: Server, target: str, concurrency: int, hold_s: float) -> R
             )
         row.done, row.errors, row.seconds, row.note = ok, errors, wall, kinds
         row.rss_per_request = max(0, sampler.peak - sampler.before) / concurrency
+        row.upstream_max_in_flight = held_reset(upstream)
     except Exception as exc:  # one failed cell must not lose the others
         row.note = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
     print(f"  slow | sync c={concurrency} | {target}: {describe(row)}", flush=True)
@@ -210,9 +229,12 @@ async def task_times(db_url: str) -> list[tuple[str, float, float]]:
     ]
 
 
-def async_cell(api: Server, target: str, db_url: str, hold_s: float, pids: list[int]) -> Row:
+def async_cell(
+    api: Server, target: str, db_url: str, hold_s: float, pids: list[int], upstream: Server
+) -> Row:
     row = Row("async", target, ASYNC_TASKS, hold_s=hold_s)
     try:
+        held_reset(upstream)
         before = sum(rss_bytes(p) for p in pids)
         started = time.time()
         ids, errors, submit_s = asyncio.run(submit_all(api, ASYNC_TASKS))
@@ -234,6 +256,7 @@ def async_cell(api: Server, target: str, db_url: str, hold_s: float, pids: list[
         row.seconds = (max(finished) - started) if finished else 0.0
         row.extra["target_s"] = 1.2 * (hold_s + submit_s)
         row.rss_per_request = max(0, peak - before) / ASYNC_TASKS
+        row.upstream_max_in_flight = held_reset(upstream)
     except Exception as exc:
         row.note = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
     print(f"  slow | async {ASYNC_TASKS} | {target}: {describe(row)}", flush=True)
@@ -249,6 +272,8 @@ def describe(row: Row) -> str:
     )
     if row.rss_per_request is not None:
         text += f", {row.rss_per_request / 1024:.1f} KB RSS per in-flight"
+    if row.upstream_max_in_flight is not None:
+        text += f", upstream saw {row.upstream_max_in_flight} at once"
     return text + (f" [{row.note}]" if row.note else "")
 
 
@@ -310,7 +335,12 @@ def postgres_cell(workdir: Path, cpus: Cpus, upstream: Server, hold_s: float) ->
             )
         time.sleep(3.0)  # the workers connect and start polling
         return async_cell(
-            api, "gateway, PostgreSQL, 2 worker processes", url, hold_s, [api.pid, *(w.pid for w in workers)]
+            api,
+            "gateway, PostgreSQL, 2 worker processes",
+            url,
+            hold_s,
+            [api.pid, *(w.pid for w in workers)],
+            upstream,
         )
     finally:
         for worker in workers:
@@ -341,9 +371,9 @@ def run(workdir: Path, cpus: Cpus, *, hold_s: float, litellm: bool, quick: bool 
         started.append(gateway)
         sizes = (100, 1000) if quick else (100, 1000, 2000)
         for concurrency in sizes:
-            rows.append(sync_cell(gateway, "gateway", concurrency, hold_s))
+            rows.append(sync_cell(gateway, "gateway", concurrency, hold_s, upstream))
         db = json.loads((Path(gateway.log).parent / "gateway.yaml").read_text())["database"]["url"]
-        rows.append(async_cell(gateway, "gateway, SQLite, 1 process", db, hold_s, [gateway.pid]))
+        rows.append(async_cell(gateway, "gateway, SQLite, 1 process", db, hold_s, [gateway.pid], upstream))
         gateway.stop(grace_s=5)
         if not quick:
             rows.append(postgres_cell(workdir, cpus, upstream, hold_s))
@@ -352,7 +382,7 @@ def run(workdir: Path, cpus: Cpus, *, hold_s: float, litellm: bool, quick: bool 
                 peer = start_litellm(workdir, cpus, upstream)
                 started.append(peer)
                 for concurrency in (100, 1000):
-                    rows.append(sync_cell(peer, "litellm", concurrency, hold_s))
+                    rows.append(sync_cell(peer, "litellm", concurrency, hold_s, upstream))
             except Unavailable as exc:
                 row = Row("sync", "litellm", 1000, hold_s=hold_s)
                 row.note = f"LiteLLM n/a: {str(exc)[:160]}"
@@ -373,17 +403,20 @@ def markdown(rows: list[Row], hold_s: float, elapsed_s: float) -> str:
         f"request each, cut after {CELL_DEADLINE_FACTOR:g} × L + 60 s). Async: 2,000 tasks submitted by 100 clients, completion read from the tasks "
         "table. Ceiling = in flight ÷ L (Little's law). RSS per in-flight = (peak − before) ÷ in flight.",
         "",
-        "| mode | target | in flight | done | errors | seconds | throughput/s | ceiling/s | ratio | RSS per in-flight |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | target | in flight | upstream max in flight | done | errors | seconds | throughput/s "
+        "| ceiling/s | ratio | RSS per in-flight |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if not r.seconds:
-            lines.append(f"| {r.mode} | {r.target} | {r.in_flight:,} | n/a | | | | | | {r.note} |")
+            lines.append(f"| {r.mode} | {r.target} | {r.in_flight:,} | n/a | | | | | | | {r.note} |")
             continue
         rss = f"{r.rss_per_request / 1024:.1f} KB" if r.rss_per_request is not None else "n/a"
         extra = f" (submit {r.extra['submit_s']:.1f} s)" if "submit_s" in r.extra else ""
         lines.append(
-            f"| {r.mode} | {r.target}{extra} | {r.in_flight:,} | {r.done:,} | {r.errors} | {r.seconds:.1f} | "
+            f"| {r.mode} | {r.target}{extra} | {r.in_flight:,} | "
+            f"{r.upstream_max_in_flight if r.upstream_max_in_flight is not None else 'n/a'} | "
+            f"{r.done:,} | {r.errors} | {r.seconds:.1f} | "
             f"{r.throughput:,.1f} | {r.ceiling:,.1f} | {r.ratio:.0%} | {rss} |"
         )
     lines += ["", "Targets:", "", "| target | measured | verdict |", "|---|---|---|"]

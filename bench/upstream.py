@@ -143,6 +143,14 @@ def _head(status: int, content_type: str, length: int | None, keep_alive: bool) 
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+class Held:
+    """Generations being held (``--hold-s``) right now, and the most at once since the last reset:
+    how much work a proxy really kept in flight, whatever its CPU allowed it to do per second."""
+
+    now = 0
+    most = 0
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection. Requests are handled one at a time, as none of the clients pipeline."""
 
@@ -189,6 +197,10 @@ class UpstreamProtocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive()
         if method == b"GET" and path == b"/v1/models":
             self._send(200, self.answers.models, keep_alive=keep_alive)
+        elif method == b"POST" and path == b"/v1/_held/reset":
+            answer = orjson.dumps({"now": Held.now, "most": Held.most})
+            Held.most = Held.now
+            self._send(200, answer, keep_alive=keep_alive)
         elif method == b"POST" and path == b"/v1/images/edits":
             self._send(200, self.answers.generation({}), keep_alive=keep_alive)
         elif method == b"POST" and path == b"/v1/images/generations":
@@ -197,9 +209,14 @@ class UpstreamProtocol(asyncio.Protocol):
                 asyncio.ensure_future(self._stream(request, keep_alive))
             elif self.hold_s > 0:
                 body = self.answers.generation(request)
-                asyncio.get_running_loop().call_later(
-                    self.hold_s, lambda: self._send(200, body, keep_alive=keep_alive)
-                )
+                Held.now += 1
+                Held.most = max(Held.most, Held.now)
+
+                def answer() -> None:
+                    Held.now -= 1
+                    self._send(200, body, keep_alive=keep_alive)
+
+                asyncio.get_running_loop().call_later(self.hold_s, answer)
             else:
                 self._send(200, self.answers.generation(request), keep_alive=keep_alive)
         else:

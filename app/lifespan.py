@@ -122,6 +122,7 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             metrics=metrics,
             moderation=moderation,
             audit=ModerationLog(sessions),
+            reserve_margin_ppm=settings.billing.reserve_margin_ppm,
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)

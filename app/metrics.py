@@ -138,6 +138,18 @@ class Metrics:
         self.tokens = Counter("gateway_tokens", "Tokens billed, by kind.", ["model", "kind"], registry=r)
         self.cost = Counter("gateway_cost_micros", "Cost billed, in micro-units.", ["model"], registry=r)
         self.images = Counter("gateway_images", "Images returned to clients.", ["model"], registry=r)
+        self.overruns = Counter(
+            "gateway_overruns",
+            "Settlements that charged more than their reservation held.",
+            ["model"],
+            registry=r,
+        )
+        self.overrun_cost = Counter(
+            "gateway_overrun_micros",
+            "Micro-units charged beyond what settlements' reservations held.",
+            ["model"],
+            registry=r,
+        )
         self.moderation_blocks = Counter(
             "gateway_moderation_blocks",
             "Requests blocked by moderation, once per category.",
@@ -236,6 +248,12 @@ class Metrics:
             self.tokens.labels(model_label, kind).inc(max(amount, 0))
         self.cost.labels(model_label).inc(max(cost_micros, 0))
         self.images.labels(model_label).inc(max(images, 0))
+
+    def observe_overrun(self, *, model: str | None, micros: int) -> None:
+        """A settlement that charged ``micros`` more than its hold (the upstream billed more)."""
+        model_label = self.model_label(model)
+        self.overruns.labels(model_label).inc()
+        self.overrun_cost.labels(model_label).inc(max(micros, 0))
 
     def observe_moderation_block(self, *, categories: Iterable[str] | str, stage: str) -> None:
         """One blocked request, counted once under each category it was blocked for."""

@@ -132,6 +132,13 @@ class BillingSettings(_Section):
     # A hold older than this belongs to a request whose process died; it is released.
     hold_ttl_s: float = Field(default=3600.0, gt=0)
     reconcile_every_s: float = Field(default=60.0, gt=0)
+    # Added to every reservation, in percent of the catalog's worst case, for upstreams that bill
+    # more than the catalog says (README "Metering and billing": when a charge exceeds its hold).
+    reserve_margin_pct: float = Field(default=0.0, ge=0, le=1000)
+
+    @property
+    def reserve_margin_ppm(self) -> int:
+        return round(self.reserve_margin_pct * 10_000)
 
 
 class RateLimitSettings(_Section):

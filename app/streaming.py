@@ -4,7 +4,9 @@ Each event is written as ``event: <type>`` + ``data: <json>`` the moment it arri
 the stream has started cannot change the status code any more, so it becomes an ``error`` event
 (``{"type": "error", "error": {...}}``, which the official SDKs raise as ``APIError``). sse-starlette
 cancels this generator when the client disconnects; the upstream connection is then closed at once
-and billing is settled under a shielded scope, so cancellation cannot lose the ledger row.
+and billing is settled under a shielded scope, so cancellation cannot lose the ledger row. The
+stream settles when its last image completes, and that event carries the charge (``gateway_cost``,
+the same decimal text as a JSON answer's ``x-gateway-cost`` header).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import anyio
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.billing.pricing import format_micros
 from app.errors import GatewayError
 from app.images.settlement import ImageStream, StreamStatus
 
@@ -69,7 +70,7 @@ def sse_response(
             "cache-control": "no-cache",
             # Tells nginx-style proxies not to buffer the stream.
             "x-accel-buffering": "no",
-            # Streams are billed as they settle; the up-front figure is what is known now: nothing.
-            "x-gateway-cost": format_micros(0),
+            # No x-gateway-cost: headers go out before the cost is known, and a guess would
+            # misinform. The charge is the `gateway_cost` field of the last completed event.
         },
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import orjson
@@ -14,7 +14,7 @@ from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
 from app.errors import InvalidJSONError, InvalidRequestError
 from app.images.jobs import ImageJob
-from app.images.service import ImageOutcome
+from app.images.service import Draft, EditDraft, GenerationDraft, ImageOutcome
 from app.images.settlement import ImageStream
 from app.images.uploads import UploadForm, parse_multipart
 from app.keys import Caller
@@ -71,28 +71,24 @@ def wants_async(request: Request) -> bool:
     raise InvalidRequestError(f"Invalid value for 'async': '{value}'. Use true or false.", param="async")
 
 
+def _seen(request: Request) -> Callable[[ImageJob], None]:
+    def seen(job: ImageJob) -> None:
+        request.state.model = job.model
+
+    return seen
+
+
 async def submit_task(
-    request: Request,
-    state: AppState,
-    caller: Caller,
-    job: ImageJob,
-    payload: dict[str, Any],
-    form: UploadForm | None = None,
+    request: Request, state: AppState, caller: Caller, draft: Draft, form: UploadForm | None = None
 ) -> Response:
-    if job.stream:
-        raise InvalidRequestError(
-            "stream=true cannot be combined with async=true: poll the task instead.",
-            param="stream",
-            code="invalid_value",
-        )
     task, headers = await state.tasks.submit(
         caller=caller,
-        job=job,
-        payload=payload,
+        draft=draft,
         idempotency_key=request.headers.get("idempotency-key"),
         form=form,
         # Ids of the key's own webhook endpoints (or "none"); absent: all of the key's endpoints.
         webhooks=request.query_params.getlist("webhook") if "webhook" in request.query_params else None,
+        validated=_seen(request),
     )
     body = await state.tasks.view(task, base_url=public_base(request, state))
     return JSONResponse(
@@ -107,31 +103,36 @@ async def submit_task(
     )
 
 
+async def run_now(
+    request: Request, state: AppState, caller: Caller, draft: Draft
+) -> ImageOutcome | ImageStream:
+    """Admit (the one admission path) and execute, cancelled if the client hangs up first."""
+
+    async def admitted() -> ImageOutcome | ImageStream:
+        admission = await state.images.admit(caller=caller, draft=draft, validated=_seen(request))
+        return await state.images.execute(
+            caller=caller, admission=admission, base_url=public_base(request, state)
+        )
+
+    return await cancel_on_disconnect(request, admitted())
+
+
 @router.post("/generations")
 async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
-    request_id: str = request.state.request_id
     payload = await read_json(request)
-    job = state.images.prepare_generation(
-        caller=caller,
+    draft = GenerationDraft(
         payload=payload,
-        request_id=request_id,
+        request_id=request.state.request_id,
         query_response_format=request.query_params.get("response_format"),
     )
-    request.state.model = job.model
     if wants_async(request):
-        assert isinstance(payload, dict)
-        if job.response_format == "url":
-            payload = {**payload, "response_format": "url"}
-        return await submit_task(request, state, caller, job, payload)
-    outcome = await cancel_on_disconnect(
-        request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
-    )
-    return _reply(request, state, outcome)
+        return await submit_task(request, state, caller, draft)
+    return _reply(request, state, await run_now(request, state, caller, draft))
 
 
 @router.post("/edits")
 async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
-    request_id: str = request.state.request_id
+    asynchronous = wants_async(request)
     form = await parse_multipart(
         request.stream(),
         content_type=request.headers.get("content-type", ""),
@@ -140,21 +141,16 @@ async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Re
     )
     handed_over = False
     try:
-        job = await state.images.prepare_edit(
-            caller=caller,
+        draft = EditDraft(
             form=form,
-            request_id=request_id,
+            request_id=request.state.request_id,
             limits=state.uploads.inputs,
             query_response_format=request.query_params.get("response_format"),
         )
-        request.state.model = job.model
-        if wants_async(request):
-            fields = {name: values[-1] for name, values in form.fields.items()}
+        if asynchronous:
             # The task moves the files out of the spool; the empty spool goes in `finally`.
-            return await submit_task(request, state, caller, job, fields, form)
-        outcome = await cancel_on_disconnect(
-            request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
-        )
+            return await submit_task(request, state, caller, draft, form)
+        outcome = await run_now(request, state, caller, draft)
         if isinstance(outcome, ImageStream):
             # The spooled files live until the stream ends, wherever that happens.
             outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
@@ -174,6 +170,11 @@ def public_base(request: Request, state: AppState) -> str:
 def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream) -> Response:
     if isinstance(outcome, ImageStream):
         request.state.upstream = outcome.upstream
+
+        def settled(cost: int) -> None:
+            request.state.cost_micros = cost
+
+        outcome.on_settled.append(settled)
         return sse_response(
             outcome,
             ping_s=state.settings.server.sse_ping_s,

@@ -54,6 +54,9 @@ class LedgerRecord:
     latency_ms: int
     error_code: str | None = None
     raw_usage: Mapping[str, Any] | None = None
+    # What the request's hold reserved, and how much the charge went beyond it (an overrun).
+    reserved_micros: int = 0
+    overrun_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,8 @@ ENTRY_COLUMNS = (
     "latency_ms",
     "error_code",
     "usage",
+    "reserved_micros",
+    "overrun_micros",
     "created_at",
 )
 
@@ -365,5 +370,7 @@ def _entry(record: LedgerRecord) -> dict[str, Any]:
         latency_ms=record.latency_ms,
         error_code=record.error_code,
         usage=dict(record.raw_usage) if record.raw_usage else None,
+        reserved_micros=record.reserved_micros,
+        overrun_micros=record.overrun_micros,
         created_at=utcnow(),
     )

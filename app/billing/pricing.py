@@ -87,26 +87,41 @@ def apply_multiplier(amount: int, multiplier_ppm: int) -> int:
     return -(-amount * multiplier_ppm // MICROS)
 
 
-def worst_case_cost(job: ImageJob) -> int:
-    """What a request can cost at most, reserved before any upstream is called.
+# OpenAI bills each streamed partial image as this many extra image output tokens.
+PARTIAL_IMAGE_OUTPUT_TOKENS = 100
+
+
+def worst_case_usage(job: ImageJob) -> TokenUsage:
+    """The most tokens of each kind the upstream can bill for this request, from the catalog.
 
     Text input is bounded by the prompt's UTF-8 length (a token is at least one byte); image
-    output by the catalog's table for the request's size at its quality (``auto`` takes the
-    dearest quality). Text output has no catalog bound: an upstream that reports some is still
-    billed in full at settlement, which is the one way a charge can exceed its reservation.
+    output by the catalog's table for the request's size (pixel-scaled for sizes off the table)
+    at its quality (``auto``, for either, takes the dearest), times ``n``, plus each partial
+    image a stream may send; image input by the dearer fidelity for every input image and the
+    mask. Text output has no catalog bound: it is covered by the safety margin, else it is an
+    overrun (see ``Settlement``).
     """
     caps = job.caps
-    if caps.prices.per_image and not caps.reports_usage:
-        return per_image_cost(caps, quality=job.quality, size=job.size, images=job.n)
-    # `auto` may be rendered at any of the model's sizes and qualities: take the dearest.
     sizes = [s for s in caps.sizes if s != "auto"] if job.size == "auto" else [job.size]
     if job.quality == "auto":
         per_image = max((caps.max_output_tokens_per_image(size) for size in sizes), default=0)
     else:
         per_image = max((caps.output_tokens_per_image(job.quality, size) for size in sizes), default=0)
-    usage = TokenUsage(
+    partials = job.partial_images * PARTIAL_IMAGE_OUTPUT_TOKENS * job.n if job.stream else 0
+    return TokenUsage(
         text_input=len(job.prompt.encode("utf-8")),
         image_input=_input_image_tokens(job, worst=True),
-        image_output=per_image * job.n,
+        image_output=per_image * job.n + partials,
     )
-    return token_cost(caps, usage)
+
+
+def worst_case_cost(job: ImageJob, *, margin_ppm: int = 0) -> int:
+    """What a request can cost at most, reserved before any upstream is called: the catalog's
+    worst case, plus ``margin_ppm`` parts per million of it for upstreams that bill more than
+    the catalog says (rounded up, like every charge)."""
+    caps = job.caps
+    if caps.prices.per_image and not caps.reports_usage:
+        base = per_image_cost(caps, quality=job.quality, size=job.size, images=job.n)
+    else:
+        base = token_cost(caps, worst_case_usage(job))
+    return base + -(-base * margin_ppm // MICROS)

@@ -133,6 +133,10 @@ class LedgerEntry(Base):
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(100))
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The request's hold, and what the charge exceeded it by (the upstream billed more than the
+    # worst case the gateway reserved; README "Metering and billing").
+    reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    overrun_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -113,21 +113,19 @@ class TokenUsage:
     def from_openai(cls, usage: Mapping[str, Any]) -> TokenUsage:
         """Split an OpenAI ``usage`` object.
 
-        When ``output_tokens_details`` is absent, all output tokens are image tokens: that is what
-        image models produce, and charging them at a text price would under-bill.
+        The totals (``input_tokens``, ``output_tokens``) are what the upstream billed; the details
+        only say how they split. So a detail that is missing is the total minus the details that
+        are there (``{"reasoning_tokens": 0}`` alone leaves all output as image tokens), and
+        details that add up to less than their total leave the rest to the dearer kind (image
+        tokens): an upstream's partial answer must never make a request cheaper than it was.
+        Without any details, input is text and output is image tokens, as image models produce.
         """
-        in_details = usage.get("input_tokens_details")
-        in_details = in_details if isinstance(in_details, Mapping) else {}
-        out_details = usage.get("output_tokens_details")
-        input_tokens = _int(usage.get("input_tokens"))
-        output_tokens = _int(usage.get("output_tokens"))
-        image_in = _int(in_details.get("image_tokens"))
-        text_in = _int(in_details.get("text_tokens")) if in_details else input_tokens - image_in
-        if isinstance(out_details, Mapping):
-            text_out = _int(out_details.get("text_tokens"))
-            image_out = _int(out_details.get("image_tokens"))
-        else:
-            text_out, image_out = 0, output_tokens
+        text_in, image_in = _split(
+            _int(usage.get("input_tokens")), usage.get("input_tokens_details"), rest_to_image=False
+        )
+        text_out, image_out = _split(
+            _int(usage.get("output_tokens")), usage.get("output_tokens_details"), rest_to_image=True
+        )
         return cls(text_input=text_in, image_input=image_in, text_output=text_out, image_output=image_out)
 
     def to_openai(self) -> dict[str, Any]:
@@ -141,8 +139,35 @@ class TokenUsage:
         }
 
 
+# Token counts are stored in 32-bit columns; an upstream reporting more is clamped (and so is its
+# price), rather than failing the ledger write and losing the row.
+MAX_TOKENS = 2**31 - 1
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return min(value, MAX_TOKENS)
+    return 0
+
+
+def _known(details: Mapping[str, Any], name: str) -> int | None:
+    value = details.get(name)
+    return _int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _split(total: int, details: Any, *, rest_to_image: bool) -> tuple[int, int]:
+    """(text, image) tokens of one side of a usage object; see ``TokenUsage.from_openai``."""
+    if not isinstance(details, Mapping):
+        return (0, total) if rest_to_image else (total, 0)
+    text, image = _known(details, "text_tokens"), _known(details, "image_tokens")
+    if text is None and image is None:
+        return (0, total) if rest_to_image else (total, 0)
+    if text is None:
+        assert image is not None
+        return max(0, total - image), image
+    if image is None:
+        return text, max(0, total - text)
+    return text, image + max(0, total - text - image)
 
 
 class ImageResult:
@@ -226,23 +251,40 @@ def event_type(endpoint: Endpoint, kind: Literal["partial_image", "completed"]) 
 def completed_events(job: ImageJob, result: ImageResult) -> list[ProviderEvent]:
     """The stream contract for an upstream that cannot stream: one completed event per image.
 
-    The response's usage covers all images; it is attached to the first event only, so a client
-    (or the ledger) summing the events' usage counts it once.
+    The response's usage covers all images. The SDKs' types require ``usage`` on every completed
+    event, and a client (or the ledger) sums them, so each event gets an even share of every
+    count (the remainder on the first ones): the events add up exactly to the response's usage.
     """
     body = result.body
     settings: dict[str, Any] = {
         k: body[k] for k in ("background", "output_format", "quality", "size") if k in body
     }
     created = body.get("created")
+    items = list(body.get("data") or [])
+    shares = split_usage(result.raw_usage, len(items)) if result.raw_usage else None
     events: list[ProviderEvent] = []
-    for index, item in enumerate(body.get("data") or []):
+    for index, item in enumerate(items):
         data: dict[str, Any] = {
             "type": event_type(job.endpoint, "completed"),
             "b64_json": item.get("b64_json") if isinstance(item, Mapping) else None,
             "created_at": created,
             **settings,
         }
-        if index == 0 and result.raw_usage:
-            data["usage"] = dict(result.raw_usage)
+        if shares is not None:
+            data["usage"] = shares[index]
         events.append(ProviderEvent(type=data["type"], data=data))
     return events
+
+
+def split_usage(usage: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
+    """``usage`` cut into ``parts`` usage objects whose integer counts add up to it exactly."""
+
+    def share(value: Any, index: int) -> Any:
+        if isinstance(value, Mapping):
+            return {k: share(v, index) for k, v in value.items()}
+        if isinstance(value, int) and not isinstance(value, bool):
+            whole, rest = divmod(value, parts)
+            return whole + (1 if index < rest else 0)
+        return value
+
+    return [share(usage, index) for index in range(max(parts, 1))]

@@ -1,8 +1,14 @@
 """The image request path, top to bottom in one place.
 
-authenticate (done by the caller) → validate → moderate → reserve → route/call → relay → settle.
-``prepare`` validates; ``run`` and ``open_stream`` route, call and settle. Moderation (SPEC §4) and
-reservations (SPEC §5) take their place in this sequence as they are built.
+authenticate (the caller) → **admit** (validate → moderate to the effective level → rate-limit →
+reserve) → route/call → relay → **settle**.
+
+``ImageService.admit`` is the one admission path for sync, stream and async requests: it returns
+an ``Admission`` (the validated job at its effective moderation level, the hold, the rate-limit
+grant), which ``execute`` runs now or a task stores to run later. Every ending goes through
+``Settlement.settle`` (app/images/settlement.py), the one writer of settlement rows. Once an
+upstream has answered, the rest of the request (reading its body, storing images, the charge) runs
+to its end even if the client leaves: the upstream has done, and billed, the work.
 """
 
 from __future__ import annotations
@@ -14,19 +20,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from app.billing.ledger import Hold, LedgerService, TxHook
-from app.billing.limits import KeyLimits, RateLimiter
-from app.billing.pricing import apply_multiplier, request_cost, worst_case_cost
+from app.billing.ledger import Hold, LedgerService
+from app.billing.limits import KeyLimits, LimitGrant, RateLimiter
+from app.billing.pricing import apply_multiplier, worst_case_cost
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
 from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
 from app.images.jobs import ImageJob, InputImage
 from app.images.settlement import (
+    CostHook,
     ImageStream,
-    ledger_record,
-    log_completed,
-    observe_outcome,
+    Settlement,
+    UpstreamOutcome,
+    background,
     shielded,
 )
 from app.images.uploads import SpooledFile, UploadForm
@@ -36,13 +43,14 @@ from app.metrics import Metrics
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
 from app.storage import ImageStore
+from app.upstream.base import answered_scope
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
 
 log = logging.getLogger(__name__)
 
-# Turns an upstream body (and its cost) into the body to return, plus work for the settlement.
-ResultHook = Callable[[dict[str, Any], int], Awaitable[tuple[dict[str, Any], TxHook | None]]]
+# Turns an upstream body into the body to return, plus work for the settlement's transaction.
+ResultHook = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], CostHook | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,43 @@ class ImageOutcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationDraft:
+    """A generation request as it came in, before admission validates it."""
+
+    payload: Any
+    request_id: str
+    query_response_format: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EditDraft:
+    """An edit request as it came in (its files spooled), before admission validates it."""
+
+    form: UploadForm
+    request_id: str
+    limits: InputLimits
+    query_response_format: str | None = None
+
+
+Draft = GenerationDraft | EditDraft
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What admission produced: all a request needs to run, now or later as a task.
+
+    ``job`` is validated and at the effective moderation level; ``hold`` is the reservation;
+    ``grant`` the rate-limit grant whose concurrency slot a synchronous request holds until it
+    ends (None for a task: a queued task holds no slot); ``headers`` the rate-limit headers.
+    """
+
+    job: ImageJob
+    hold: Hold
+    grant: LimitGrant | None
+    headers: dict[str, str]
+
+
 class ImageService:
     def __init__(
         self,
@@ -74,6 +119,7 @@ class ImageService:
         moderation: ModerationService,
         audit: ModerationLog,
         metrics: Metrics | None = None,
+        reserve_margin_ppm: int = 0,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -85,6 +131,8 @@ class ImageService:
         self._metrics = metrics or Metrics(process=False)
         self._moderation = moderation
         self._audit = audit
+        self._margin_ppm = reserve_margin_ppm
+        self.settlement = Settlement(ledger, self._metrics)
 
     def models_for(self, caller: Caller) -> list[str]:
         """Models this key may use that some upstream serves, in catalog order."""
@@ -187,17 +235,74 @@ class ImageService:
         # A key forced to `auto` must not be loosened upstream either.
         return replace(job, moderation=outcome.level, forward={**job.forward, "moderation": outcome.level})
 
-    async def execute(self, *, caller: Caller, job: ImageJob, base_url: str) -> ImageOutcome | ImageStream:
-        """The rest of the path for a validated job: moderate → limit → reserve → route/call → relay
-        → settle."""
+    async def validate(self, *, caller: Caller, draft: Draft) -> ImageJob:
+        """The validation step of admission: a draft becomes a job, or 400/403."""
+        if isinstance(draft, GenerationDraft):
+            return self.prepare_generation(
+                caller=caller,
+                payload=draft.payload,
+                request_id=draft.request_id,
+                query_response_format=draft.query_response_format,
+            )
+        return await self.prepare_edit(
+            caller=caller,
+            form=draft.form,
+            request_id=draft.request_id,
+            limits=draft.limits,
+            query_response_format=draft.query_response_format,
+        )
+
+    async def admit(
+        self,
+        *,
+        caller: Caller,
+        draft: Draft,
+        asynchronous: bool = False,
+        validated: Callable[[ImageJob], None] | None = None,
+    ) -> Admission:
+        """The one admission path (sync, stream and async): validate → moderate to the effective
+        level → rate-limit → reserve. ``caller`` is the authenticated key; ``validated`` sees the
+        job as soon as it is valid (the access log's model). Anything refused is refused here,
+        before an upstream is called, and leaves nothing held."""
+        job = await self.validate(caller=caller, draft=draft)
+        if validated is not None:
+            validated(job)
+        if asynchronous and job.stream:
+            raise InvalidRequestError(
+                "stream=true cannot be combined with async=true: poll the task instead.",
+                param="stream",
+                code="invalid_value",
+            )
         job = await self.screen(caller=caller, job=job)
-        grant = await self._limiter.acquire(caller.key_id, _limits(caller), images=job.n)
+        # A queued task holds no concurrency slot: it is counted against the per-minute limits now.
+        grant = await self._limiter.acquire(
+            caller.key_id, _limits(caller, concurrency=not asynchronous), images=job.n
+        )
         try:
             hold = await self.reserve(caller=caller, job=job)
+        except GatewayError as exc:
+            await shielded(self._limiter.release(grant))
+            exc.headers = {**grant.headers, **exc.headers}
+            raise
+        except BaseException:
+            await shielded(self._limiter.release(grant))
+            raise
+        if asynchronous:
+            await shielded(self._limiter.release(grant))
+            return Admission(job=job, hold=hold, grant=None, headers=grant.headers)
+        return Admission(job=job, hold=hold, grant=grant, headers=grant.headers)
+
+    async def execute(
+        self, *, caller: Caller, admission: Admission, base_url: str
+    ) -> ImageOutcome | ImageStream:
+        """Run an admitted request now: route/call → relay → settle; frees its slot at the end."""
+        job, hold, grant = admission.job, admission.hold, admission.grant
+        assert grant is not None, "a synchronous request holds its concurrency slot"
+        try:
             if job.stream:
                 stream = await self.open_stream(caller=caller, job=job, hold=hold)
                 stream.closers.append(lambda: self._limiter.release(grant))
-                stream.headers = grant.headers
+                stream.headers = dict(grant.headers)
                 return stream
             finish = self._as_urls(job, base_url) if job.response_format == "url" else None
             outcome = await self.run(caller=caller, job=job, hold=hold, finish=finish)
@@ -213,18 +318,14 @@ class ImageService:
         return outcome
 
     async def reserve(self, *, caller: Caller, job: ImageJob, ttl_s: float | None = None) -> Hold:
-        """Hold the job's worst-case cost against the key's quota and balance (429 if it won't fit)."""
-        amount = apply_multiplier(worst_case_cost(job), caller.price_multiplier_ppm)
+        """Hold the job's worst-case cost (plus the safety margin) against the key's quota and
+        balance (429 if it won't fit, or while the key is over either after an overrun)."""
+        amount = apply_multiplier(
+            worst_case_cost(job, margin_ppm=self._margin_ppm), caller.price_multiplier_ppm
+        )
         return await self._ledger.reserve(
             key_id=caller.key_id, amount_micros=amount, request_id=job.request_id, ttl_s=ttl_s
         )
-
-    async def admit(self, *, caller: Caller, job: ImageJob) -> dict[str, str]:
-        """Count a request against the key's rate limits without holding a concurrency slot (a
-        queued task runs later); returns the rate-limit headers."""
-        grant = await self._limiter.acquire(caller.key_id, _limits(caller, concurrency=False), images=job.n)
-        await self._limiter.release(grant)
-        return grant.headers
 
     async def run(
         self, *, caller: Caller, job: ImageJob, hold: Hold, finish: ResultHook | None = None
@@ -233,34 +334,59 @@ class ImageService:
 
         ``finish`` turns the upstream's body into what is returned (stored images, URLs) before
         the charge is made, and may add work to the settlement's transaction (a task's outcome).
+
+        The call runs in a task of its own. A cancelled caller (the client left) cancels it only
+        while no upstream has answered yet; after that, reading the body, ``finish`` and the charge
+        run to their end, and the caller's cancellation goes on once they have.
         """
+        answered = asyncio.Event()
+        work = background(self._call(caller, job, hold, finish, answered))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not answered.is_set():
+                work.cancel()
+            # Either way the work settles (a cut call as `cancelled`); wait for it, then go on.
+            await asyncio.gather(asyncio.shield(work), return_exceptions=True)
+            raise
+
+    async def _call(
+        self, caller: Caller, job: ImageJob, hold: Hold, finish: ResultHook | None, answered: asyncio.Event
+    ) -> ImageOutcome:
         started = time.monotonic()
         tried: list[str] = []
         try:
-            result, upstream = await self._router.generate(job, tried)
-            cost, usage = request_cost(job, result.usage, result.image_count)
-            cost = apply_multiplier(cost, caller.price_multiplier_ppm)
+            with answered_scope(answered.set):
+                result, upstream = await self._router.generate(job, tried)
+            answered.set()
             body: dict[str, Any] | bytes
+            also: CostHook | None = None
             if finish is not None:
-                body, also = await finish(result.body, cost)
+                body, also = await finish(result.body)
             else:
                 # `result.body` would parse the upstream's megabytes of base64 only to encode them again.
-                body, also = (result.raw if result.raw is not None else result.body), None
+                body = result.raw if result.raw is not None else result.body
         except BaseException as exc:
-            await shielded(self._settle_failure(caller, job, hold, exc, started, tried))
+            await self._settle_failure(caller, job, hold, exc, started, tried)
             raise
-        record = ledger_record(
-            job, caller, upstream, "succeeded", result.image_count, usage, cost, started, result.raw_usage
+        settled = await self.settlement.settle(
+            UpstreamOutcome(
+                job=job,
+                caller=caller,
+                hold=hold,
+                upstream=upstream,
+                status="succeeded",
+                images=result.image_count,
+                usage=result.usage,
+                started=started,
+                raw_usage=result.raw_usage,
+            ),
+            also=also,
         )
-        # Shielded: once the upstream has produced the images, the charge must land even if the
-        # client goes away while it is being written.
-        await shielded(self._ledger.settle(hold, record, also=also))
-        observe_outcome(self._metrics, job, usage, cost, result.image_count)
-        log_completed(job, caller, upstream, result.image_count, cost, started)
-        return ImageOutcome(body=body, cost_micros=cost, model=job.model, upstream=upstream)
+        return ImageOutcome(body=body, cost_micros=settled.cost_micros, model=job.model, upstream=upstream)
 
     def _as_urls(self, job: ImageJob, base_url: str) -> ResultHook:
-        async def finish(body: dict[str, Any], cost: int) -> tuple[dict[str, Any], TxHook | None]:  # noqa: ARG001
+        async def finish(body: dict[str, Any]) -> tuple[dict[str, Any], CostHook | None]:
             stored = await store_images(body, self._store, output_format=job.output_format)
             shown = await render_images(
                 stored, self._store, response_format="url", base_url=base_url, ttl_s=self._url_ttl_s
@@ -277,21 +403,15 @@ class ImageService:
         try:
             opened = await self._router.open_stream(job, tried)
         except BaseException as exc:
-            await shielded(self._settle_failure(caller, job, hold, exc, started, tried))
+            await self._settle_failure(caller, job, hold, exc, started, tried)
             raise
         return ImageStream(
-            job=job,
-            caller=caller,
-            opened=opened,
-            ledger=self._ledger,
-            hold=hold,
-            started=started,
-            metrics=self._metrics,
+            job=job, caller=caller, opened=opened, settlement=self.settlement, hold=hold, started=started
         )
 
     async def release(self, hold: Hold) -> None:
         """Give back a hold for a request that ends before any upstream call."""
-        await shielded(self._ledger.release(hold))
+        await self.settlement.release(hold)
 
     async def _settle_failure(
         self, caller: Caller, job: ImageJob, hold: Hold, exc: BaseException, started: float, tried: list[str]
@@ -304,11 +424,18 @@ class ImageService:
             upstream, status, code = exc.upstream, "failed", exc.code
         else:
             upstream, status, code = (tried[-1] if tried else None), "cancelled", None
-        if upstream is None:
-            await self._ledger.release(hold)
-            return
-        await self._ledger.settle(
-            hold, ledger_record(job, caller, upstream, status, 0, None, 0, started, error_code=code)
+        await self.settlement.settle(
+            UpstreamOutcome(
+                job=job,
+                caller=caller,
+                hold=hold,
+                upstream=upstream,
+                status=status,
+                images=0,
+                usage=None,
+                started=started,
+                error_code=code,
+            )
         )
 
 

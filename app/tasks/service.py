@@ -1,17 +1,21 @@
 """Asynchronous requests (SPEC §6): submit now, run on a worker, read the outcome later.
 
-Submission does everything that can fail fast (validation, moderation, rate limits and the
-reservation) before answering 202, so errors come back at once and a queued task can always run.
-Running a task goes through the same request path as a synchronous call; its outcome is written
-in the same transaction as its charge, so a task is billed exactly once or not at all.
+Submission runs the one admission path (``ImageService.admit``: validation, moderation to the
+key's effective level, rate limits and the reservation) before answering 202, so errors come back
+at once and a queued task can always run. The task stores what admission produced (the validated
+job at its effective moderation level, and its hold), never the client's raw payload, so a worker
+runs exactly what was admitted. Running a task goes through the same request path as a
+synchronous call; its outcome is written in the same transaction as its charge (the one
+settlement path), so a task is billed exactly once or not at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -19,12 +23,13 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from app.billing.ledger import Hold, SettlementAbandoned, TxHook
+from app.billing.ledger import Hold, SettlementAbandoned
 from app.db.tables import Task
 from app.errors import GatewayError
 from app.images.delivery import image_names, render_images, store_images
-from app.images.jobs import ImageJob
-from app.images.service import ImageService, InputLimits, ResultHook
+from app.images.jobs import ImageJob, InputImage
+from app.images.service import Draft, GenerationDraft, ImageService, InputLimits, ResultHook
+from app.images.settlement import CostHook
 from app.images.uploads import SpooledFile, UploadForm
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
@@ -80,31 +85,32 @@ class TaskService:
         self,
         *,
         caller: Caller,
-        job: ImageJob,
-        payload: dict[str, Any],
+        draft: Draft,
         idempotency_key: str | None,
         form: UploadForm | None = None,
         webhooks: list[str] | None = None,
+        validated: Callable[[ImageJob], None] | None = None,
     ) -> tuple[Task, dict[str, str]]:
-        """Queue a validated job; a repeated idempotency key returns the first task, uncharged."""
+        """Admit a request and queue it; a repeated idempotency key returns the first task,
+        uncharged and not admitted again."""
         if idempotency_key is not None:
             existing = await self.queue.find(caller.key_id, idempotency_key)
             if existing is not None:
                 return existing, {}
         # Only among the key's own endpoints (400 otherwise), before anything is held.
         chosen = await self._endpoints.choose(caller.key_id, webhooks) if self._endpoints else []
-        job = await self._images.screen(caller=caller, job=job)
-        headers = await self._images.admit(caller=caller, job=job)
-        # The normal hold TTL until the task row exists: a submission cut short (a crash between
-        # the two) must not lock the credit for a day. The task insert extends it.
-        hold = await self._images.reserve(caller=caller, job=job)
+        admission = await self._images.admit(
+            caller=caller, draft=draft, asynchronous=True, validated=validated
+        )
+        job, hold = admission.job, admission.hold
         task_id = new_task_id()
-        spec: dict[str, Any] = {"payload": payload}
-        if chosen:
-            spec["webhooks"] = chosen
         try:
+            files: list[dict[str, Any]] = []
             if form is not None:
-                spec["files"] = await asyncio.to_thread(self._keep_inputs, task_id, form)
+                files = await asyncio.to_thread(self._keep_inputs, task_id, form)
+            spec: dict[str, Any] = {"job": _job_spec(job), "files": files}
+            if chosen:
+                spec["webhooks"] = chosen
             task, created = await self.queue.submit(
                 NewTask(
                     id=task_id,
@@ -129,7 +135,7 @@ class TaskService:
             await self._images.release(hold)
             await asyncio.to_thread(self._drop_inputs, task_id)
         self.wakeup.set()
-        return task, headers
+        return task, admission.headers
 
     @property
     def inputs_root(self) -> Path:
@@ -145,7 +151,13 @@ class TaskService:
             name = f"{index:03d}-{upload.field.replace('/', '_')[:40]}"
             shutil.move(upload.path, folder / name)
             kept.append(
-                {"field": upload.field, "filename": upload.filename, "name": name, "size": upload.size}
+                {
+                    "field": upload.field,
+                    "filename": upload.filename,
+                    "name": name,
+                    "size": upload.size,
+                    "spooled": str(upload.path),
+                }
             )
         return kept
 
@@ -181,6 +193,9 @@ class TaskService:
     async def claim(self, worker: str, limit: int) -> list[Task]:
         """Fail the tasks that ran out of attempts, then lease up to ``limit`` runnable ones."""
         for abandoned in await self.queue.fail_exhausted(self._events_for_abandoned):
+            # Its last worker died mid-run: nothing settled it, so its hold goes back now (a
+            # settlement still in flight would find the task failed and roll itself back).
+            await self._images.release(_hold_of(abandoned))
             await self._after(abandoned)
         return await self.queue.claim_batch(worker, limit)
 
@@ -194,12 +209,7 @@ class TaskService:
             self.running -= 1
 
     async def _run(self, task: Task, worker: str) -> None:
-        hold = Hold(
-            id=task.hold_id or "",
-            key_id=task.key_id,
-            period=task.hold_period or "",
-            amount_micros=task.hold_micros,
-        )
+        hold = _hold_of(task)
         resuming = task.dispatched_at is not None and bool(task.provider_job)
         if task.dispatched_at is not None and not resuming:
             # An earlier worker died after calling the upstream. Running again could make the
@@ -215,7 +225,7 @@ class TaskService:
             return
         try:
             caller = await self._keys.caller_for(task.key_id)
-            job = await self._rebuild(task, caller)
+            job = await self._restore(task, caller)
             if not resuming and not await self.queue.mark_dispatched(task.id, worker):
                 return  # the lease was lost meanwhile: the new owner decides
             job = replace(job, resume=task.provider_job, on_submitted=self._recorder(task, worker))
@@ -246,10 +256,10 @@ class TaskService:
         return record
 
     def _finisher(self, task: Task, worker: str, job: ImageJob) -> ResultHook:
-        async def finish(body: dict[str, Any], cost: int) -> tuple[dict[str, Any], TxHook]:
+        async def finish(body: dict[str, Any]) -> tuple[dict[str, Any], CostHook]:
             stored = await store_images(body, self._store, output_format=job.output_format)
 
-            def record(c: Connection) -> bool:
+            def record(c: Connection, cost: int) -> bool:
                 done = self.queue.finish_in(
                     c, task.id, worker, status=SUCCEEDED, result=stored, cost_micros=cost
                 )
@@ -273,11 +283,38 @@ class TaskService:
 
         await self.queue.finish(task.id, worker, status=FAILED, error=error, also=events)
 
-    async def _rebuild(self, task: Task, caller: Caller) -> ImageJob:
-        """The job again, from what was submitted (validated again: the catalog may have changed)."""
+    async def _restore(self, task: Task, caller: Caller) -> ImageJob:
+        """The admitted job again, as submission stored it: the same effective moderation level,
+        the same validated settings. The model must still be served and allowed for the key."""
+        stored = task.spec.get("job")
+        if not isinstance(stored, Mapping):
+            return await self._legacy(task, caller)
+        caps = self._images.resolve_model(str(stored["model"]), caller)
+        folder = self._inputs_root / task.id
+        names = {f["spooled"]: f["name"] for f in task.spec.get("files") or [] if "spooled" in f}
+
+        def image(entry: Mapping[str, Any]) -> InputImage:
+            values = {k: v for k, v in entry.items() if k != "spooled"}
+            return InputImage(**{**values, "path": folder / names.get(entry["spooled"], "")})
+
+        values = {k: v for k, v in stored.items() if k not in ("images", "mask")}
+        mask = stored.get("mask")
+        return ImageJob(
+            **values,
+            caps=caps,
+            images=tuple(image(entry) for entry in stored.get("images") or ()),
+            mask=image(mask) if isinstance(mask, Mapping) else None,
+        )
+
+    async def _legacy(self, task: Task, caller: Caller) -> ImageJob:
+        """A task queued by an older version (its raw payload stored): admitted again, moderation
+        included, so it cannot run at a looser level than the key allows."""
         payload = dict(task.spec.get("payload") or {})
         if task.endpoint == "generations":
-            return self._images.prepare_generation(caller=caller, payload=payload, request_id=task.request_id)
+            job = await self._images.validate(
+                caller=caller, draft=GenerationDraft(payload=payload, request_id=task.request_id)
+            )
+            return await self._images.screen(caller=caller, job=job)
         folder = self._inputs_root / task.id
         files = [
             SpooledFile(
@@ -290,9 +327,10 @@ class TaskService:
             for f in task.spec.get("files") or []
         ]
         form = UploadForm(fields={k: [str(v)] for k, v in payload.items()}, files=files, spool_dir=folder)
-        return await self._images.prepare_edit(
+        job = await self._images.prepare_edit(
             caller=caller, form=form, request_id=task.request_id, limits=self._input_limits
         )
+        return await self._images.screen(caller=caller, job=job)
 
     def _events_for_abandoned(self, c: Connection, task: Task) -> None:
         if self._outbox is not None:
@@ -327,14 +365,57 @@ class TaskService:
 def _progress(task: Task) -> dict[str, int]:
     """Images completed of those asked for. The upstream answers a non-streamed call whole, so the
     count moves from 0 to all at once; it is the count the result holds, not an estimate."""
-    payload = (task.spec or {}).get("payload") or {}
-    asked = payload.get("n")
+    spec = task.spec or {}
+    # The admitted job (or, for a task queued by an older version, its raw payload).
+    asked = (spec.get("job") or spec.get("payload") or {}).get("n")
     images = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 1
     completed = 0
     if task.status == SUCCEEDED and isinstance(task.result, dict):
         data = task.result.get("data")
         completed = len(data) if isinstance(data, list) else 0
     return {"images": max(images, completed), "images_completed": completed}
+
+
+def _hold_of(task: Task) -> Hold:
+    return Hold(
+        id=task.hold_id or "",
+        key_id=task.key_id,
+        period=task.hold_period or "",
+        amount_micros=task.hold_micros,
+    )
+
+
+# The catalog entry is looked up again by name; a provider job to resume and its recorder are set
+# by the task runner for each run (issue 19), not by admission.
+_NOT_STORED = frozenset({"caps", "resume", "on_submitted"})
+
+
+def _job_spec(job: ImageJob) -> dict[str, Any]:
+    """An admitted job as JSON: every field but the catalog entry (looked up again by name), with
+    the input images referring to the files the task keeps."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    def image(item: InputImage) -> dict[str, Any]:
+        values = {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.name != "path"}
+        return {**values, "spooled": str(item.path)}
+
+    spec: dict[str, Any] = {}
+    for f in dataclasses.fields(job):
+        if f.name in _NOT_STORED:
+            continue
+        if f.name == "images":
+            spec["images"] = [image(item) for item in job.images]
+        elif f.name == "mask":
+            spec["mask"] = image(job.mask) if job.mask is not None else None
+        else:
+            spec[f.name] = plain(getattr(job, f.name))
+    return spec
 
 
 def _ts(value: Any) -> int | None:

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol
 
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent
+
+# Set by the request path around an upstream call; see ``mark_answered``.
+_ON_ANSWER: ContextVar[Callable[[], None] | None] = ContextVar("on_answer", default=None)
+
+
+@contextmanager
+def answered_scope(callback: Callable[[], None]) -> Iterator[None]:
+    """Within the block, ``mark_answered`` calls ``callback`` (the request path stops letting a
+    client's disconnect cut the call from then on: the upstream has done the work)."""
+    token = _ON_ANSWER.set(callback)
+    try:
+        yield
+    finally:
+        _ON_ANSWER.reset(token)
+
+
+def mark_answered() -> None:
+    """An adapter calls this when the upstream has answered with success, before it reads the
+    body: from here on the work is billed even if the client leaves while the body arrives."""
+    callback = _ON_ANSWER.get()
+    if callback is not None:
+        callback()
 
 
 class ImageProvider(Protocol):

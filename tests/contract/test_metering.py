@@ -98,7 +98,7 @@ def test_concurrent_requests_never_spend_past_the_quota(metered: Gateway) -> Non
     assert all(r.headers["x-gateway-cost"] == "0.166405" for r in ok)
 
 
-def test_failures_and_disconnects_cost_nothing(metered: Gateway, upstream: FakeOpenAI) -> None:
+def test_failures_and_disconnects_cost_nothing_but_partials(metered: Gateway, upstream: FakeOpenAI) -> None:
     key, key_id = metered.create_key(name="no-charge", quota="10")
     headers = {"Authorization": f"Bearer {key}"}
 
@@ -114,7 +114,8 @@ def test_failures_and_disconnects_cost_nothing(metered: Gateway, upstream: FakeO
     assert rows[-1]["status"] == "cancelled"
     assert spent(metered, key_id) == (0, 0)
 
-    # A streaming client that leaves after the first partial: nothing completed, nothing billed.
+    # A streaming client that leaves after the first partial: no image completed, but the upstream
+    # made (and OpenAI bills) that partial image: 100 image output tokens, marked as an estimate.
     upstream.stream_delay_s = 2.0
     with (
         httpx.Client(timeout=30) as client,
@@ -127,8 +128,9 @@ def test_failures_and_disconnects_cost_nothing(metered: Gateway, upstream: FakeO
                 break
     rows = wait_for_rows(metered, key_id, 3)
     assert rows[-1]["status"] == "cancelled"
-    assert spent(metered, key_id) == (0, 0)
-    assert ledger_sum(metered, key_id) == 0
+    assert (rows[-1]["images"], rows[-1]["image_output_tokens"], bool(rows[-1]["estimated"])) == (0, 100, True)
+    assert spent(metered, key_id) == (100 * 40, 0)
+    assert ledger_sum(metered, key_id) == 100 * 40
 
 
 def wait_for_rows(gw: Gateway, key_id: str, count: int) -> list[dict[str, Any]]:

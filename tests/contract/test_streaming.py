@@ -104,7 +104,8 @@ def test_upstream_dropping_mid_stream_gives_an_error_event(gateway: Gateway, ups
     assert received == ["image_generation.partial_image"]
     (row,) = [r for r in gateway.ledger() if r["key_id"] == key_id]
     assert row["status"] == "failed"
-    assert row["cost_micros"] == 0 and row["image_output_tokens"] == 0
+    # The partial image the client got is billed as OpenAI bills it: 100 image output tokens.
+    assert row["cost_micros"] == 100 * 40 and row["image_output_tokens"] == 100 and row["estimated"]
 
 
 def test_error_event_wire_format(gateway: Gateway, upstream: FakeOpenAI) -> None:
@@ -171,7 +172,8 @@ def test_client_disconnect_closes_the_upstream_and_is_recorded(
         rows = [r for r in gateway.ledger() if r["key_id"] == key_id]
         time.sleep(0.05)
     (row,) = rows
-    assert row["status"] == "cancelled" and row["cost_micros"] == 0
+    # One partial image was made before the client left: billed, 100 image output tokens.
+    assert row["status"] == "cancelled" and row["cost_micros"] == 100 * 40
 
 
 def test_keepalive_comments_while_the_upstream_is_silent(gateway_with: Any, upstream: FakeOpenAI) -> None:

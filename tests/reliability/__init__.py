@@ -136,6 +136,9 @@ class Outcome:
     error: Any = None  # the `error` object of an error answer (or of a stream's error event)
     body_ok: bool = True  # an error answer whose body is not OpenAI-shaped sets this False
     completed: list[dict[str, Any]] = field(default_factory=list)  # usage of every completed result
+    # Partial images of a stream's unfinished image (after its last completed event), when the
+    # stream ended without all its images: billed at 100 image output tokens each.
+    unfinished_partials: int = 0
     task_id: str | None = None
     task_status: str | None = None
     detail: str = ""
@@ -316,14 +319,19 @@ class Traffic:
             outcome.body_ok = outcome.error is not None
             outcome.detail = text[:300]
             return outcome
+        partials = 0
         for name, data in sse_events(text):
             event = orjson.loads(data)
             if name.endswith(".completed"):
                 outcome.completed.append(event["usage"])
                 base64.b64decode(event["b64_json"], validate=True)
+                partials = 0
+            elif name.endswith(".partial_image"):
+                partials += 1
             elif name == "error":
                 outcome.error = openai_error(event)
                 outcome.body_ok = outcome.error is not None and event.get("type") == "error"
+                outcome.unfinished_partials = partials
         return outcome
 
     async def _wait(self, client: httpx.AsyncClient, outcome: Outcome, poll_s: float = 0.25) -> None:
@@ -360,7 +368,11 @@ class Traffic:
 
 
 def expected_micros(outcomes: Iterable[Outcome]) -> int:
-    return sum(usage_cost(usage) for outcome in outcomes for usage in outcome.completed)
+    return sum(
+        sum(usage_cost(usage) for usage in outcome.completed)
+        + outcome.unfinished_partials * 100 * PRICE_IMAGE_OUT
+        for outcome in outcomes
+    )
 
 
 def summary(outcomes: Sequence[Outcome]) -> str:
@@ -402,9 +414,10 @@ def ledger_violations(
             problems.append(
                 f"ledger row {row['request_id']} costs {row['cost_micros']}, tokens say {tokens_cost}"
             )
-        # A stream cut after some completed images is billed for those (status failed or cancelled).
-        if int(row["images"]) == 0 and int(row["cost_micros"]) != 0:
-            problems.append(f"ledger row {row['request_id']} has no image but costs {row['cost_micros']}")
+        # A stream cut after some completed images is billed for those (status failed or cancelled),
+        # and for the partial images of an unfinished one: 100 image output tokens each.
+        if int(row["images"]) == 0 and int(row["image_output_tokens"]) % 100:
+            problems.append(f"ledger row {row['request_id']} has no image but bills a non-partial amount")
     ledger_total = sum(int(r["cost_micros"]) for r in rows)
     key_rows = query(db_url, f"SELECT id, spent_micros, reserved_micros FROM api_keys WHERE id IN ('{keys}')")
     spent = sum(int(r["spent_micros"]) for r in key_rows)

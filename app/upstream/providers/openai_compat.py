@@ -26,6 +26,7 @@ from yarl import URL
 
 from app.errors import UpstreamError
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
+from app.upstream.base import mark_answered
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
 from app.upstream.multipart import edit_form
 from app.upstream.skeleton import summarize
@@ -160,6 +161,8 @@ class OpenAICompatProvider:
                 async with self._http().post(
                     url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
                 ) as response:
+                    if 200 <= response.status < 300:
+                        mark_answered()
                     raw = await response.read()
         self._raise_for_status(response.status, raw, response.headers)
         return self._image_result(raw)

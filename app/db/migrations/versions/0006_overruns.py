@@ -1,0 +1,28 @@
+"""ledger rows record their hold and any overrun
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-01 23:30:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("reserved_micros", sa.BigInteger(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("overrun_micros", sa.BigInteger(), nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
+        batch_op.drop_column("overrun_micros")
+        batch_op.drop_column("reserved_micros")

@@ -81,7 +81,7 @@ async def _run_keys(settings: Settings, args: argparse.Namespace) -> None:
                 owner=args.owner,
                 models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
                 moderation=args.moderation,
-                expires_at=datetime.fromisoformat(args.expires_at) if args.expires_at else None,
+                expires_at=_moment(args.expires_at, "--expires-at"),
                 quota=args.quota,
                 monthly_quota=args.monthly_quota,
                 balance=args.balance,
@@ -127,11 +127,16 @@ def run_migrate(settings: Settings) -> int:
     return 0
 
 
-def _moment(value: str | None) -> datetime | None:
+def _moment(value: str | None, option: str) -> datetime | None:
+    """An ISO 8601 date or date-time; without an offset it is UTC (``2030-01-01`` is its midnight
+    UTC), as the README's examples write it."""
     if not value:
         return None
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{option}: expected an ISO 8601 date or date-time, not {value!r}") from None
 
 
 def run_usage(settings: Settings, args: argparse.Namespace) -> int:
@@ -142,7 +147,10 @@ def run_usage(settings: Settings, args: argparse.Namespace) -> int:
             result = await usage_report(
                 create_sessionmaker(engine),
                 where=UsageFilter(
-                    key_id=args.key_id, model=args.model, start=_moment(args.start), end=_moment(args.end)
+                    key_id=args.key_id,
+                    model=args.model,
+                    start=_moment(args.start, "--from"),
+                    end=_moment(args.end, "--to"),
                 ),
                 group_by=args.group_by,
                 price_unit=settings.price_unit,

@@ -15,6 +15,20 @@ from app.lifespan import make_lifespan
 from app.metrics import Metrics
 from app.settings import Settings
 
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "x-gateway-cost",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+    "location",
+    *(
+        f"x-ratelimit-{what}-{kind}"
+        for what in ("limit", "remaining", "reset")
+        for kind in ("requests", "images")
+    ),
+]
+
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
@@ -46,7 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.server.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["authorization", "content-type", "idempotency-key", "openai-organization"],
-            expose_headers=["x-request-id", "x-gateway-cost", "retry-after", "location"],
+            # Everything a client acts on: its charge, its limits and when to retry.
+            expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )
     app.add_middleware(AdminGuardMiddleware)

@@ -24,11 +24,13 @@ def _moment(value: str | None, param: str) -> datetime | None:
         if value.isdigit():
             return datetime.fromtimestamp(int(value), UTC)
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except (ValueError, OverflowError):
+        # In UTC now: a moment near the calendar's ends can overflow the conversion (9999-12-31
+        # at -01:00 is in year 10000), which would otherwise fail where it is stored or compared.
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
         raise InvalidRequestError(
             f"Invalid '{param}': expected unix seconds or an ISO 8601 date-time.", param=param
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 async def _report(

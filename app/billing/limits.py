@@ -10,9 +10,10 @@ limit, which is small for per-minute limits on image requests.
 Every check is all-or-nothing: a request refused by any limit consumes nothing from the others.
 
 Headers follow OpenAI: ``x-ratelimit-{limit,remaining,reset}-{requests,images}``; ``reset`` is the
-time until the window is back to its initial state (every logged entry has left it), formatted as a
-Go-style duration ("20ms", "1s", "6m0s") as OpenAI does. A refusal adds ``retry-after`` (whole
-seconds, rounded up, at least 1) and ``retry-after-ms``, which the official SDKs honour.
+time until the window frees a slot (its oldest entry leaves it, and ``remaining`` goes up), on a
+success as on a 429, formatted as a Go-style duration ("20ms", "1s", "6m0s") as OpenAI does. A
+refusal adds ``retry-after`` (whole seconds, rounded up, at least 1) and ``retry-after-ms``, which
+the official SDKs honour.
 
 ``InProcessRateLimiter`` serves one process; ``RedisRateLimiter`` (``limits_redis.py``) shares the
 counters between gateway replicas.
@@ -246,9 +247,9 @@ class InProcessRateLimiter:
             reason=reason,
             retry_after_s=wait / US,
             requests_used=len(state.requests),
-            requests_reset_s=(state.requests[-1] + WINDOW_US - now) / US if state.requests else 0.0,
+            requests_reset_s=(state.requests[0] + WINDOW_US - now) / US if state.requests else 0.0,
             images_used=state.images_total,
-            images_reset_s=(state.images[-1][0] + WINDOW_US - now) / US if state.images else 0.0,
+            images_reset_s=(state.images[0][0] + WINDOW_US - now) / US if state.images else 0.0,
             concurrent=len(state.leases),
         )
         return conclude(key_id, limits, outcome, images=images, lease_id=lease_id)

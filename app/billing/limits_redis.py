@@ -127,7 +127,7 @@ end
 
 local function reset(key, limit)
   if limit < 0 then return 0 end
-  local e = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  local e = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if #e == 0 then return 0 end
   return tonumber(e[2]) + window - now
 end

@@ -57,6 +57,8 @@ _BLOCK = 64 * 1024
 # A real PNG or WebP has at most thousands of chunks; a crafted one of 12-byte chunks would make a
 # 50 MB walk take millions of iterations.
 _MAX_CHUNKS = 100_000
+# Fill bytes before one JPEG marker; encoders write a handful at most.
+_MAX_FILL = 64 * 1024
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # colour type -> allowed bit depths (PNG spec table 11.1)
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
@@ -177,9 +179,7 @@ def _read_jpeg(fh: BinaryIO, size: int, guard: Guard) -> tuple[int, int, bool]:
     for _ in range(_MAX_CHUNKS):
         if _read_exact(fh, 1) != b"\xff":
             raise _Corrupt("a marker is missing")
-        marker = _read_exact(fh, 1)[0]
-        while marker == 0xFF:  # fill bytes
-            marker = _read_exact(fh, 1)[0]
+        marker = _marker_after_fill(fh)
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:
             continue  # standalone markers carry no length
         if marker in (0xD8, 0xD9):
@@ -205,6 +205,29 @@ def _read_jpeg(fh: BinaryIO, size: int, guard: Guard) -> tuple[int, int, bool]:
         else:
             fh.seek(length - 2, 1)
     raise _Corrupt("too many segments")
+
+
+def _marker_after_fill(fh: BinaryIO) -> int:
+    """The marker byte after a marker's ``FF``, skipping fill bytes (more ``FF``s).
+
+    The standard allows any number of fill bytes, so a crafted file can be little else: they are
+    skipped in growing blocks (C-speed ``lstrip``, a few calls however many there are), and more
+    than ``_MAX_FILL`` of them is refused. One byte at a time, 50 MB of them cost seconds of CPU
+    under the GIL, which stalls the event loop even from a worker thread.
+    """
+    skipped, size = 0, 16
+    while True:
+        block = fh.read(size)
+        if not block:
+            raise _Corrupt("the file is truncated")
+        rest = block.lstrip(b"\xff")
+        if rest:
+            fh.seek(1 - len(rest), 1)  # just after the marker byte
+            return rest[0]
+        skipped += len(block)
+        if skipped > _MAX_FILL:
+            raise _Corrupt("a marker has too many fill bytes")
+        size = min(size * 4, _BLOCK)
 
 
 def _find_eoi(fh: BinaryIO) -> None:

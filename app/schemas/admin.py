@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
 from app.schemas.base import StrictWireModel
 
@@ -14,7 +14,19 @@ ModerationPolicy = Literal["default", "strict", "off"]
 # Amounts in the price unit, as a JSON number or a decimal string; exact to 1e-6 (micro-units).
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Multiplier = Annotated[Decimal, Field(gt=0, le=1000, decimal_places=6)]
-Limit = Annotated[int, Field(ge=1)]
+# Stored in 32-bit integer columns (SQLite's and PostgreSQL's INTEGER).
+Limit = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the date-time is out of range") from None
+
+
+# A moment needs its offset (`Z`, `+02:00`): a naive time would be read in an unknown zone.
+Moment = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 class _KeyLimits(StrictWireModel):
@@ -40,7 +52,7 @@ class ApiKeyCreateRequest(_KeyLimits):
     models: list[str] | None = None
     moderation: ModerationPolicy = "default"
     enabled: bool = True
-    expires_at: datetime | None = None
+    expires_at: Moment | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -50,7 +62,7 @@ class ApiKeyUpdateRequest(_KeyLimits):
     models: list[str] | None = None
     moderation: ModerationPolicy | None = None
     enabled: bool | None = None
-    expires_at: datetime | None = None
+    expires_at: Moment | None = None
     metadata: dict[str, Any] | None = None
 
 

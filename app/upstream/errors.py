@@ -41,7 +41,9 @@ INVALID_RESPONSE = "The upstream service returned an invalid response."
 _MAX_MESSAGE_CHARS = 2000
 _KNOWN_KEYS = frozenset({"message", "type", "param", "code"})
 _URL_RE = re.compile(r"https?://[^\s\"'<>()\[\]{}]+", re.IGNORECASE)
-_API_KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
+# Any `sk-` token, however short or masked (`sk-upstr***3456`, `sk-...3456`, `sk-proj-****`): a
+# fragment of a key still identifies it. Not inside a word (`task-1`, `disk-full`).
+_API_KEY_RE = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-*.…•]*")
 
 
 @contextmanager

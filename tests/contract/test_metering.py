@@ -128,7 +128,11 @@ def test_failures_and_disconnects_cost_nothing_but_partials(metered: Gateway, up
                 break
     rows = wait_for_rows(metered, key_id, 3)
     assert rows[-1]["status"] == "cancelled"
-    assert (rows[-1]["images"], rows[-1]["image_output_tokens"], bool(rows[-1]["estimated"])) == (0, 100, True)
+    assert (rows[-1]["images"], rows[-1]["image_output_tokens"], bool(rows[-1]["estimated"])) == (
+        0,
+        100,
+        True,
+    )
     assert spent(metered, key_id) == (100 * 40, 0)
     assert ledger_sum(metered, key_id) == 100 * 40
 
@@ -336,3 +340,83 @@ def test_two_gateway_processes_share_one_quota_on_postgres(upstream: FakeOpenAI,
         )
         assert (int(key_row["spent_micros"]), int(key_row["reserved_micros"])) == (50 * COST, 0)
         assert int(ledger[0]["total"]) == 50 * COST
+
+
+# -- issue 15, defect 1: an upstream that bills more than the catalog -----------------------------
+
+OVER_USAGE = {  # the catalog says 272 image output tokens for low 1024x1024; the upstream bills 900
+    "input_tokens": 100,
+    "input_tokens_details": {"text_tokens": 100, "image_tokens": 0},
+    "output_tokens": 900,
+    "output_tokens_details": {"text_tokens": 0, "image_tokens": 900},
+    "total_tokens": 1000,
+}
+OVER_COST = 100 * 5 + 900 * 40
+LOW = {"model": "gpt-image-1", "prompt": PROMPT, "quality": "low", "size": "1024x1024"}
+LOW_HOLD = len(PROMPT) * 5 + 272 * 40
+
+
+def metric(gw: Gateway, name: str, model: str) -> int:
+    text = httpx.get(gw.url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{model="{model}"}}'):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def test_overruns_are_charged_recorded_and_bounded_and_block_the_key(
+    metered: Gateway, upstream: FakeOpenAI
+) -> None:
+    upstream.usage = dict(OVER_USAGE)
+    key, key_id = metered.create_key(name="overrun", quota="0.05")
+    responses = asyncio.run(fire(metered.url, key, 10, LOW))
+    ok = [r for r in responses if r.status_code == 200]
+    assert ok and all(r.status_code in (200, 429) for r in responses)
+    rows = [r for r in metered.ledger() if r["key_id"] == key_id]
+    assert len(rows) == len(ok)
+    for row in rows:
+        # Charged in full, and the excess over the hold is on the row.
+        assert (int(row["cost_micros"]), int(row["reserved_micros"])) == (OVER_COST, LOW_HOLD)
+        assert int(row["overrun_micros"]) == OVER_COST - LOW_HOLD
+    spend, reserved = spent(metered, key_id)
+    overruns = sum(int(r["overrun_micros"]) for r in rows)
+    assert reserved == 0 and spend == len(ok) * OVER_COST
+    # The invariant: spend exceeds the quota by no more than the overruns recorded.
+    assert spend - 50_000 <= overruns
+    assert metric(metered, "gateway_overrun_micros_total", "gpt-image-1") >= overruns
+    # Over its quota now, the key starts nothing new.
+    upstream.usage = dict(EXACT_USAGE)
+    refused = httpx.post(metered.url + GEN, json=LOW, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert [r["status"] for r in metered.ledger() if r["key_id"] == key_id] == ["succeeded"] * len(ok)
+
+
+def test_a_balance_key_over_its_balance_after_an_overrun_is_blocked(
+    metered: Gateway, upstream: FakeOpenAI
+) -> None:
+    upstream.usage = dict(OVER_USAGE)
+    key, key_id = metered.create_key(name="prepaid-overrun", balance="0.02")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.post(metered.url + GEN, json=LOW, headers=headers, timeout=30).status_code == 200
+    assert int(metered.key_row(key_id)["balance_micros"]) == 20_000 - OVER_COST  # negative: owed
+    refused = httpx.post(metered.url + GEN, json=LOW, headers=headers, timeout=30)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_the_safety_margin_enlarges_every_hold(upstream: FakeOpenAI, tmp_path: Path) -> None:
+    upstream.usage = dict(OVER_USAGE)
+    data_dir = tmp_path / "margin"
+    gw = start_gateway(
+        make_settings(data_dir, [fake_upstream_config(upstream)], billing={"reserve_margin_pct": 250}),
+        data_dir,
+    )
+    try:
+        key, key_id = gw.create_key(name="margin")
+        response = httpx.post(gw.url + GEN, json=LOW, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert response.status_code == 200
+        (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+        hold = LOW_HOLD + -(-LOW_HOLD * 2_500_000 // 1_000_000)
+        assert int(row["reserved_micros"]) == hold and hold > OVER_COST
+        assert int(row["overrun_micros"]) == 0
+    finally:
+        gw.close()

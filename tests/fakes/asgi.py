@@ -137,6 +137,22 @@ def truncated_response(body: bytes, status_code: int, stopping: threading.Event)
     return RawResponse(run)
 
 
+def slow_response(body: bytes, status_code: int, delay_s: float, stopping: threading.Event) -> Response:
+    """Send the headers at once and the whole `body` `delay_s` later (a client may leave meanwhile)."""
+
+    async def run(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status_code, "headers": headers})
+        # uvicorn sends the headers with the first body bytes: one byte now, the rest later.
+        await send({"type": "http.response.body", "body": body[:1], "more_body": True})
+        async with ClientWatch(scope, receive, stopping) as watch:
+            if await watch.sleep(delay_s):
+                return
+        await send({"type": "http.response.body", "body": body[1:], "more_body": False})
+
+    return RawResponse(run)
+
+
 def hanging_response(stopping: threading.Event) -> Response:
     """Never answer: wait for the client to go away; if `stopping` is set first, drop the connection."""
 

@@ -95,13 +95,14 @@ class ImageJob:
         w, h = self.size
         return render_b64(w, h, self.output_format, self.transparent, variant, self.noise)
 
-    def payload(self, usage: dict[str, Any], store: Callable[[int], str]) -> dict[str, Any]:
+    def payload(self, usage: dict[str, Any] | None, store: Callable[[int], str]) -> dict[str, Any]:
         """The `ImagesResponse`. dall-e: only `created` and `data` (`url` when asked for, via
         `store(variant)`; `revised_prompt` for dall-e-3). GPT-Image: settings and `usage` too."""
         created = int(time.time())
         if not self.dalle:
             data = [{"b64_json": self.b64(i)} for i in range(self.n)]
-            return {"created": created, "data": data, **self.settings, "usage": usage}
+            answer = {"created": created, "data": data, **self.settings}
+            return {**answer, "usage": usage} if usage is not None else answer
         items: list[dict[str, Any]] = []
         for i in range(self.n):
             item = {"url": store(i)} if self.response_format == "url" else {"b64_json": self.b64(i)}
@@ -110,7 +111,7 @@ class ImageJob:
             items.append(item)
         return {"created": created, "data": items}
 
-    def events(self, usage: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def events(self, usage: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
         """`partial_images` partial events (indexes 0..k-1), then one completed event per image, each
         completed event carrying `usage`."""
         created_at = int(time.time())
@@ -120,4 +121,5 @@ class ImageJob:
             yield partial, {**data, **self.settings, "created_at": created_at}
         for index in range(self.n):
             data = {"type": completed, "b64_json": self.b64(index), **self.settings}
-            yield completed, {**data, "created_at": created_at, "usage": usage}
+            event = {**data, "created_at": created_at}
+            yield completed, {**event, "usage": usage} if usage is not None else event

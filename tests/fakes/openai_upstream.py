@@ -47,6 +47,7 @@ from tests.fakes.asgi import (
     json_response,
     remember_transport,
     request_id,
+    slow_response,
     sse_event,
     truncated_response,
 )
@@ -108,6 +109,9 @@ class FakeOpenAI:
         self.fault_rate = 0.0
         self.fault_rng = random.Random(0)
         self.usage: dict[str, Any] = default_usage()
+        # When set, the usage of each answer from its request's parameters (None: no `usage` at
+        # all), instead of `usage`; adversarial tests make it depend on the prompt.
+        self.usage_for: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         self.stream_delay_s = 0.0
         self.abandoned: list[tuple[str, str | None]] = []
         self.noise_images = False
@@ -314,7 +318,7 @@ class FakeOpenAI:
         record = await self._record(request)
         path, deployment = api_path(record.path)
         fault = self._take_fault(record.path, path)
-        if fault is not None and fault.kind != "stream_cut":
+        if fault is not None and fault.kind not in ("stream_cut", "stream_end", "slow_body"):
             response = await self._fault_response(fault, request)
             if response is not None:
                 return response
@@ -328,12 +332,15 @@ class FakeOpenAI:
             return self._model(path.rsplit("/", 1)[-1])
         if handler is None:
             return json_response(openai_error(f"Invalid URL ({record.method} {record.path})"), 404)
-        cut = fault if fault is not None and fault.kind == "stream_cut" else None
+        cut = fault if fault is not None and fault.kind in ("stream_cut", "stream_end", "slow_body") else None
         if path.startswith("/v1/images/"):
             await self._pass_gate()
         response = await handler(record, deployment, cut)
         if cut is not None and not isinstance(response, RawResponse):  # not a stream: cut the body
-            return truncated_response(bytes(response.body), response.status_code, self._stopping)
+            if cut.kind == "slow_body":
+                return slow_response(bytes(response.body), response.status_code, cut.delay_s, self._stopping)
+            if cut.kind == "stream_cut":
+                return truncated_response(bytes(response.body), response.status_code, self._stopping)
         return response
 
     def _routes(self) -> dict[tuple[str, str], _Handler]:
@@ -399,9 +406,12 @@ class FakeOpenAI:
             )
         except InvalidParams as exc:
             return json_response(exc.body, 400)
+        usage = self.usage_for(params) if self.usage_for is not None else self.usage
         if job.stream:
-            return self._stream(job.events(self.usage), cut.events_before_cut if cut else None)
-        payload = job.payload(self.usage, lambda variant: self._store(job, variant))
+            limit = cut.events_before_cut if cut is not None and cut.kind != "slow_body" else None
+            ends = cut is not None and cut.kind == "stream_end"
+            return self._stream(job.events(usage), limit, end_cleanly=ends)
+        payload = job.payload(usage, lambda variant: self._store(job, variant))
         if not self.pretty_json:
             response = json_response(payload)
         else:
@@ -414,8 +424,15 @@ class FakeOpenAI:
         self.last_answer = bytes(response.body)
         return response
 
-    def _stream(self, events: Iterator[tuple[str, dict[str, Any]]], cut_after: int | None) -> Response:
-        """SSE: events separated by `stream_delay_s`; records a client that leaves before the end."""
+    def _stream(
+        self,
+        events: Iterator[tuple[str, dict[str, Any]]],
+        cut_after: int | None,
+        *,
+        end_cleanly: bool = False,
+    ) -> Response:
+        """SSE: events separated by `stream_delay_s`; records a client that leaves before the end.
+        After `cut_after` events the connection is dropped, or (`end_cleanly`) the body just ends."""
 
         async def run(scope: Scope, receive: Receive, send: Send) -> None:
             headers = [
@@ -435,6 +452,9 @@ class FakeOpenAI:
                         {"type": "http.response.body", "body": sse_event(event, data), "more_body": True}
                     )
                     if cut_after is not None and index + 1 >= cut_after:
+                        if end_cleanly:
+                            finished = True
+                            break
                         await watch.drop()
                         return
                 else:

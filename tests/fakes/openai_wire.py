@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-FaultKind = Literal["status", "delay", "hang", "close", "invalid_json", "stream_cut"]
+FaultKind = Literal[
+    "status", "delay", "hang", "close", "invalid_json", "stream_cut", "stream_end", "slow_body"
+]
 
 DEFAULT_USAGE: dict[str, Any] = {
     "input_tokens": 50,
@@ -122,7 +124,7 @@ class Fault:
     body: bytes | None = None  # raw body for `status` / `invalid_json`, wins over `error`
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
-    events_before_cut: int = 1  # `stream_cut`: SSE events sent before the connection is dropped
+    events_before_cut: int = 1  # `stream_cut` / `stream_end`: SSE events sent before the cut / end
     path: str | None = None
     times: int = 1
     fired: int = 0
@@ -199,6 +201,17 @@ class Fault:
         """Streams: send `events_before_cut` SSE events, then drop the connection. Non-streaming requests:
         send the 200 headers and half of the JSON body, then drop the connection."""
         return cls("stream_cut", events_before_cut=events_before_cut, path=path)
+
+    @classmethod
+    def stream_end(cls, events_before_end: int = 1, *, path: str | None = None) -> Fault:
+        """Streams: send `events_before_end` SSE events, then end the response cleanly (no error,
+        no `completed` event after them)."""
+        return cls("stream_end", events_before_cut=events_before_end, path=path)
+
+    @classmethod
+    def slow_body(cls, seconds: float, *, path: str | None = None) -> Fault:
+        """Non-streaming answers: send the 200 headers at once, the body `seconds` later."""
+        return cls("slow_body", delay_s=seconds, path=path)
 
 
 def moderation_result(text: str, flag_words: set[str], category: str, has_image: bool) -> dict[str, Any]:

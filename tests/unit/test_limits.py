@@ -67,7 +67,8 @@ async def test_rpm_grants_exactly_n_then_refuses_with_retry_after_and_headers() 
         assert grant.headers == {
             "x-ratelimit-limit-requests": "5",
             "x-ratelimit-remaining-requests": str(4 - i),
-            "x-ratelimit-reset-requests": "1m0s",
+            # The time until the window frees a slot: the oldest request (t=0) leaves at t=60.
+            "x-ratelimit-reset-requests": format_duration(60.0 - i * 10.0),
         }
         assert grant.lease_id is None
     clock.now = 45.0
@@ -84,7 +85,7 @@ async def test_rpm_grants_exactly_n_then_refuses_with_retry_after_and_headers() 
     assert error.headers["retry-after"] == "15"
     assert error.headers["retry-after-ms"] == "15000"
     assert error.headers["x-ratelimit-remaining-requests"] == "0"
-    assert error.headers["x-ratelimit-reset-requests"] == "55s"
+    assert error.headers["x-ratelimit-reset-requests"] == "15s"
     assert "x-should-retry" not in error.headers
 
 

@@ -222,12 +222,12 @@ def test_twenty_megabyte_event_crosses_intact(
     captured: dict[str, str] = {}
     original = upstream._stream
 
-    def spy(events: Any, cut_after: Any) -> Any:
+    def spy(events: Any, cut_after: Any, **options: Any) -> Any:
         materialized = list(events)
         for name, data in materialized:
             if name.endswith("completed"):
                 captured["b64"] = data["b64_json"]
-        return original(iter(materialized), cut_after)
+        return original(iter(materialized), cut_after, **options)
 
     upstream._stream = spy  # type: ignore[method-assign]
     try:

@@ -137,14 +137,23 @@ def truncated_response(body: bytes, status_code: int, stopping: threading.Event)
     return RawResponse(run)
 
 
-def slow_response(body: bytes, status_code: int, delay_s: float, stopping: threading.Event) -> Response:
-    """Send the headers at once and the whole `body` `delay_s` later (a client may leave meanwhile)."""
+def slow_response(
+    body: bytes,
+    status_code: int,
+    delay_s: float,
+    stopping: threading.Event,
+    on_headers: Callable[[], None] | None = None,
+) -> Response:
+    """Send the headers at once and the whole `body` `delay_s` later (a client may leave meanwhile);
+    `on_headers` is called once the headers are out."""
 
     async def run(scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status_code, "headers": headers})
         # uvicorn sends the headers with the first body bytes: one byte now, the rest later.
         await send({"type": "http.response.body", "body": body[:1], "more_body": True})
+        if on_headers is not None:
+            on_headers()
         async with ClientWatch(scope, receive, stopping) as watch:
             if await watch.sleep(delay_s):
                 return

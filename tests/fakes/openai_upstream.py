@@ -112,7 +112,13 @@ class FakeOpenAI:
         # When set, the usage of each answer from its request's parameters (None: no `usage` at
         # all), instead of `usage`; adversarial tests make it depend on the prompt.
         self.usage_for: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+        # When set, a fault chosen from each request's parameters (after queued and random ones),
+        # and the delay between the SSE events of each stream, instead of `stream_delay_s`.
+        self.fault_for: Callable[[dict[str, Any]], Fault | None] | None = None
+        self.stream_delay_for: Callable[[dict[str, Any]], float] | None = None
         self.stream_delay_s = 0.0
+        # Parameters of the requests whose `slow_body` answer has sent its headers.
+        self.slow_answers: list[dict[str, Any]] = []
         self.abandoned: list[tuple[str, str | None]] = []
         self.noise_images = False
         self.moderation_flag_words: set[str] = {"forbidden"}
@@ -318,6 +324,8 @@ class FakeOpenAI:
         record = await self._record(request)
         path, deployment = api_path(record.path)
         fault = self._take_fault(record.path, path)
+        if fault is None and self.fault_for is not None and record.method == "POST":
+            fault = self.fault_for(_params_of(record))
         if fault is not None and fault.kind not in ("stream_cut", "stream_end", "slow_body"):
             response = await self._fault_response(fault, request)
             if response is not None:
@@ -338,7 +346,15 @@ class FakeOpenAI:
         response = await handler(record, deployment, cut)
         if cut is not None and not isinstance(response, RawResponse):  # not a stream: cut the body
             if cut.kind == "slow_body":
-                return slow_response(bytes(response.body), response.status_code, cut.delay_s, self._stopping)
+                params = _params_of(record)
+
+                def answering() -> None:
+                    with self._cond:
+                        self.slow_answers.append(params)
+
+                return slow_response(
+                    bytes(response.body), response.status_code, cut.delay_s, self._stopping, answering
+                )
             if cut.kind == "stream_cut":
                 return truncated_response(bytes(response.body), response.status_code, self._stopping)
         return response
@@ -410,7 +426,10 @@ class FakeOpenAI:
         if job.stream:
             limit = cut.events_before_cut if cut is not None and cut.kind != "slow_body" else None
             ends = cut is not None and cut.kind == "stream_end"
-            return self._stream(job.events(usage), limit, end_cleanly=ends)
+            delay = (
+                self.stream_delay_for(params) if self.stream_delay_for is not None else self.stream_delay_s
+            )
+            return self._stream(job.events(usage), limit, end_cleanly=ends, delay_s=delay)
         payload = job.payload(usage, lambda variant: self._store(job, variant))
         if not self.pretty_json:
             response = json_response(payload)
@@ -430,9 +449,12 @@ class FakeOpenAI:
         cut_after: int | None,
         *,
         end_cleanly: bool = False,
+        delay_s: float | None = None,
     ) -> Response:
         """SSE: events separated by `stream_delay_s`; records a client that leaves before the end.
         After `cut_after` events the connection is dropped, or (`end_cleanly`) the body just ends."""
+
+        pause = self.stream_delay_s if delay_s is None else delay_s
 
         async def run(scope: Scope, receive: Receive, send: Send) -> None:
             headers = [
@@ -444,7 +466,7 @@ class FakeOpenAI:
             finished = False
             async with ClientWatch(scope, receive, self._stopping) as watch:
                 for index, (event, data) in enumerate(events):
-                    if index and self.stream_delay_s > 0 and await watch.sleep(self.stream_delay_s):
+                    if index and pause > 0 and await watch.sleep(pause):
                         break
                     if watch.gone:
                         break
@@ -512,3 +534,10 @@ class FakeOpenAI:
             )
             return json_response(error, 404)
         return json_response(self._model_object(model_id))
+
+
+def _params_of(record: RecordedRequest) -> dict[str, Any]:
+    """A request's parameters: its JSON object, or its form fields (first values)."""
+    if isinstance(record.json, dict):
+        return record.json
+    return {key: values[0] for key, values in record.form.items()}

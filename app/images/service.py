@@ -17,17 +17,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from app.billing.ledger import Hold, LedgerService
-from app.billing.limits import KeyLimits, LimitGrant, RateLimiter
+from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import apply_multiplier, worst_case_cost
 from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
 from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
 from app.images.jobs import ImageJob, InputImage
+from app.images.requests import Admission, Draft, EditDraft, GenerationDraft, ImageOutcome, InputLimits
 from app.images.settlement import (
     CostHook,
     ImageStream,
@@ -49,60 +50,19 @@ from app.upstream.router import Router
 
 log = logging.getLogger(__name__)
 
+# Re-exported: callers import the request types from the service they hand them to.
+__all__ = [
+    "Admission",
+    "Draft",
+    "EditDraft",
+    "GenerationDraft",
+    "ImageOutcome",
+    "ImageService",
+    "InputLimits",
+]
+
 # Turns an upstream body into the body to return, plus work for the settlement's transaction.
 ResultHook = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], CostHook | None]]]
-
-
-@dataclass(frozen=True, slots=True)
-class ImageOutcome:
-    """A completed request: the body to relay and what it cost.
-
-    ``body`` is the upstream's own JSON when nothing had to change it (it is sent byte for byte),
-    else the dict to encode.
-    """
-
-    body: dict[str, Any] | bytes
-    cost_micros: int
-    model: str
-    upstream: str
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationDraft:
-    """A generation request as it came in, before admission validates it."""
-
-    payload: Any
-    request_id: str
-    query_response_format: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EditDraft:
-    """An edit request as it came in (its files spooled), before admission validates it."""
-
-    form: UploadForm
-    request_id: str
-    limits: InputLimits
-    query_response_format: str | None = None
-
-
-Draft = GenerationDraft | EditDraft
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """What admission produced: all a request needs to run, now or later as a task.
-
-    ``job`` is validated and at the effective moderation level; ``hold`` is the reservation;
-    ``grant`` the rate-limit grant whose concurrency slot a synchronous request holds until it
-    ends (None for a task: a queued task holds no slot); ``headers`` the rate-limit headers.
-    """
-
-    job: ImageJob
-    hold: Hold
-    grant: LimitGrant | None
-    headers: dict[str, str]
 
 
 class ImageService:
@@ -437,14 +397,6 @@ class ImageService:
                 error_code=code,
             )
         )
-
-
-@dataclass(frozen=True, slots=True)
-class InputLimits:
-    """Bounds on edit inputs, from the ``uploads`` settings."""
-
-    max_pixels: int
-    max_edge: int
 
 
 def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,24 +87,46 @@ def test_async_tasks_run_at_the_keys_effective_moderation_level(
 # -- defect 3: a completed upstream call is billed even if the client leaves after it answered -----
 
 
+def leave_when(url: str, key: str, body: dict[str, Any], ready: Callable[[], bool]) -> None:
+    """POST ``body`` and hang up (the request is cancelled, httpx closes the connection) as soon as
+    ``ready()``: the test decides the moment, not a client timeout racing the gateway."""
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            sending = asyncio.ensure_future(
+                client.post(url + GEN, json=body, headers={"Authorization": f"Bearer {key}"})
+            )
+            try:
+                for _ in range(1000):
+                    if ready():
+                        break
+                    assert not sending.done(), "the answer came before the moment to leave"
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError("the moment to leave never came")
+            finally:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+
+    asyncio.run(run())
+
+
 def test_client_leaving_while_url_images_are_stored_is_still_billed(
     gateway_with: Callable[..., Gateway], upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gw = gateway_with(fake_upstream_config(upstream))
-    stored = asyncio.Event()
+    storing = threading.Event()
     original = service_module.store_images
 
     async def slow_store(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(1.5)  # the client gives up while the answer is being stored
-        result = await original(*args, **kwargs)
-        stored.set()
-        return result
+        storing.set()
+        await asyncio.sleep(1.0)  # the client gives up while the answer is being stored
+        return await original(*args, **kwargs)
 
     monkeypatch.setattr(service_module, "store_images", slow_store)
     key, key_id = gw.create_key(name="leaves-during-store")
     body = {"model": "gpt-image-1", "prompt": "x", "n": 10, "response_format": "url", "quality": "low"}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gw.url + GEN, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=0.5)
+    leave_when(gw.url, key, body, storing.is_set)
     rows = wait_for(lambda: rows_of(gw, key_id))
     assert [r["status"] for r in rows] == ["succeeded"]
     assert rows[0]["images"] == 10 and int(rows[0]["cost_micros"]) > 0
@@ -116,14 +139,16 @@ def test_client_leaving_while_the_upstream_body_arrives_is_still_billed(
 ) -> None:
     gw = gateway_with(fake_upstream_config(upstream))
     key, key_id = gw.create_key(name="leaves-during-body")
-    upstream.enqueue_fault(Fault.slow_body(1.5))  # 200 headers at once, the body 1.5 s later
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            gw.url + GEN,
-            json={"model": "gpt-image-1", "prompt": "x"},
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=0.5,
-        )
+    upstream.enqueue_fault(Fault.slow_body(4.0))  # 200 headers at once, the body 4 s later
+    # Leave once the headers are out (and a moment for the gateway to have read them).
+    answered_at: list[float] = []
+
+    def answered() -> bool:
+        if upstream.slow_answers and not answered_at:
+            answered_at.append(time.monotonic())
+        return bool(answered_at) and time.monotonic() - answered_at[0] > 1.0
+
+    leave_when(gw.url, key, {"model": "gpt-image-1", "prompt": "x"}, answered)
     rows = wait_for(lambda: rows_of(gw, key_id))
     assert [r["status"] for r in rows] == ["succeeded"]
     usage = upstream.usage

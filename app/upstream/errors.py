@@ -43,7 +43,8 @@ _KNOWN_KEYS = frozenset({"message", "type", "param", "code"})
 _URL_RE = re.compile(r"https?://[^\s\"'<>()\[\]{}]+", re.IGNORECASE)
 # Any `sk-` token, however short or masked (`sk-upstr***3456`, `sk-...3456`, `sk-proj-****`): a
 # fragment of a key still identifies it. Not inside a word (`task-1`, `disk-full`).
-_API_KEY_RE = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-*.…•]*")
+# A dot belongs to the token only when more of it follows (`sk-...3456`), not a sentence's full stop.
+_API_KEY_RE = re.compile(r"(?<![A-Za-z0-9])sk-(?:[A-Za-z0-9_\-*…•]|\.(?=[A-Za-z0-9_\-*.…•]))*")
 
 
 @contextmanager

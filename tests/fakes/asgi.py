@@ -143,9 +143,10 @@ def slow_response(
     delay_s: float,
     stopping: threading.Event,
     on_headers: Callable[[], None] | None = None,
+    on_body: Callable[[], None] | None = None,
 ) -> Response:
     """Send the headers at once and the whole `body` `delay_s` later (a client may leave meanwhile);
-    `on_headers` is called once the headers are out."""
+    `on_headers` is called once the headers are out, `on_body` once the body is (the client stayed)."""
 
     async def run(scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -158,6 +159,8 @@ def slow_response(
             if await watch.sleep(delay_s):
                 return
         await send({"type": "http.response.body", "body": body[1:], "more_body": False})
+        if on_body is not None:
+            on_body()
 
     return RawResponse(run)
 

@@ -119,6 +119,8 @@ class FakeOpenAI:
         self.stream_delay_s = 0.0
         # Parameters of the requests whose `slow_body` answer has sent its headers.
         self.slow_answers: list[dict[str, Any]] = []
+        # ... and of those whose body then went out in full (the client did not leave first).
+        self.slow_delivered: list[dict[str, Any]] = []
         self.abandoned: list[tuple[str, str | None]] = []
         self.noise_images = False
         self.moderation_flag_words: set[str] = {"forbidden"}
@@ -352,8 +354,17 @@ class FakeOpenAI:
                     with self._cond:
                         self.slow_answers.append(params)
 
+                def delivered() -> None:
+                    with self._cond:
+                        self.slow_delivered.append(params)
+
                 return slow_response(
-                    bytes(response.body), response.status_code, cut.delay_s, self._stopping, answering
+                    bytes(response.body),
+                    response.status_code,
+                    cut.delay_s,
+                    self._stopping,
+                    answering,
+                    delivered,
                 )
             if cut.kind == "stream_cut":
                 return truncated_response(bytes(response.body), response.status_code, self._stopping)

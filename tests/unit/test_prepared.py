@@ -29,6 +29,8 @@ ENTRY = {
     "latency_ms": 12,
     "error_code": None,
     "usage": {"input_tokens": 10, "details": {"é": [1, 2]}},
+    "reserved_micros": 100_000,
+    "overrun_micros": 23_456,
     "created_at": datetime(2026, 11, 25, 12, 30, 1, 123456, tzinfo=UTC),
 }
 

@@ -353,13 +353,17 @@ def test_streams_carry_their_cost_in_the_completed_event_not_a_zero_header(
     (row,) = rows_of(gateway, key_id)
     assert completed["gateway_cost"] == f"{int(row['cost_micros']) / 1e6:.6f}"
     assert int(row["cost_micros"]) > 0
-    # The access log line has the charge too.
-    logged = [
-        r
-        for r in caplog.records
-        if r.getMessage() == "request" and getattr(r, "fields", {}).get("key_id") == key_id
-    ]
-    assert logged and logged[-1].fields["cost_micros"] == int(row["cost_micros"])  # type: ignore[attr-defined]
+
+    # The access log line has the charge too (written once the response has ended: wait for it).
+    def logged() -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.getMessage() == "request" and getattr(r, "fields", {}).get("key_id") == key_id
+        ]
+
+    records = wait_for(logged)
+    assert records and records[-1].fields["cost_micros"] == int(row["cost_micros"])  # type: ignore[attr-defined]
 
 
 # -- defect 12: rate-limit reset headers and CORS -----------------------------------------------------

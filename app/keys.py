@@ -42,6 +42,8 @@ class Caller:
     concurrency: int | None = None
     moderation_allow: tuple[str, ...] = ()
     moderation_block: tuple[str, ...] = ()
+    # Console thumbnails: None follows the global console.thumbnails setting.
+    thumbnails: bool | None = None
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -86,6 +88,7 @@ def to_public(row: ApiKey) -> ApiKeyObject:
         concurrency=row.concurrency,
         moderation_allow=row.moderation_allow,
         moderation_block=row.moderation_block,
+        thumbnails=row.thumbnails,
     )
 
 
@@ -112,6 +115,7 @@ def _caller(row: ApiKey) -> Caller:
         concurrency=row.concurrency,
         moderation_allow=tuple(row.moderation_allow or ()),
         moderation_block=tuple(row.moderation_block or ()),
+        thumbnails=row.thumbnails,
     )
 
 
@@ -246,6 +250,7 @@ class KeyService:
                     "concurrency",
                     "moderation_allow",
                     "moderation_block",
+                    "thumbnails",
                 ):
                     continue
                 setattr(row, "metadata_" if field == "metadata" else field, value)
@@ -262,7 +267,7 @@ class KeyService:
                 if field == "price_multiplier" and value is None:
                     value = Decimal(1)
                 setattr(row, column, to_micros(value) if isinstance(value, Decimal) else None)
-        for field in ("rpm", "ipm", "concurrency", "moderation_allow", "moderation_block"):
+        for field in ("rpm", "ipm", "concurrency", "moderation_allow", "moderation_block", "thumbnails"):
             if field in changes:
                 setattr(row, field, changes[field])
 

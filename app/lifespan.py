@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from app.billing.ledger import LedgerService
 from app.billing.limits import RateLimiter, build_limiter
+from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.writer import create_writer
@@ -107,6 +108,14 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         )
         moderation = ModerationService.from_settings(settings.moderation, base_dir=Path.cwd())
         opened.append(moderation.aclose)
+        thumbnails = Thumbnailer(
+            sessions,
+            store,
+            default_on=settings.console.thumbnails,
+            edge=settings.console.thumbnail_edge,
+            retention_s=settings.storage.retention_s,
+        )
+        opened.append(thumbnails.drain)
         images = ImageService(
             catalog=catalog,
             registry=registry,
@@ -118,6 +127,7 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             metrics=metrics,
             moderation=moderation,
             audit=ModerationLog(sessions),
+            sink=thumbnails,
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)

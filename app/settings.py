@@ -218,6 +218,20 @@ class SecuritySettings(_Section):
         return ensure_key_pepper(data_dir)
 
 
+class ConsoleSettings(_Section):
+    """The web console on ``/console`` (README: Console)."""
+
+    enabled: bool = True
+    # A session ends this long after sign-in, whatever happens in between.
+    session_ttl_s: int = Field(default=8 * 3600, ge=60, le=30 * 86400)
+    # ... or after this long without a page view.
+    idle_timeout_s: int = Field(default=3600, ge=60, le=30 * 86400)
+    # A small WebP per generated image for the request log; per key overridable. Off: nothing
+    # of an image is kept for the console.
+    thumbnails: bool = False
+    thumbnail_edge: int = Field(default=128, ge=16, le=512)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(default=True, alias="json")
@@ -320,6 +334,7 @@ class Settings(BaseSettings):
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
     )

@@ -105,6 +105,11 @@ async def submit_task(
 
 @router.post("/generations")
 async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    return await generate_as(request, state, caller)
+
+
+async def generate_as(request: Request, state: AppState, caller: Caller) -> Response:
+    """A generation for ``caller``: the API's route, and the console's playground (same path)."""
     request_id: str = request.state.request_id
     payload = await read_json(request)
     job = state.images.prepare_generation(
@@ -127,6 +132,11 @@ async def create_image(request: Request, caller: CallerDep, state: StateDep) -> 
 
 @router.post("/edits")
 async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    return await edit_as(request, state, caller)
+
+
+async def edit_as(request: Request, state: AppState, caller: Caller) -> Response:
+    """An edit for ``caller``: the API's route, and the console's playground (same path)."""
     request_id: str = request.state.request_id
     form = await parse_multipart(
         request.stream(),

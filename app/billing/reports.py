@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.billing.pricing import format_micros
@@ -140,3 +140,57 @@ async def usage_report(
         rows=rows,
         totals=UsageRow(None, *(int(v) for v in total)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityRow:
+    """One day of traffic, for the console's overview: volume, spend, errors and latency."""
+
+    day: str
+    requests: int
+    images: int
+    cost_micros: int
+    errors: int
+    latency_ms_total: int
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def latency_avg_ms(self) -> float:
+        return self.latency_ms_total / self.requests if self.requests else 0.0
+
+
+async def activity_by_day(
+    sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter
+) -> list[ActivityRow]:
+    """Per-day totals over ``where``'s range (an index range scan on ``created_at``)."""
+    conditions: list[ColumnElement[bool]] = []
+    if where.key_id is not None:
+        conditions.append(LedgerEntry.key_id == where.key_id)
+    if where.model is not None:
+        conditions.append(LedgerEntry.model == where.model)
+    if where.start is not None:
+        conditions.append(LedgerEntry.created_at >= where.start)
+    if where.end is not None:
+        conditions.append(LedgerEntry.created_at < where.end)
+    async with sessions() as session:
+        dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+        day = _group_column("day", dialect).label("day")
+        failed = func.sum(case((LedgerEntry.status != "succeeded", 1), else_=0))
+        query = (
+            select(
+                day,
+                func.count(LedgerEntry.id),
+                func.coalesce(func.sum(LedgerEntry.images), 0),
+                func.coalesce(func.sum(LedgerEntry.cost_micros), 0),
+                func.coalesce(failed, 0),
+                func.coalesce(func.sum(LedgerEntry.latency_ms), 0),
+            )
+            .where(*conditions)
+            .group_by(day)
+            .order_by(day)
+        )
+        result = await session.execute(query)
+        return [ActivityRow(str(r[0]), *(int(v) for v in r[1:])) for r in result]

@@ -71,6 +71,8 @@ class ApiKey(Base):
     # Per-key moderation lists, on top of the global ones.
     moderation_allow: Mapped[list[str] | None] = mapped_column(JSON)
     moderation_block: Mapped[list[str] | None] = mapped_column(JSON)
+    # Console thumbnails for this key's images: None follows console.thumbnails.
+    thumbnails: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class KeyPeriod(Base):
@@ -144,6 +146,7 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_claim", "status", "lease_until"),
         Index("ix_tasks_key_created", "key_id", "created_at"),
+        Index("ix_tasks_created", "created_at"),
         Index("ux_tasks_idempotency", "key_id", "idempotency_key", unique=True),
     )
 
@@ -196,4 +199,37 @@ class ModerationEvent(Base):
     # Only with moderation.store_prompts: true.
     prompt: Mapped[str | None] = mapped_column(Text)
     image_sha256: Mapped[list[str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class ConsoleSession(Base):
+    """A signed-in console browser. The cookie holds a random token; only its SHA-256 is here."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # operator | tenant
+    role: Mapped[str] = mapped_column(String(10))
+    # The tenant's key (None for the operator).
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class RequestThumbnail(Base):
+    """A small WebP of one generated image, for the console's request log (kept like images)."""
+
+    __tablename__ = "request_thumbnails"
+    __table_args__ = (Index("ix_thumbnails_request", "request_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(40))
+    # The image store's name for the WebP.
+    image: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -23,6 +23,7 @@ from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
 from app.images.jobs import ImageJob, InputImage
 from app.images.settlement import (
+    ImageSink,
     ImageStream,
     ledger_record,
     log_completed,
@@ -43,6 +44,14 @@ log = logging.getLogger(__name__)
 
 # Turns an upstream body (and its cost) into the body to return, plus work for the settlement.
 ResultHook = Callable[[dict[str, Any], int], Awaitable[tuple[dict[str, Any], TxHook | None]]]
+
+
+def b64_images(body: dict[str, Any]) -> list[str]:
+    return [
+        i["b64_json"]
+        for i in body.get("data") or []
+        if isinstance(i, dict) and isinstance(i.get("b64_json"), str)
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +83,9 @@ class ImageService:
         moderation: ModerationService,
         audit: ModerationLog,
         metrics: Metrics | None = None,
+        sink: ImageSink | None = None,
     ) -> None:
+        self._sink = sink
         self._catalog = catalog
         self._registry = registry
         self._router = router
@@ -255,6 +266,8 @@ class ImageService:
         # Shielded: once the upstream has produced the images, the charge must land even if the
         # client goes away while it is being written.
         await shielded(self._ledger.settle(hold, record, also=also))
+        if self._sink is not None and self._sink.wants(caller):
+            self._sink.keep(caller=caller, request_id=job.request_id, images=b64_images(result.body))
         observe_outcome(self._metrics, job, usage, cost, result.image_count)
         log_completed(job, caller, upstream, result.image_count, cost, started)
         return ImageOutcome(body=body, cost_micros=cost, model=job.model, upstream=upstream)
@@ -287,6 +300,7 @@ class ImageService:
             hold=hold,
             started=started,
             metrics=self._metrics,
+            sink=self._sink if self._sink is not None and self._sink.wants(caller) else None,
         )
 
     async def release(self, hold: Hold) -> None:

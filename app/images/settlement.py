@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
 from app.billing.pricing import apply_multiplier, request_cost
@@ -20,6 +20,16 @@ from app.upstream.router import OpenStream
 log = logging.getLogger("app.images.service")
 
 StreamStatus = Literal["succeeded", "failed", "cancelled"]
+
+
+class ImageSink(Protocol):
+    """Something that keeps a copy of completed images (the console's thumbnails)."""
+
+    def wants(self, caller: Caller) -> bool: ...
+
+    def keep(
+        self, *, caller: Caller, request_id: str, images: list[str], first_position: int = 0
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -40,6 +50,8 @@ class ImageStream:
     headers: dict[str, str] = field(default_factory=dict)
     # Called once when the stream ends, to free what the request held (its slot, its spooled files).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Keeps a copy of each completed image (the console's thumbnails), when the key wants one.
+    sink: ImageSink | None = None
 
     @property
     def upstream(self) -> str:
@@ -54,6 +66,14 @@ class ImageStream:
     def _track(self, event: ProviderEvent) -> ProviderEvent:
         if event.is_completed:
             self.completed += 1
+            b64 = event.data.get("b64_json")
+            if self.sink is not None and isinstance(b64, str):
+                self.sink.keep(
+                    caller=self.caller,
+                    request_id=self.job.request_id,
+                    images=[b64],
+                    first_position=self.completed - 1,
+                )
             usage = event.usage
             if usage is not None:
                 self.reported = usage if self.reported is None else self.reported + usage

@@ -28,6 +28,8 @@ class _KeyLimits(StrictWireModel):
     rpm: Limit | None = None
     ipm: Limit | None = None
     concurrency: Limit | None = None
+    # Console thumbnails of this key's images: true/false, or null to follow console.thumbnails.
+    thumbnails: bool | None = None
 
 
 class ApiKeyCreateRequest(_KeyLimits):
@@ -77,6 +79,7 @@ class ApiKeyObject(BaseModel):
     concurrency: int | None
     moderation_allow: list[str] | None
     moderation_block: list[str] | None
+    thumbnails: bool | None = None
 
 
 class TopUpRequest(StrictWireModel):

@@ -267,7 +267,11 @@ class ImageService:
         # client goes away while it is being written.
         await shielded(self._ledger.settle(hold, record, also=also))
         if self._sink is not None and self._sink.wants(caller):
-            self._sink.keep(caller=caller, request_id=job.request_id, images=b64_images(result.body))
+            try:
+                self._sink.keep(caller=caller, request_id=job.request_id, images=b64_images(result.body))
+            except Exception:
+                # A copy for the console is never worth failing a request that is already billed.
+                log.exception("keeping image copies failed")
         observe_outcome(self._metrics, job, usage, cost, result.image_count)
         log_completed(job, caller, upstream, result.image_count, cost, started)
         return ImageOutcome(body=body, cost_micros=cost, model=job.model, upstream=upstream)

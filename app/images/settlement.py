@@ -68,12 +68,16 @@ class ImageStream:
             self.completed += 1
             b64 = event.data.get("b64_json")
             if self.sink is not None and isinstance(b64, str):
-                self.sink.keep(
-                    caller=self.caller,
-                    request_id=self.job.request_id,
-                    images=[b64],
-                    first_position=self.completed - 1,
-                )
+                try:
+                    self.sink.keep(
+                        caller=self.caller,
+                        request_id=self.job.request_id,
+                        images=[b64],
+                        first_position=self.completed - 1,
+                    )
+                except Exception:
+                    # A copy for the console is never worth breaking a stream that is being billed.
+                    log.exception("keeping image copies failed")
             usage = event.usage
             if usage is not None:
                 self.reported = usage if self.reported is None else self.reported + usage

@@ -235,3 +235,33 @@ def test_a_tenant_csv_is_their_own_v1_usage(gw: Gateway) -> None:
     assert console == own.text
     admin = gw.admin("GET", f"/admin/usage?{span}&key_id={my_id}&group_by=day&format=csv")
     assert console == admin.text
+
+
+def test_a_failing_thumbnailer_never_costs_a_request_or_its_charge(gateway_with: Any) -> None:
+    gw: Gateway = gateway_with(LOCAL_UPSTREAM, console={"thumbnails": True})
+    sink = gw.server.app.state.gateway.images._sink
+
+    def broken(**_: Any) -> None:
+        raise RuntimeError("disk full")
+
+    sink.keep = broken
+    key, key_id = gw.create_key(name="t")
+    client = gw.client(key)
+    client.images.generate(model="gpt-image-1", prompt="a pear", size="1024x1024", quality="low")
+    events = list(
+        client.images.generate(
+            model="gpt-image-1",
+            prompt="a plum",
+            size="1024x1024",
+            quality="low",
+            stream=True,
+            partial_images=1,
+        )
+    )
+    assert events[-1].type == "image_generation.completed"
+    rows = gw.ledger()
+    assert [r["status"] for r in rows] == ["succeeded", "succeeded"] and all(
+        r["cost_micros"] > 0 for r in rows
+    )
+    assert gw.key_row(key_id)["spent_micros"] == sum(r["cost_micros"] for r in rows)
+    assert gw.query("SELECT id FROM request_thumbnails") == []

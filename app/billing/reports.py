@@ -144,28 +144,25 @@ async def usage_report(
 
 @dataclass(frozen=True, slots=True)
 class ActivityRow:
-    """One day of traffic, for the console's overview: volume, spend, errors and latency."""
+    """Traffic of one day, model or key, for the console: volume, spend, tokens, errors, latency."""
 
-    day: str
+    group: str
     requests: int
     images: int
+    text_input_tokens: int
+    image_input_tokens: int
+    text_output_tokens: int
+    image_output_tokens: int
     cost_micros: int
     errors: int
     latency_ms_total: int
 
-    @property
-    def error_rate(self) -> float:
-        return self.errors / self.requests if self.requests else 0.0
 
-    @property
-    def latency_avg_ms(self) -> float:
-        return self.latency_ms_total / self.requests if self.requests else 0.0
-
-
-async def activity_by_day(
-    sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter
+async def activity(
+    sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter, group_by: GroupBy
 ) -> list[ActivityRow]:
-    """Per-day totals over ``where``'s range (an index range scan on ``created_at``)."""
+    """``usage_report``'s sums plus errors and latency, per day, model or key, in one query (an
+    index range scan on ``created_at``, or ``key_id, created_at`` for one key)."""
     conditions: list[ColumnElement[bool]] = []
     if where.key_id is not None:
         conditions.append(LedgerEntry.key_id == where.key_id)
@@ -177,20 +174,24 @@ async def activity_by_day(
         conditions.append(LedgerEntry.created_at < where.end)
     async with sessions() as session:
         dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-        day = _group_column("day", dialect).label("day")
+        group = _group_column(group_by, dialect).label("grp")
         failed = func.sum(case((LedgerEntry.status != "succeeded", 1), else_=0))
         query = (
             select(
-                day,
+                group,
                 func.count(LedgerEntry.id),
                 func.coalesce(func.sum(LedgerEntry.images), 0),
+                func.coalesce(func.sum(LedgerEntry.text_input_tokens), 0),
+                func.coalesce(func.sum(LedgerEntry.image_input_tokens), 0),
+                func.coalesce(func.sum(LedgerEntry.text_output_tokens), 0),
+                func.coalesce(func.sum(LedgerEntry.image_output_tokens), 0),
                 func.coalesce(func.sum(LedgerEntry.cost_micros), 0),
                 func.coalesce(failed, 0),
                 func.coalesce(func.sum(LedgerEntry.latency_ms), 0),
             )
             .where(*conditions)
-            .group_by(day)
-            .order_by(day)
+            .group_by(group)
+            .order_by(group)
         )
         result = await session.execute(query)
         return [ActivityRow(str(r[0]), *(int(v) for v in r[1:])) for r in result]

@@ -100,6 +100,10 @@ def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_s
     page = new_page()
     sign_in(page, console_gateway, secret)
     page.get_by_role("navigation").get_by_role("link", name="Playground").click()
+    page.keyboard.press("Tab")  # the first stop is the skip link, which lands on the content
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
     # Count every preview swapped into the page, whatever its timing.
     page.evaluate(
         """() => {
@@ -115,7 +119,9 @@ def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_s
     page.get_by_label("Quality", exact=True).select_option("low")
     assert page.get_by_label("Stream").is_checked()
     page.get_by_label("Partial images").fill("2")
-    page.get_by_role("button", name="Generate").click()
+    # Keyboard only: focus the button and press Enter.
+    page.get_by_role("button", name="Generate").focus()
+    page.keyboard.press("Enter")
 
     final = page.locator("#p-results img.final")
     final.wait_for()
@@ -304,6 +310,12 @@ def test_screenshots_of_overview_and_requests(console_gateway: Gateway, new_page
     page.wait_for_function("() => [...document.querySelectorAll('img.thumb')].every(i => i.complete)")
     assert page.locator("#requests tbody tr").count() >= 3
     screenshot(page, "requests")
+    # On a phone's width nothing but the tables' own scroll boxes is wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/console/requests", "/console/playground", "/console/overview", "/console/keys/new"):
+        page.goto(console_gateway.url + path)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
+    page.set_viewport_size({"width": 1280, "height": 860})
     # Upstreams refresh themselves.
     page.get_by_role("navigation").get_by_role("link", name="Upstreams").click()
     page.wait_for_function(

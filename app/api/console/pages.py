@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
@@ -14,8 +15,9 @@ from app.api.console.web import PAGE_HEADERS, ConsoleDenied, OperatorDep, Viewer
 from app.api.deps import StateDep
 from app.api.usage import _report
 from app.billing.pricing import format_micros
-from app.billing.reports import UsageFilter, activity_by_day, usage_report
+from app.billing.reports import ActivityRow, UsageFilter, activity
 from app.console import charts
+from app.console.activity import Totals, by_group, total
 from app.console.queries import (
     LedgerFilter,
     ledger_page,
@@ -64,57 +66,47 @@ def _scope(viewer: Viewer, key_id: str | None) -> str | None:
     return viewer.key_id if not viewer.is_operator else (key_id or None)
 
 
-async def _activity_charts(state: AppState, where: UsageFilter, first: date, last: date) -> dict[str, Any]:
-    by_day = {row.day: row for row in await activity_by_day(state.sessions, where=where)}
+def _day_charts(state: AppState, days_rows: list[ActivityRow], first: date, last: date) -> list[str]:
+    """Requests, images, spend, error rate and latency per day (days without traffic show 0)."""
+    by_day = by_group(days_rows)
     days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
     unit = state.settings.price_unit
 
-    def series(pick: Any) -> list[tuple[str, float]]:
+    def series(pick: Callable[[Totals], float]) -> list[tuple[str, float]]:
         return [(d, pick(by_day[d]) if d in by_day else 0.0) for d in days]
 
-    rows = list(by_day.values())
-    requests = sum(r.requests for r in rows)
-    return {
-        "totals": {
-            "requests": requests,
-            "images": sum(r.images for r in rows),
-            "cost": format_micros(sum(r.cost_micros for r in rows)),
-            "error_rate": (sum(r.errors for r in rows) / requests) if requests else 0.0,
-            "latency": (sum(r.latency_ms_total for r in rows) / requests) if requests else 0.0,
-        },
-        "charts": [
-            charts.bar_chart(
-                series(lambda r: r.requests),
-                title="Requests per day",
-                unit="requests",
-                chart_id="requests-by-day",
-            ),
-            charts.bar_chart(
-                series(lambda r: r.images), title="Images per day", unit="images", chart_id="images-by-day"
-            ),
-            charts.bar_chart(
-                series(lambda r: r.cost_micros),
-                title="Spend per day",
-                unit=unit,
-                fmt=_cost,
-                chart_id="spend-by-day",
-            ),
-            charts.bar_chart(
-                series(lambda r: r.error_rate * 100),
-                title="Error rate per day",
-                unit="% of requests",
-                fmt=lambda v: f"{v:.1f}",
-                chart_id="errors-by-day",
-            ),
-            charts.bar_chart(
-                series(lambda r: r.latency_avg_ms),
-                title="Mean latency per day",
-                unit="ms",
-                fmt=lambda v: f"{v:,.0f}",
-                chart_id="latency-by-day",
-            ),
-        ],
-    }
+    return [
+        charts.bar_chart(
+            series(lambda t: t.requests),
+            title="Requests per day",
+            unit="requests",
+            chart_id="requests-by-day",
+        ),
+        charts.bar_chart(
+            series(lambda t: t.images), title="Images per day", unit="images", chart_id="images-by-day"
+        ),
+        charts.bar_chart(
+            series(lambda t: t.cost_micros),
+            title="Spend per day",
+            unit=unit,
+            fmt=_cost,
+            chart_id="spend-by-day",
+        ),
+        charts.bar_chart(
+            series(lambda t: t.error_rate * 100),
+            title="Error rate per day",
+            unit="% of requests",
+            fmt=lambda v: f"{v:.1f}",
+            chart_id="errors-by-day",
+        ),
+        charts.bar_chart(
+            series(lambda t: t.latency_avg_ms),
+            title="Mean latency per day",
+            unit="ms",
+            fmt=lambda v: f"{v:,.0f}",
+            chart_id="latency-by-day",
+        ),
+    ]
 
 
 @router.get("/overview")
@@ -127,12 +119,18 @@ async def overview(
 ) -> Response:
     first, last = _day_range(start, to, default_days=14)
     begin, end = _bounds(first, last)
-    context = await _activity_charts(state, UsageFilter(start=begin, end=end), first, last)
-    context.update(
-        first=first.isoformat(), last=last.isoformat(), queue_depth=await state.tasks.queue.depth()
-    )
-    context["upstreams"] = upstream_rows(state)
-    return render(request, "overview.html", {**context, "viewer": viewer})
+    # One grouped query over the range feeds the cards and every chart.
+    cells = await activity(state.sessions, where=UsageFilter(start=begin, end=end), group_by="day")
+    context = {
+        "viewer": viewer,
+        "totals": total(cells),
+        "charts": _day_charts(state, cells, first, last),
+        "first": first.isoformat(),
+        "last": last.isoformat(),
+        "queue_depth": await state.tasks.queue.depth(),
+        "upstreams": upstream_rows(state),
+    }
+    return render(request, "overview.html", context)
 
 
 @router.get("/usage")
@@ -150,13 +148,14 @@ async def usage(
     scope = _scope(viewer, key_id)
     where = UsageFilter(key_id=scope, model=model or None, start=begin, end=end)
     unit = state.settings.price_unit
-    context = await _activity_charts(state, where, first, last)
-    by_model = await usage_report(state.sessions, where=where, group_by="model", price_unit=unit)
-    context["charts"] = [
-        context["charts"][2],
-        context["charts"][0],
+    cells = await activity(state.sessions, where=where, group_by="day")
+    day_charts = _day_charts(state, cells, first, last)
+    by_model = by_group(await activity(state.sessions, where=where, group_by="model"))
+    chart_list = [
+        day_charts[2],
+        day_charts[0],
         charts.hbar_chart(
-            [(r.group or "?", r.cost_micros) for r in by_model.rows],
+            [(name, t.cost_micros) for name, t in by_model.items()],
             title="Spend by model",
             unit=unit,
             fmt=_cost,
@@ -164,31 +163,34 @@ async def usage(
         ),
     ]
     if viewer.is_operator and scope is None:
-        by_key = await usage_report(state.sessions, where=where, group_by="key", price_unit=unit)
-        top = sorted(by_key.rows, key=lambda r: -r.cost_micros)[:15]
-        context["charts"].append(
+        by_key = by_group(await activity(state.sessions, where=where, group_by="key"))
+        top = sorted(by_key.items(), key=lambda item: -item[1].cost_micros)[:15]
+        chart_list.append(
             charts.hbar_chart(
-                [(r.group or "?", r.cost_micros) for r in top],
+                [(name, t.cost_micros) for name, t in top],
                 title="Spend by key (top 15)",
                 unit=unit,
                 fmt=_cost,
                 chart_id="spend-by-key",
             )
         )
-    context.update(
-        first=first.isoformat(),
-        last=last.isoformat(),
-        key_id=scope or "",
-        model=model or "",
-        models=state.catalog.names(),
-        by_model=by_model,
-        csv_query={
+    context = {
+        "totals": total(cells),
+        "charts": chart_list,
+        "first": first.isoformat(),
+        "last": last.isoformat(),
+        "key_id": scope or "",
+        "model": model or "",
+        "models": state.catalog.names(),
+        "by_model": by_model,
+        # The CSV is the admin API's report for the same range (`to` exclusive, as the API takes it).
+        "csv_query": {
             "from": begin.date().isoformat(),
             "to": end.date().isoformat(),
             "key_id": scope or "",
             "model": model or "",
         },
-    )
+    }
     return render(request, "usage.html", context)
 
 

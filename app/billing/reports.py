@@ -163,6 +163,13 @@ async def activity(
 ) -> list[ActivityRow]:
     """``usage_report``'s sums plus errors and latency, per day, model or key, in one query (an
     index range scan on ``created_at``, or ``key_id, created_at`` for one key)."""
+    return [row for _, row in await activity_per_day(sessions, where=where, group_by=group_by, per_day=False)]
+
+
+async def activity_per_day(
+    sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter, group_by: GroupBy, per_day: bool = True
+) -> list[tuple[str, ActivityRow]]:
+    """As ``activity``, split by day as well (``(day, row)`` pairs), for caching whole days."""
     conditions: list[ColumnElement[bool]] = []
     if where.key_id is not None:
         conditions.append(LedgerEntry.key_id == where.key_id)
@@ -175,9 +182,11 @@ async def activity(
     async with sessions() as session:
         dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
         group = _group_column(group_by, dialect).label("grp")
+        day = _group_column("day", dialect).label("day") if per_day else group
         failed = func.sum(case((LedgerEntry.status != "succeeded", 1), else_=0))
         query = (
             select(
+                day,
                 group,
                 func.count(LedgerEntry.id),
                 func.coalesce(func.sum(LedgerEntry.images), 0),
@@ -190,8 +199,7 @@ async def activity(
                 func.coalesce(func.sum(LedgerEntry.latency_ms), 0),
             )
             .where(*conditions)
-            .group_by(group)
-            .order_by(group)
+            .group_by(day, group)
         )
         result = await session.execute(query)
-        return [ActivityRow(str(r[0]), *(int(v) for v in r[1:])) for r in result]
+        return [(str(r[0]), ActivityRow(str(r[1]), *(int(v) for v in r[2:]))) for r in result]

@@ -265,3 +265,59 @@ def test_a_failing_thumbnailer_never_costs_a_request_or_its_charge(gateway_with:
     )
     assert gw.key_row(key_id)["spent_micros"] == sum(r["cost_micros"] for r in rows)
     assert gw.query("SELECT id FROM request_thumbnails") == []
+
+
+async def test_closed_days_are_read_once_and_today_live(tmp_path: Path) -> None:
+    from app.billing.reports import UsageFilter, activity
+    from app.console.activity import ActivityCache, by_group
+    from app.db.tables import LedgerEntry
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    await upgrade_head(engine)
+    sessions = create_sessionmaker(engine)
+    now = datetime(2026, 12, 10, 15, 0, tzinfo=UTC)
+
+    async def add(at: datetime, cost: int, key: str = "key_a", status: str = "succeeded") -> None:
+        async with sessions.begin() as session:
+            session.add(
+                LedgerEntry(
+                    request_id="r",
+                    key_id=key,
+                    model="gpt-image-1",
+                    upstream="local",
+                    endpoint="generations",
+                    status=status,
+                    images=1,
+                    cost_micros=cost,
+                    latency_ms=100,
+                    created_at=at,
+                )
+            )
+
+    try:
+        for day in range(1, 11):
+            await add(datetime(2026, 12, day, 12, tzinfo=UTC), 1_000 * day)
+        await add(datetime(2026, 12, 3, 1, tzinfo=UTC), 7, key="key_b", status="failed")
+        cache = ActivityCache(clock=lambda: now)
+        where = UsageFilter(start=datetime(2026, 12, 1, tzinfo=UTC), end=datetime(2026, 12, 11, tzinfo=UTC))
+        for group_by in ("day", "model", "key"):
+            cached = by_group(await cache.rows(sessions, where=where, group_by=group_by))  # type: ignore[arg-type]
+            direct = by_group(await activity(sessions, where=where, group_by=group_by))  # type: ignore[arg-type]
+            assert cached == direct, group_by
+        assert by_group(await cache.rows(sessions, where=where, group_by="key"))["key_b"].errors == 1
+        # A row slipped into a closed day is not read again; today's rows are always live.
+        await add(datetime(2026, 12, 4, 12, tzinfo=UTC), 1)
+        await add(datetime(2026, 12, 10, 14, tzinfo=UTC), 5)
+        days = by_group(await cache.rows(sessions, where=where, group_by="day"))
+        assert days["2026-12-04"].cost_micros == 4_000
+        assert days["2026-12-10"].cost_micros == 10_005
+        # Within the grace period after midnight, yesterday is still read live.
+        early = ActivityCache(clock=lambda: datetime(2026, 12, 11, 0, 5, tzinfo=UTC))
+        await early.rows(sessions, where=where, group_by="day")
+        await add(datetime(2026, 12, 10, 23, 59, tzinfo=UTC), 3)
+        assert (
+            by_group(await early.rows(sessions, where=where, group_by="day"))["2026-12-10"].cost_micros
+            == 10_008
+        )
+    finally:
+        await engine.dispose()

@@ -15,9 +15,9 @@ from app.api.console.web import PAGE_HEADERS, ConsoleDenied, OperatorDep, Viewer
 from app.api.deps import StateDep
 from app.api.usage import _report
 from app.billing.pricing import format_micros
-from app.billing.reports import ActivityRow, UsageFilter, activity
+from app.billing.reports import ActivityRow, UsageFilter
 from app.console import charts
-from app.console.activity import Totals, by_group, total
+from app.console.activity import ActivityCache, Totals, by_group, total
 from app.console.queries import (
     LedgerFilter,
     ledger_page,
@@ -59,6 +59,11 @@ def _bounds(first: date, last: date) -> tuple[datetime, datetime]:
     start = datetime(first.year, first.month, first.day, tzinfo=UTC)
     end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
     return start, end
+
+
+def _activity(request: Request) -> ActivityCache:
+    cache: ActivityCache = request.app.state.console_activity
+    return cache
 
 
 def _scope(viewer: Viewer, key_id: str | None) -> str | None:
@@ -120,7 +125,9 @@ async def overview(
     first, last = _day_range(start, to, default_days=14)
     begin, end = _bounds(first, last)
     # One grouped query over the range feeds the cards and every chart.
-    cells = await activity(state.sessions, where=UsageFilter(start=begin, end=end), group_by="day")
+    cells = await _activity(request).rows(
+        state.sessions, where=UsageFilter(start=begin, end=end), group_by="day"
+    )
     context = {
         "viewer": viewer,
         "totals": total(cells),
@@ -148,9 +155,9 @@ async def usage(
     scope = _scope(viewer, key_id)
     where = UsageFilter(key_id=scope, model=model or None, start=begin, end=end)
     unit = state.settings.price_unit
-    cells = await activity(state.sessions, where=where, group_by="day")
+    cells = await _activity(request).rows(state.sessions, where=where, group_by="day")
     day_charts = _day_charts(state, cells, first, last)
-    by_model = by_group(await activity(state.sessions, where=where, group_by="model"))
+    by_model = by_group(await _activity(request).rows(state.sessions, where=where, group_by="model"))
     chart_list = [
         day_charts[2],
         day_charts[0],
@@ -163,7 +170,7 @@ async def usage(
         ),
     ]
     if viewer.is_operator and scope is None:
-        by_key = by_group(await activity(state.sessions, where=where, group_by="key"))
+        by_key = by_group(await _activity(request).rows(state.sessions, where=where, group_by="key"))
         top = sorted(by_key.items(), key=lambda item: -item[1].cost_micros)[:15]
         chart_list.append(
             charts.hbar_chart(

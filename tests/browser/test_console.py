@@ -322,3 +322,60 @@ def test_screenshots_of_overview_and_requests(console_gateway: Gateway, new_page
         "() => document.getElementById('upstreams').hasAttribute('data-refreshed')", timeout=10_000
     )
     assert page.console_errors == []
+
+
+def _png(width: int, height: int, *, alpha: bool = False) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new(
+        "RGBA" if alpha else "RGB", (width, height), (200, 120, 40, 0) if alpha else (200, 120, 40)
+    ).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_playground_shows_the_apis_errors_beside_their_field_and_edits_with_a_mask(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = console_gateway.create_key(name="tenant-edit")
+    page = new_page()
+    sign_in(page, console_gateway, secret)
+    page.goto(console_gateway.url + "/console/playground")
+    page.get_by_label("Model", exact=True).select_option("gpt-image-1")
+    # No prompt: the API's own 400 lands beside the prompt field.
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator('[data-error-for="prompt"]')
+    error.wait_for()
+    assert "prompt" in error.inner_text().lower()
+    assert page.get_by_label("Prompt").get_attribute("aria-invalid") == "true"
+    # The size control offers the catalog's sizes for the model, nothing else.
+    assert page.locator("#p-size option").all_inner_texts() == ["auto", "1024x1024", "1536x1024", "1024x1536"]
+    page.get_by_label("Prompt").fill("put a hat on it")
+    page.get_by_label("Edit").check()
+    assert page.get_by_role("button", name="Edit").is_visible()
+    page.get_by_label("Input images").set_input_files(
+        [{"name": "a.png", "mimeType": "image/png", "buffer": _png(1024, 1024)}]
+    )
+    page.get_by_label("Mask (png with alpha, optional)").set_input_files(
+        [{"name": "m.png", "mimeType": "image/png", "buffer": _png(1024, 1024, alpha=True)}]
+    )
+    page.get_by_label("Size", exact=True).select_option("1024x1024")
+    page.get_by_label("Quality", exact=True).select_option("low")
+    page.get_by_label("Stream").uncheck()
+    assert not page.get_by_label("Partial images").is_visible()
+    page.get_by_role("button", name="Edit").click()
+    final = page.locator("#p-results img.final")
+    final.wait_for()
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#p-results img.final');"
+        " return i && i.complete && i.naturalWidth > 0; }"
+    )
+    assert final.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [1024, 1024]
+    request_id = page.locator("#p-request-id").inner_text()
+    (entry,) = console_gateway.query(f"SELECT * FROM ledger_entries WHERE request_id = '{request_id}'")
+    assert entry["endpoint"] == "edits" and entry["key_id"] == key_id and entry["image_input_tokens"] > 0
+    assert (
+        page.locator("#p-cost").inner_text()
+        == f"{entry['cost_micros'] // 1_000_000}.{entry['cost_micros'] % 1_000_000:06d}"
+    )
+    assert page.console_errors == []

@@ -73,7 +73,7 @@
   function showError(error) {
     var param = (error && error.param) || "_";
     var slot = form.querySelector('[data-error-for="' + param.split(".")[0].replace("[]", "") + '"]');
-    if (!slot || slot.closest("[hidden]")) slot = form.querySelector('[data-error-for="_"]');
+    if (!slot || slot.parentElement.closest("[hidden]")) slot = form.querySelector('[data-error-for="_"]');
     slot.textContent = (error && error.message) || "The request failed.";
     slot.hidden = false;
     var input = slot.parentElement.querySelector("input, select, textarea");

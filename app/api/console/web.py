@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.templating import Jinja2Templates
 
 from app.api.deps import StateDep
 from app.billing.pricing import format_micros
@@ -17,6 +17,9 @@ from app.console.sessions import SessionStore, Viewer
 from app.errors import AuthenticationError
 from app.security import secrets_equal
 from app.state import AppState
+
+if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
 
 HERE = Path(__file__).parent
 COOKIE = "gw_console"
@@ -39,8 +42,6 @@ PAGE_HEADERS = {
     "x-frame-options": "DENY",
 }
 
-templates = Jinja2Templates(directory=str(HERE / "templates"))
-
 
 def _money(micros: int | None) -> str:
     return "—" if micros is None else format_micros(micros)
@@ -53,8 +54,15 @@ def _when(value: datetime | int | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-templates.env.filters["money"] = _money
-templates.env.filters["when"] = _when
+@functools.cache
+def templates() -> Jinja2Templates:
+    """Built on the first page view, not at import: Jinja2 stays off the gateway's start-up path."""
+    from starlette import templating
+
+    built = templating.Jinja2Templates(directory=str(HERE / "templates"))
+    built.env.filters["money"] = _money
+    built.env.filters["when"] = _when
+    return built
 
 
 class SignInRequired(Exception):
@@ -87,7 +95,7 @@ def render(
         "path": request.url.path,
         **(context or {}),
     }
-    response = templates.TemplateResponse(request, name, full, status_code=status)
+    response = templates().TemplateResponse(request, name, full, status_code=status)
     response.headers.update(PAGE_HEADERS)
     return response
 

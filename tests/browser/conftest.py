@@ -33,7 +33,9 @@ SCREENSHOTS = ROOT / "docs" / "screenshots"
 LOCAL_PACED: dict[str, Any] = {"name": "local", "kind": "local", "models": ["*"], "stream_pace_s": 0.05}
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps its own event loop running in this thread
+# while it is open, and any asyncio test that ran meanwhile would find "another loop running".
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         message = f"Debian's chromium is missing ({CHROMIUM}); `.ci/run` installs it with apt-get"

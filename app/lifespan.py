@@ -19,6 +19,7 @@ from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.writer import create_writer
 from app.images.capabilities import Catalog
+from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
 from app.images.sweep import SweepPolicy, sweep_forever
 from app.keys import KeyService
@@ -122,6 +123,11 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             metrics=metrics,
             moderation=moderation,
             audit=ModerationLog(sessions),
+            lifecycle=Lifecycle(
+                catalog,
+                serves_retired=lambda model: bool(registry.routes(model, retired=True)),
+                remaps=settings.lifecycle.remaps,
+            ),
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)

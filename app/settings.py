@@ -283,6 +283,10 @@ class UpstreamSettings(_Section):
     poll_max_interval_s: float = Field(default=5.0, gt=0)
     polling_hosts: list[str] | None = None
     delivery_hosts: list[str] | None = None
+    # Whether this upstream stops serving a model on OpenAI's retirement date (the catalog's
+    # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a
+    # compatible server that still serves a retired model.
+    follows_retirements: bool | None = None
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -296,6 +300,12 @@ class UpstreamSettings(_Section):
         if self.api_key is not None and self.api_key.get_secret_value().lower() in _PLACEHOLDERS:
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
         return self
+
+    @property
+    def follows_openai_retirements(self) -> bool:
+        if self.follows_retirements is not None:
+            return self.follows_retirements
+        return self.kind in ("openai", "azure")
 
     @property
     def active(self) -> bool:
@@ -315,6 +325,17 @@ class UpstreamSettings(_Section):
             else:
                 mapping[entry.name] = entry.upstream_model or entry.name
         return mapping
+
+
+class LifecycleSettings(_Section):
+    """What happens to a retired model (the catalog's ``retired_at``)."""
+
+    # Retired models served by their catalog `replacement` (billed at its prices, answered with
+    # `x-gateway-model` and `Deprecation`) when no upstream still serves them; "*" for all.
+    remap_retired: list[str] = Field(default_factory=list)
+
+    def remaps(self, model: str) -> bool:
+        return "*" in self.remap_retired or model in self.remap_retired
 
 
 class Settings(BaseSettings):
@@ -345,6 +366,7 @@ class Settings(BaseSettings):
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
     )

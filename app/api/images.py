@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import orjson
@@ -12,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
-from app.errors import InvalidJSONError, InvalidRequestError
+from app.errors import GatewayError, InvalidJSONError, InvalidRequestError
 from app.images.jobs import ImageJob
 from app.images.service import ImageOutcome
 from app.images.settlement import ImageStream
@@ -99,6 +100,7 @@ async def submit_task(
         body,
         status_code=202,
         headers={
+            **job.headers,
             **headers,
             "location": f"/v1/tasks/{task.id}",
             "retry-after": "1",
@@ -118,15 +120,27 @@ async def create_image(request: Request, caller: CallerDep, state: StateDep) -> 
         query_response_format=request.query_params.get("response_format"),
     )
     request.state.model = job.model
-    if wants_async(request):
-        assert isinstance(payload, dict)
-        if job.response_format == "url":
-            payload = {**payload, "response_format": "url"}
-        return await submit_task(request, state, caller, job, payload)
-    outcome = await cancel_on_disconnect(
-        request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
-    )
-    return _reply(request, state, outcome)
+    with lifecycle_headers(job):
+        if wants_async(request):
+            assert isinstance(payload, dict)
+            if job.response_format == "url":
+                payload = {**payload, "response_format": "url"}
+            return await submit_task(request, state, caller, job, payload)
+        outcome = await cancel_on_disconnect(
+            request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+        )
+        return _reply(request, state, outcome, job)
+
+
+@contextmanager
+def lifecycle_headers(job: ImageJob) -> Iterator[None]:
+    """A model's lifecycle headers (Sunset, Deprecation, x-gateway-model) on errors too: every
+    answer about a model that is being retired says so."""
+    try:
+        yield
+    except GatewayError as exc:
+        exc.headers = {**job.headers, **exc.headers}
+        raise
 
 
 @router.post("/edits")
@@ -148,18 +162,19 @@ async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Re
             query_response_format=request.query_params.get("response_format"),
         )
         request.state.model = job.model
-        if wants_async(request):
-            fields = {name: values[-1] for name, values in form.fields.items()}
-            # The task moves the files out of the spool; the empty spool goes in `finally`.
-            return await submit_task(request, state, caller, job, fields, form)
-        outcome = await cancel_on_disconnect(
-            request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
-        )
-        if isinstance(outcome, ImageStream):
-            # The spooled files live until the stream ends, wherever that happens.
-            outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
-            handed_over = True
-        return _reply(request, state, outcome)
+        with lifecycle_headers(job):
+            if wants_async(request):
+                fields = {name: values[-1] for name, values in form.fields.items()}
+                # The task moves the files out of the spool; the empty spool goes in `finally`.
+                return await submit_task(request, state, caller, job, fields, form)
+            outcome = await cancel_on_disconnect(
+                request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+            )
+            if isinstance(outcome, ImageStream):
+                # The spooled files live until the stream ends, wherever that happens.
+                outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
+                handed_over = True
+            return _reply(request, state, outcome, job)
     finally:
         if not handed_over:
             await asyncio.to_thread(form.cleanup)
@@ -171,13 +186,13 @@ def public_base(request: Request, state: AppState) -> str:
     return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
 
 
-def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream) -> Response:
+def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream, job: ImageJob) -> Response:
     if isinstance(outcome, ImageStream):
         request.state.upstream = outcome.upstream
         return sse_response(
             outcome,
             ping_s=state.settings.server.sse_ping_s,
-            headers=outcome.headers,
+            headers={**job.headers, **outcome.headers},
             shutdown_grace_s=state.settings.server.shutdown_grace_s,
         )
     request.state.upstream = outcome.upstream
@@ -186,5 +201,5 @@ def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStrea
     return Response(
         body if isinstance(body, bytes) else orjson.dumps(body),
         media_type="application/json",
-        headers={**outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
+        headers={**job.headers, **outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,6 +23,7 @@ from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
 from app.images.jobs import ImageJob, InputImage
+from app.images.lifecycle import Lifecycle, Resolution
 from app.images.settlement import (
     ImageStream,
     ledger_record,
@@ -35,6 +37,7 @@ from app.keys import Caller
 from app.metrics import Metrics
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
+from app.schemas.images import ImageEditForm
 from app.storage import ImageStore
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
@@ -74,6 +77,7 @@ class ImageService:
         moderation: ModerationService,
         audit: ModerationLog,
         metrics: Metrics | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -85,6 +89,11 @@ class ImageService:
         self._metrics = metrics or Metrics(process=False)
         self._moderation = moderation
         self._audit = audit
+        self.lifecycle = lifecycle or Lifecycle(
+            catalog,
+            serves_retired=lambda model: bool(registry.routes(model, retired=True)),
+            remaps=lambda _model: False,
+        )
 
     def models_for(self, caller: Caller) -> list[str]:
         """Models this key may use that some upstream serves, in catalog order."""
@@ -98,17 +107,40 @@ class ImageService:
             raise ModelNotAllowedError(model)
         return caps
 
+    def resolve(self, model: str, caller: Caller) -> Resolution:
+        """The model a request is served as, after its lifecycle (404 for a retired model that
+        nothing serves: raised here, before anything is reserved)."""
+        return self.lifecycle.resolve(self.resolve_model(model, caller))
+
+    def _apply(self, job: ImageJob, resolution: Resolution) -> ImageJob:
+        if not resolution.headers and not resolution.retired and resolution.requested is None:
+            return job
+        return replace(
+            job, headers=resolution.headers, retired=resolution.retired, requested_model=resolution.requested
+        )
+
+    def _default_format(self, resolution: Resolution) -> str | None:
+        """A remapped request keeps the response_format default of the model the client asked for."""
+        requested = self._catalog.get(resolution.requested) if resolution.requested else None
+        return requested.default_response_format if requested is not None else None
+
     def prepare_generation(
         self, *, caller: Caller, payload: Any, request_id: str, query_response_format: str | None = None
     ) -> ImageJob:
         """Validate a generation request into a job (400/403 on any rule)."""
         request = parse_generate_request(payload)
-        caps = self.resolve_model(request.model, caller)
-        job = build_job(
-            request=request, caps=caps, request_id=request_id, query_response_format=query_response_format
-        )
-        self._check_response_format(job)
-        return job
+        resolution = self.resolve(request.model, caller)
+        with _lifecycle_headers(resolution):
+            job = build_job(
+                request=request,
+                caps=resolution.caps,
+                request_id=request_id,
+                query_response_format=query_response_format,
+                svg_authors=self._catalog.svg_authors.keys(),
+                default_response_format=self._default_format(resolution),
+            )
+            self._check_response_format(job)
+        return self._apply(job, resolution)
 
     def _check_response_format(self, job: ImageJob) -> None:
         if job.stream and job.response_format == "url":
@@ -130,28 +162,52 @@ class ImageService:
         """Validate an edit: its fields like a generation's, then the spooled files (type, size,
         mask) read from their bytes, off the event loop."""
         request = parse_edit_form({name: values[-1] for name, values in form.fields.items()})
-        caps = self.resolve_model(request.model, caller)
+        resolution = self.resolve(request.model, caller)
+        with _lifecycle_headers(resolution):
+            return await self._prepare_edit(
+                request, resolution, form, request_id, limits, query_response_format
+            )
+
+    async def _prepare_edit(
+        self,
+        request: ImageEditForm,
+        resolution: Resolution,
+        form: UploadForm,
+        request_id: str,
+        limits: InputLimits,
+        query_response_format: str | None,
+    ) -> ImageJob:
+        caps = resolution.caps
+        uploads, mask, markup = form.images(), form.mask(), form.markup()
         job = build_job(
             request=request,
             caps=caps,
             request_id=request_id,
             endpoint="edits",
             query_response_format=query_response_format,
+            has_mask=mask is not None,
+            has_markup=markup is not None,
+            svg_authors=self._catalog.svg_authors.keys(),
+            default_response_format=self._default_format(resolution),
         )
+        job = self._apply(job, resolution)
         self._check_response_format(job)
         assert caps.edit is not None  # build_job refuses models without edits
-        uploads, mask = form.images(), form.mask()
         inputs = await asyncio.to_thread(
             inspect_edit_inputs,
             [upload.path for upload in uploads],
             mask.path if mask is not None else None,
             caps=caps.edit,
+            markup=markup.path if markup is not None else None,
             max_pixels=limits.max_pixels,
             max_edge=limits.max_edge,
         )
         images = tuple(_input(upload, info) for upload, info in zip(uploads, inputs.images, strict=True))
         mask_input = _input(mask, inputs.mask) if mask is not None and inputs.mask is not None else None
-        return replace(job, images=images, mask=mask_input)
+        markup_input = (
+            _input(markup, inputs.markup) if markup is not None and inputs.markup is not None else None
+        )
+        return replace(job, images=images, mask=mask_input, markup=markup_input)
 
     async def screen(self, *, caller: Caller, job: ImageJob) -> ImageJob:
         """Moderate the prompt (and edit inputs) at the level the key's policy allows; a block is
@@ -330,6 +386,16 @@ def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
         has_alpha=info.has_alpha,
         size=info.size,
     )
+
+
+@contextmanager
+def _lifecycle_headers(resolution: Resolution) -> Iterator[None]:
+    """A refused request for a model being retired still says so (Sunset, Deprecation)."""
+    try:
+        yield
+    except GatewayError as exc:
+        exc.headers = {**resolution.headers, **exc.headers}
+        raise
 
 
 def _limits(caller: Caller, *, concurrency: bool = True) -> KeyLimits:

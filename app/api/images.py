@@ -180,6 +180,39 @@ async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Re
             await asyncio.to_thread(form.cleanup)
 
 
+@router.post("/variations")
+async def create_variation(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    """dall-e-2's legacy endpoint: forwarded to an upstream that still serves dall-e-2, otherwise
+    OpenAI's 404 ``model_not_found`` naming the retirement."""
+    request_id: str = request.state.request_id
+    form = await parse_multipart(
+        request.stream(),
+        content_type=request.headers.get("content-type", ""),
+        spool_root=state.uploads.spool_root,
+        limits=state.uploads.limits,
+    )
+    try:
+        job = await state.images.prepare_variation(
+            caller=caller,
+            form=form,
+            request_id=request_id,
+            limits=state.uploads.inputs,
+            query_response_format=request.query_params.get("response_format"),
+        )
+        request.state.model = job.model
+        with lifecycle_headers(job):
+            if wants_async(request):
+                raise InvalidRequestError(
+                    "async=true is not supported for image variations.", param="async", code="invalid_value"
+                )
+            outcome = await cancel_on_disconnect(
+                request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+            )
+            return _reply(request, state, outcome, job)
+    finally:
+        await asyncio.to_thread(form.cleanup)
+
+
 def public_base(request: Request, state: AppState) -> str:
     """Where clients reach this gateway, for the links it hands out."""
     configured = state.settings.server.public_url

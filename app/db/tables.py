@@ -134,6 +134,13 @@ class LedgerEntry(Base):
     error_code: Mapped[str | None] = mapped_column(String(100))
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # SVG output: the author model's own tokens (`svg_usage`) and their cost, which is part of
+    # cost_micros and recorded apart from the image's.
+    svg_model: Mapped[str | None] = mapped_column(String(100))
+    svg_input_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_output_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Task(Base):

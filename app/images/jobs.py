@@ -14,7 +14,8 @@ import orjson
 
 from app.images.capabilities import ModelCapabilities
 
-Endpoint = Literal["generations", "edits"]
+# "variations": the legacy dall-e-2 endpoint, forwarded where an upstream still serves dall-e-2.
+Endpoint = Literal["generations", "edits", "variations"]
 ResponseFormat = Literal["url", "b64_json"]
 
 # Fields the gateway decides itself and never forwards as the client sent them.

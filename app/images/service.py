@@ -18,11 +18,18 @@ from typing import Any
 from app.billing.ledger import Hold, LedgerService, TxHook
 from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import apply_multiplier, request_cost, worst_case_cost
-from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
+from app.billing.svg import SvgCharge, svg_charge
+from app.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotAllowedError,
+    ModelNotFoundError,
+    ModelRetiredError,
+)
 from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
-from app.images.jobs import ImageJob, InputImage
+from app.images.jobs import ImageJob, ImageResult, InputImage
 from app.images.lifecycle import Lifecycle, Resolution
 from app.images.settlement import (
     ImageStream,
@@ -32,7 +39,7 @@ from app.images.settlement import (
     shielded,
 )
 from app.images.uploads import SpooledFile, UploadForm
-from app.images.validation import build_job, parse_edit_form, parse_generate_request
+from app.images.validation import build_job, build_variation_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
 from app.metrics import Metrics
 from app.moderation import ModerationService
@@ -209,6 +216,54 @@ class ImageService:
         )
         return replace(job, images=images, mask=mask_input, markup=markup_input)
 
+    async def prepare_variation(
+        self,
+        *,
+        caller: Caller,
+        form: UploadForm,
+        request_id: str,
+        limits: InputLimits,
+        query_response_format: str | None = None,
+    ) -> ImageJob:
+        """``POST /v1/images/variations``: dall-e-2 only, served where an upstream still serves
+        it; otherwise OpenAI's 404 naming the retirement (before anything is reserved)."""
+        fields = {name: values[-1] for name, values in form.fields.items()}
+        model = fields.get("model") or "dall-e-2"
+        caps = self._catalog.get(model)
+        if caps is None or caps.family != "dall-e-2":
+            raise InvalidRequestError(
+                f"Image variations are only available for dall-e-2, not '{model}'. "
+                "Use /v1/images/edits with a GPT image model and a prompt instead.",
+                param="model",
+                code="invalid_value",
+            )
+        try:
+            resolution = self.resolve(model, caller)
+        except ModelNotFoundError:
+            if self.lifecycle.state(caps) != "retired":
+                raise
+            raise ModelRetiredError(_variations_gone(caps)) from None
+        except ModelRetiredError:
+            raise ModelRetiredError(_variations_gone(caps)) from None
+        if resolution.requested is not None:  # its replacement has no variations endpoint
+            raise ModelRetiredError(_variations_gone(caps))
+        with _lifecycle_headers(resolution):
+            job = build_variation_job(
+                fields=fields, caps=caps, request_id=request_id, query_response_format=query_response_format
+            )
+            assert caps.edit is not None  # dall-e-2 takes one square png
+            uploads = form.images()
+            inputs = await asyncio.to_thread(
+                inspect_edit_inputs,
+                [upload.path for upload in uploads],
+                None,
+                caps=caps.edit,
+                max_pixels=limits.max_pixels,
+                max_edge=limits.max_edge,
+            )
+        images = tuple(_input(upload, info) for upload, info in zip(uploads, inputs.images, strict=True))
+        return self._apply(replace(job, images=images), resolution)
+
     async def screen(self, *, caller: Caller, job: ImageJob) -> ImageJob:
         """Moderate the prompt (and edit inputs) at the level the key's policy allows; a block is
         audited, counted and raised as 400 ``moderation_blocked`` before anything is charged.
@@ -296,6 +351,9 @@ class ImageService:
             result, upstream = await self._router.generate(job, tried)
             cost, usage = request_cost(job, result.usage, result.image_count)
             cost = apply_multiplier(cost, caller.price_multiplier_ppm)
+            svg = self._svg_charge(job, result, caller)
+            if svg is not None:
+                cost += svg.cost_micros
             body: dict[str, Any] | bytes
             if finish is not None:
                 body, also = await finish(result.body, cost)
@@ -306,7 +364,16 @@ class ImageService:
             await shielded(self._settle_failure(caller, job, hold, exc, started, tried))
             raise
         record = ledger_record(
-            job, caller, upstream, "succeeded", result.image_count, usage, cost, started, result.raw_usage
+            job,
+            caller,
+            upstream,
+            "succeeded",
+            result.image_count,
+            usage,
+            cost,
+            started,
+            result.raw_usage,
+            svg=svg,
         )
         # Shielded: once the upstream has produced the images, the charge must land even if the
         # client goes away while it is being written.
@@ -314,6 +381,19 @@ class ImageService:
         observe_outcome(self._metrics, job, usage, cost, result.image_count)
         log_completed(job, caller, upstream, result.image_count, cost, started)
         return ImageOutcome(body=body, cost_micros=cost, model=job.model, upstream=upstream)
+
+    def _svg_charge(self, job: ImageJob, result: ImageResult, caller: Caller) -> SvgCharge | None:
+        """SVG output's author tokens, priced from the catalog (the multiplier applies to them too).
+
+        Only SVG answers are parsed for it: a raster answer's megabytes of base64 stay unparsed."""
+        if job.output_format != "svg":
+            return None
+        charge = svg_charge(
+            result.body.get("svg_usage"), self._catalog.svg_authors, self._catalog.svg_author_price(None)
+        )
+        if charge is None:
+            return None
+        return replace(charge, cost_micros=apply_multiplier(charge.cost_micros, caller.price_multiplier_ppm))
 
     def _as_urls(self, job: ImageJob, base_url: str) -> ResultHook:
         async def finish(body: dict[str, Any], cost: int) -> tuple[dict[str, Any], TxHook | None]:  # noqa: ARG001
@@ -385,6 +465,13 @@ def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
         height=info.height,
         has_alpha=info.has_alpha,
         size=info.size,
+    )
+
+
+def _variations_gone(caps: ModelCapabilities) -> str:
+    return (
+        f"{caps.retirement_message()} Image variations were retired with it: send the image to "
+        "/v1/images/edits with a GPT image model and a prompt instead."
     )
 
 

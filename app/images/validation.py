@@ -380,6 +380,49 @@ def build_job(
     )
 
 
+def build_variation_job(
+    *, fields: Mapping[str, str], caps: ModelCapabilities, request_id: str, query_response_format: str | None
+) -> ImageJob:
+    """``POST /v1/images/variations`` (dall-e-2's legacy endpoint): ``n``, ``size``,
+    ``response_format``; no prompt. Everything the client sent is forwarded as it came."""
+    n = 1
+    raw_n = fields.get("n")
+    if raw_n is not None:
+        try:
+            n = int(raw_n)
+        except ValueError:
+            raise InvalidRequestError(
+                f"Invalid type for 'n': expected an integer, but got {_json_type(raw_n)}.",
+                param="n",
+                code="invalid_type",
+            ) from None
+    _bounded("n", n, 1, min(N_MAX, caps.n_max))
+    size = fields.get("size") or caps.default_size
+    check_size(size, caps)
+    response_format = resolve_response_format(
+        fields.get("response_format"), query_response_format, caps.default_response_format
+    )
+    forward = {k: v for k, v in fields.items() if k not in ("prompt",)}
+    return ImageJob(
+        request_id=request_id,
+        endpoint="variations",
+        model=caps.name,
+        caps=caps,
+        prompt="",
+        n=n,
+        size=size,
+        quality=caps.default_quality,
+        background=None,
+        output_format="png",
+        output_compression=None,
+        moderation="auto",
+        stream=False,
+        partial_images=0,
+        response_format=response_format,
+        forward=forward,
+    )
+
+
 def check_markup(caps: ModelCapabilities, *, has_mask: bool, has_markup: bool) -> None:
     """``markup`` only where the model takes it, and never together with a mask (the SDK)."""
     if not has_markup:

@@ -261,7 +261,7 @@ def _log_attempt(route: Route, attempt: int, error: GatewayError, action: RetryA
 
 
 async def _whole(route: Route, job: ImageJob) -> ImageResult:
-    if job.endpoint == "edits":
+    if job.endpoint != "generations":  # edits and variations: multipart with the spooled files
         return await route.provider.edit(job, upstream_model=route.upstream_model)
     return await route.provider.generate(job, upstream_model=route.upstream_model)
 

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int)
     commands.add_parser("migrate", help="upgrade the database to the newest schema")
     worker = commands.add_parser("worker", help="run task workers only (no HTTP server)")
-    worker.add_argument("--concurrency", type=int, help="worker loops (default: tasks.workers, at least 1)")
+    worker.add_argument("--concurrency", type=int, help="tasks run at once (default: tasks.concurrency)")
     add_key_commands(commands)
     add_usage_command(commands)
     return parser

@@ -11,6 +11,7 @@ Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``co
     ├── PermissionDeniedError          403 permission_error
     │   └── ModelNotAllowedError       403 model_not_allowed
     ├── NotFoundError                  404 not_found
+    │   └── ModelRetiredError          404 model_not_found, param "model" (date and replacement)
     ├── RequestTimeoutError            408 request_timeout
     ├── PayloadTooLargeError           413 payload_too_large
     ├── QuotaExceededError             429 insufficient_quota
@@ -117,6 +118,15 @@ class NotFoundError(GatewayError):
     default_code = "not_found"
 
 
+class ModelRetiredError(NotFoundError):
+    """OpenAI's answer for a model past its retirement date, before anything is reserved."""
+
+    default_code = "model_not_found"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
 class RequestTimeoutError(GatewayError):
     status_code = 408
     error_type = "invalid_request_error"
@@ -161,6 +171,17 @@ class UpstreamUnavailable(UpstreamError):
     def __init__(self, message: str = "The upstream service is unavailable.", *, status: int = 502) -> None:
         super().__init__(message)
         self.status_code = status
+
+
+class UpstreamBusy(UpstreamUnavailable):
+    """Every candidate upstream is at its ``max_concurrency`` and no slot freed up within the
+    configured wait. Not the upstream's fault, so it never counts against its circuit breaker."""
+
+    def __init__(self, message: str, *, status: int, retry_after_s: int) -> None:
+        super().__init__(message, status=status)
+        self.error_type = "rate_limit_error" if status == 429 else "api_error"
+        self.code = "rate_limit_exceeded" if status == 429 else "upstream_unavailable"
+        self.headers["retry-after"] = str(max(1, retry_after_s))
 
 
 class UpstreamTimeout(UpstreamError):

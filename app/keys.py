@@ -41,6 +41,7 @@ class Caller:
     ipm: int | None = None
     concurrency: int | None = None
     moderation_allow: tuple[str, ...] = ()
+    max_queued_tasks: int | None = None
     moderation_block: tuple[str, ...] = ()
     # Console thumbnails: None follows the global console.thumbnails setting.
     thumbnails: bool | None = None
@@ -86,6 +87,8 @@ def to_public(row: ApiKey) -> ApiKeyObject:
         rpm=row.rpm,
         ipm=row.ipm,
         concurrency=row.concurrency,
+        max_queued_tasks=row.max_queued_tasks,
+        max_tasks_in_flight=row.max_tasks_in_flight,
         moderation_allow=row.moderation_allow,
         moderation_block=row.moderation_block,
         thumbnails=row.thumbnails,
@@ -116,6 +119,7 @@ def _caller(row: ApiKey) -> Caller:
         moderation_allow=tuple(row.moderation_allow or ()),
         moderation_block=tuple(row.moderation_block or ()),
         thumbnails=row.thumbnails,
+        max_queued_tasks=row.max_queued_tasks,
     )
 
 
@@ -248,6 +252,8 @@ class KeyService:
                     "rpm",
                     "ipm",
                     "concurrency",
+                    "max_queued_tasks",
+                    "max_tasks_in_flight",
                     "moderation_allow",
                     "moderation_block",
                     "thumbnails",
@@ -267,7 +273,16 @@ class KeyService:
                 if field == "price_multiplier" and value is None:
                     value = Decimal(1)
                 setattr(row, column, to_micros(value) if isinstance(value, Decimal) else None)
-        for field in ("rpm", "ipm", "concurrency", "moderation_allow", "moderation_block", "thumbnails"):
+        for field in (
+            "rpm",
+            "ipm",
+            "concurrency",
+            "max_queued_tasks",
+            "max_tasks_in_flight",
+            "moderation_allow",
+            "moderation_block",
+            "thumbnails",
+        ):
             if field in changes:
                 setattr(row, field, changes[field])
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
@@ -19,6 +20,7 @@ from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.writer import create_writer
 from app.images.capabilities import Catalog
+from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
 from app.images.sweep import SweepPolicy, sweep_forever
 from app.keys import KeyService
@@ -37,6 +39,9 @@ from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
 from app.upstream.retry import RetryPolicy
 from app.upstream.router import Router
+from app.webhooks.endpoints import WebhookEndpoints
+from app.webhooks.outbox import Outbox
+from app.webhooks.sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +133,11 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             moderation=moderation,
             audit=ModerationLog(sessions),
             sink=thumbnails,
+            lifecycle=Lifecycle(
+                catalog,
+                serves_retired=lambda model: bool(registry.routes(model, retired=True)),
+                remaps=settings.lifecycle.remaps,
+            ),
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)
@@ -137,7 +147,19 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             pepper=settings.security.pepper(settings.data_dir),
             cache_ttl_s=settings.security.key_cache_ttl_s,
         )
+        webhooks = WebhookEndpoints(sessions)
+        hooks = settings.webhooks
+        outbox = Outbox(
+            sessions,
+            writer,
+            retry_period_s=hooks.retry_period_s,
+            initial_backoff_s=hooks.initial_backoff_s,
+            max_backoff_s=hooks.max_backoff_s,
+            send_lease_s=2 * hooks.timeout_s + 5,
+        )
         tasks = TaskService(
+            outbox=outbox,
+            endpoints=webhooks,
             queue=TaskQueue(
                 sessions,
                 writer,
@@ -161,8 +183,12 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
 
         async def refresh_gauges() -> None:
             metrics.set_queue_depth(await queue_depth())
+            metrics.set_tasks_running(tasks.running)
             for snapshot in router.snapshots():
                 metrics.set_breaker_state(upstream=snapshot.name, state=snapshot.state)
+            for upstream, waiting in router.waiting().items():
+                for source, count in waiting.items():
+                    metrics.set_upstream_waiting(upstream=upstream, source=source, count=count)
 
         metrics.on_scrape(refresh_gauges)
         yield AppState(
@@ -181,6 +207,8 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             router=router,
             metrics=metrics,
             moderation_log=ModerationLog(sessions),
+            webhooks=webhooks,
+            outbox=outbox,
         )
     finally:
         for close in reversed(opened):
@@ -208,16 +236,32 @@ async def _reconcile_forever(state: AppState) -> None:
 @asynccontextmanager
 async def _background(state: AppState) -> AsyncIterator[None]:
     storage = state.settings.storage
+    hooks = state.settings.webhooks
     stop = asyncio.Event()
+    config = state.settings.tasks
     workers = [
-        asyncio.create_task(work(state.tasks, stop, poll_s=state.settings.tasks.poll_s), name=f"worker-{i}")
-        for i in range(state.settings.tasks.workers)
+        asyncio.create_task(
+            work(
+                state.tasks,
+                stop,
+                poll_s=config.poll_s,
+                concurrency=config.concurrency,
+                batch=config.claim_batch,
+            ),
+            name=f"worker-{i}",
+        )
+        for i in range(config.workers)
     ]
     tasks = [
         asyncio.create_task(
             purge_forever(state.tasks, interval_s=storage.purge_interval_s), name="task-purge"
         ),
         asyncio.create_task(_reconcile_forever(state), name="reconciler"),
+        *(
+            [asyncio.create_task(webhook_sender(state).run_forever(), name="webhooks")]
+            if hooks.enabled
+            else []
+        ),
         asyncio.create_task(
             purge_periodically(
                 state.store, retention_s=storage.retention_s, interval_s=storage.purge_interval_s
@@ -250,6 +294,35 @@ async def _background(state: AppState) -> AsyncIterator[None]:
         for task in [*tasks, *pending]:
             task.cancel()
         await asyncio.gather(*tasks, *pending, return_exceptions=True)
+
+
+def public_base_url(settings: Settings) -> str:
+    """Where clients reach this gateway, for links in webhook events (no request to read it from)."""
+    if settings.server.public_url:
+        return settings.server.public_url.rstrip("/")
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{settings.server.port}"
+
+
+def webhook_sender(state: AppState) -> WebhookSender:
+    """The outbox's sender for this process, woken as soon as a task's events are queued."""
+    hooks = state.settings.webhooks
+    base_url = public_base_url(state.settings)
+
+    async def render(task_id: str) -> dict[str, Any] | None:
+        return await state.tasks.render(task_id, base_url=base_url)
+
+    sender = WebhookSender(
+        state.outbox,
+        state.webhooks,
+        render,
+        timeout_s=hooks.timeout_s,
+        concurrency=hooks.concurrency,
+        batch=hooks.batch,
+        poll_s=hooks.poll_s,
+    )
+    state.tasks.on_events = sender.wakeup.set
+    return sender
 
 
 def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

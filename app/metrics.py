@@ -147,6 +147,15 @@ class Metrics:
         self.queue_depth = Gauge(
             "gateway_queue_depth", "Background tasks not finished yet (queued or running).", registry=r
         )
+        self.upstream_waiting = Gauge(
+            "gateway_upstream_waiting",
+            "Calls waiting for a slot of an upstream at its max_concurrency, by source (request|task).",
+            ["upstream", "source"],
+            registry=r,
+        )
+        self.tasks_running = Gauge(
+            "gateway_tasks_running", "Background tasks this process is running now.", registry=r
+        )
         if process:
             ProcessCollector(registry=r)
 
@@ -238,6 +247,12 @@ class Metrics:
     def set_queue_depth(self, depth: int) -> None:
         """Tasks waiting in the queue; set by whoever polls it (a scrape hook or a background task)."""
         self.queue_depth.set(max(depth, 0))
+
+    def set_upstream_waiting(self, *, upstream: str, source: str, count: int) -> None:
+        self.upstream_waiting.labels(self._upstreams(upstream), source).set(max(count, 0))
+
+    def set_tasks_running(self, count: int) -> None:
+        self.tasks_running.set(max(count, 0))
 
     # -- exposition ------------------------------------------------------------------------------
 

@@ -144,8 +144,13 @@ class RateLimitSettings(_Section):
 
 
 class TaskSettings(_Section):
-    # Worker loops inside each server process; 0 leaves the queue to `python -m app worker`.
-    workers: int = Field(default=2, ge=0, le=64)
+    # Worker pools inside each server process; 0 leaves the queue to `python -m app worker`.
+    workers: int = Field(default=1, ge=0, le=64)
+    # Tasks one pool runs at once, as coroutines: an image call mostly waits on the upstream, so
+    # this is set by upstream capacity (and the limits below), not by CPU.
+    concurrency: int = Field(default=256, ge=1, le=100_000)
+    # Tasks leased per claim (one statement); fairness across keys is per claim (app/tasks/queue.py).
+    claim_batch: int = Field(default=32, ge=1, le=1000)
     # A running task's lease; renewed every third of it, so a dead worker's task is retaken soon.
     lease_s: float = Field(default=60.0, ge=1)
     max_attempts: int = Field(default=3, ge=1)
@@ -157,6 +162,20 @@ class TaskSettings(_Section):
     # The age covers the moment between moving the files in and committing the task row, and the
     # clock skew of a disk shared between hosts; a queued or running task's inputs are always kept.
     inputs_orphan_age_s: float = Field(default=3600.0, ge=60)
+
+
+class WebhookSettings(_Section):
+    # Deliveries are sent by every server process and `python -m app worker` (leased, never twice at
+    # once); false stops this process sending (events still queue in the outbox).
+    enabled: bool = True
+    timeout_s: float = Field(default=10.0, gt=0)
+    # An undelivered event is retried with exponential backoff for this long (3 days), then failed.
+    retry_period_s: float = Field(default=3 * 86400.0, gt=0)
+    initial_backoff_s: float = Field(default=5.0, gt=0)
+    max_backoff_s: float = Field(default=3600.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    concurrency: int = Field(default=32, ge=1, le=1000)
+    batch: int = Field(default=100, ge=1, le=1000)
 
 
 class RetrySettings(_Section):
@@ -259,7 +278,12 @@ class UpstreamSettings(_Section):
     priority: int = 0
     timeout_s: float = Field(default=300.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Calls in flight from one process; null (the default) means no cap at all, not even the
+    # HTTP client's pool. With a cap, a call waits up to `queue_timeout_s` for a slot, then gets
+    # `busy_status` (429 or 503) with retry-after, unless another upstream can take it.
     max_concurrency: int | None = Field(default=None, ge=1)
+    queue_timeout_s: float = Field(default=30.0, ge=0)
+    busy_status: Literal[429, 503] = 503
     enabled: bool = True
     # Whether the upstream can stream SSE; when False, streams are answered with completed events.
     stream: bool = True
@@ -273,6 +297,10 @@ class UpstreamSettings(_Section):
     poll_max_interval_s: float = Field(default=5.0, gt=0)
     polling_hosts: list[str] | None = None
     delivery_hosts: list[str] | None = None
+    # Whether this upstream stops serving a model on OpenAI's retirement date (the catalog's
+    # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a
+    # compatible server that still serves a retired model.
+    follows_retirements: bool | None = None
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -286,6 +314,12 @@ class UpstreamSettings(_Section):
         if self.api_key is not None and self.api_key.get_secret_value().lower() in _PLACEHOLDERS:
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
         return self
+
+    @property
+    def follows_openai_retirements(self) -> bool:
+        if self.follows_retirements is not None:
+            return self.follows_retirements
+        return self.kind in ("openai", "azure")
 
     @property
     def active(self) -> bool:
@@ -305,6 +339,17 @@ class UpstreamSettings(_Section):
             else:
                 mapping[entry.name] = entry.upstream_model or entry.name
         return mapping
+
+
+class LifecycleSettings(_Section):
+    """What happens to a retired model (the catalog's ``retired_at``)."""
+
+    # Retired models served by their catalog `replacement` (billed at its prices, answered with
+    # `x-gateway-model` and `Deprecation`) when no upstream still serves them; "*" for all.
+    remap_retired: list[str] = Field(default_factory=list)
+
+    def remaps(self, model: str) -> bool:
+        return "*" in self.remap_retired or model in self.remap_retired
 
 
 class Settings(BaseSettings):
@@ -328,6 +373,7 @@ class Settings(BaseSettings):
     billing: BillingSettings = Field(default_factory=BillingSettings)
     uploads: UploadSettings = Field(default_factory=UploadSettings)
     tasks: TaskSettings = Field(default_factory=TaskSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
@@ -335,6 +381,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
     )

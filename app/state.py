@@ -19,6 +19,8 @@ from app.storage import ImageStore
 from app.tasks.service import TaskService
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
+from app.webhooks.endpoints import WebhookEndpoints
+from app.webhooks.outbox import Outbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +66,5 @@ class AppState:
     router: Router
     metrics: Metrics
     moderation_log: ModerationLog
+    webhooks: WebhookEndpoints
+    outbox: Outbox

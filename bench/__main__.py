@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "latest.md").write_text(block)
         if (not args.only and not args.quick) or args.write:
             write_benchmarks(ROOT / "BENCHMARKS.md", block)
+            if "slow" in bench.texts:
+                from bench.slow import write_section
+
+                write_section(ROOT / "BENCHMARKS.md", bench.texts["slow"])
             print(f"\nBENCHMARKS.md rewritten ({elapsed / 60:.1f} min)", flush=True)
         else:
             print(f"\npartial run: BENCHMARKS.md left alone; see {RESULTS / 'latest.md'}", flush=True)

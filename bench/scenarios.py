@@ -432,6 +432,17 @@ def moderation(bench: Bench) -> None:
     print("  " + "\n  ".join(done.stdout.strip().splitlines()), flush=True)
 
 
+def slow_upstream(bench: Bench) -> None:
+    """Issue 16: an upstream that holds each answer 10 s (bench/slow.py, its own servers and section)."""
+    from bench.slow import markdown
+    from bench.slow import run as run_slow
+
+    started = time.monotonic()
+    litellm = any(t.name == "litellm" and t.server is not None for t in bench.targets)
+    rows = run_slow(bench.workdir, bench.cpus, hold_s=10.0, litellm=litellm, quick=bench.settings.quick)
+    bench.texts["slow"] = markdown(rows, 10.0, time.monotonic() - started)
+
+
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "small": small_answers,
     "large": large_answers,
@@ -441,4 +452,5 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "workers": workers,
     "hangups": hang_ups,
     "moderation": moderation,
+    "slow": slow_upstream,
 }

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -141,8 +142,9 @@ def _wait_http(server: Server, path: str, timeout_s: float, *, headers: dict[str
 # -- fake upstream ----------------------------------------------------------------------------------
 
 
-def start_upstream(workdir: Path, cpus: Cpus, *, pace_ms: float) -> Server:
+def start_upstream(workdir: Path, cpus: Cpus, *, pace_ms: float, hold_s: float = 0.0) -> Server:
     command = [sys.executable, "-m", "bench.upstream", "--port", "0", "--pace-ms", str(pace_ms)]
+    command += ["--hold-s", str(hold_s)]
     process, log = _spawn("upstream", pinned(command, cpus.load), workdir)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:
@@ -157,9 +159,17 @@ def start_upstream(workdir: Path, cpus: Cpus, *, pace_ms: float) -> Server:
 # -- gateway ----------------------------------------------------------------------------------------
 
 
-def start_gateway(workdir: Path, cpus: Cpus, upstream: Server, *, workers: int = 1) -> Server:
+def start_gateway(
+    workdir: Path,
+    cpus: Cpus,
+    upstream: Server,
+    *,
+    workers: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> Server:
     """The gateway as shipped (one worker unless told otherwise, SQLite, local storage) with logs at
-    WARNING, in front of the fake upstream only; then one tenant key made through the admin API."""
+    WARNING, in front of the fake upstream only; then one tenant key made through the admin API.
+    ``extra``: config sections to merge in (the slow scenario's task settings, PostgreSQL)."""
     # A fresh data dir per start: a restarted gateway must not inherit a locked database.
     data = Path(tempfile.mkdtemp(prefix="gateway-data-", dir=workdir))
     port = free_port()
@@ -180,9 +190,12 @@ def start_gateway(workdir: Path, cpus: Cpus, upstream: Server, *, workers: int =
                 "api_key": upstream.api_key,
                 "models": ["*"],
                 "timeout_s": 300,
+                # The benchmark's model (gpt-image-1) is retired; the fake still serves it.
+                "follows_retirements": False,
             }
         ],
     }
+    config.update(extra or {})
     path = data / "gateway.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     command = [sys.executable, "-m", "app", "serve", "--config", str(path), "--host", "127.0.0.1"]

@@ -143,12 +143,23 @@ def _head(status: int, content_type: str, length: int | None, keep_alive: bool) 
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+class Held:
+    """Generations being held (``--hold-s``) right now, and the most at once since the last reset:
+    how much work a proxy really kept in flight, whatever its CPU allowed it to do per second."""
+
+    now = 0
+    most = 0
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection. Requests are handled one at a time, as none of the clients pipeline."""
 
-    def __init__(self, answers: Answers, pace_s: float) -> None:
+    def __init__(self, answers: Answers, pace_s: float, hold_s: float = 0.0) -> None:
         self.answers = answers
         self.pace_s = pace_s
+        # The "slow upstream" scenario: each generation is answered this long after it arrived,
+        # as a real image model takes 5-60 s (a timer, not a sleeping task: thousands at once are cheap).
+        self.hold_s = hold_s
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -186,12 +197,26 @@ class UpstreamProtocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive()
         if method == b"GET" and path == b"/v1/models":
             self._send(200, self.answers.models, keep_alive=keep_alive)
+        elif method == b"POST" and path == b"/v1/_held/reset":
+            answer = orjson.dumps({"now": Held.now, "most": Held.most})
+            Held.most = Held.now
+            self._send(200, answer, keep_alive=keep_alive)
         elif method == b"POST" and path == b"/v1/images/edits":
             self._send(200, self.answers.generation({}), keep_alive=keep_alive)
         elif method == b"POST" and path == b"/v1/images/generations":
             request = orjson.loads(self.body) if self.body else {}
             if request.get("stream") is True:
                 asyncio.ensure_future(self._stream(request, keep_alive))
+            elif self.hold_s > 0:
+                body = self.answers.generation(request)
+                Held.now += 1
+                Held.most = max(Held.most, Held.now)
+
+                def answer() -> None:
+                    Held.now -= 1
+                    self._send(200, body, keep_alive=keep_alive)
+
+                asyncio.get_running_loop().call_later(self.hold_s, answer)
             else:
                 self._send(200, self.answers.generation(request), keep_alive=keep_alive)
         else:
@@ -229,10 +254,12 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(host: str, port: int, pace_s: float) -> None:
+async def serve(host: str, port: int, pace_s: float, hold_s: float = 0.0) -> None:
     answers = Answers()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: UpstreamProtocol(answers, pace_s), host, port, backlog=1024)
+    server = await loop.create_server(
+        lambda: UpstreamProtocol(answers, pace_s, hold_s), host, port, backlog=4096
+    )
     bound = server.sockets[0].getsockname()[1]
     print(f"PORT {bound}", flush=True)
     async with server:
@@ -244,6 +271,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--pace-ms", type=float, default=10.0, help="pause between streamed events")
+    parser.add_argument("--hold-s", type=float, default=0.0, help="answer each generation after this long")
     args = parser.parse_args()
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -253,7 +281,7 @@ def main() -> None:
     except ImportError:  # plain asyncio is fast enough; uvloop only lowers the floor further
         pass
     try:
-        run(serve(args.host, args.port, args.pace_ms / 1000))
+        run(serve(args.host, args.port, args.pace_ms / 1000, args.hold_s))
     except KeyboardInterrupt:
         sys.exit(0)
 

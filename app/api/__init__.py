@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import admin_keys, admin_moderation, admin_upstreams, files, health, images, models, tasks, usage
+from app.api import (
+    admin_keys,
+    admin_moderation,
+    admin_upstreams,
+    admin_webhooks,
+    files,
+    health,
+    images,
+    models,
+    tasks,
+    usage,
+)
 
 
 def build_api_router() -> APIRouter:
@@ -16,6 +27,7 @@ def build_api_router() -> APIRouter:
     router.include_router(admin_keys.router)
     router.include_router(admin_upstreams.router)
     router.include_router(admin_moderation.router)
+    router.include_router(admin_webhooks.router)
     router.include_router(usage.router)
     router.include_router(health.router)
     return router

@@ -22,6 +22,7 @@ def upstream_rows(state: AppState) -> list[dict[str, Any]]:
     """Each upstream's health; the admin API and the console's upstreams page show the same."""
     now_wall, now_mono = time.time(), time.monotonic()
     configured = {u.name: u for u in state.settings.upstreams}
+    waiting = state.router.waiting()
     data = []
     for snapshot in state.router.snapshots():
         upstream = configured.get(snapshot.name)
@@ -41,6 +42,9 @@ def upstream_rows(state: AppState) -> list[dict[str, Any]]:
                 "error_rate": snapshot.error_rate,
                 "requests_in_window": snapshot.requests_in_window,
                 "in_flight": snapshot.in_flight,
+                "max_concurrency": upstream.max_concurrency if upstream else None,
+                # Calls waiting for a slot while the upstream is at max_concurrency, by source.
+                "waiting": waiting.get(snapshot.name, {"request": 0, "task": 0}),
                 "latency_p50_ms": snapshot.latency_p50_ms,
                 "latency_avg_ms": snapshot.latency_avg_ms,
                 "opened_at": opened_at,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import orjson
@@ -12,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
-from app.errors import InvalidJSONError, InvalidRequestError
+from app.errors import GatewayError, InvalidJSONError, InvalidRequestError
 from app.images.jobs import ImageJob
 from app.images.service import ImageOutcome
 from app.images.settlement import ImageStream
@@ -63,6 +64,8 @@ def wants_async(request: Request) -> bool:
     """``?async=true`` (or 1/yes): answer 202 with a task instead of waiting."""
     value = request.query_params.get("async")
     if value is None or value.lower() in ("false", "0", "no", ""):
+        if "webhook" in request.query_params:
+            raise InvalidRequestError("'webhook' applies to async=true requests only.", param="webhook")
         return False
     if value.lower() in ("true", "1", "yes"):
         return True
@@ -89,12 +92,15 @@ async def submit_task(
         payload=payload,
         idempotency_key=request.headers.get("idempotency-key"),
         form=form,
+        # Ids of the key's own webhook endpoints (or "none"); absent: all of the key's endpoints.
+        webhooks=request.query_params.getlist("webhook") if "webhook" in request.query_params else None,
     )
     body = await state.tasks.view(task, base_url=public_base(request, state))
     return JSONResponse(
         body,
         status_code=202,
         headers={
+            **job.headers,
             **headers,
             "location": f"/v1/tasks/{task.id}",
             "retry-after": "1",
@@ -119,15 +125,27 @@ async def generate_as(request: Request, state: AppState, caller: Caller) -> Resp
         query_response_format=request.query_params.get("response_format"),
     )
     request.state.model = job.model
-    if wants_async(request):
-        assert isinstance(payload, dict)
-        if job.response_format == "url":
-            payload = {**payload, "response_format": "url"}
-        return await submit_task(request, state, caller, job, payload)
-    outcome = await cancel_on_disconnect(
-        request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
-    )
-    return _reply(request, state, outcome)
+    with lifecycle_headers(job):
+        if wants_async(request):
+            assert isinstance(payload, dict)
+            if job.response_format == "url":
+                payload = {**payload, "response_format": "url"}
+            return await submit_task(request, state, caller, job, payload)
+        outcome = await cancel_on_disconnect(
+            request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+        )
+        return _reply(request, state, outcome, job)
+
+
+@contextmanager
+def lifecycle_headers(job: ImageJob) -> Iterator[None]:
+    """A model's lifecycle headers (Sunset, Deprecation, x-gateway-model) on errors too: every
+    answer about a model that is being retired says so."""
+    try:
+        yield
+    except GatewayError as exc:
+        exc.headers = {**job.headers, **exc.headers}
+        raise
 
 
 @router.post("/edits")
@@ -154,21 +172,55 @@ async def edit_as(request: Request, state: AppState, caller: Caller) -> Response
             query_response_format=request.query_params.get("response_format"),
         )
         request.state.model = job.model
-        if wants_async(request):
-            fields = {name: values[-1] for name, values in form.fields.items()}
-            # The task moves the files out of the spool; the empty spool goes in `finally`.
-            return await submit_task(request, state, caller, job, fields, form)
-        outcome = await cancel_on_disconnect(
-            request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
-        )
-        if isinstance(outcome, ImageStream):
-            # The spooled files live until the stream ends, wherever that happens.
-            outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
-            handed_over = True
-        return _reply(request, state, outcome)
+        with lifecycle_headers(job):
+            if wants_async(request):
+                fields = {name: values[-1] for name, values in form.fields.items()}
+                # The task moves the files out of the spool; the empty spool goes in `finally`.
+                return await submit_task(request, state, caller, job, fields, form)
+            outcome = await cancel_on_disconnect(
+                request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+            )
+            if isinstance(outcome, ImageStream):
+                # The spooled files live until the stream ends, wherever that happens.
+                outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
+                handed_over = True
+            return _reply(request, state, outcome, job)
     finally:
         if not handed_over:
             await asyncio.to_thread(form.cleanup)
+
+
+@router.post("/variations")
+async def create_variation(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    """dall-e-2's legacy endpoint: forwarded to an upstream that still serves dall-e-2, otherwise
+    OpenAI's 404 ``model_not_found`` naming the retirement."""
+    request_id: str = request.state.request_id
+    form = await parse_multipart(
+        request.stream(),
+        content_type=request.headers.get("content-type", ""),
+        spool_root=state.uploads.spool_root,
+        limits=state.uploads.limits,
+    )
+    try:
+        job = await state.images.prepare_variation(
+            caller=caller,
+            form=form,
+            request_id=request_id,
+            limits=state.uploads.inputs,
+            query_response_format=request.query_params.get("response_format"),
+        )
+        request.state.model = job.model
+        with lifecycle_headers(job):
+            if wants_async(request):
+                raise InvalidRequestError(
+                    "async=true is not supported for image variations.", param="async", code="invalid_value"
+                )
+            outcome = await cancel_on_disconnect(
+                request, state.images.execute(caller=caller, job=job, base_url=public_base(request, state))
+            )
+            return _reply(request, state, outcome, job)
+    finally:
+        await asyncio.to_thread(form.cleanup)
 
 
 def public_base(request: Request, state: AppState) -> str:
@@ -177,13 +229,13 @@ def public_base(request: Request, state: AppState) -> str:
     return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
 
 
-def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream) -> Response:
+def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStream, job: ImageJob) -> Response:
     if isinstance(outcome, ImageStream):
         request.state.upstream = outcome.upstream
         return sse_response(
             outcome,
             ping_s=state.settings.server.sse_ping_s,
-            headers=outcome.headers,
+            headers={**job.headers, **outcome.headers},
             shutdown_grace_s=state.settings.server.shutdown_grace_s,
         )
     request.state.upstream = outcome.upstream
@@ -192,5 +244,5 @@ def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStrea
     return Response(
         body if isinstance(body, bytes) else orjson.dumps(body),
         media_type="application/json",
-        headers={**outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
+        headers={**job.headers, **outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
     )

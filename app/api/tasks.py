@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import JSONResponse
 
 from app.api.deps import CallerDep, StateDep
@@ -28,6 +32,49 @@ async def get_task(task_id: str, request: Request, caller: CallerDep, state: Sta
     if task.status in ("queued", "in_progress"):
         headers["retry-after"] = "1"
     return JSONResponse(body, headers=headers)
+
+
+@router.get("/{task_id}/events")
+async def task_events(
+    task_id: str, request: Request, caller: CallerDep, state: StateDep
+) -> EventSourceResponse:
+    """Follow a task live over SSE: ``image.task.progress`` with the task object each time its
+    status or progress changes (its current state first), then ``image.task.succeeded`` or
+    ``image.task.failed`` with the final task object, and the end of the stream. The states are
+    the ones polling shows, in the same order, and the final event names match the webhooks'."""
+    task = await state.tasks.queue.get(task_id, caller.key_id)
+    if task is None:
+        raise NotFoundError(f"No task with id '{task_id}'.", param="task_id")
+    base = public_base(request, state)
+    # Read from the database, like a poll: the task may be running in another process.
+    interval = min(state.settings.tasks.poll_s, 1.0)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        current = task
+        last: tuple[str, bytes] | None = None
+        while True:
+            view = await state.tasks.view(current, base_url=base)
+            marker = (str(view["status"]), orjson.dumps(view.get("progress")))
+            if marker != last:
+                last = marker
+                final = view["status"] in ("succeeded", "failed")
+                name = f"image.task.{view['status']}" if final else "image.task.progress"
+                yield ServerSentEvent(data=orjson.dumps(view).decode(), event=name)
+                if final:
+                    return
+            await asyncio.sleep(interval)
+            reread = await state.tasks.queue.get(task_id, caller.key_id)
+            if reread is None:  # purged meanwhile
+                gone = NotFoundError(f"No task with id '{task_id}'.", param="task_id").to_body()
+                yield ServerSentEvent(data=orjson.dumps({"type": "error", **gone}).decode(), event="error")
+                return
+            current = reread
+
+    return EventSourceResponse(
+        events(),
+        ping=state.settings.server.sse_ping_s,
+        headers={**NO_STORE, "x-accel-buffering": "no"},
+    )
 
 
 @router.get("")

@@ -68,6 +68,9 @@ class ApiKey(Base):
     rpm: Mapped[int | None] = mapped_column(Integer)
     ipm: Mapped[int | None] = mapped_column(Integer)
     concurrency: Mapped[int | None] = mapped_column(Integer)
+    # Asynchronous tasks: how many may wait in the queue, and how many may run at once (None: no cap).
+    max_queued_tasks: Mapped[int | None] = mapped_column(Integer)
+    max_tasks_in_flight: Mapped[int | None] = mapped_column(Integer)
     # Per-key moderation lists, on top of the global ones.
     moderation_allow: Mapped[list[str] | None] = mapped_column(JSON)
     moderation_block: Mapped[list[str] | None] = mapped_column(JSON)
@@ -133,6 +136,13 @@ class LedgerEntry(Base):
     error_code: Mapped[str | None] = mapped_column(String(100))
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # SVG output: the author model's own tokens (`svg_usage`) and their cost, which is part of
+    # cost_micros and recorded apart from the image's.
+    svg_model: Mapped[str | None] = mapped_column(String(100))
+    svg_input_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_output_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Task(Base):
@@ -179,6 +189,52 @@ class Task(Base):
     # them instead of submitting again.
     provider_job: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookEndpoint(Base):
+    """Where a key's task events go: set by the admin, never by a client (the gateway only ever
+    calls URLs an operator entered). ``secret`` signs deliveries (Standard Webhooks, HMAC-SHA256);
+    it has to be kept usable, not hashed, and is shown only when created or rotated."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_key", "key_id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(String(200))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction that finished its task,
+    and retried with backoff until delivered or past its retry period."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_created", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the `webhook-id` header
+    endpoint_id: Mapped[str] = mapped_column(String(40))
+    key_id: Mapped[str] = mapped_column(String(40))
+    task_id: Mapped[str] = mapped_column(String(40), index=True)
+    event_type: Mapped[str] = mapped_column(String(60))
+    # The task as it ended (id, status, error), sent if the task itself is gone by delivery time.
+    snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # pending | delivered | failed
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    give_up_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class ModerationEvent(Base):

@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
 from app.billing.pricing import apply_multiplier, request_cost
+from app.billing.svg import SvgCharge
 from app.images.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.keys import Caller
 from app.metrics import Metrics
@@ -174,6 +175,7 @@ def ledger_record(
     raw_usage: Any = None,
     *,
     error_code: str | None = None,
+    svg: SvgCharge | None = None,
 ) -> LedgerRecord:
     return LedgerRecord(
         request_id=job.request_id,
@@ -188,6 +190,7 @@ def ledger_record(
         latency_ms=ms_since(started),
         error_code=error_code,
         raw_usage=raw_usage,
+        svg=svg,
     )
 
 

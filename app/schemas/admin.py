@@ -30,6 +30,9 @@ class _KeyLimits(StrictWireModel):
     concurrency: Limit | None = None
     # Console thumbnails of this key's images: true/false, or null to follow console.thumbnails.
     thumbnails: bool | None = None
+    # Asynchronous tasks: waiting in the queue (429 when full), and running at once.
+    max_queued_tasks: Limit | None = None
+    max_tasks_in_flight: Limit | None = None
 
 
 class ApiKeyCreateRequest(_KeyLimits):
@@ -77,6 +80,8 @@ class ApiKeyObject(BaseModel):
     rpm: int | None
     ipm: int | None
     concurrency: int | None
+    max_queued_tasks: int | None = None
+    max_tasks_in_flight: int | None = None
     moderation_allow: list[str] | None
     moderation_block: list[str] | None
     thumbnails: bool | None = None

@@ -1,29 +1,41 @@
 """The durable task queue, in the gateway's database.
 
-Claiming is one atomic ``UPDATE … WHERE id = (SELECT … LIMIT 1)``: on PostgreSQL the inner
-select takes ``FOR UPDATE SKIP LOCKED``, so concurrent workers (threads, processes, replicas)
-each get a different task without waiting on one another; SQLite serialises writers, which gives
-the same guarantee. A claim is a lease: a worker that dies stops renewing it, and once it lapses
-the task is claimable again (up to ``max_attempts``). Finishing a task is guarded by the worker's
-identity, so a worker whose lease was taken over can never overwrite the new owner's outcome.
+Claiming takes a batch: one select picks the candidates, one ``UPDATE … WHERE id IN (…) AND
+<still runnable> RETURNING`` leases them. On PostgreSQL the update's inner select takes ``FOR
+UPDATE SKIP LOCKED``, so concurrent workers (processes, replicas) each get different tasks without
+waiting on one another; SQLite serialises writers, which gives the same guarantee. A claim is a
+lease: a worker renews the leases of all its running tasks in one statement, a worker that dies
+stops renewing, and once a lease lapses the task is claimable again (up to ``max_attempts``).
+Finishing a task is guarded by the worker's identity, so a worker whose lease was taken over can
+never overwrite the new owner's outcome.
+
+Fairness between keys: candidates are ranked inside each key by age (``row_number() OVER
+(PARTITION BY key_id)``) and taken by rank first, age second, so a claim of N tasks takes every
+waiting key's oldest task before any key's second one: round-robin across keys, FIFO within a
+key. One key's backlog of thousands therefore never delays another key's task by more than one
+claim. A key's ``max_tasks_in_flight`` caps its rank by the room it has left (its tasks running
+under a live lease count against it); ``max_queued_tasks`` is checked when a task is submitted.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Result, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.tables import Reservation, Task, utcnow
+from app.billing.limits import RateLimitError
+from app.db.tables import ApiKey, Reservation, Task, utcnow
 from app.db.writer import Writer
 
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
+# Advised to a key whose queue is full: about one image's time, when its oldest tasks may have started.
+QUEUE_FULL_RETRY_AFTER_S = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +66,10 @@ class TaskQueue:
         lease_s: float = 60.0,
         max_attempts: int = 3,
         hold_ttl_s: float | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        """``clock``: what "now" is for leases (tests move it instead of sleeping)."""
+        self._now = clock
         self._sessions = sessions
         # Writes go through the writer (app/db/writer.py); reads for the task API use sessions.
         self._writer = writer
@@ -62,9 +77,10 @@ class TaskQueue:
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
 
-    async def submit(self, task: NewTask) -> tuple[Task, bool]:
+    async def submit(self, task: NewTask, *, max_queued: int | None = None) -> tuple[Task, bool]:
         """Persist a queued task; with an idempotency key already used by this caller, the existing
-        task instead. Returns (task, created)."""
+        task instead. Returns (task, created). ``max_queued``: the key's limit of tasks waiting to
+        run, checked in the insert's own transaction (429 ``rate_limit_exceeded`` when full)."""
         if task.idempotency_key is not None:
             existing = await self._by_idempotency(task.key_id, task.idempotency_key)
             if existing is not None:
@@ -87,6 +103,18 @@ class TaskQueue:
         )
 
         def write(c: Connection) -> None:
+            if max_queued is not None:
+                waiting = c.scalar(
+                    select(func.count())
+                    .select_from(Task)
+                    .where(Task.key_id == task.key_id, Task.status == QUEUED)
+                )
+                if int(waiting or 0) >= max_queued:
+                    raise RateLimitError(
+                        f"This key already has {max_queued} tasks waiting to run, its limit "
+                        "(max_queued_tasks). Retry when some have started.",
+                        retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
+                    )
             c.execute(insert(Task).values(values))
             if task.hold_id is not None and self.hold_ttl is not None:
                 # A queued task keeps its hold for as long as it may wait and run.
@@ -108,6 +136,10 @@ class TaskQueue:
             return existing, False
         return Task(**values), True
 
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        return self._sessions
+
     async def find(self, key_id: str, idempotency_key: str) -> Task | None:
         """The caller's task submitted with this idempotency key, if any."""
         return await self._by_idempotency(key_id, idempotency_key)
@@ -120,33 +152,53 @@ class TaskQueue:
             return result.scalar_one_or_none()
 
     async def claim(self, worker: str) -> Task | None:
-        """Lease the oldest runnable task: queued, or in progress with a lapsed lease."""
-        return await self._writer.run(lambda c: self._claim(c, worker))
+        """Lease one task (the fairest, see the module docstring); None when nothing is runnable."""
+        claimed = await self.claim_batch(worker, 1)
+        return claimed[0] if claimed else None
 
-    def _claim(self, c: Connection, worker: str) -> Task | None:
-        now = utcnow()
-        candidate = (
+    async def claim_batch(self, worker: str, limit: int) -> list[Task]:
+        """Lease up to ``limit`` runnable tasks (queued, or in progress with a lapsed lease),
+        round-robin across keys and within each key's ``max_tasks_in_flight``."""
+        return await self._writer.run(lambda c: self._claim(c, worker, limit))
+
+    def _claim(self, c: Connection, worker: str, limit: int) -> list[Task]:
+        now = self._now()
+
+        def runnable() -> Any:
+            return or_(Task.status == QUEUED, and_(Task.status == IN_PROGRESS, Task.lease_until < now))
+
+        rank = func.row_number().over(partition_by=Task.key_id, order_by=(Task.created_at, Task.id))
+        ranked = (
+            select(Task.id, Task.key_id, Task.created_at, rank.label("rank")).where(runnable()).subquery()
+        )
+        running = (
+            select(Task.key_id, func.count().label("n"))
+            .where(Task.status == IN_PROGRESS, Task.lease_until >= now)
+            .group_by(Task.key_id)
+            .subquery()
+        )
+        room = ApiKey.max_tasks_in_flight - func.coalesce(running.c.n, 0)
+        pick = (
             select(Task.id)
-            .where(
-                or_(
-                    Task.status == QUEUED,
-                    and_(Task.status == IN_PROGRESS, Task.lease_until < now),
-                )
+            .select_from(
+                Task.__table__.join(ranked, ranked.c.id == Task.id)
+                .outerjoin(ApiKey, ApiKey.id == ranked.c.key_id)
+                .outerjoin(running, running.c.key_id == ranked.c.key_id)
             )
-            .order_by(Task.created_at, Task.id)
-            .limit(1)
+            .where(or_(ApiKey.max_tasks_in_flight.is_(None), ranked.c.rank <= room))
+            .order_by(ranked.c.rank, ranked.c.created_at, ranked.c.id)
+            .limit(limit)
         )
         if c.dialect.name == "postgresql":
-            candidate = candidate.with_for_update(skip_locked=True)
-        task_id = c.scalar(candidate)
-        if task_id is None:
-            return None
-        claimed = c.execute(
+            # Rows another worker is claiming right now are skipped and the batch filled with the
+            # next ones (the ranking itself sits in a subquery, where no lock is taken).
+            pick = pick.with_for_update(of=Task, skip_locked=True)
+        picked = list(c.scalars(pick))
+        if not picked:
+            return []
+        rows = c.execute(
             update(Task)
-            .where(
-                Task.id == task_id,
-                or_(Task.status == QUEUED, and_(Task.status == IN_PROGRESS, Task.lease_until < now)),
-            )
+            .where(Task.id.in_(picked), runnable())
             .values(
                 status=IN_PROGRESS,
                 worker=worker,
@@ -154,11 +206,12 @@ class TaskQueue:
                 attempts=Task.attempts + 1,
                 started_at=now,
             )
-        )
-        if _rows(claimed) != 1:
-            return None  # another worker got it between the select and the update (SQLite)
-        row = c.execute(select(Task.__table__).where(Task.id == task_id)).one()
-        return Task(**row._asdict())
+            .returning(*Task.__table__.columns)
+        ).all()
+        order = {task_id: index for index, task_id in enumerate(picked)}
+        claimed = [Task(**row._asdict()) for row in rows]
+        claimed.sort(key=lambda task: order.get(task.id, len(order)))
+        return claimed
 
     async def mark_dispatched(self, task_id: str, worker: str) -> bool:
         """Record that the upstream is about to be called (see ``Task.dispatched_at``)."""
@@ -189,14 +242,22 @@ class TaskQueue:
 
     async def renew(self, task_id: str, worker: str) -> bool:
         """Extend a lease; False when the task is no longer this worker's."""
+        return task_id in await self.renew_all(worker, [task_id])
 
-        def extend(c: Connection) -> bool:
-            renewed = c.execute(
+    async def renew_all(self, worker: str, task_ids: Collection[str]) -> set[str]:
+        """Extend the leases of ``task_ids`` in one statement; returns those still this worker's."""
+        if not task_ids:
+            return set()
+        ids = list(task_ids)
+
+        def extend(c: Connection) -> set[str]:
+            rows = c.execute(
                 update(Task)
-                .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
-                .values(lease_until=utcnow() + self.lease)
+                .where(Task.id.in_(ids), Task.worker == worker, Task.status == IN_PROGRESS)
+                .values(lease_until=self._now() + self.lease)
+                .returning(Task.id)
             )
-            return _rows(renewed) == 1
+            return set(rows.scalars().all())
 
         return await self._writer.run(extend)
 
@@ -209,13 +270,20 @@ class TaskQueue:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         cost_micros: int = 0,
+        also: Callable[[Connection], Any] | None = None,
     ) -> bool:
-        """Record an outcome in a transaction of its own (one with no charge)."""
-        return await self._writer.run(
-            lambda c: self.finish_in(
+        """Record an outcome in a transaction of its own (one with no charge); ``also`` runs in the
+        same transaction when the outcome was recorded (the task's webhook events)."""
+
+        def write(c: Connection) -> bool:
+            done = self.finish_in(
                 c, task_id, worker, status=status, result=result, error=error, cost_micros=cost_micros
             )
-        )
+            if done and also is not None:
+                also(c)
+            return done
+
+        return await self._writer.run(write)
 
     def finish_in(
         self,
@@ -243,12 +311,21 @@ class TaskQueue:
         )
         return _rows(finished) == 1
 
-    async def fail_exhausted(self) -> list[Task]:
-        """Tasks whose lease lapsed after their last allowed attempt: they fail, they don't loop."""
-        return await self._writer.run(self._fail_exhausted)
+    async def fail_exhausted(self, on_failed: Callable[[Connection, Task], Any] | None = None) -> list[Task]:
+        """Tasks whose lease lapsed after their last allowed attempt: they fail, they don't loop.
+        ``on_failed`` runs for each inside the same transaction (its webhook events)."""
+
+        def fail(c: Connection) -> list[Task]:
+            rows = self._fail_exhausted(c)
+            if on_failed is not None:
+                for row in rows:
+                    on_failed(c, row)
+            return rows
+
+        return await self._writer.run(fail)
 
     def _fail_exhausted(self, c: Connection) -> list[Task]:
-        now = utcnow()
+        now = self._now()
         exhausted = and_(
             Task.status == IN_PROGRESS, Task.lease_until < now, Task.attempts >= self.max_attempts
         )

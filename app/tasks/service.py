@@ -29,6 +29,9 @@ from app.images.uploads import SpooledFile, UploadForm
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
 from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
+from app.upstream.slots import CALL_SOURCE
+from app.webhooks.endpoints import WebhookEndpoints
+from app.webhooks.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,14 @@ class TaskService:
         inputs_root: Path,
         input_limits: InputLimits,
         settings: TaskSettingsView,
+        outbox: Outbox | None = None,
+        endpoints: WebhookEndpoints | None = None,
     ) -> None:
         self.queue = queue
+        self._outbox = outbox
+        self._endpoints = endpoints
+        # Called after a task's events were queued (the webhook sender's wakeup).
+        self.on_events: Callable[[], None] = lambda: None
         self._images = images
         self._keys = keys
         self._store = store
@@ -64,6 +73,8 @@ class TaskService:
         self._settings = settings
         # Set on submit so an in-process worker starts at once instead of at its next poll.
         self.wakeup = asyncio.Event()
+        # Tasks this process is running now (for /metrics).
+        self.running = 0
 
     async def submit(
         self,
@@ -73,12 +84,15 @@ class TaskService:
         payload: dict[str, Any],
         idempotency_key: str | None,
         form: UploadForm | None = None,
+        webhooks: list[str] | None = None,
     ) -> tuple[Task, dict[str, str]]:
         """Queue a validated job; a repeated idempotency key returns the first task, uncharged."""
         if idempotency_key is not None:
             existing = await self.queue.find(caller.key_id, idempotency_key)
             if existing is not None:
                 return existing, {}
+        # Only among the key's own endpoints (400 otherwise), before anything is held.
+        chosen = await self._endpoints.choose(caller.key_id, webhooks) if self._endpoints else []
         job = await self._images.screen(caller=caller, job=job)
         headers = await self._images.admit(caller=caller, job=job)
         # The normal hold TTL until the task row exists: a submission cut short (a crash between
@@ -86,6 +100,8 @@ class TaskService:
         hold = await self._images.reserve(caller=caller, job=job)
         task_id = new_task_id()
         spec: dict[str, Any] = {"payload": payload}
+        if chosen:
+            spec["webhooks"] = chosen
         try:
             if form is not None:
                 spec["files"] = await asyncio.to_thread(self._keep_inputs, task_id, form)
@@ -102,7 +118,8 @@ class TaskService:
                     hold_id=hold.id,
                     hold_period=hold.period,
                     hold_micros=hold.amount_micros,
-                )
+                ),
+                max_queued=caller.max_queued_tasks,
             )
         except BaseException:
             await self._images.release(hold)
@@ -147,6 +164,7 @@ class TaskService:
             "created_at": _ts(task.created_at),
             "started_at": _ts(task.started_at),
             "finished_at": _ts(task.finished_at),
+            "progress": _progress(task),
         }
         if task.status == SUCCEEDED and task.result is not None:
             body["result"] = await render_images(
@@ -160,28 +178,20 @@ class TaskService:
             body["error"] = task.error
         return body
 
-    async def run_next(self, worker: str) -> bool:
-        """Claim and run one task; False when the queue had nothing runnable."""
-        for abandoned in await self.queue.fail_exhausted():
+    async def claim(self, worker: str, limit: int) -> list[Task]:
+        """Fail the tasks that ran out of attempts, then lease up to ``limit`` runnable ones."""
+        for abandoned in await self.queue.fail_exhausted(self._events_for_abandoned):
             await self._after(abandoned)
-        task = await self.queue.claim(worker)
-        if task is None:
-            return False
-        heartbeat = asyncio.create_task(self._keep_lease(task.id, worker))
+        return await self.queue.claim_batch(worker, limit)
+
+    async def run_claimed(self, task: Task, worker: str) -> None:
+        """Run one leased task to its outcome (its lease is renewed by the worker pool)."""
+        CALL_SOURCE.set("task")  # this coroutine's own context: upstream waits count as tasks'
+        self.running += 1
         try:
             await self._run(task, worker)
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
-        return True
-
-    async def _keep_lease(self, task_id: str, worker: str) -> None:
-        interval = self.queue.lease.total_seconds() / 3
-        while True:
-            await asyncio.sleep(interval)
-            if not await self.queue.renew(task_id, worker):
-                log.warning("task lease lost", extra={"fields": {"task_id": task_id}})
-                return
+            self.running -= 1
 
     async def _run(self, task: Task, worker: str) -> None:
         hold = Hold(
@@ -240,9 +250,12 @@ class TaskService:
             stored = await store_images(body, self._store, output_format=job.output_format)
 
             def record(c: Connection) -> bool:
-                return self.queue.finish_in(
+                done = self.queue.finish_in(
                     c, task.id, worker, status=SUCCEEDED, result=stored, cost_micros=cost
                 )
+                if done and self._outbox is not None:
+                    self._outbox.enqueue_in(c, task, status=SUCCEEDED)
+                return done
 
             return stored, record
 
@@ -252,7 +265,13 @@ class TaskService:
         # The request path has already settled or released the hold for upstream failures; a
         # failure before it (the key was revoked, validation changed) still holds it: release.
         await self._images.release(hold)
-        await self.queue.finish(task.id, worker, status=FAILED, error=error)
+        outbox = self._outbox
+
+        def events(c: Connection) -> None:
+            if outbox is not None:
+                outbox.enqueue_in(c, task, status=FAILED, error=error)
+
+        await self.queue.finish(task.id, worker, status=FAILED, error=error, also=events)
 
     async def _rebuild(self, task: Task, caller: Caller) -> ImageJob:
         """The job again, from what was submitted (validated again: the catalog may have changed)."""
@@ -275,8 +294,19 @@ class TaskService:
             caller=caller, form=form, request_id=task.request_id, limits=self._input_limits
         )
 
+    def _events_for_abandoned(self, c: Connection, task: Task) -> None:
+        if self._outbox is not None:
+            self._outbox.enqueue_in(c, task, status=FAILED, error=task.error)
+
     async def _after(self, task: Task) -> None:
+        self.on_events()
         await asyncio.to_thread(self._drop_inputs, task.id)
+
+    async def render(self, task_id: str, *, base_url: str) -> dict[str, Any] | None:
+        """The task object as its owner sees it (for webhook events); None when it is gone."""
+        async with self.queue.sessions() as session:
+            task = await session.get(Task, task_id)
+        return await self.view(task, base_url=base_url) if task is not None else None
 
     async def purge(self) -> int:
         """Delete finished tasks past retention, with their stored images."""
@@ -292,6 +322,19 @@ class TaskService:
             purged += len(gone)
             if len(gone) < PURGE_BATCH:
                 return purged
+
+
+def _progress(task: Task) -> dict[str, int]:
+    """Images completed of those asked for. The upstream answers a non-streamed call whole, so the
+    count moves from 0 to all at once; it is the count the result holds, not an estimate."""
+    payload = (task.spec or {}).get("payload") or {}
+    asked = payload.get("n")
+    images = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 1
+    completed = 0
+    if task.status == SUCCEEDED and isinstance(task.result, dict):
+        data = task.result.get("data")
+        completed = len(data) if isinstance(data, list) else 0
+    return {"images": max(images, completed), "images_completed": completed}
 
 
 def _ts(value: Any) -> int | None:

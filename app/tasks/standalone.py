@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from app.lifespan import open_state, prepare
+from app.lifespan import open_state, prepare, webhook_sender
 from app.settings import Settings
 from app.tasks.worker import work
 
@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def run_workers(settings: Settings, *, concurrency: int | None = None) -> int:
-    """Run until SIGTERM/SIGINT; the task in hand is finished before the process exits."""
-    loops = concurrency or max(settings.tasks.workers, 1)
+    """One worker pool running up to ``concurrency`` (default ``tasks.concurrency``) tasks at once,
+    until SIGTERM/SIGINT; the tasks in hand are finished before the process exits."""
+    limit = concurrency or settings.tasks.concurrency
 
     async def main() -> None:
         await prepare(settings)
@@ -24,10 +25,24 @@ def run_workers(settings: Settings, *, concurrency: int | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with open_state(settings) as state:
-            log.info("standalone workers running", extra={"fields": {"workers": loops}})
-            await asyncio.gather(
-                *(work(state.tasks, stop, poll_s=settings.tasks.poll_s) for _ in range(loops))
+            log.info("standalone worker running", extra={"fields": {"concurrency": limit}})
+            sender = (
+                asyncio.create_task(webhook_sender(state).run_forever())
+                if settings.webhooks.enabled
+                else None
             )
+            try:
+                await work(
+                    state.tasks,
+                    stop,
+                    poll_s=settings.tasks.poll_s,
+                    concurrency=limit,
+                    batch=settings.tasks.claim_batch,
+                )
+            finally:
+                if sender is not None:
+                    sender.cancel()
+                    await asyncio.gather(sender, return_exceptions=True)
 
     asyncio.run(main())
     return 0

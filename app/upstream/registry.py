@@ -11,6 +11,7 @@ from app.settings import UpstreamSettings
 from app.upstream.base import ImageProvider
 from app.upstream.providers.local import LocalProvider
 from app.upstream.providers.openai_compat import OpenAICompatProvider
+from app.upstream.slots import SlotPolicy
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ class Route:
     priority: int
     # False for upstreams that cannot stream: the router asks them for a whole result instead.
     streams: bool = True
+    # True for upstreams that stop serving a model on OpenAI's retirement date.
+    follows_retirements: bool = False
 
     @property
     def name(self) -> str:
@@ -37,21 +40,29 @@ class ProviderRegistry:
         routes: dict[str, list[Route]],
         providers: Sequence[ImageProvider],
         limits: dict[str, int | None] | None = None,
+        slot_policies: dict[str, SlotPolicy] | None = None,
     ) -> None:
         self._routes = routes
         self._providers = list(providers)
         self._limits = limits or {}
+        self._slot_policies = slot_policies or {}
 
     def concurrency_limits(self) -> dict[str, int | None]:
         """Each upstream's ``max_concurrency`` (None: unbounded)."""
         return dict(self._limits)
 
+    def slot_policy(self, name: str) -> SlotPolicy:
+        """How calls to ``name`` wait for a slot (its cap, how long, what to answer then)."""
+        return self._slot_policies.get(name) or SlotPolicy(limit=self._limits.get(name))
+
     def models(self) -> list[str]:
         """Public models at least one active upstream serves."""
         return [model for model, routes in self._routes.items() if routes]
 
-    def routes(self, model: str) -> list[Route]:
-        return list(self._routes.get(model, ()))
+    def routes(self, model: str, *, retired: bool = False) -> list[Route]:
+        """The routes of a model; for a retired one, only upstreams that still serve it."""
+        routes = self._routes.get(model, ())
+        return [r for r in routes if not (retired and r.follows_retirements)]
 
     def providers(self) -> list[ImageProvider]:
         return list(self._providers)
@@ -68,6 +79,7 @@ class ProviderRegistry:
         routes: dict[str, list[Route]] = {name: [] for name in catalog.names()}
         providers: list[ImageProvider] = []
         limits: dict[str, int | None] = {}
+        policies: dict[str, SlotPolicy] = {}
         for upstream in upstreams:
             if not upstream.active:
                 log.info(
@@ -78,7 +90,12 @@ class ProviderRegistry:
             provider = _make_provider(upstream)
             providers.append(provider)
             limits[upstream.name] = upstream.max_concurrency
-            for model, upstream_model in upstream.model_map(_servable(upstream, catalog)).items():
+            policies[upstream.name] = SlotPolicy(
+                upstream.max_concurrency, upstream.queue_timeout_s, upstream.busy_status
+            )
+            for model, upstream_model in _with_aliases(
+                upstream.model_map(_servable(upstream, catalog)), catalog
+            ).items():
                 if model not in routes:
                     log.warning(
                         "upstream lists a model missing from the catalog; ignored",
@@ -97,9 +114,16 @@ class ProviderRegistry:
                     if upstream_model == model:
                         upstream_model = spec.model  # the catalog names the provider's model id
                 routes[model].append(
-                    Route(provider, upstream_model, upstream.weight, upstream.priority, upstream.stream)
+                    Route(
+                        provider,
+                        upstream_model,
+                        upstream.weight,
+                        upstream.priority,
+                        upstream.stream,
+                        follows_retirements=upstream.follows_openai_retirements,
+                    )
                 )
-        return cls(routes, providers, limits)
+        return cls(routes, providers, limits, policies)
 
 
 # Upstream kinds with their own wire formats; each serves the catalog models whose
@@ -121,6 +145,19 @@ def _servable(upstream: UpstreamSettings, catalog: Catalog) -> list[str]:
     return names
 
 
+def _with_aliases(mapping: dict[str, str], catalog: Catalog) -> dict[str, str]:
+    """An upstream that serves a model serves its dated snapshots too: under the snapshot's own
+    name, or under the model's rename when the upstream renames it (an Azure deployment)."""
+    full = dict(mapping)
+    for name in catalog.names():
+        caps = catalog.get(name)
+        if caps is None or caps.alias_of is None or name in full or caps.alias_of not in mapping:
+            continue
+        renamed = mapping[caps.alias_of]
+        full[name] = name if renamed == caps.alias_of else renamed
+    return full
+
+
 def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
     if upstream.kind == "local":
         return LocalProvider(upstream.name, stream_pace_s=upstream.stream_pace_s)
@@ -131,7 +168,7 @@ def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
             api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
             timeout_s=upstream.timeout_s,
             connect_timeout_s=upstream.connect_timeout_s,
-            max_connections=upstream.max_concurrency or 100,
+            max_connections=upstream.max_concurrency,
         )
     if upstream.kind == "azure":
         from app.upstream.providers.azure import AzureOpenAIProvider
@@ -149,7 +186,7 @@ def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
             ],
             timeout_s=upstream.timeout_s,
             connect_timeout_s=upstream.connect_timeout_s,
-            max_connections=upstream.max_concurrency or 100,
+            max_connections=upstream.max_concurrency,
         )
     if upstream.kind in NATIVE_KINDS:
         from app.upstream.providers.factory import native_provider

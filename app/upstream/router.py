@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import TypeVar
 
-from app.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from app.errors import GatewayError, UpstreamBusy, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
 from app.metrics import Metrics, outcome_of
 from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 from app.upstream.registry import ProviderRegistry, Route
 from app.upstream.retry import RetryAction, RetryPolicy
+from app.upstream.slots import UpstreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ class Router:
         self._sleep = sleep
         config = breaker or BreakerConfig()
         self.breakers = {name: CircuitBreaker(name, config) for name in registry.provider_names()}
-        self._slots = {
-            name: asyncio.Semaphore(limit) for name, limit in registry.concurrency_limits().items() if limit
+        self.slots = {
+            name: UpstreamSlots(name, registry.slot_policy(name)) for name in registry.provider_names()
         }
 
     async def generate(self, job: ImageJob, tried: list[str] | None = None) -> tuple[ImageResult, str]:
@@ -134,7 +135,8 @@ class Router:
         last one, the policy may retry it after a backoff (honouring ``retry-after``). Open circuit
         breakers are skipped. ``tried`` collects each upstream as it is called, so a caller that is
         cancelled midway still knows which upstream its request reached."""
-        routes = order_routes(self._registry.routes(job.model), self._rng)
+        # A retired model never goes to an upstream that follows OpenAI's retirements.
+        routes = order_routes(self._registry.routes(job.model, retired=job.retired), self._rng)
         if job.resume is not None:
             # A task resuming a provider job (FLUX) polls it where it runs: any other upstream
             # would submit it a second time.
@@ -157,6 +159,11 @@ class Router:
                     tried.append(route.name)
                 try:
                     return await self._call(route, job, attempt), route.name
+                except UpstreamBusy as exc:
+                    # Our own cap, not a failure of the upstream: the next candidate, if any.
+                    exc.upstream = None
+                    last = exc
+                    break
                 except GatewayError as exc:
                     error = self._classify(exc, route)
                     last = error
@@ -189,12 +196,13 @@ class Router:
             )
 
     async def _call(self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> T:
+        async with self.slots[route.name].hold():
+            return await self._call_now(route, job, attempt)
+
+    async def _call_now(self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> T:
         breaker = self.breakers[route.name]
-        slots = self._slots.get(route.name)
         started = time.monotonic()
         error: BaseException | None = None
-        if slots is not None:
-            await slots.acquire()
         breaker.started()
         try:
             return await attempt(route)
@@ -203,8 +211,6 @@ class Router:
             raise
         finally:
             breaker.finished()
-            if slots is not None:
-                slots.release()
             elapsed = time.monotonic() - started
             if error is None:
                 breaker.record_success(elapsed)
@@ -230,6 +236,10 @@ class Router:
     def snapshots(self) -> list[BreakerSnapshot]:
         return [breaker.snapshot() for breaker in self.breakers.values()]
 
+    def waiting(self) -> dict[str, dict[str, int]]:
+        """Calls waiting for a slot, per upstream and per source (``request`` or ``task``)."""
+        return {name: dict(slots.waiting) for name, slots in self.slots.items()}
+
 
 def _credentials(error: BaseException) -> bool:
     return isinstance(error, UpstreamRejected) and error.status_code in (401, 403)
@@ -251,7 +261,7 @@ def _log_attempt(route: Route, attempt: int, error: GatewayError, action: RetryA
 
 
 async def _whole(route: Route, job: ImageJob) -> ImageResult:
-    if job.endpoint == "edits":
+    if job.endpoint != "generations":  # edits and variations: multipart with the spooled files
         return await route.provider.edit(job, upstream_model=route.upstream_model)
     return await route.provider.generate(job, upstream_model=route.upstream_model)
 

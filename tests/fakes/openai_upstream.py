@@ -20,6 +20,7 @@ transport error (httpx `RemoteProtocolError`; the SDK's `APIConnectionError`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
@@ -116,6 +117,13 @@ class FakeOpenAI:
         self.models: list[str] = list(DEFAULT_MODELS)
         self.pretty_json = False
         self.last_answer: bytes | None = None  # the body of the last non-streamed image answer
+        # The gate (see `hold`): image requests wait until this many requests are in flight at once.
+        if getattr(self, "_gate", None) is not None:
+            self.release()
+        self._hold_until: int | None = None
+        self._hold_timeout_s = 0.0
+        self._gate: asyncio.Event | None = None
+        self._gate_loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -189,6 +197,37 @@ class FakeOpenAI:
         """The highest `in_flight` seen since the last `clear()`."""
         with self._cond:
             return self._max_in_flight
+
+    # -- the gate: counting concurrency without timers -------------------------------------------------
+
+    def hold(self, until_in_flight: int, timeout_s: float = 30.0) -> None:
+        """Hold every image request until `until_in_flight` requests are in flight at once (then
+        all go), or `release()`; after `timeout_s` without either the gate opens by itself, so a
+        client that cannot reach the count fails its assertion instead of hanging."""
+        self._hold_until, self._hold_timeout_s = until_in_flight, timeout_s
+        self._gate = None
+
+    def release(self) -> None:
+        """Open the gate for every held and later request."""
+        gate, loop = self._gate, self._gate_loop
+        self._hold_until = None
+        if gate is not None and loop is not None:
+            loop.call_soon_threadsafe(gate.set)
+
+    async def _pass_gate(self) -> None:
+        if self._hold_until is None:
+            return
+        if self._gate is None:
+            self._gate, self._gate_loop = asyncio.Event(), asyncio.get_running_loop()
+        gate = self._gate
+        with self._cond:
+            if self._in_flight >= self._hold_until:
+                gate.set()
+        try:
+            async with asyncio.timeout(self._hold_timeout_s):
+                await gate.wait()
+        except TimeoutError:
+            gate.set()  # once, for everyone: the count was not reached
 
     # -- faults ---------------------------------------------------------------------------------------
 
@@ -290,6 +329,8 @@ class FakeOpenAI:
         if handler is None:
             return json_response(openai_error(f"Invalid URL ({record.method} {record.path})"), 404)
         cut = fault if fault is not None and fault.kind == "stream_cut" else None
+        if path.startswith("/v1/images/"):
+            await self._pass_gate()
         response = await handler(record, deployment, cut)
         if cut is not None and not isinstance(response, RawResponse):  # not a stream: cut the body
             return truncated_response(bytes(response.body), response.status_code, self._stopping)
@@ -299,6 +340,7 @@ class FakeOpenAI:
         return {
             ("POST", "/v1/images/generations"): self._generations,
             ("POST", "/v1/images/edits"): self._edits,
+            ("POST", "/v1/images/variations"): self._variations,
             ("POST", "/v1/moderations"): self._moderations,
             ("GET", "/v1/models"): self._list_models,
         }
@@ -343,6 +385,19 @@ class FakeOpenAI:
             return json_response(openai_error(message, code="missing_required_parameter", param="image"), 400)
         params = {key: values[0] for key, values in record.form.items()}
         return self._images(params, "image_edit", deployment, cut, image_size_of(images[0].data))
+
+    async def _variations(
+        self, record: RecordedRequest, deployment: str | None, cut: Fault | None
+    ) -> Response:
+        """dall-e-2's legacy endpoint: one square PNG, `n`, `size`, `response_format`; no prompt."""
+        images = record.files_for("image")
+        if not images:
+            message = "Missing required parameter: 'image'."
+            return json_response(openai_error(message, code="missing_required_parameter", param="image"), 400)
+        params: dict[str, Any] = {key: values[0] for key, values in record.form.items()}
+        params.setdefault("model", "dall-e-2")
+        params["prompt"] = "a variation"
+        return self._images(params, "image_variation", deployment, cut, image_size_of(images[0].data))
 
     def _images(
         self,

@@ -30,6 +30,11 @@ ENTRY = {
     "error_code": None,
     "usage": {"input_tokens": 10, "details": {"é": [1, 2]}},
     "created_at": datetime(2026, 11, 25, 12, 30, 1, 123456, tzinfo=UTC),
+    "svg_model": "gpt-5.5",
+    "svg_input_tokens": 1200,
+    "svg_output_tokens": 2500,
+    "svg_reasoning_tokens": 100,
+    "svg_cost_micros": 26_500,
 }
 
 

@@ -78,7 +78,7 @@ class AzureOpenAIProvider(OpenAICompatProvider):
         deployments: Sequence[str] = (),
         timeout_s: float = 300.0,
         connect_timeout_s: float = 10.0,
-        max_connections: int = 100,
+        max_connections: int | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         """``deployments``: deployment names that differ from the public model names; they are

@@ -15,7 +15,7 @@ def native_provider(upstream: UpstreamSettings) -> ImageProvider:
         "api_key": upstream.api_key.get_secret_value() if upstream.api_key else None,
         "timeout_s": upstream.timeout_s,
         "connect_timeout_s": upstream.connect_timeout_s,
-        "max_connections": upstream.max_concurrency or 100,
+        "max_connections": upstream.max_concurrency,
     }
     if upstream.kind == "gemini":
         from app.upstream.providers.gemini import DEFAULT_BASE_URL, GeminiProvider

@@ -254,7 +254,7 @@ class NativeProvider:
         api_key: str | None,
         timeout_s: float = 300.0,
         connect_timeout_s: float = 10.0,
-        max_connections: int = 100,
+        max_connections: int | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.name = name

@@ -58,14 +58,23 @@ def client_timeout(timeout_s: float, connect_timeout_s: float) -> aiohttp.Client
 
 
 def new_session(
-    timeout: aiohttp.ClientTimeout, *, max_connections: int, resolver: AbstractResolver | None = None
+    timeout: aiohttp.ClientTimeout, *, max_connections: int | None, resolver: AbstractResolver | None = None
 ) -> aiohttp.ClientSession:
     """A pooled keep-alive session as providers use it; ``resolver`` lets tests aim names at loopback.
+
+    ``max_connections`` None means no pool cap (aiohttp's ``limit=0``): an image call holds its
+    connection for the whole generation, so aiohttp's default of 100 would silently make every
+    upstream serve at most 100 images at once. Where the operator sets ``max_concurrency`` the
+    router's slots bound the calls and the pool matches them.
 
     Must be called inside the running loop.
     """
     connector = aiohttp.TCPConnector(
-        limit=max_connections, keepalive_timeout=KEEPALIVE_S, resolver=resolver, ssl=trust_store()
+        limit=max_connections or 0,
+        limit_per_host=0,
+        keepalive_timeout=KEEPALIVE_S,
+        resolver=resolver,
+        ssl=trust_store(),
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -115,7 +124,7 @@ class OpenAICompatProvider:
         api_key: str | None,
         timeout_s: float = 300.0,
         connect_timeout_s: float = 10.0,
-        max_connections: int = 100,
+        max_connections: int | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         """``session``: one to share (its owner closes it, and its timeouts apply); by default the
@@ -196,7 +205,7 @@ class OpenAICompatProvider:
         if stream:
             headers["accept"] = "text/event-stream"
         url = self._images_url(job.endpoint, upstream_model)
-        if job.endpoint == "edits":
+        if job.endpoint != "generations":  # edits and variations
             # The form reads the files chunk by chunk while sending, so they must stay open until
             # the answer is in (the caller's ExitStack). It sets its own content-type, with boundary.
             form = edit_form(

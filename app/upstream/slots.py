@@ -1,0 +1,79 @@
+"""Each upstream's ``max_concurrency``: a slot per call in flight, waited for up to a bound.
+
+Without a cap (``max_concurrency: null``) there are no slots and nothing waits. With one, a call
+that finds every slot taken waits in line (FIFO, ``asyncio.Semaphore``) up to ``queue_timeout_s``;
+then the router tries another upstream, or answers ``busy_status`` with ``retry-after``. Waiting
+calls are counted by who is waiting (a client's request or a background task, read from
+``CALL_SOURCE``), for ``/metrics`` and ``/admin/upstreams``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from app.errors import UpstreamBusy
+
+# Set to "task" by the task worker around a task's run; everything else is a client's request.
+CALL_SOURCE: ContextVar[str] = ContextVar("upstream_call_source", default="request")
+SOURCES = ("request", "task")
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPolicy:
+    limit: int | None
+    wait_s: float = 30.0
+    busy_status: int = 503
+
+
+@dataclass(slots=True)
+class UpstreamSlots:
+    """The slots of one upstream (none when it has no cap) and who is waiting for them."""
+
+    name: str
+    policy: SlotPolicy
+    waiting: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    _semaphore: asyncio.Semaphore | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy.limit:
+            self._semaphore = asyncio.Semaphore(self.policy.limit)
+
+    @property
+    def capped(self) -> bool:
+        return self._semaphore is not None
+
+    def has_free_slot(self) -> bool:
+        return self._semaphore is None or not self._semaphore.locked()
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """A slot for the enclosed call; ``UpstreamBusy`` when none frees up in time."""
+        semaphore = self._semaphore
+        if semaphore is None:
+            yield
+            return
+        if semaphore.locked():
+            source = CALL_SOURCE.get()
+            self.waiting[source] = self.waiting.get(source, 0) + 1
+            try:
+                async with asyncio.timeout(self.policy.wait_s):
+                    await semaphore.acquire()
+            except TimeoutError:
+                raise UpstreamBusy(
+                    "The upstream service is at its concurrency limit; try again shortly.",
+                    status=self.policy.busy_status,
+                    retry_after_s=math.ceil(min(max(self.policy.wait_s, 1.0), 60.0)),
+                ) from None
+            finally:
+                self.waiting[source] -= 1
+        else:
+            await semaphore.acquire()
+        try:
+            yield
+        finally:
+            semaphore.release()

@@ -1,0 +1,196 @@
+"""The task queue on a real database (SQLite and PostgreSQL): fair claims across keys, per-key
+limits, batched claims and lease renewal, with the queue's clock moved by the test (no sleeping)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, insert, select
+
+from app.billing.limits import RateLimitError
+from app.db.engine import create_engine, create_sessionmaker
+from app.db.migrate import upgrade_head
+from app.db.tables import ApiKey, Task
+from app.db.writer import create_writer
+from app.tasks.queue import QUEUED, NewTask, TaskQueue, new_task_id
+from tests.services import fresh_postgres_database
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'queue.db'}"
+        return
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def queue(db_url: str, clock: Clock) -> AsyncIterator[TaskQueue]:
+    engine = create_engine(db_url)
+    await upgrade_head(engine)
+    writer = create_writer(engine)
+    try:
+        yield TaskQueue(create_sessionmaker(engine), writer, lease_s=60, clock=clock)
+    finally:
+        await writer.aclose()
+        await engine.dispose()
+
+
+def _key(key_id: str, **limits: int | None) -> dict[str, object]:
+    return dict(
+        id=key_id,
+        name=key_id,
+        key_hash=key_id.ljust(64, "0"),
+        prefix="sk-gw-",
+        moderation="default",
+        enabled=True,
+        created_at=T0,
+        spent_micros=0,
+        reserved_micros=0,
+        price_multiplier_ppm=1_000_000,
+        max_queued_tasks=limits.get("max_queued_tasks"),
+        max_tasks_in_flight=limits.get("max_tasks_in_flight"),
+    )
+
+
+def _task(key_id: str, index: int) -> dict[str, object]:
+    return dict(
+        id=f"task_{key_id}_{index:05d}",
+        key_id=key_id,
+        request_id=f"req_{key_id}_{index}",
+        endpoint="generations",
+        model="gpt-image-1",
+        status=QUEUED,
+        spec={"payload": {}},
+        response_format="b64_json",
+        hold_micros=0,
+        attempts=0,
+        created_at=T0 + timedelta(milliseconds=index),
+    )
+
+
+async def _seed(queue: TaskQueue, keys: list[dict[str, object]], tasks: list[dict[str, object]]) -> None:
+    def write(c: Connection) -> None:
+        c.execute(insert(ApiKey), keys)
+        for start in range(0, len(tasks), 500):
+            c.execute(insert(Task), tasks[start : start + 500])
+
+    await queue._writer.run(write)
+
+
+async def test_one_keys_backlog_does_not_delay_another_keys_task(queue: TaskQueue) -> None:
+    backlog = [_task("key_a", i) for i in range(1000)]
+    # Key B's single task arrives after all 1,000 of key A's.
+    late = dict(_task("key_b", 0), created_at=T0 + timedelta(seconds=5))
+    await _seed(queue, [_key("key_a"), _key("key_b")], [*backlog, late])
+    first_round = await queue.claim_batch("w1", 8)
+    assert len(first_round) == 8
+    assert late["id"] in {t.id for t in first_round}, "key B waited behind key A's backlog"
+    # Within a key, oldest first: key A's tasks come in submission order.
+    assert [t.id for t in first_round if t.key_id == "key_a"] == [b["id"] for b in backlog[:7]]
+
+
+async def test_claims_alternate_between_keys(queue: TaskQueue) -> None:
+    tasks = [_task(k, i) for k in ("key_a", "key_b", "key_c") for i in range(4)]
+    await _seed(queue, [_key("key_a"), _key("key_b"), _key("key_c")], tasks)
+    claimed = await queue.claim_batch("w1", 6)
+    assert sorted(t.key_id for t in claimed) == ["key_a", "key_a", "key_b", "key_b", "key_c", "key_c"]
+    assert [t.key_id for t in claimed[:3]] == ["key_a", "key_b", "key_c"]
+
+
+async def test_max_tasks_in_flight_caps_a_key_across_claims(queue: TaskQueue) -> None:
+    tasks = [_task("key_a", i) for i in range(10)] + [_task("key_b", i) for i in range(3)]
+    await _seed(queue, [_key("key_a", max_tasks_in_flight=2), _key("key_b")], tasks)
+    first = await queue.claim_batch("w1", 10)
+    assert sorted(t.key_id for t in first) == ["key_a", "key_a", "key_b", "key_b", "key_b"]
+    assert await queue.claim_batch("w2", 10) == []  # key A is at its limit, key B is empty
+    running_a = [t for t in first if t.key_id == "key_a"]
+    assert await queue.finish(running_a[0].id, "w1", status="succeeded")
+    (next_a,) = await queue.claim_batch("w2", 10)
+    assert next_a.key_id == "key_a" and next_a.id == "task_key_a_00002"
+
+
+async def test_max_queued_tasks_refuses_with_429_and_retry_after(queue: TaskQueue) -> None:
+    await _seed(queue, [_key("key_q", max_queued_tasks=2)], [])
+
+    def new(i: int) -> NewTask:
+        return NewTask(
+            new_task_id(), "key_q", f"r{i}", "generations", "gpt-image-1", {}, "b64_json", None, None, None, 0
+        )
+
+    for i in range(2):
+        assert (await queue.submit(new(i), max_queued=2))[1]
+    with pytest.raises(RateLimitError) as refused:
+        await queue.submit(new(2), max_queued=2)
+    assert refused.value.status_code == 429 and refused.value.code == "rate_limit_exceeded"
+    assert int(refused.value.headers["retry-after"]) >= 1
+    # A running task no longer waits: room again.
+    assert await queue.claim_batch("w1", 1)
+    assert (await queue.submit(new(3), max_queued=2))[1]
+
+
+async def test_a_renewed_lease_outlives_lease_s_and_is_not_taken_twice(
+    queue: TaskQueue, clock: Clock
+) -> None:
+    await _seed(queue, [_key("key_l")], [_task("key_l", 0)])
+    (task,) = await queue.claim_batch("w1", 1)
+    lease = queue.lease.total_seconds()
+    # The running task outlives several leases; its worker renews every third of one.
+    for _ in range(9):
+        clock.advance(lease / 3)
+        assert await queue.renew_all("w1", [task.id]) == {task.id}
+        assert await queue.claim_batch("w2", 1) == []
+    assert clock.now - T0 > 2 * queue.lease
+    assert await queue.finish(task.id, "w1", status="succeeded")
+    assert await queue.claim_batch("w2", 1) == []
+    async with queue._sessions() as session:
+        row = (await session.execute(select(Task).where(Task.id == task.id))).scalar_one()
+    assert row.attempts == 1 and row.worker == "w1"
+
+
+async def test_an_unrenewed_lease_lapses_and_another_worker_takes_over(
+    queue: TaskQueue, clock: Clock
+) -> None:
+    await _seed(queue, [_key("key_l")], [_task("key_l", 0)])
+    (task,) = await queue.claim_batch("w1", 1)
+    clock.advance(queue.lease.total_seconds() + 1)
+    (retaken,) = await queue.claim_batch("w2", 1)
+    assert retaken.id == task.id and retaken.attempts == 2
+    assert await queue.renew_all("w1", [task.id]) == set()  # the first worker lost it
+    assert not await queue.finish(task.id, "w1", status="succeeded")
+
+
+async def test_concurrent_batch_claims_never_share_a_task(queue: TaskQueue) -> None:
+    await _seed(
+        queue, [_key("key_a"), _key("key_b")], [_task(k, i) for k in ("key_a", "key_b") for i in range(60)]
+    )
+    ids: list[str] = []
+    for _ in range(20):  # concurrent claimers may come back short, never with a shared task
+        rounds = await asyncio.gather(*(queue.claim_batch(f"w{i}", 16) for i in range(8)))
+        ids += [t.id for claimed in rounds for t in claimed]
+        if not any(rounds):
+            break
+    assert len(ids) == len(set(ids)) == 120

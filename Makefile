@@ -41,6 +41,10 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 # Benchmarks (issue 9): fake upstream, nginx, the gateway and LiteLLM on loopback; rewrites BENCHMARKS.md.
-.PHONY: bench
+.PHONY: bench bench-console
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Console page latency at 10,000 ledger rows (issue 18); rewrites its block of BENCHMARKS.md.
+bench-console: $(STAMP)
+	$(BIN)/python -m bench.console

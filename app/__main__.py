@@ -42,6 +42,11 @@ def _banner(settings: Settings, host: str, port: int) -> str:
         path = Path(settings.data_dir) / "admin_key"
         admin = f"the admin key is in {path} (mode 0600)"
         admin_expr = f"$(cat {path})"
+    console = (
+        f"\nWeb console: {base}/console  (sign in with the admin key, or a tenant with their own key)\n"
+        if settings.console.enabled
+        else ""
+    )
     return f"""
 Image gateway listening on {base}  ({admin})
 
@@ -58,7 +63,7 @@ Or from Python:
   from openai import OpenAI
   client = OpenAI(base_url="{base}/v1", api_key=KEY)
   image = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dawn")
-"""
+{console}"""
 
 
 class DrainingServer(uvicorn.Server):

@@ -11,6 +11,7 @@ Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``co
     ├── PermissionDeniedError          403 permission_error
     │   └── ModelNotAllowedError       403 model_not_allowed
     ├── NotFoundError                  404 not_found
+    │   └── ModelRetiredError          404 model_not_found, param "model" (date and replacement)
     ├── RequestTimeoutError            408 request_timeout
     ├── PayloadTooLargeError           413 payload_too_large
     ├── QuotaExceededError             429 insufficient_quota
@@ -115,6 +116,15 @@ class NotFoundError(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "not_found"
+
+
+class ModelRetiredError(NotFoundError):
+    """OpenAI's answer for a model past its retirement date, before anything is reserved."""
+
+    default_code = "model_not_found"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
 
 
 class RequestTimeoutError(GatewayError):

@@ -43,6 +43,8 @@ class Caller:
     moderation_allow: tuple[str, ...] = ()
     max_queued_tasks: int | None = None
     moderation_block: tuple[str, ...] = ()
+    # Console thumbnails: None follows the global console.thumbnails setting.
+    thumbnails: bool | None = None
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -89,6 +91,7 @@ def to_public(row: ApiKey) -> ApiKeyObject:
         max_tasks_in_flight=row.max_tasks_in_flight,
         moderation_allow=row.moderation_allow,
         moderation_block=row.moderation_block,
+        thumbnails=row.thumbnails,
     )
 
 
@@ -115,6 +118,7 @@ def _caller(row: ApiKey) -> Caller:
         concurrency=row.concurrency,
         moderation_allow=tuple(row.moderation_allow or ()),
         moderation_block=tuple(row.moderation_block or ()),
+        thumbnails=row.thumbnails,
         max_queued_tasks=row.max_queued_tasks,
     )
 
@@ -252,6 +256,7 @@ class KeyService:
                     "max_tasks_in_flight",
                     "moderation_allow",
                     "moderation_block",
+                    "thumbnails",
                 ):
                     continue
                 setattr(row, "metadata_" if field == "metadata" else field, value)
@@ -276,6 +281,7 @@ class KeyService:
             "max_tasks_in_flight",
             "moderation_allow",
             "moderation_block",
+            "thumbnails",
         ):
             if field in changes:
                 setattr(row, field, changes[field])

@@ -15,10 +15,12 @@ from sqlalchemy.engine import make_url
 
 from app.billing.ledger import LedgerService
 from app.billing.limits import RateLimiter, build_limiter
+from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.writer import create_writer
 from app.images.capabilities import Catalog
+from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
 from app.images.sweep import SweepPolicy, sweep_forever
 from app.keys import KeyService
@@ -111,6 +113,14 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
         )
         moderation = ModerationService.from_settings(settings.moderation, base_dir=Path.cwd())
         opened.append(moderation.aclose)
+        thumbnails = Thumbnailer(
+            sessions,
+            store,
+            default_on=settings.console.thumbnails,
+            edge=settings.console.thumbnail_edge,
+            retention_s=settings.storage.retention_s,
+        )
+        opened.append(thumbnails.drain)
         images = ImageService(
             catalog=catalog,
             registry=registry,
@@ -123,6 +133,12 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             moderation=moderation,
             audit=ModerationLog(sessions),
             reserve_margin_ppm=settings.billing.reserve_margin_ppm,
+            sink=thumbnails,
+            lifecycle=Lifecycle(
+                catalog,
+                serves_retired=lambda model: bool(registry.routes(model, retired=True)),
+                remaps=settings.lifecycle.remaps,
+            ),
         )
         inputs_root = Path(settings.tasks.inputs_dir or Path(settings.data_dir) / "task_inputs")
         inputs_root.mkdir(parents=True, exist_ok=True)

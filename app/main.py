@@ -7,6 +7,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import build_api_router
+from app.api.console import install_console
 from app.api.errors import install_error_handlers
 from app.api.metrics import MetricsMiddleware, build_metrics_router
 from app.api.middleware import AdminGuardMiddleware, BodyGuardMiddleware, RequestContextMiddleware
@@ -44,6 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.metrics.enabled:
         token = settings.metrics.token
         app.include_router(build_metrics_router(token.get_secret_value() if token else None))
+    if settings.console.enabled:
+        install_console(app)
     install_error_handlers(app)
     install_openapi(app)
     # Pure ASGI middleware (never BaseHTTPMiddleware), so streamed responses pass through untouched.

@@ -244,6 +244,20 @@ class SecuritySettings(_Section):
         return ensure_key_pepper(data_dir)
 
 
+class ConsoleSettings(_Section):
+    """The web console on ``/console`` (README: Console)."""
+
+    enabled: bool = True
+    # A session ends this long after sign-in, whatever happens in between.
+    session_ttl_s: int = Field(default=8 * 3600, ge=60, le=30 * 86400)
+    # ... or after this long without a page view.
+    idle_timeout_s: int = Field(default=3600, ge=60, le=30 * 86400)
+    # A small WebP per generated image for the request log; per key overridable. Off: nothing
+    # of an image is kept for the console.
+    thumbnails: bool = False
+    thumbnail_edge: int = Field(default=128, ge=16, le=512)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(default=True, alias="json")
@@ -290,6 +304,10 @@ class UpstreamSettings(_Section):
     poll_max_interval_s: float = Field(default=5.0, gt=0)
     polling_hosts: list[str] | None = None
     delivery_hosts: list[str] | None = None
+    # Whether this upstream stops serving a model on OpenAI's retirement date (the catalog's
+    # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a
+    # compatible server that still serves a retired model.
+    follows_retirements: bool | None = None
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -303,6 +321,12 @@ class UpstreamSettings(_Section):
         if self.api_key is not None and self.api_key.get_secret_value().lower() in _PLACEHOLDERS:
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
         return self
+
+    @property
+    def follows_openai_retirements(self) -> bool:
+        if self.follows_retirements is not None:
+            return self.follows_retirements
+        return self.kind in ("openai", "azure")
 
     @property
     def active(self) -> bool:
@@ -322,6 +346,17 @@ class UpstreamSettings(_Section):
             else:
                 mapping[entry.name] = entry.upstream_model or entry.name
         return mapping
+
+
+class LifecycleSettings(_Section):
+    """What happens to a retired model (the catalog's ``retired_at``)."""
+
+    # Retired models served by their catalog `replacement` (billed at its prices, answered with
+    # `x-gateway-model` and `Deprecation`) when no upstream still serves them; "*" for all.
+    remap_retired: list[str] = Field(default_factory=list)
+
+    def remaps(self, model: str) -> bool:
+        return "*" in self.remap_retired or model in self.remap_retired
 
 
 class Settings(BaseSettings):
@@ -352,6 +387,8 @@ class Settings(BaseSettings):
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
     )

@@ -190,6 +190,8 @@ def start_gateway(
                 "api_key": upstream.api_key,
                 "models": ["*"],
                 "timeout_s": 300,
+                # The benchmark's model (gpt-image-1) is retired; the fake still serves it.
+                "follows_retirements": False,
             }
         ],
     }

@@ -50,7 +50,11 @@ def make_settings(data_dir: Path, upstreams: list[dict[str, Any]], **extra: Any)
 
 
 def fake_upstream_config(fake: FakeOpenAI, **extra: Any) -> dict[str, Any]:
-    """An `openai` upstream pointing at the fake, serving every model, one of them renamed."""
+    """An `openai` upstream pointing at the fake, serving the seed's models, one of them renamed.
+
+    The fake still serves the retired gpt-image-1 and dall-e models, as a compatible server may:
+    it does not follow OpenAI's retirements (the lifecycle tests turn that back on).
+    """
     config: dict[str, Any] = {
         "name": "fake",
         "kind": "openai",
@@ -64,6 +68,7 @@ def fake_upstream_config(fake: FakeOpenAI, **extra: Any) -> dict[str, Any]:
             "dall-e-2",
         ],
         "timeout_s": 10,
+        "follows_retirements": False,
     }
     config.update(extra)
     return config

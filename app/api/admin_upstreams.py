@@ -8,12 +8,18 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.api.deps import AdminDep, StateDep
+from app.state import AppState
 
 router = APIRouter(prefix="/admin/upstreams", tags=["admin"], dependencies=[AdminDep])
 
 
 @router.get("")
 async def list_upstreams(state: StateDep) -> dict[str, Any]:
+    return {"object": "list", "data": upstream_rows(state)}
+
+
+def upstream_rows(state: AppState) -> list[dict[str, Any]]:
+    """Each upstream's health; the admin API and the console's upstreams page show the same."""
     now_wall, now_mono = time.time(), time.monotonic()
     configured = {u.name: u for u in state.settings.upstreams}
     waiting = state.router.waiting()
@@ -45,4 +51,4 @@ async def list_upstreams(state: StateDep) -> dict[str, Any]:
                 "retry_in_s": snapshot.retry_in_s,
             }
         )
-    return {"object": "list", "data": data}
+    return data

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import orjson
@@ -12,9 +13,9 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
 from app.billing.pricing import format_micros
-from app.errors import InvalidJSONError, InvalidRequestError
+from app.errors import GatewayError, InvalidJSONError, InvalidRequestError
 from app.images.jobs import ImageJob
-from app.images.service import Draft, EditDraft, GenerationDraft, ImageOutcome
+from app.images.service import Draft, EditDraft, GenerationDraft, ImageOutcome, VariationDraft
 from app.images.settlement import ImageStream
 from app.images.uploads import UploadForm, parse_multipart
 from app.keys import Caller
@@ -72,10 +73,30 @@ def wants_async(request: Request) -> bool:
 
 
 def _seen(request: Request) -> Callable[[ImageJob], None]:
+    """Admission's ``validated`` callback: the access log's model, and the job whose lifecycle
+    headers every answer carries."""
+
     def seen(job: ImageJob) -> None:
         request.state.model = job.model
+        request.state.job = job
 
     return seen
+
+
+def _job_headers(request: Request) -> dict[str, str]:
+    job: ImageJob | None = getattr(request.state, "job", None)
+    return dict(job.headers) if job is not None else {}
+
+
+@contextmanager
+def lifecycle_headers(request: Request) -> Iterator[None]:
+    """A model's lifecycle headers (Sunset, Deprecation, x-gateway-model) on errors too: every
+    answer about a model that is being retired says so, once admission has validated it."""
+    try:
+        yield
+    except GatewayError as exc:
+        exc.headers = {**_job_headers(request), **exc.headers}
+        raise
 
 
 async def submit_task(
@@ -95,6 +116,7 @@ async def submit_task(
         body,
         status_code=202,
         headers={
+            **_job_headers(request),
             **headers,
             "location": f"/v1/tasks/{task.id}",
             "retry-after": "1",
@@ -119,19 +141,30 @@ async def run_now(
 
 @router.post("/generations")
 async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    return await generate_as(request, state, caller)
+
+
+async def generate_as(request: Request, state: AppState, caller: Caller) -> Response:
+    """A generation for ``caller``: the API's route, and the console's playground (same path)."""
     payload = await read_json(request)
     draft = GenerationDraft(
         payload=payload,
         request_id=request.state.request_id,
         query_response_format=request.query_params.get("response_format"),
     )
-    if wants_async(request):
-        return await submit_task(request, state, caller, draft)
-    return _reply(request, state, await run_now(request, state, caller, draft))
+    with lifecycle_headers(request):
+        if wants_async(request):
+            return await submit_task(request, state, caller, draft)
+        return _reply(request, state, await run_now(request, state, caller, draft))
 
 
 @router.post("/edits")
 async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    return await edit_as(request, state, caller)
+
+
+async def edit_as(request: Request, state: AppState, caller: Caller) -> Response:
+    """An edit for ``caller``: the API's route, and the console's playground (same path)."""
     asynchronous = wants_async(request)
     form = await parse_multipart(
         request.stream(),
@@ -147,18 +180,46 @@ async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Re
             limits=state.uploads.inputs,
             query_response_format=request.query_params.get("response_format"),
         )
-        if asynchronous:
-            # The task moves the files out of the spool; the empty spool goes in `finally`.
-            return await submit_task(request, state, caller, draft, form)
-        outcome = await run_now(request, state, caller, draft)
-        if isinstance(outcome, ImageStream):
-            # The spooled files live until the stream ends, wherever that happens.
-            outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
-            handed_over = True
-        return _reply(request, state, outcome)
+        with lifecycle_headers(request):
+            if asynchronous:
+                # The task moves the files out of the spool; the empty spool goes in `finally`.
+                return await submit_task(request, state, caller, draft, form)
+            outcome = await run_now(request, state, caller, draft)
+            if isinstance(outcome, ImageStream):
+                # The spooled files live until the stream ends, wherever that happens.
+                outcome.closers.append(lambda: asyncio.to_thread(form.cleanup))
+                handed_over = True
+            return _reply(request, state, outcome)
     finally:
         if not handed_over:
             await asyncio.to_thread(form.cleanup)
+
+
+@router.post("/variations")
+async def create_variation(request: Request, caller: CallerDep, state: StateDep) -> Response:
+    """dall-e-2's legacy endpoint: forwarded to an upstream that still serves dall-e-2, otherwise
+    OpenAI's 404 ``model_not_found`` naming the retirement."""
+    if wants_async(request):
+        raise InvalidRequestError(
+            "async=true is not supported for image variations.", param="async", code="invalid_value"
+        )
+    form = await parse_multipart(
+        request.stream(),
+        content_type=request.headers.get("content-type", ""),
+        spool_root=state.uploads.spool_root,
+        limits=state.uploads.limits,
+    )
+    try:
+        draft = VariationDraft(
+            form=form,
+            request_id=request.state.request_id,
+            limits=state.uploads.inputs,
+            query_response_format=request.query_params.get("response_format"),
+        )
+        with lifecycle_headers(request):
+            return _reply(request, state, await run_now(request, state, caller, draft))
+    finally:
+        await asyncio.to_thread(form.cleanup)
 
 
 def public_base(request: Request, state: AppState) -> str:
@@ -178,7 +239,7 @@ def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStrea
         return sse_response(
             outcome,
             ping_s=state.settings.server.sse_ping_s,
-            headers=outcome.headers,
+            headers={**_job_headers(request), **outcome.headers},
             shutdown_grace_s=state.settings.server.shutdown_grace_s,
         )
     request.state.upstream = outcome.upstream
@@ -187,5 +248,5 @@ def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStrea
     return Response(
         body if isinstance(body, bytes) else orjson.dumps(body),
         media_type="application/json",
-        headers={**outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
+        headers={**_job_headers(request), **outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
     )

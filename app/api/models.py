@@ -1,4 +1,6 @@
-"""``GET /v1/models``: the models this key may use, in OpenAI's list shape."""
+"""``GET /v1/models``: the models this key may use, in OpenAI's list shape, each with its
+lifecycle (``state``: active, deprecated or retired; ``retired_at``; ``replacement``) and, for a
+dated snapshot, the entry it is an alias of."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from fastapi import APIRouter
 from app.api.deps import CallerDep, StateDep
 from app.errors import NotFoundError
 from app.schemas.images import ModelList, ModelObject
+from app.state import AppState
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -14,17 +17,26 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 CATALOG_CREATED = 1_700_000_000
 
 
-def _model(name: str) -> ModelObject:
-    return ModelObject(id=name, created=CATALOG_CREATED, owned_by="image-gateway")
+def _model(name: str, state: AppState) -> ModelObject:
+    info = state.images.lifecycle.describe(name)
+    return ModelObject(
+        id=name,
+        created=CATALOG_CREATED,
+        owned_by="image-gateway",
+        state=info["state"] or "active",
+        retired_at=info["retired_at"],
+        replacement=info["replacement"],
+        alias_of=info["alias_of"],
+    )
 
 
 @router.get("")
 async def list_models(caller: CallerDep, state: StateDep) -> ModelList:
-    return ModelList(data=[_model(name) for name in state.images.models_for(caller)])
+    return ModelList(data=[_model(name, state) for name in state.images.models_for(caller)])
 
 
 @router.get("/{model_id}")
 async def get_model(model_id: str, caller: CallerDep, state: StateDep) -> ModelObject:
     if model_id not in state.images.models_for(caller):
         raise NotFoundError(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-    return _model(model_id)
+    return _model(model_id, state)

@@ -24,6 +24,7 @@ from sqlalchemy import BigInteger, Connection, bindparam, delete, insert, or_, s
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from app.billing.svg import SvgCharge
 from app.db.prepared import Executed, Prepared
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
 from app.db.writer import WouldBlock, Writer
@@ -57,6 +58,8 @@ class LedgerRecord:
     # What the request's hold reserved, and how much the charge went beyond it (an overrun).
     reserved_micros: int = 0
     overrun_micros: int = 0
+    # SVG output: the author's tokens and cost (already part of cost_micros).
+    svg: SvgCharge | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,11 @@ ENTRY_COLUMNS = (
     "reserved_micros",
     "overrun_micros",
     "created_at",
+    "svg_model",
+    "svg_input_tokens",
+    "svg_output_tokens",
+    "svg_reasoning_tokens",
+    "svg_cost_micros",
 )
 
 
@@ -373,4 +381,9 @@ def _entry(record: LedgerRecord) -> dict[str, Any]:
         reserved_micros=record.reserved_micros,
         overrun_micros=record.overrun_micros,
         created_at=utcnow(),
+        svg_model=record.svg.model if record.svg else None,
+        svg_input_tokens=record.svg.input_tokens if record.svg else 0,
+        svg_output_tokens=record.svg.output_tokens if record.svg else 0,
+        svg_reasoning_tokens=record.svg.reasoning_tokens if record.svg else 0,
+        svg_cost_micros=record.svg.cost_micros if record.svg else 0,
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.billing.pricing import format_micros
@@ -140,3 +140,66 @@ async def usage_report(
         rows=rows,
         totals=UsageRow(None, *(int(v) for v in total)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityRow:
+    """Traffic of one day, model or key, for the console: volume, spend, tokens, errors, latency."""
+
+    group: str
+    requests: int
+    images: int
+    text_input_tokens: int
+    image_input_tokens: int
+    text_output_tokens: int
+    image_output_tokens: int
+    cost_micros: int
+    errors: int
+    latency_ms_total: int
+
+
+async def activity(
+    sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter, group_by: GroupBy
+) -> list[ActivityRow]:
+    """``usage_report``'s sums plus errors and latency, per day, model or key, in one query (an
+    index range scan on ``created_at``, or ``key_id, created_at`` for one key)."""
+    return [row for _, row in await activity_per_day(sessions, where=where, group_by=group_by, per_day=False)]
+
+
+async def activity_per_day(
+    sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter, group_by: GroupBy, per_day: bool = True
+) -> list[tuple[str, ActivityRow]]:
+    """As ``activity``, split by day as well (``(day, row)`` pairs), for caching whole days."""
+    conditions: list[ColumnElement[bool]] = []
+    if where.key_id is not None:
+        conditions.append(LedgerEntry.key_id == where.key_id)
+    if where.model is not None:
+        conditions.append(LedgerEntry.model == where.model)
+    if where.start is not None:
+        conditions.append(LedgerEntry.created_at >= where.start)
+    if where.end is not None:
+        conditions.append(LedgerEntry.created_at < where.end)
+    async with sessions() as session:
+        dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+        group = _group_column(group_by, dialect).label("grp")
+        day = _group_column("day", dialect).label("day") if per_day else group
+        failed = func.sum(case((LedgerEntry.status != "succeeded", 1), else_=0))
+        query = (
+            select(
+                day,
+                group,
+                func.count(LedgerEntry.id),
+                func.coalesce(func.sum(LedgerEntry.images), 0),
+                func.coalesce(func.sum(LedgerEntry.text_input_tokens), 0),
+                func.coalesce(func.sum(LedgerEntry.image_input_tokens), 0),
+                func.coalesce(func.sum(LedgerEntry.text_output_tokens), 0),
+                func.coalesce(func.sum(LedgerEntry.image_output_tokens), 0),
+                func.coalesce(func.sum(LedgerEntry.cost_micros), 0),
+                func.coalesce(failed, 0),
+                func.coalesce(func.sum(LedgerEntry.latency_ms), 0),
+            )
+            .where(*conditions)
+            .group_by(day, group)
+        )
+        result = await session.execute(query)
+        return [(str(r[0]), ActivityRow(str(r[1]), *(int(v) for v in r[2:]))) for r in result]

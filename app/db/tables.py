@@ -74,6 +74,8 @@ class ApiKey(Base):
     # Per-key moderation lists, on top of the global ones.
     moderation_allow: Mapped[list[str] | None] = mapped_column(JSON)
     moderation_block: Mapped[list[str] | None] = mapped_column(JSON)
+    # Console thumbnails for this key's images: None follows console.thumbnails.
+    thumbnails: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class KeyPeriod(Base):
@@ -138,6 +140,13 @@ class LedgerEntry(Base):
     reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     overrun_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # SVG output: the author model's own tokens (`svg_usage`) and their cost, which is part of
+    # cost_micros and recorded apart from the image's.
+    svg_model: Mapped[str | None] = mapped_column(String(100))
+    svg_input_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_output_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    svg_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Task(Base):
@@ -151,6 +160,7 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_claim", "status", "lease_until"),
         Index("ix_tasks_key_created", "key_id", "created_at"),
+        Index("ix_tasks_created", "created_at"),
         Index("ux_tasks_idempotency", "key_id", "idempotency_key", unique=True),
     )
 
@@ -249,4 +259,37 @@ class ModerationEvent(Base):
     # Only with moderation.store_prompts: true.
     prompt: Mapped[str | None] = mapped_column(Text)
     image_sha256: Mapped[list[str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class ConsoleSession(Base):
+    """A signed-in console browser. The cookie holds a random token; only its SHA-256 is here."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # operator | tenant
+    role: Mapped[str] = mapped_column(String(10))
+    # The tenant's key (None for the operator).
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class RequestThumbnail(Base):
+    """A small WebP of one generated image, for the console's request log (kept like images)."""
+
+    __tablename__ = "request_thumbnails"
+    __table_args__ = (Index("ix_thumbnails_request", "request_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(40))
+    # The image store's name for the WebP.
+    image: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

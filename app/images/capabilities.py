@@ -7,9 +7,10 @@ money must never pass through floats.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,9 @@ from app.images.provider_spec import ProviderSpec, ProviderSpecError
 
 Family = Literal["gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability"]
 FAMILIES: tuple[str, ...] = ("gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability")
+LifecycleState = Literal["active", "deprecated", "retired"]
 MICROS = 1_000_000
+RESPONSE_FORMATS = ("url", "b64_json")
 
 
 class CatalogError(ValueError):
@@ -49,16 +52,42 @@ class FreeSizeRule:
     max_edge: int = 3840
 
     def check(self, width: int, height: int) -> str | None:
-        """None when allowed, else the reason."""
+        """None when allowed, else which rule the size breaks (one message per rule)."""
         if width % self.multiple or height % self.multiple:
-            return f"both edges must be multiples of {self.multiple}"
-        if width > self.max_edge or height > self.max_edge:
-            return f"edges must be at most {self.max_edge}"
+            return f"width and height must both be divisible by {self.multiple}"
+        if max(width, height) > self.max_edge or width * height > self.max_pixels:
+            return (
+                f"the maximum resolution is {self.max_edge}x{self.max_pixels // self.max_edge} "
+                f"(at most {self.max_pixels} pixels and {self.max_edge} pixels per edge)"
+            )
         if max(width, height) > self.max_ratio * min(width, height):
-            return f"the aspect ratio must be at most {self.max_ratio}:1"
-        if not self.min_pixels <= width * height <= self.max_pixels:
-            return f"the pixel count must be between {self.min_pixels} and {self.max_pixels}"
+            return f"the aspect ratio must be between 1:{self.max_ratio} and {self.max_ratio}:1"
+        if width * height < self.min_pixels:
+            return (
+                f"this model needs at least {self.min_pixels} pixels ({width}x{height} has {width * height})"
+            )
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class GifRule:
+    """Animated GIF output: frame count and per-frame delay bounds, and the model's GIF size limit."""
+
+    min_frames: int = 2
+    max_frames: int = 16
+    default_frames: int = 9
+    default_frame_duration_ms: int = 200
+    # Longer delays are capped (not refused) by the API, at what a GIF's 16-bit delay can encode.
+    max_frame_duration_ms: int = 655_350
+    max_pixels: int = 1536 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SvgAuthorPrice:
+    """Micro-units per 1M tokens for a model that authors SVG output (``svg.model``)."""
+
+    input: int
+    output: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +97,8 @@ class EditCaps:
     formats: tuple[str, ...]
     mask: bool
     square_only: bool = False
+    # The ``markup`` file: a transparent PNG overlaid on the first image to guide the edit.
+    markup: bool = False
     # Image input tokens per input image, by input_fidelity: estimates, for reservations and the
     # local backend (an upstream's reported usage always wins).
     input_image_tokens: Mapping[str, int] = field(default_factory=dict)
@@ -114,12 +145,48 @@ class ModelCapabilities:
     free_size: FreeSizeRule | None = None
     # Models served by a non-OpenAI provider: how OpenAI settings map onto it (provider_spec.py).
     provider: ProviderSpec | None = None
+    complexity: tuple[str, ...] = ()
+    gif: GifRule | None = None
+    default_response_format: str = "b64_json"
+    # Lifecycle as OpenAI published it: retired from 00:00 UTC of `retired_at`.
+    retired_at: dt.date | None = None
+    replacement: str | None = None
+    # Set on an alias (a dated snapshot): the entry whose rules it shares.
+    alias_of: str | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def reports_usage(self) -> bool:
         """GPT-Image and Gemini report token usage; dall-e, Imagen, FLUX and Stability are priced
         per image."""
         return self.family in ("gpt-image", "gemini")
+
+    @property
+    def canonical(self) -> str:
+        """The catalog entry's own name (an alias answers its family's)."""
+        return self.alias_of or self.name
+
+    @property
+    def retires(self) -> dt.datetime | None:
+        """The instant of retirement, if the catalog records one."""
+        if self.retired_at is None:
+            return None
+        return dt.datetime.combine(self.retired_at, dt.time(0), tzinfo=dt.UTC)
+
+    def state(self, now: dt.datetime) -> LifecycleState:
+        """``retired`` from the retirement instant on, ``deprecated`` while one is scheduled."""
+        retires = self.retires
+        if retires is None:
+            return "active"
+        return "retired" if now >= retires else "deprecated"
+
+    def retirement_message(self) -> str:
+        """What a client is told about a retired model: the date and the replacement."""
+        day = self.retired_at.isoformat() if self.retired_at else "an earlier date"
+        message = f"The model '{self.name}' was retired on {day}"
+        if self.replacement:
+            return f"{message}. Use '{self.replacement}' instead."
+        return f"{message} and is not served here."
 
     def resolve_size(self, size: str) -> str:
         """The concrete size a request will be rendered at (``auto`` → the first listed size)."""
@@ -142,9 +209,17 @@ class ModelCapabilities:
         concrete = self.resolve_size(size)
         if concrete in table:
             return table[concrete]
+        # A free size: the 1024x1024 entry scaled by pixel count, and never below a listed size
+        # with no more pixels (a wide free size costs at least what the standard landscape does).
         base = table.get("1024x1024") or max(table.values())
         width, height = parse_size(concrete) or (1024, 1024)
-        return math.ceil(base * width * height / (1024 * 1024))
+        pixels = width * height
+        smaller = [
+            tokens
+            for listed, tokens in table.items()
+            if (dims := parse_size(listed)) and dims[0] * dims[1] <= pixels
+        ]
+        return max([math.ceil(base * pixels / (1024 * 1024)), *smaller])
 
     def max_output_tokens_per_image(self, size: str) -> int:
         """Worst case over qualities, for reservations."""
@@ -160,10 +235,24 @@ def parse_size(size: str) -> tuple[int, int] | None:
 
 
 class Catalog:
-    """All models of the models file, by public name."""
+    """All models of the models file, by public name; an alias is listed under its own name with
+    its family's rules (``alias_of`` set)."""
 
-    def __init__(self, models: Mapping[str, ModelCapabilities]) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, ModelCapabilities],
+        svg_authors: Mapping[str, SvgAuthorPrice] | None = None,
+    ) -> None:
         self._models = dict(models)
+        self.svg_authors: Mapping[str, SvgAuthorPrice] = dict(svg_authors or {})
+
+    def svg_author_price(self, author: str | None) -> SvgAuthorPrice:
+        """An author's rates; an unknown author is billed at the dearest listed one (never under-bill)."""
+        if author is not None and author in self.svg_authors:
+            return self.svg_authors[author]
+        if not self.svg_authors:
+            return SvgAuthorPrice(input=0, output=0)
+        return max(self.svg_authors.values(), key=lambda p: (p.output, p.input))
 
     def get(self, name: str) -> ModelCapabilities | None:
         return self._models.get(name)
@@ -188,7 +277,21 @@ class Catalog:
     def from_mapping(cls, raw: Any) -> Catalog:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("models"), Mapping):
             raise CatalogError("models file: expected a top-level 'models' mapping")
-        return cls({str(name): _build(str(name), spec) for name, spec in raw["models"].items()})
+        models: dict[str, ModelCapabilities] = {}
+        for name, spec in raw["models"].items():
+            caps = _build(str(name), spec)
+            for alias in (caps.name, *caps.aliases):
+                if alias in models:
+                    raise CatalogError(f"models.{caps.name}: the name {alias!r} is used twice")
+            models[caps.name] = caps
+            for alias in caps.aliases:
+                models[alias] = replace(caps, name=alias, alias_of=caps.name, aliases=())
+        for caps in models.values():
+            if caps.replacement is not None and caps.replacement not in models:
+                raise CatalogError(
+                    f"models.{caps.name}.replacement: {caps.replacement!r} is not in the catalog"
+                )
+        return cls(models, _svg_authors(raw.get("svg_authors")))
 
 
 def _build(name: str, spec: Any) -> ModelCapabilities:
@@ -220,8 +323,26 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
             input_image_tokens={
                 str(k): int(v) for k, v in (edit_spec.get("input_image_tokens") or {}).items()
             },
+            markup=bool(edit_spec.get("markup", False)),
         )
     free = spec.get("free_size")
+    gif = spec.get("gif")
+    output_formats = tuple(str(f) for f in spec.get("output_formats", ["png"]))
+    if "gif" in output_formats and not isinstance(gif, Mapping):
+        raise CatalogError(f"models.{name}.gif: a model with gif output needs its gif rule")
+    retired_at = spec.get("retired_at")
+    if retired_at is not None and not isinstance(retired_at, dt.date):
+        try:
+            retired_at = dt.date.fromisoformat(str(retired_at))
+        except ValueError as exc:
+            raise CatalogError(
+                f"models.{name}.retired_at: {retired_at!r} is not a date (YYYY-MM-DD)"
+            ) from exc
+    if isinstance(retired_at, dt.datetime):
+        retired_at = retired_at.date()
+    default_response_format = str(spec.get("default_response_format", "b64_json"))
+    if default_response_format not in RESPONSE_FORMATS:
+        raise CatalogError(f"models.{name}.default_response_format: must be url or b64_json")
     return ModelCapabilities(
         name=name,
         family=family,
@@ -231,7 +352,7 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
         qualities=qualities,
         default_quality=str(spec.get("default_quality", qualities[0])),
         n_max=int(spec.get("n_max", 10)),
-        output_formats=tuple(spec.get("output_formats", ["png"])),
+        output_formats=output_formats,
         transparent_background=bool(spec.get("transparent_background", False)),
         stream=bool(spec.get("stream", False)),
         max_partial_images=int(spec.get("max_partial_images", 0)),
@@ -246,6 +367,12 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
         },
         free_size=FreeSizeRule(**free) if isinstance(free, Mapping) else None,
         provider=_provider(name, spec.get("provider")),
+        complexity=tuple(str(c) for c in spec.get("complexity") or ()),
+        gif=GifRule(**gif) if isinstance(gif, Mapping) else None,
+        default_response_format=default_response_format,
+        retired_at=retired_at,
+        replacement=str(spec["replacement"]) if spec.get("replacement") else None,
+        aliases=tuple(str(a) for a in spec.get("aliases") or ()),
     )
 
 
@@ -256,6 +383,20 @@ def _provider(name: str, spec: Any) -> ProviderSpec | None:
         return ProviderSpec.from_mapping(spec, where=f"models.{name}.provider")
     except ProviderSpecError as exc:
         raise CatalogError(str(exc)) from exc
+
+
+def _svg_authors(spec: Any) -> dict[str, SvgAuthorPrice]:
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise CatalogError("svg_authors: expected a mapping of author model -> {input, output}")
+    return {
+        str(author): SvgAuthorPrice(
+            input=to_micros(prices.get("input", 0), where=f"svg_authors.{author}.input"),
+            output=to_micros(prices.get("output", 0), where=f"svg_authors.{author}.output"),
+        )
+        for author, prices in spec.items()
+    }
 
 
 def _prices(name: str, spec: Mapping[str, Any]) -> Prices:

@@ -22,11 +22,13 @@ Errors are ``InvalidRequestError`` (400) with ``param`` set to the part (``image
     invalid_image                 empty, truncated or structurally corrupt
     image_too_large               more than ``max_pixels`` pixels or an edge over ``max_edge``
     invalid_mask                  (edit checks) the mask has no alpha channel or not the first image's size
+    invalid_markup                (edit checks) the same for the markup (it needs transparent pixels)
     invalid_value                 (edit checks) a non-square image for a square-only model; a mask for a
                                   model without masks
     too_many_images               (edit checks) more images than the model accepts
     missing_required_parameter    (edit checks) no image
-    payload_too_large (413)       (edit checks) a file over the model's byte limit or the 4 MB mask limit
+    payload_too_large (413)       (edit checks) a file over the model's byte limit or the 4 MB mask (and
+                                  markup) limit
 """
 
 from __future__ import annotations
@@ -338,10 +340,11 @@ def inspect_image(
 
 @dataclass(frozen=True, slots=True)
 class EditInputs:
-    """The inspected images and mask of an edit request."""
+    """The inspected images, mask and markup of an edit request."""
 
     images: tuple[ImageInfo, ...]
     mask: ImageInfo | None
+    markup: ImageInfo | None = None
 
 
 def inspect_edit_inputs(
@@ -349,6 +352,7 @@ def inspect_edit_inputs(
     mask: Path | None,
     *,
     caps: EditCaps,
+    markup: Path | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_edge: int = DEFAULT_MAX_EDGE,
 ) -> EditInputs:
@@ -378,33 +382,51 @@ def inspect_edit_inputs(
                 code="invalid_value",
             )
         infos.append(info)
-    mask_info = None
+    mask_info = markup_info = None
     if mask is not None:
-        mask_info = _inspect_mask(mask, infos[0], caps=caps, max_pixels=max_pixels, max_edge=max_edge)
-    return EditInputs(images=tuple(infos), mask=mask_info)
+        if not caps.mask:
+            raise InvalidRequestError(
+                "This model does not accept a mask.", param="mask", code="invalid_value"
+            )
+        mask_info = _inspect_overlay(mask, infos[0], role="mask", max_pixels=max_pixels, max_edge=max_edge)
+    if markup is not None:
+        markup_info = _inspect_overlay(
+            markup, infos[0], role="markup", max_pixels=max_pixels, max_edge=max_edge
+        )
+    return EditInputs(images=tuple(infos), mask=mask_info, markup=markup_info)
 
 
-def _inspect_mask(
-    path: Path, first: ImageInfo, *, caps: EditCaps, max_pixels: int, max_edge: int
+def _inspect_overlay(
+    path: Path, first: ImageInfo, *, role: Literal["mask", "markup"], max_pixels: int, max_edge: int
 ) -> ImageInfo:
-    if not caps.mask:
-        raise InvalidRequestError("This model does not accept a mask.", param="mask", code="invalid_value")
+    """A mask or a markup: a PNG of at most 4 MB, with alpha, the first image's size.
+
+    Both are judged from the PNG header: an image without an alpha channel or a ``tRNS`` chunk has
+    no transparent pixel. (An alpha channel that is opaque everywhere would need the pixels
+    decoded; the upstream judges that.) A markup must match the first image "after orientation":
+    EXIF orientation is not parsed, so a JPEG or WebP first image's swapped dimensions pass too.
+    """
     if path.stat().st_size > MASK_MAX_BYTES:
         raise PayloadTooLargeError(
-            f"The mask is too large: at most {MASK_MAX_BYTES} bytes are accepted.", param="mask"
+            f"The {role} is too large: at most {MASK_MAX_BYTES} bytes are accepted.", param=role
         )
-    info = inspect_image(path, param="mask", allowed=("png",), max_pixels=max_pixels, max_edge=max_edge)
+    info = inspect_image(path, param=role, allowed=("png",), max_pixels=max_pixels, max_edge=max_edge)
+    code = f"invalid_{role}"
     if not info.has_alpha:
-        raise InvalidRequestError(
-            "The mask must have an alpha channel (transparent areas mark what to edit).",
-            param="mask",
-            code="invalid_mask",
+        reason = (
+            "an alpha channel (transparent areas mark what to edit)"
+            if role == "mask"
+            else "transparent pixels (an alpha channel), overlaid on the first image to guide the edit"
         )
-    if (info.width, info.height) != (first.width, first.height):
+        raise InvalidRequestError(f"The {role} must have {reason}.", param=role, code=code)
+    sizes = {(first.width, first.height)}
+    if role == "markup" and first.format != "png":
+        sizes.add((first.height, first.width))
+    if (info.width, info.height) not in sizes:
         raise InvalidRequestError(
-            f"The mask is {info.width}x{info.height} but the image is {first.width}x{first.height}; "
+            f"The {role} is {info.width}x{info.height} but the image is {first.width}x{first.height}; "
             "they must be the same size.",
-            param="mask",
-            code="invalid_mask",
+            param=role,
+            code=code,
         )
     return info

@@ -14,7 +14,8 @@ import orjson
 
 from app.images.capabilities import ModelCapabilities
 
-Endpoint = Literal["generations", "edits"]
+# "variations": the legacy dall-e-2 endpoint, forwarded where an upstream still serves dall-e-2.
+Endpoint = Literal["generations", "edits", "variations"]
 ResponseFormat = Literal["url", "b64_json"]
 
 # Fields the gateway decides itself and never forwards as the client sent them.
@@ -69,6 +70,31 @@ class ImageJob:
     # Both are set by the task runner only; a synchronous request has neither.
     resume: Mapping[str, Any] | None = None
     on_submitted: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    # Edits only: the transparent PNG overlaid on the first image to guide the edit.
+    markup: InputImage | None = None
+    complexity: str | None = None
+    # GIF output: effective frame count and per-frame delay (the catalog's defaults when not asked).
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
+    # SVG output: the `svg` object as sent ({"model", "reasoning": {"effort"}}), if any.
+    svg: Mapping[str, Any] | None = None
+    # Headers every answer to this request carries (the model's lifecycle: Sunset, Deprecation,
+    # x-gateway-model when a retired model is served by its replacement).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # The model the client asked for, when the gateway serves another (a remapped retirement).
+    requested_model: str | None = None
+    # Past its retirement date: only upstreams that do not follow OpenAI's retirements get it.
+    retired: bool = False
+
+    @property
+    def safety_identifier(self) -> str | None:
+        """The effective identifier, as the SDK documents it: a non-empty ``safety_identifier``,
+        else the deprecated ``user``."""
+        for name in ("safety_identifier", "user"):
+            value = self.forward.get(name)
+            if isinstance(value, str) and value:
+                return value
+        return None
 
     def upstream_body(self, upstream_model: str) -> dict[str, Any]:
         """The JSON body for an OpenAI-compatible upstream.

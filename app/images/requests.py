@@ -54,7 +54,17 @@ class EditDraft:
     query_response_format: str | None = None
 
 
-Draft = GenerationDraft | EditDraft
+@dataclass(frozen=True, slots=True)
+class VariationDraft:
+    """A dall-e-2 variation request (its image spooled), before admission validates it."""
+
+    form: UploadForm
+    request_id: str
+    limits: InputLimits
+    query_response_format: str | None = None
+
+
+Draft = GenerationDraft | EditDraft | VariationDraft
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,14 +23,31 @@ from typing import Any
 from app.billing.ledger import Hold, LedgerService
 from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import apply_multiplier, worst_case_cost
-from app.errors import GatewayError, InvalidRequestError, ModelNotAllowedError, ModelNotFoundError
+from app.billing.svg import SvgCharge, svg_charge
+from app.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotAllowedError,
+    ModelNotFoundError,
+    ModelRetiredError,
+)
 from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
-from app.images.jobs import ImageJob, InputImage
-from app.images.requests import Admission, Draft, EditDraft, GenerationDraft, ImageOutcome, InputLimits
+from app.images.jobs import ImageJob, ImageResult, InputImage
+from app.images.lifecycle import Lifecycle, Resolution
+from app.images.requests import (
+    Admission,
+    Draft,
+    EditDraft,
+    GenerationDraft,
+    ImageOutcome,
+    InputLimits,
+    VariationDraft,
+)
 from app.images.settlement import (
     CostHook,
+    ImageSink,
     ImageStream,
     Settlement,
     UpstreamOutcome,
@@ -38,11 +55,12 @@ from app.images.settlement import (
     shielded,
 )
 from app.images.uploads import SpooledFile, UploadForm
-from app.images.validation import build_job, parse_edit_form, parse_generate_request
+from app.images.validation import build_job, build_variation_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
 from app.metrics import Metrics
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
+from app.schemas.images import ImageEditForm
 from app.storage import ImageStore
 from app.upstream.base import answered_scope
 from app.upstream.registry import ProviderRegistry
@@ -59,10 +77,19 @@ __all__ = [
     "ImageOutcome",
     "ImageService",
     "InputLimits",
+    "VariationDraft",
 ]
 
 # Turns an upstream body into the body to return, plus work for the settlement's transaction.
 ResultHook = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], CostHook | None]]]
+
+
+def b64_images(body: dict[str, Any]) -> list[str]:
+    return [
+        i["b64_json"]
+        for i in body.get("data") or []
+        if isinstance(i, dict) and isinstance(i.get("b64_json"), str)
+    ]
 
 
 class ImageService:
@@ -80,7 +107,10 @@ class ImageService:
         audit: ModerationLog,
         metrics: Metrics | None = None,
         reserve_margin_ppm: int = 0,
+        sink: ImageSink | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
+        self._sink = sink
         self._catalog = catalog
         self._registry = registry
         self._router = router
@@ -93,6 +123,11 @@ class ImageService:
         self._audit = audit
         self._margin_ppm = reserve_margin_ppm
         self.settlement = Settlement(ledger, self._metrics)
+        self.lifecycle = lifecycle or Lifecycle(
+            catalog,
+            serves_retired=lambda model: bool(registry.routes(model, retired=True)),
+            remaps=lambda _model: False,
+        )
 
     def models_for(self, caller: Caller) -> list[str]:
         """Models this key may use that some upstream serves, in catalog order."""
@@ -106,17 +141,40 @@ class ImageService:
             raise ModelNotAllowedError(model)
         return caps
 
+    def resolve(self, model: str, caller: Caller) -> Resolution:
+        """The model a request is served as, after its lifecycle (404 for a retired model that
+        nothing serves: raised here, before anything is reserved)."""
+        return self.lifecycle.resolve(self.resolve_model(model, caller))
+
+    def _apply(self, job: ImageJob, resolution: Resolution) -> ImageJob:
+        if not resolution.headers and not resolution.retired and resolution.requested is None:
+            return job
+        return replace(
+            job, headers=resolution.headers, retired=resolution.retired, requested_model=resolution.requested
+        )
+
+    def _default_format(self, resolution: Resolution) -> str | None:
+        """A remapped request keeps the response_format default of the model the client asked for."""
+        requested = self._catalog.get(resolution.requested) if resolution.requested else None
+        return requested.default_response_format if requested is not None else None
+
     def prepare_generation(
         self, *, caller: Caller, payload: Any, request_id: str, query_response_format: str | None = None
     ) -> ImageJob:
         """Validate a generation request into a job (400/403 on any rule)."""
         request = parse_generate_request(payload)
-        caps = self.resolve_model(request.model, caller)
-        job = build_job(
-            request=request, caps=caps, request_id=request_id, query_response_format=query_response_format
-        )
-        self._check_response_format(job)
-        return job
+        resolution = self.resolve(request.model, caller)
+        with _lifecycle_headers(resolution):
+            job = build_job(
+                request=request,
+                caps=resolution.caps,
+                request_id=request_id,
+                query_response_format=query_response_format,
+                svg_authors=self._catalog.svg_authors.keys(),
+                default_response_format=self._default_format(resolution),
+            )
+            self._check_response_format(job)
+        return self._apply(job, resolution)
 
     def _check_response_format(self, job: ImageJob) -> None:
         if job.stream and job.response_format == "url":
@@ -138,28 +196,100 @@ class ImageService:
         """Validate an edit: its fields like a generation's, then the spooled files (type, size,
         mask) read from their bytes, off the event loop."""
         request = parse_edit_form({name: values[-1] for name, values in form.fields.items()})
-        caps = self.resolve_model(request.model, caller)
+        resolution = self.resolve(request.model, caller)
+        with _lifecycle_headers(resolution):
+            return await self._prepare_edit(
+                request, resolution, form, request_id, limits, query_response_format
+            )
+
+    async def _prepare_edit(
+        self,
+        request: ImageEditForm,
+        resolution: Resolution,
+        form: UploadForm,
+        request_id: str,
+        limits: InputLimits,
+        query_response_format: str | None,
+    ) -> ImageJob:
+        caps = resolution.caps
+        uploads, mask, markup = form.images(), form.mask(), form.markup()
         job = build_job(
             request=request,
             caps=caps,
             request_id=request_id,
             endpoint="edits",
             query_response_format=query_response_format,
+            has_mask=mask is not None,
+            has_markup=markup is not None,
+            svg_authors=self._catalog.svg_authors.keys(),
+            default_response_format=self._default_format(resolution),
         )
+        job = self._apply(job, resolution)
         self._check_response_format(job)
         assert caps.edit is not None  # build_job refuses models without edits
-        uploads, mask = form.images(), form.mask()
         inputs = await asyncio.to_thread(
             inspect_edit_inputs,
             [upload.path for upload in uploads],
             mask.path if mask is not None else None,
             caps=caps.edit,
+            markup=markup.path if markup is not None else None,
             max_pixels=limits.max_pixels,
             max_edge=limits.max_edge,
         )
         images = tuple(_input(upload, info) for upload, info in zip(uploads, inputs.images, strict=True))
         mask_input = _input(mask, inputs.mask) if mask is not None and inputs.mask is not None else None
-        return replace(job, images=images, mask=mask_input)
+        markup_input = (
+            _input(markup, inputs.markup) if markup is not None and inputs.markup is not None else None
+        )
+        return replace(job, images=images, mask=mask_input, markup=markup_input)
+
+    async def prepare_variation(
+        self,
+        *,
+        caller: Caller,
+        form: UploadForm,
+        request_id: str,
+        limits: InputLimits,
+        query_response_format: str | None = None,
+    ) -> ImageJob:
+        """``POST /v1/images/variations``: dall-e-2 only, served where an upstream still serves
+        it; otherwise OpenAI's 404 naming the retirement (before anything is reserved)."""
+        fields = {name: values[-1] for name, values in form.fields.items()}
+        model = fields.get("model") or "dall-e-2"
+        caps = self._catalog.get(model)
+        if caps is None or caps.family != "dall-e-2":
+            raise InvalidRequestError(
+                f"Image variations are only available for dall-e-2, not '{model}'. "
+                "Use /v1/images/edits with a GPT image model and a prompt instead.",
+                param="model",
+                code="invalid_value",
+            )
+        try:
+            resolution = self.resolve(model, caller)
+        except ModelNotFoundError:
+            if self.lifecycle.state(caps) != "retired":
+                raise
+            raise ModelRetiredError(_variations_gone(caps)) from None
+        except ModelRetiredError:
+            raise ModelRetiredError(_variations_gone(caps)) from None
+        if resolution.requested is not None:  # its replacement has no variations endpoint
+            raise ModelRetiredError(_variations_gone(caps))
+        with _lifecycle_headers(resolution):
+            job = build_variation_job(
+                fields=fields, caps=caps, request_id=request_id, query_response_format=query_response_format
+            )
+            assert caps.edit is not None  # dall-e-2 takes one square png
+            uploads = form.images()
+            inputs = await asyncio.to_thread(
+                inspect_edit_inputs,
+                [upload.path for upload in uploads],
+                None,
+                caps=caps.edit,
+                max_pixels=limits.max_pixels,
+                max_edge=limits.max_edge,
+            )
+        images = tuple(_input(upload, info) for upload, info in zip(uploads, inputs.images, strict=True))
+        return self._apply(replace(job, images=images), resolution)
 
     async def screen(self, *, caller: Caller, job: ImageJob) -> ImageJob:
         """Moderate the prompt (and edit inputs) at the level the key's policy allows; a block is
@@ -202,6 +332,14 @@ class ImageService:
                 caller=caller,
                 payload=draft.payload,
                 request_id=draft.request_id,
+                query_response_format=draft.query_response_format,
+            )
+        if isinstance(draft, VariationDraft):
+            return await self.prepare_variation(
+                caller=caller,
+                form=draft.form,
+                request_id=draft.request_id,
+                limits=draft.limits,
                 query_response_format=draft.query_response_format,
             )
         return await self.prepare_edit(
@@ -319,6 +457,7 @@ class ImageService:
             with answered_scope(answered.set):
                 result, upstream = await self._router.generate(job, tried)
             answered.set()
+            svg = self._svg_charge(job, result, caller)
             body: dict[str, Any] | bytes
             also: CostHook | None = None
             if finish is not None:
@@ -340,10 +479,30 @@ class ImageService:
                 usage=result.usage,
                 started=started,
                 raw_usage=result.raw_usage,
+                svg=svg,
             ),
             also=also,
         )
+        if self._sink is not None and self._sink.wants(caller):
+            try:
+                self._sink.keep(caller=caller, request_id=job.request_id, images=b64_images(result.body))
+            except Exception:
+                # A copy for the console is never worth failing a request that is already billed.
+                log.exception("keeping image copies failed")
         return ImageOutcome(body=body, cost_micros=settled.cost_micros, model=job.model, upstream=upstream)
+
+    def _svg_charge(self, job: ImageJob, result: ImageResult, caller: Caller) -> SvgCharge | None:
+        """SVG output's author tokens, priced from the catalog (the multiplier applies to them too).
+
+        Only SVG answers are parsed for it: a raster answer's megabytes of base64 stay unparsed."""
+        if job.output_format != "svg":
+            return None
+        charge = svg_charge(
+            result.body.get("svg_usage"), self._catalog.svg_authors, self._catalog.svg_author_price(None)
+        )
+        if charge is None:
+            return None
+        return replace(charge, cost_micros=apply_multiplier(charge.cost_micros, caller.price_multiplier_ppm))
 
     def _as_urls(self, job: ImageJob, base_url: str) -> ResultHook:
         async def finish(body: dict[str, Any]) -> tuple[dict[str, Any], CostHook | None]:
@@ -366,7 +525,13 @@ class ImageService:
             await self._settle_failure(caller, job, hold, exc, started, tried)
             raise
         return ImageStream(
-            job=job, caller=caller, opened=opened, settlement=self.settlement, hold=hold, started=started
+            job=job,
+            caller=caller,
+            opened=opened,
+            settlement=self.settlement,
+            hold=hold,
+            started=started,
+            sink=self._sink if self._sink is not None and self._sink.wants(caller) else None,
         )
 
     async def release(self, hold: Hold) -> None:
@@ -409,6 +574,23 @@ def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
         has_alpha=info.has_alpha,
         size=info.size,
     )
+
+
+def _variations_gone(caps: ModelCapabilities) -> str:
+    return (
+        f"{caps.retirement_message()} Image variations were retired with it: send the image to "
+        "/v1/images/edits with a GPT image model and a prompt instead."
+    )
+
+
+@contextmanager
+def _lifecycle_headers(resolution: Resolution) -> Iterator[None]:
+    """A refused request for a model being retired still says so (Sunset, Deprecation)."""
+    try:
+        yield
+    except GatewayError as exc:
+        exc.headers = {**resolution.headers, **exc.headers}
+        raise
 
 
 def _limits(caller: Caller, *, concurrency: bool = True) -> KeyLimits:

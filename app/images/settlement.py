@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from sqlalchemy import Connection
 
@@ -28,6 +28,7 @@ from app.billing.pricing import (
     format_micros,
     request_cost,
 )
+from app.billing.svg import SvgCharge
 from app.errors import UpstreamError
 from app.images.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.keys import Caller
@@ -67,6 +68,8 @@ class UpstreamOutcome:
     raw_usage: Any = None
     error_code: str | None = None
     partials: int = 0
+    # SVG output: the author's tokens and their cost (multiplier applied), added to the charge.
+    svg: SvgCharge | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,8 @@ class Settlement:
             usage = extra if usage is None else usage + extra
             cost, usage = request_cost(job, usage, max(outcome.images, 1))
         cost = apply_multiplier(cost, caller.price_multiplier_ppm)
+        if outcome.svg is not None:
+            cost += outcome.svg.cost_micros
         held = hold.amount_micros if hold is not None else 0
         overrun = max(0, cost - held) if hold is not None else 0
         record = LedgerRecord(
@@ -116,6 +121,7 @@ class Settlement:
             raw_usage=outcome.raw_usage or None,
             reserved_micros=held,
             overrun_micros=overrun,
+            svg=outcome.svg,
         )
         in_tx = (lambda c: also(c, cost)) if also is not None else None
         await shielded(self._ledger.settle(hold, record, also=in_tx))
@@ -140,6 +146,16 @@ class Settlement:
     async def release(self, hold: Hold) -> None:
         """Give back a hold for a request that ends before any upstream call."""
         await shielded(self._ledger.release(hold))
+
+
+class ImageSink(Protocol):
+    """Something that keeps a copy of completed images (the console's thumbnails)."""
+
+    def wants(self, caller: Caller) -> bool: ...
+
+    def keep(
+        self, *, caller: Caller, request_id: str, images: list[str], first_position: int = 0
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -169,6 +185,8 @@ class ImageStream:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Called with the charge once it is settled (the access log's cost).
     on_settled: list[Callable[[int], None]] = field(default_factory=list)
+    # Keeps a copy of each completed image (the console's thumbnails), when the key wants one.
+    sink: ImageSink | None = None
 
     @property
     def upstream(self) -> str:
@@ -192,6 +210,18 @@ class ImageStream:
         if event.is_completed:
             self.completed += 1
             self.partials = 0
+            b64 = event.data.get("b64_json")
+            if self.sink is not None and isinstance(b64, str):
+                try:
+                    self.sink.keep(
+                        caller=self.caller,
+                        request_id=self.job.request_id,
+                        images=[b64],
+                        first_position=self.completed - 1,
+                    )
+                except Exception:
+                    # A copy for the console is never worth breaking a stream that is being billed.
+                    log.exception("keeping image copies failed")
             usage = event.usage
             if usage is not None:
                 self.reported = usage if self.reported is None else self.reported + usage

@@ -4,7 +4,8 @@ The body is fed chunk by chunk to python-multipart's low-level ``MultipartParser
 Starlette uses), so memory depends on the chunk and flush sizes, never on the upload size. Parts
 are routed by their *name*, not by whether they carry a filename:
 
-- ``image``, ``image[]`` and ``image[<n>]`` are images, ``mask`` is the mask: spooled to files named
+- ``image``, ``image[]`` and ``image[<n>]`` are images, ``mask`` is the mask and ``markup`` the
+  markup (a transparent PNG that guides the edit): spooled to files named
   by this module (``000-image``) inside a fresh directory under ``spool_root``. The client's filename
   is kept as metadata only (basename, at most 255 characters) and never touches the filesystem.
 - everything else is a plain field, kept in memory as text within the field limits.
@@ -13,13 +14,14 @@ Errors (raised before the rest of the body is read; the spool directory is remov
 
     code                  status  param          when
     payload_too_large     413     image | mask   a file part passes its byte limit while arriving
+                                  | markup
     payload_too_large     413     <field name>   a field passes ``max_field_bytes``, or all fields
                                                  together pass ``max_fields_total_bytes``
     too_many_images       400     image          more image parts than ``max_files``
     invalid_multipart     400     None | mask    not multipart/form-data, no or bad boundary, malformed
                                                  or truncated body, oversized or too many part
                                                  headers, a part without a name, more than
-                                                 ``max_fields`` fields, a second mask
+                                                 ``max_fields`` fields, a second mask or markup
     invalid_value         400     <field name>   a field's value is not UTF-8
 
 File writes are buffered up to ``FLUSH_BYTES`` per part and handed to a worker thread once per
@@ -50,13 +52,15 @@ FLUSH_BYTES = 1024 * 1024
 SPOOL_PREFIX = "upload-"
 _IMAGE_FIELD = re.compile(r"image(?:\[\d{0,4}\])?")
 
-Role = Literal["image", "mask", "field"]
+Role = Literal["image", "mask", "markup", "field"]
 
 
 def field_role(name: str) -> Role:
     """Which kind of part a form name denotes; the SDKs send lists as ``image[]``."""
     if name == "mask":
         return "mask"
+    if name == "markup":
+        return "markup"
     if _IMAGE_FIELD.fullmatch(name):
         return "image"
     return "field"
@@ -94,6 +98,10 @@ class UploadForm:
         """The mask part, if one was sent."""
         return next((f for f in self.files if f.field == "mask"), None)
 
+    def markup(self) -> SpooledFile | None:
+        """The markup part, if one was sent."""
+        return next((f for f in self.files if f.field == "markup"), None)
+
     def cleanup(self) -> None:
         """Remove the spool directory; safe to call more than once."""
         shutil.rmtree(self.spool_dir, ignore_errors=True)
@@ -101,10 +109,11 @@ class UploadForm:
 
 @dataclass(frozen=True, slots=True)
 class UploadLimits:
-    """Bounds on one multipart body. Parts total at most ``max_fields + max_files + 1`` (the mask)."""
+    """Bounds on one multipart body. Parts total at most ``max_fields + max_files + 2`` (mask, markup)."""
 
     max_file_bytes: int
     max_files: int
+    # The mask's limit; the markup, a PNG of the same kind, shares it.
     max_mask_bytes: int = MASK_MAX_BYTES
     # A 32,000-character prompt is at most 128 KiB of UTF-8; twice that leaves room for any field.
     max_field_bytes: int = 256 * 1024
@@ -225,9 +234,9 @@ class _Spooler:
                 raise _malformed(f"more than {self.limits.max_fields} form fields")
             self._field = (name, bytearray())
             return
-        if role == "mask":
-            if any(f.field == "mask" for f in self.files):
-                raise _malformed("only one mask may be sent", param="mask")
+        if role in ("mask", "markup"):
+            if any(f.field == role for f in self.files):
+                raise _malformed(f"only one {role} may be sent", param=role)
             limit = self.limits.max_mask_bytes
         else:
             self._images += 1

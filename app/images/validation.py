@@ -6,19 +6,19 @@ handle OpenAI errors handle ours. The first failing rule wins, in the order of t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, cast
 
 from pydantic import ValidationError
 
 from app.errors import InvalidJSONError, InvalidRequestError
-from app.images.capabilities import ModelCapabilities, parse_size
+from app.images.capabilities import RESPONSE_FORMATS, ModelCapabilities, parse_size
 from app.images.jobs import Endpoint, ImageJob, ResponseFormat
+from app.images.output_rules import check_complexity, check_output_options
 from app.images.provider_spec import unmapped_fields
 from app.schemas.images import ImageEditForm, ImageGenerateRequest
 
 MODERATION_LEVELS = ("low", "auto")
-RESPONSE_FORMATS = ("url", "b64_json")
 BACKGROUNDS = ("transparent", "opaque", "auto")
 N_MAX = 10
 PARTIAL_IMAGES_MAX = 3
@@ -35,11 +35,49 @@ def parse_generate_request(payload: Any) -> ImageGenerateRequest:
 
 
 def parse_edit_form(fields: Mapping[str, str]) -> ImageEditForm:
-    """Type-check multipart text fields (numbers and booleans arrive as strings)."""
+    """Type-check multipart text fields (numbers and booleans arrive as strings); bracketed names
+    (``svg[model]``, ``svg[reasoning][effort]``) become nested objects, as the SDKs encode them."""
     try:
-        return ImageEditForm.model_validate(dict(fields))
+        return ImageEditForm.model_validate(nest_fields(fields))
     except ValidationError as exc:
         raise _from_pydantic(exc) from None
+
+
+def nest_fields(fields: Mapping[str, str]) -> dict[str, Any]:
+    """``{"svg[reasoning][effort]": "low"}`` → ``{"svg": {"reasoning": {"effort": "low"}}}``.
+
+    The inverse of how the OpenAI SDKs flatten objects into multipart fields; the multipart
+    builder for upstreams flattens them back the same way. A name that is not a clean
+    ``a[b][c]`` path, or that clashes with a plain field of the same name, stays as it came.
+    """
+    nested: dict[str, Any] = {}
+    for name, value in fields.items():
+        path = _bracket_path(name)
+        if path is None:
+            nested[name] = value
+            continue
+        node = nested
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                node = {}
+                break
+            node = child
+        else:
+            node[path[-1]] = value
+            continue
+        nested[name] = value
+    return nested
+
+
+def _bracket_path(name: str) -> list[str] | None:
+    head, sep, rest = name.partition("[")
+    if not sep or not head or not rest.endswith("]"):
+        return None
+    parts = rest[:-1].split("][")
+    if any(not part or "[" in part or "]" in part for part in parts):
+        return None
+    return [head, *parts]
 
 
 def _from_pydantic(exc: ValidationError) -> InvalidRequestError:
@@ -168,11 +206,14 @@ def check_size(size: str, caps: ModelCapabilities) -> None:
     raise _invalid_choice("size", size, allowed)
 
 
-def resolve_response_format(body_value: str | None, query_value: str | None) -> ResponseFormat:
-    """The body wins over the query string; the default is base64, which every model can return."""
+def resolve_response_format(
+    body_value: str | None, query_value: str | None, default: str = "b64_json"
+) -> ResponseFormat:
+    """The body wins over the query string; the default is the model family's, as OpenAI's:
+    ``url`` for dall-e-2/3, base64 for GPT image models."""
     value = body_value if body_value is not None else query_value
     if value is None:
-        return "b64_json"
+        return cast(ResponseFormat, default)
     if value not in RESPONSE_FORMATS:
         raise _invalid_choice("response_format", value, RESPONSE_FORMATS)
     return cast(ResponseFormat, value)
@@ -208,8 +249,17 @@ def build_job(
     request_id: str,
     endpoint: Endpoint = "generations",
     query_response_format: str | None = None,
+    has_mask: bool = False,
+    has_markup: bool = False,
+    svg_authors: Collection[str] | None = None,
+    default_response_format: str | None = None,
 ) -> ImageJob:
-    """Apply every catalog rule; returns the job with effective settings or raises a 400."""
+    """Apply every catalog rule; returns the job with effective settings or raises a 400.
+
+    ``has_mask``/``has_markup``: whether an edit carries those files (their contents are checked
+    later, from the spool); ``svg_authors``: the SVG author models the catalog can price;
+    ``default_response_format``: overrides the model's (a remapped model keeps the asked one's).
+    """
     fields = request.model_dump(exclude_none=True)
     extra = request.model_extra or {}
     fields.update({k: v for k, v in extra.items() if v is not None})
@@ -217,6 +267,7 @@ def build_job(
     check_prompt(request.prompt, caps)
     if isinstance(request, ImageEditForm):
         check_edit_fields(request, fields, caps)
+        check_markup(caps, has_mask=has_mask, has_markup=has_markup)
     check_unsupported(fields, caps)
     check_unmapped(fields, caps)
 
@@ -282,7 +333,27 @@ def build_job(
     partial_images = request.partial_images if request.partial_images is not None else 0
     _bounded("partial_images", partial_images, 0, min(PARTIAL_IMAGES_MAX, caps.max_partial_images))
 
-    response_format = resolve_response_format(request.response_format, query_response_format)
+    check_complexity(request.complexity, caps)
+    options = check_output_options(
+        caps=caps,
+        output_format=output_format,
+        n=n,
+        size=size,
+        stream=stream,
+        partial_images=request.partial_images,
+        compression=compression,
+        frame_count=request.frame_count,
+        frame_duration_ms=request.frame_duration_ms,
+        svg=fields.get("svg") if request.svg is not None else None,
+        has_mask=has_mask,
+        svg_authors=svg_authors,
+    )
+
+    response_format = resolve_response_format(
+        request.response_format,
+        query_response_format,
+        default_response_format or caps.default_response_format,
+    )
 
     return ImageJob(
         request_id=request_id,
@@ -302,4 +373,69 @@ def build_job(
         response_format=response_format,
         forward=fields,
         input_fidelity=request.input_fidelity if isinstance(request, ImageEditForm) else None,
+        complexity=request.complexity,
+        frame_count=options.frame_count,
+        frame_duration_ms=options.frame_duration_ms,
+        svg=options.svg,
     )
+
+
+def build_variation_job(
+    *, fields: Mapping[str, str], caps: ModelCapabilities, request_id: str, query_response_format: str | None
+) -> ImageJob:
+    """``POST /v1/images/variations`` (dall-e-2's legacy endpoint): ``n``, ``size``,
+    ``response_format``; no prompt. Everything the client sent is forwarded as it came."""
+    n = 1
+    raw_n = fields.get("n")
+    if raw_n is not None:
+        try:
+            n = int(raw_n)
+        except ValueError:
+            raise InvalidRequestError(
+                f"Invalid type for 'n': expected an integer, but got {_json_type(raw_n)}.",
+                param="n",
+                code="invalid_type",
+            ) from None
+    _bounded("n", n, 1, min(N_MAX, caps.n_max))
+    size = fields.get("size") or caps.default_size
+    check_size(size, caps)
+    response_format = resolve_response_format(
+        fields.get("response_format"), query_response_format, caps.default_response_format
+    )
+    forward = {k: v for k, v in fields.items() if k not in ("prompt",)}
+    return ImageJob(
+        request_id=request_id,
+        endpoint="variations",
+        model=caps.name,
+        caps=caps,
+        prompt="",
+        n=n,
+        size=size,
+        quality=caps.default_quality,
+        background=None,
+        output_format="png",
+        output_compression=None,
+        moderation="auto",
+        stream=False,
+        partial_images=0,
+        response_format=response_format,
+        forward=forward,
+    )
+
+
+def check_markup(caps: ModelCapabilities, *, has_mask: bool, has_markup: bool) -> None:
+    """``markup`` only where the model takes it, and never together with a mask (the SDK)."""
+    if not has_markup:
+        return
+    if caps.edit is None or not caps.edit.markup:
+        raise InvalidRequestError(
+            f"Unsupported parameter: 'markup' is not supported with the model '{caps.name}'.",
+            param="markup",
+            code="unsupported_parameter",
+        )
+    if has_mask:
+        raise InvalidRequestError(
+            "'markup' cannot be combined with 'mask': send one or the other.",
+            param="markup",
+            code="invalid_value",
+        )

@@ -40,6 +40,8 @@ class _KeyLimits(StrictWireModel):
     rpm: Limit | None = None
     ipm: Limit | None = None
     concurrency: Limit | None = None
+    # Console thumbnails of this key's images: true/false, or null to follow console.thumbnails.
+    thumbnails: bool | None = None
     # Asynchronous tasks: waiting in the queue (429 when full), and running at once.
     max_queued_tasks: Limit | None = None
     max_tasks_in_flight: Limit | None = None
@@ -94,6 +96,7 @@ class ApiKeyObject(BaseModel):
     max_tasks_in_flight: int | None = None
     moderation_allow: list[str] | None
     moderation_block: list[str] | None
+    thumbnails: bool | None = None
 
 
 class TopUpRequest(StrictWireModel):

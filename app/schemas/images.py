@@ -9,6 +9,19 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from app.schemas.base import WireModel
 
 
+class SvgReasoning(WireModel):
+    """``svg.reasoning``: the SVG author's reasoning effort (values checked in validation)."""
+
+    effort: StrictStr | None = None
+
+
+class SvgOptions(WireModel):
+    """``svg``: which model authors SVG output and how hard it reasons (``output_format=svg``)."""
+
+    model: StrictStr | None = None
+    reasoning: SvgReasoning | None = None
+
+
 class ImageGenerateRequest(WireModel):
     """``POST /v1/images/generations``. Types are strict (JSON ``"2"`` is not ``n=2``); allowed
     values depend on the model, so they are checked against the catalog in ``images/validation.py``."""
@@ -26,6 +39,11 @@ class ImageGenerateRequest(WireModel):
     partial_images: StrictInt | None = None
     response_format: StrictStr | None = None
     user: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    complexity: StrictStr | None = None
+    frame_count: StrictInt | None = None
+    frame_duration_ms: StrictInt | None = None
+    svg: SvgOptions | None = None
 
 
 class ImageData(BaseModel):
@@ -48,13 +66,23 @@ class ImagesResponse(BaseModel):
     quality: str | None = None
     size: str | None = None
     usage: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    svg_usage: dict[str, Any] | None = None
 
 
 class ModelObject(BaseModel):
+    """OpenAI's model object, plus the gateway's lifecycle fields (clients ignore extra fields)."""
+
     id: str
     object: str = "model"
     created: int
     owned_by: str
+    # active | deprecated (a retirement is scheduled) | retired
+    state: str = "active"
+    retired_at: str | None = None
+    replacement: str | None = None
+    # Set on a dated snapshot: the family entry it is an alias of.
+    alias_of: str | None = None
 
 
 class ModelList(BaseModel):
@@ -83,3 +111,9 @@ class ImageEditForm(WireModel):
     response_format: str | None = None
     input_fidelity: str | None = None
     user: str | None = None
+    safety_identifier: str | None = None
+    complexity: str | None = None
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
+    # From the ``svg[model]`` and ``svg[reasoning][effort]`` parts (see uploads.nest_fields).
+    svg: SvgOptions | None = None

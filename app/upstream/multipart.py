@@ -55,15 +55,32 @@ def edit_form(
         body["stream"] = True
     form = StallBoundForm(write_timeout_s)
     for name, value in body.items():
-        if name not in omitted and not isinstance(value, dict | list):
-            form.append_payload(_text_part(name, form_value(value)))
+        if name in omitted:
+            continue
+        for field_name, text in flatten_field(name, value):
+            form.append_payload(_text_part(field_name, text))
     # One image goes as `image`; several as repeated `image[]`, the array form the API expects.
     name = "image" if len(job.images) == 1 else "image[]"
     for index, image in enumerate(job.images):
         form.append_payload(_file_part(name, image, index, files))
     if job.mask is not None:
         form.append_payload(_file_part("mask", job.mask, 0, files, stem="mask"))
+    if job.markup is not None:
+        # Sent as it was spooled: byte for byte, as a file part.
+        form.append_payload(_file_part("markup", job.markup, 0, files, stem="markup"))
     return form
+
+
+def flatten_field(name: str, value: Any) -> list[tuple[str, str]]:
+    """A JSON-typed field as multipart fields: objects as ``svg[model]``,
+    ``svg[reasoning][effort]`` (the SDKs' encoding), lists as repeated ``name[]``; nulls dropped."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in flatten_field(f"{name}[{key}]", item)]
+    if isinstance(value, list):
+        return [pair for item in value for pair in flatten_field(f"{name}[]", item)]
+    return [(name, form_value(value))]
 
 
 class StallBoundForm(MultipartWriter):

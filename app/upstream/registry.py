@@ -26,6 +26,8 @@ class Route:
     priority: int
     # False for upstreams that cannot stream: the router asks them for a whole result instead.
     streams: bool = True
+    # True for upstreams that stop serving a model on OpenAI's retirement date.
+    follows_retirements: bool = False
 
     @property
     def name(self) -> str:
@@ -57,8 +59,10 @@ class ProviderRegistry:
         """Public models at least one active upstream serves."""
         return [model for model, routes in self._routes.items() if routes]
 
-    def routes(self, model: str) -> list[Route]:
-        return list(self._routes.get(model, ()))
+    def routes(self, model: str, *, retired: bool = False) -> list[Route]:
+        """The routes of a model; for a retired one, only upstreams that still serve it."""
+        routes = self._routes.get(model, ())
+        return [r for r in routes if not (retired and r.follows_retirements)]
 
     def providers(self) -> list[ImageProvider]:
         return list(self._providers)
@@ -89,7 +93,9 @@ class ProviderRegistry:
             policies[upstream.name] = SlotPolicy(
                 upstream.max_concurrency, upstream.queue_timeout_s, upstream.busy_status
             )
-            for model, upstream_model in upstream.model_map(_servable(upstream, catalog)).items():
+            for model, upstream_model in _with_aliases(
+                upstream.model_map(_servable(upstream, catalog)), catalog
+            ).items():
                 if model not in routes:
                     log.warning(
                         "upstream lists a model missing from the catalog; ignored",
@@ -108,7 +114,14 @@ class ProviderRegistry:
                     if upstream_model == model:
                         upstream_model = spec.model  # the catalog names the provider's model id
                 routes[model].append(
-                    Route(provider, upstream_model, upstream.weight, upstream.priority, upstream.stream)
+                    Route(
+                        provider,
+                        upstream_model,
+                        upstream.weight,
+                        upstream.priority,
+                        upstream.stream,
+                        follows_retirements=upstream.follows_openai_retirements,
+                    )
                 )
         return cls(routes, providers, limits, policies)
 
@@ -130,6 +143,19 @@ def _servable(upstream: UpstreamSettings, catalog: Catalog) -> list[str]:
         if kind == upstream.kind or (kind is None and upstream.kind not in NATIVE_KINDS):
             names.append(name)
     return names
+
+
+def _with_aliases(mapping: dict[str, str], catalog: Catalog) -> dict[str, str]:
+    """An upstream that serves a model serves its dated snapshots too: under the snapshot's own
+    name, or under the model's rename when the upstream renames it (an Azure deployment)."""
+    full = dict(mapping)
+    for name in catalog.names():
+        caps = catalog.get(name)
+        if caps is None or caps.alias_of is None or name in full or caps.alias_of not in mapping:
+            continue
+        renamed = mapping[caps.alias_of]
+        full[name] = name if renamed == caps.alias_of else renamed
+    return full
 
 
 def _make_provider(upstream: UpstreamSettings) -> ImageProvider:

@@ -135,7 +135,8 @@ class Router:
         last one, the policy may retry it after a backoff (honouring ``retry-after``). Open circuit
         breakers are skipped. ``tried`` collects each upstream as it is called, so a caller that is
         cancelled midway still knows which upstream its request reached."""
-        routes = order_routes(self._registry.routes(job.model), self._rng)
+        # A retired model never goes to an upstream that follows OpenAI's retirements.
+        routes = order_routes(self._registry.routes(job.model, retired=job.retired), self._rng)
         if job.resume is not None:
             # A task resuming a provider job (FLUX) polls it where it runs: any other upstream
             # would submit it a second time.
@@ -260,7 +261,7 @@ def _log_attempt(route: Route, attempt: int, error: GatewayError, action: RetryA
 
 
 async def _whole(route: Route, job: ImageJob) -> ImageResult:
-    if job.endpoint == "edits":
+    if job.endpoint != "generations":  # edits and variations: multipart with the spooled files
         return await route.provider.edit(job, upstream_model=route.upstream_model)
     return await route.provider.generate(job, upstream_model=route.upstream_model)
 

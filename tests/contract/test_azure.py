@@ -27,6 +27,7 @@ def azure_config(fake: FakeOpenAI, **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "name": "azure",
         "kind": "azure",
+        "follows_retirements": False,  # serves the retired gpt-image-1
         "base_url": fake.url,
         "api_key": UPSTREAM_KEY,
         "api_version": VERSION,

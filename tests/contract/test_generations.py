@@ -6,6 +6,7 @@ import base64
 import io
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types import ImagesResponse
@@ -30,6 +31,16 @@ def decode(b64: str | None) -> Image.Image:
     return image
 
 
+def fetch(url: str | None) -> Image.Image:
+    """A `response_format=url` image, downloaded from the gateway's signed link."""
+    assert url, "expected an image URL"
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
+
+
 @pytest.mark.parametrize("model", ALL_MODELS)
 def test_each_model_through_the_fake_upstream(gateway: Gateway, upstream: FakeOpenAI, model: str) -> None:
     client = gateway.client()
@@ -37,7 +48,13 @@ def test_each_model_through_the_fake_upstream(gateway: Gateway, upstream: FakeOp
 
     assert isinstance(result, ImagesResponse)
     assert result.data and len(result.data) == 1
-    image = decode(result.data[0].b64_json)
+    # dall-e answers `url` by default, as OpenAI's did; GPT image models base64.
+    if model.startswith("dall-e"):
+        assert result.data[0].b64_json is None
+        image = fetch(result.data[0].url)
+    else:
+        assert result.data[0].url is None
+        image = decode(result.data[0].b64_json)
     assert f"{image.width}x{image.height}" == SIZES[model]
     assert image.format == "PNG"
 
@@ -57,7 +74,8 @@ def test_each_model_through_the_fake_upstream(gateway: Gateway, upstream: FakeOp
 def test_each_model_through_the_local_backend(local_gateway: Gateway, model: str) -> None:
     client = local_gateway.client()
     result = client.images.generate(model=model, prompt="a red fox in snow", size=SIZES[model])  # type: ignore[arg-type]
-    image = decode(result.data[0].b64_json if result.data else None)
+    assert result.data
+    image = fetch(result.data[0].url) if model.startswith("dall-e") else decode(result.data[0].b64_json)
     assert f"{image.width}x{image.height}" == SIZES[model]
     assert image.format == "PNG"
     if model.startswith("gpt-image"):

@@ -63,6 +63,7 @@ def test_faulty_upstreams_trip_their_breakers_and_recover(
         {
             "name": "dead",
             "kind": "openai",
+            "follows_retirements": False,  # serves the retired gpt-image-1
             "base_url": f"http://127.0.0.1:{closed_port()}/v1",
             "api_key": "k",
         },
@@ -201,6 +202,7 @@ def test_no_secret_in_logs_error_bodies_or_metrics(upstream: FakeOpenAI, tmp_pat
             {
                 "name": "dead",
                 "kind": "openai",
+                "follows_retirements": False,  # serves the retired gpt-image-1
                 "base_url": dead_url,
                 "api_key": "sk-dead-upstream-secret",
                 "priority": 9,

@@ -92,7 +92,9 @@ def test_async_edit_with_url_results_match_the_upstream(gateway: Gateway, upstre
 
 def test_synchronous_url_results_download_and_match(gateway: Gateway, upstream: FakeOpenAI) -> None:
     client = gateway.client()
-    as_b64 = client.images.generate(model="dall-e-3", prompt="same", size="1024x1024")
+    as_b64 = client.images.generate(
+        model="dall-e-3", prompt="same", size="1024x1024", response_format="b64_json"
+    )
     as_url = client.images.generate(model="dall-e-3", prompt="same", size="1024x1024", response_format="url")
     assert as_url.data and as_url.data[0].url and as_url.data[0].b64_json is None
     assert as_url.data[0].revised_prompt

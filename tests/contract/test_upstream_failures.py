@@ -22,7 +22,15 @@ def assert_clean(error: openai.APIStatusError, *secrets: str) -> None:
 
 def test_connect_error_is_502(gateway_with: Any) -> None:
     dead = f"http://127.0.0.1:{closed_port()}/v1"
-    gw = gateway_with({"name": "dead", "kind": "openai", "base_url": dead, "api_key": "sk-dead-secret-key"})
+    gw = gateway_with(
+        {
+            "name": "dead",
+            "kind": "openai",
+            "base_url": dead,
+            "api_key": "sk-dead-secret-key",
+            "follows_retirements": False,
+        }
+    )
     with pytest.raises(openai.APIStatusError) as caught:
         gw.client().images.generate(model="gpt-image-1", prompt="x")
     assert caught.value.status_code == 502
@@ -62,6 +70,7 @@ def test_server_error_fails_over_to_the_next_upstream(gateway_with: Any, upstrea
     dead = {
         "name": "dead",
         "kind": "openai",
+        "follows_retirements": False,  # serves the retired gpt-image-1
         "base_url": f"http://127.0.0.1:{closed_port()}/v1",
         "api_key": "k",
     }
@@ -142,6 +151,7 @@ def test_readyz_reports_database_and_upstreams(gateway_with: Any, upstream: Fake
     dead = {
         "name": "dead",
         "kind": "openai",
+        "follows_retirements": False,  # serves the retired gpt-image-1
         "base_url": f"http://127.0.0.1:{closed_port()}/v1",
         "api_key": "k",
     }

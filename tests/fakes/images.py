@@ -102,3 +102,27 @@ def decode_b64_image(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     image.load()
     return image
+
+
+@lru_cache(maxsize=32)
+def render_gif(width: int, height: int, frames: int, duration_ms: int, variant: int = 0) -> bytes:
+    """An animated GIF: `frames` frames of distinct colours, each shown `duration_ms`."""
+    images = [
+        Image.new("RGB", (width, height), ((40 + 30 * i + variant) % 256, (200 - 10 * i) % 256, 90)).convert(
+            "P"
+        )
+        for i in range(frames)
+    ]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    return buf.getvalue()
+
+
+def render_svg(width: int, height: int, variant: int = 0) -> bytes:
+    """A minimal well-formed SVG document of the given size."""
+    colour = f"#{(0x336699 + 0x101010 * variant) & 0xFFFFFF:06x}"
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}"><rect width="{width}" height="{height}" fill="{colour}"/>'
+        f'<circle cx="{width // 2}" cy="{height // 2}" r="{min(width, height) // 4}" fill="#ffffff"/></svg>'
+    ).encode()

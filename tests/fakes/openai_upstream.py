@@ -374,6 +374,7 @@ class FakeOpenAI:
         return {
             ("POST", "/v1/images/generations"): self._generations,
             ("POST", "/v1/images/edits"): self._edits,
+            ("POST", "/v1/images/variations"): self._variations,
             ("POST", "/v1/moderations"): self._moderations,
             ("GET", "/v1/models"): self._list_models,
         }
@@ -418,6 +419,19 @@ class FakeOpenAI:
             return json_response(openai_error(message, code="missing_required_parameter", param="image"), 400)
         params = {key: values[0] for key, values in record.form.items()}
         return self._images(params, "image_edit", deployment, cut, image_size_of(images[0].data))
+
+    async def _variations(
+        self, record: RecordedRequest, deployment: str | None, cut: Fault | None
+    ) -> Response:
+        """dall-e-2's legacy endpoint: one square PNG, `n`, `size`, `response_format`; no prompt."""
+        images = record.files_for("image")
+        if not images:
+            message = "Missing required parameter: 'image'."
+            return json_response(openai_error(message, code="missing_required_parameter", param="image"), 400)
+        params: dict[str, Any] = {key: values[0] for key, values in record.form.items()}
+        params.setdefault("model", "dall-e-2")
+        params["prompt"] = "a variation"
+        return self._images(params, "image_variation", deployment, cut, image_size_of(images[0].data))
 
     def _images(
         self,

@@ -1,4 +1,5 @@
-// The official OpenAI Node SDK against the gateway: a streamed generation and an edit.
+// The official OpenAI Node SDK against the gateway: a streamed generation, an edit, a gpt-image-2.5
+// generation at a free size, and an error.
 // Usage: node images.mjs <base_url> <api_key>; prints one JSON line per result.
 import OpenAI, { toFile } from "openai";
 
@@ -28,6 +29,21 @@ const edited = await client.images.edit({
   prompt: "make it blue",
 });
 console.log(JSON.stringify({ edit: edited.data.length, usage: edited.usage?.total_tokens ?? null }));
+
+// Today's API: a 2.5 model at a free size (WIDTHxHEIGHT, multiples of 16) and its xhigh quality.
+const free = await client.images.generate({
+  model: "gpt-image-2.5-flare",
+  prompt: "a panorama of a harbour",
+  size: "1536x864",
+  quality: "xhigh",
+  complexity: "high",
+});
+const head = Buffer.from(free.data[0].b64_json, "base64");
+console.log(
+  JSON.stringify({
+    free: { size: free.size, quality: free.quality, width: head.readUInt32BE(16), height: head.readUInt32BE(20) },
+  }),
+);
 
 try {
   await client.images.generate({ model: "gpt-image-1", prompt: "" });

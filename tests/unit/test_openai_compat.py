@@ -238,7 +238,8 @@ async def test_edit_multipart_parts_as_httpx_sent_them(provider_for: Build, tmp_
     for part in parts[1:-1]:
         head, _, value = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
         heads[head] = value.removesuffix(b"\r\n")
-    # Text fields without a Content-Type, as httpx and the SDKs send them; dict/list fields stay out.
+    # Text fields without a Content-Type, as httpx and the SDKs send them; objects as bracketed
+    # fields (`metadata[x]`), the SDKs' encoding of `svg[model]`.
     field = b'Content-Disposition: form-data; name="%s"'
     file = b'Content-Type: image/%s\r\nContent-Disposition: form-data; name="%s"; filename="%s"'
     assert heads == {
@@ -246,6 +247,7 @@ async def test_edit_multipart_parts_as_httpx_sent_them(provider_for: Build, tmp_
         field % b"prompt": b"a red fox",
         field % b"input_fidelity": b"high",
         field % b"n": b"2",
+        field % b"metadata[x]": b"1",
         file % (b"png", b"image[]", b"image-0.png"): b"\x89PNG-first",
         file % (b"jpeg", b"image[]", b"image-1.jpg"): b"\xff\xd8JPEG-second",
         file % (b"png", b"mask", b"mask-0.png"): b"MASK",

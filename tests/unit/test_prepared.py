@@ -32,6 +32,11 @@ ENTRY = {
     "reserved_micros": 100_000,
     "overrun_micros": 23_456,
     "created_at": datetime(2026, 11, 25, 12, 30, 1, 123456, tzinfo=UTC),
+    "svg_model": "gpt-5.5",
+    "svg_input_tokens": 1200,
+    "svg_output_tokens": 2500,
+    "svg_reasoning_tokens": 100,
+    "svg_cost_micros": 26_500,
 }
 
 

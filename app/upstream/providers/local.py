@@ -32,11 +32,14 @@ from app.errors import UpstreamRejected
 from app.images.capabilities import parse_size
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
 from app.upstream.providers.local_edit import edit_size, paint_edit
+from app.upstream.providers.local_formats import encode_gif, render_svg, svg_usage
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 RGB = tuple[int, int, int]
 
 ENCODINGS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# Formats drawn by local_formats rather than encoded by Pillow from one still.
+DRAWN_FORMATS = ("gif", "svg")
 DEFAULT_QUALITY = 90
 # zlib level 3 is several times faster than the default 6 on gradients and barely larger;
 # a development backend should answer fast rather than small.
@@ -199,10 +202,11 @@ def _plan(job: ImageJob) -> _Plan:
     if dims is None:
         raise _rejected(f"The local backend cannot render size {size!r}.", "size")
     fmt = job.output_format
-    if fmt not in ENCODINGS:
+    if fmt not in ENCODINGS and fmt not in DRAWN_FORMATS:
         raise _rejected(f"The local backend cannot encode output_format {fmt!r}.", "output_format")
-    # JPEG has no alpha channel; validation rejects that pair, but render opaque rather than fail.
-    transparent = job.background == "transparent" and fmt != "jpeg"
+    # JPEG and GIF have no alpha channel; validation rejects those pairs, but render opaque
+    # rather than fail.
+    transparent = job.background == "transparent" and fmt not in ("jpeg", "gif")
     return _Plan(size=size, dims=dims, fmt=fmt, transparent=transparent, seed=_seed(job))
 
 
@@ -236,11 +240,23 @@ def _draw(job: ImageJob, plan: _Plan, index: int) -> Image.Image:
     if not job.images:
         return overlay
     mask = job.mask.path if job.mask is not None else None
-    return paint_edit(job.images[0].path, mask, overlay, transparent=plan.transparent)
+    markup = job.markup.path if job.markup is not None else None
+    return paint_edit(job.images[0].path, mask, overlay, transparent=plan.transparent, markup_path=markup)
 
 
 def _draw_b64(job: ImageJob, plan: _Plan, index: int) -> str:
+    if plan.fmt == "svg":
+        document = _svg_document(job, plan, index)
+        return base64.b64encode(document.encode("utf-8")).decode("ascii")
+    if plan.fmt == "gif":
+        frames = job.frame_count or 9
+        duration = job.frame_duration_ms or 200
+        return base64.b64encode(encode_gif(_draw(job, plan, index), frames, duration)).decode("ascii")
     return _b64(_draw(job, plan, index), plan.fmt, job.output_compression)
+
+
+def _svg_document(job: ImageJob, plan: _Plan, index: int) -> str:
+    return render_svg(job.prompt, _rng(job.prompt, plan.seed, index), *plan.dims, plan.transparent)
 
 
 def _b64(image: Image.Image, fmt: str, compression: int | None) -> str:
@@ -276,6 +292,11 @@ class LocalProvider:
             **plan.settings(job),
             "usage": usage.to_openai(),
         }
+        if job.safety_identifier is not None:
+            body["safety_identifier"] = job.safety_identifier
+        if plan.fmt == "svg":
+            # The author's usage is reported apart from the image's, as the API does (SVG is n=1).
+            body["svg_usage"] = svg_usage(job.prompt, base64.b64decode(images[0]).decode("utf-8"), job.svg)
         return ImageResult(body=body, usage=usage, raw_usage=usage.to_openai())
 
     async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
@@ -304,16 +325,16 @@ class LocalProvider:
             await asyncio.sleep(self._pace_s)
             b64 = await asyncio.to_thread(_b64, image, plan.fmt, job.output_compression)
             usage = _usage(job, 1, with_prompt=index == 0)
-            yield ProviderEvent(
-                type=completed_type,
-                data={
-                    "type": completed_type,
-                    "b64_json": b64,
-                    **settings,
-                    "created_at": int(time.time()),
-                    "usage": usage.to_openai(),
-                },
-            )
+            completed: dict[str, Any] = {
+                "type": completed_type,
+                "b64_json": b64,
+                **settings,
+                "created_at": int(time.time()),
+                "usage": usage.to_openai(),
+            }
+            if job.safety_identifier is not None:
+                completed["safety_identifier"] = job.safety_identifier
+            yield ProviderEvent(type=completed_type, data=completed)
 
     async def probe(self) -> bool:
         """Always ready: nothing outside this process is involved."""

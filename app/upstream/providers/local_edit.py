@@ -16,12 +16,23 @@ BLEND = 0.5
 
 
 def paint_edit(
-    base_path: Path, mask_path: Path | None, overlay: Image.Image, *, transparent: bool
+    base_path: Path,
+    mask_path: Path | None,
+    overlay: Image.Image,
+    *,
+    transparent: bool,
+    markup_path: Path | None = None,
 ) -> Image.Image:
-    """``overlay`` (already at the output size) painted into the first input image."""
+    """``overlay`` (already at the output size) painted into the first input image; a markup (a
+    transparent PNG of the first image's size) is first laid over that image, as its guide."""
     size = overlay.size
     with Image.open(base_path) as opened:
-        base = opened.convert("RGBA").resize(size, Image.Resampling.LANCZOS)
+        base = opened.convert("RGBA")
+    if markup_path is not None:
+        with Image.open(markup_path) as opened:
+            guide = opened.convert("RGBA").resize(base.size, Image.Resampling.NEAREST)
+        base = Image.alpha_composite(base, guide)
+    base = base.resize(size, Image.Resampling.LANCZOS)
     layer = overlay.convert("RGBA")
     if mask_path is not None:
         with Image.open(mask_path) as opened:

@@ -208,7 +208,7 @@ class OpenAICompatProvider:
         if stream:
             headers["accept"] = "text/event-stream"
         url = self._images_url(job.endpoint, upstream_model)
-        if job.endpoint == "edits":
+        if job.endpoint != "generations":  # edits and variations
             # The form reads the files chunk by chunk while sending, so they must stay open until
             # the answer is in (the caller's ExitStack). It sets its own content-type, with boundary.
             form = edit_form(

@@ -1,0 +1,20 @@
+"""The web console on ``/console``: server-rendered pages over the same services as the API."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from starlette.staticfiles import StaticFiles
+
+from app.api.console import auth, keys, pages, playground
+from app.api.console.web import HERE, ConsoleDenied, SignInRequired, console_denied, sign_in_required
+from app.console.activity import ActivityCache
+
+
+def install_console(app: FastAPI) -> None:
+    for module in (auth, pages, keys, playground):
+        app.include_router(module.router, prefix="/console", include_in_schema=False)
+    app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
+    # Totals of days that are over, shared by this process's pages (app/console/activity.py).
+    app.state.console_activity = ActivityCache()
+    app.add_exception_handler(SignInRequired, sign_in_required)
+    app.add_exception_handler(ConsoleDenied, console_denied)

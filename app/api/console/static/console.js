@@ -1,0 +1,43 @@
+// Small progressive enhancements; every page works without them.
+"use strict";
+(function () {
+  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.getAttribute("data-confirm"))) event.preventDefault();
+    });
+  });
+  document.querySelectorAll("[data-select-on-focus]").forEach(function (input) {
+    input.addEventListener("focus", function () { input.select(); });
+  });
+
+  // Upstream health, refreshed live where the table asks for it.
+  var table = document.querySelector("table[data-live]");
+  if (!table) return;
+  var stamp = document.getElementById("upstreams-updated");
+  function pct(v) { return ((v || 0) * 100).toFixed(1) + " %"; }
+  function show(v) { return v === null || v === undefined ? "—" : String(typeof v === "number" ? Math.round(v) : v); }
+  function refresh() {
+    fetch(table.getAttribute("data-live"), { headers: { accept: "application/json" }, credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+      .then(function (body) {
+        body.data.forEach(function (u) {
+          var row = table.querySelector('tr[data-name="' + CSS.escape(u.name) + '"]');
+          if (!row) return;
+          row.querySelector('[data-field="state"]').innerHTML = "";
+          var badge = document.createElement("span");
+          badge.className = "state state-" + u.state;
+          badge.textContent = u.state;
+          row.querySelector('[data-field="state"]').appendChild(badge);
+          row.querySelector('[data-field="in_flight"]').textContent = show(u.in_flight);
+          row.querySelector('[data-field="latency_p50_ms"]').textContent = show(u.latency_p50_ms);
+          row.querySelector('[data-field="latency_avg_ms"]').textContent = show(u.latency_avg_ms);
+          row.querySelector('[data-field="error_rate"]').textContent = pct(u.error_rate);
+          row.querySelector('[data-field="requests_in_window"]').textContent = show(u.requests_in_window);
+        });
+        table.setAttribute("data-refreshed", String(Date.now()));
+        if (stamp) stamp.textContent = "Updated " + new Date().toLocaleTimeString();
+      })
+      .catch(function () { if (stamp) stamp.textContent = "Refresh failed; retrying."; });
+  }
+  setInterval(refresh, 2000);
+})();

@@ -1,0 +1,381 @@
+"""The console in a real browser (acceptance 1 of issue 18).
+
+Each test drives Debian's Chromium against a gateway on loopback served by the `local` renderer,
+and checks what the page shows against what the API and the database say.
+"""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import io
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.browser.conftest import screenshot, sign_in
+from tests.conftest import Gateway
+
+ALWAYS_BLOCKED = "a dismembered corpse"
+
+
+def _new_key_in_console(page: Any, gateway: Gateway, name: str) -> tuple[str, str]:
+    page.goto(gateway.url + "/console/keys")
+    page.get_by_role("link", name="New key").click()
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Owner / tenant").fill("acme")
+    page.get_by_label("Requests per minute").fill("50")
+    page.get_by_label("Balance").fill("25")
+    page.get_by_role("button", name="Create key").click()
+    secret = page.get_by_label(f"API key for “{name}”").input_value()
+    key_id = page.locator("#new-key-id").inner_text()
+    return secret, key_id
+
+
+def test_operator_creates_a_key_shown_once_and_its_edited_limits_bind_the_api(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    page = new_page()
+    sign_in(page, console_gateway)
+    secret, key_id = _new_key_in_console(page, console_gateway, "journey")
+    assert re.fullmatch(r"sk-gw-[A-Za-z0-9_-]{20,}", secret)
+    row = console_gateway.key_row(key_id)
+    assert row["rpm"] == 50 and row["balance_micros"] == 25_000_000 and row["owner"] == "acme"
+
+    # Never again: not on the key's page, not in the list, not after a reload.
+    page.goto(console_gateway.url + f"/console/keys/{key_id}")
+    assert secret not in page.content()
+    page.goto(console_gateway.url + "/console/keys?q=journey")
+    assert secret not in page.content()
+    assert page.locator(f'tr[data-key-id="{key_id}"]').count() == 1
+
+    # Edit: one model only, 2 requests a minute.
+    page.goto(console_gateway.url + f"/console/keys/{key_id}")
+    page.get_by_label("Every model the gateway serves").uncheck()
+    page.get_by_role("group", name="Allowed models").get_by_label("gpt-image-1", exact=True).check()
+    page.get_by_label("Requests per minute").fill("2")
+    page.get_by_role("button", name="Save changes").click()
+    page.wait_for_url(re.compile(r".*\?saved=1$"))
+    assert page.get_by_label("Requests per minute").input_value() == "2"
+
+    client = console_gateway.client(secret)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client.images.generate(model="gpt-image-1-mini", prompt="a red kite", size="1024x1024", quality="low")
+    assert denied.value.code == "model_not_allowed"
+    client.images.generate(model="gpt-image-1", prompt="a red kite", size="1024x1024", quality="low")
+    client.images.generate(model="gpt-image-1", prompt="a blue kite", size="1024x1024", quality="low")
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.images.generate(model="gpt-image-1", prompt="a third kite", size="1024x1024", quality="low")
+    assert limited.value.code == "rate_limit_exceeded"
+
+    # A bad value is refused beside its field, by the admin API's own rules.
+    page.get_by_label("Price multiplier").fill("-2")
+    page.get_by_role("button", name="Save changes").click()
+    assert "greater than 0" in page.locator('[data-error-for="price_multiplier"]').inner_text()
+    assert page.get_by_label("Price multiplier").get_attribute("aria-invalid") == "true"
+    assert console_gateway.key_row(key_id)["price_multiplier_ppm"] == 1_000_000
+
+    # Lift the rate limit again, then top up: both land on the key.
+    page.goto(console_gateway.url + f"/console/keys/{key_id}")
+    page.get_by_label("Requests per minute").fill("")
+    page.get_by_role("button", name="Save changes").click()
+    page.wait_for_url(re.compile(r".*\?saved=1$"))
+    page.get_by_label("Amount (PTC)").fill("5")
+    page.get_by_role("button", name="Add credit").click()
+    page.wait_for_url(re.compile(r".*\?saved=1$"))
+    row = console_gateway.key_row(key_id)
+    assert row["rpm"] is None
+    assert row["balance_micros"] == 30_000_000 - row["spent_micros"]
+    assert page.console_errors == []
+
+
+def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_shows_its_cost(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = console_gateway.create_key(name="tenant-a")
+    page = new_page()
+    sign_in(page, console_gateway, secret)
+    page.get_by_role("navigation").get_by_role("link", name="Playground").click()
+    page.keyboard.press("Tab")  # the first stop is the skip link, which lands on the content
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    # Count every preview swapped into the page, whatever its timing.
+    page.evaluate(
+        """() => {
+          window.__previews = [];
+          const img = document.getElementById('p-preview');
+          new MutationObserver(() => window.__previews.push(img.src))
+            .observe(img, {attributes: true, attributeFilter: ['src']});
+        }"""
+    )
+    page.get_by_label("Model", exact=True).select_option("gpt-image-1")
+    page.get_by_label("Prompt").fill("a lighthouse at dawn, oil on canvas")
+    page.get_by_label("Size", exact=True).select_option("1024x1024")
+    page.get_by_label("Quality", exact=True).select_option("low")
+    assert page.get_by_label("Stream").is_checked()
+    page.get_by_label("Partial images").fill("2")
+    # Keyboard only: focus the button and press Enter.
+    page.get_by_role("button", name="Generate").focus()
+    page.keyboard.press("Enter")
+
+    final = page.locator("#p-results img.final")
+    final.wait_for()
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#p-results img.final');"
+        " return i && i.complete && i.naturalWidth > 0; }"
+    )
+    page.locator("#p-cost[data-settled]").wait_for()
+
+    previews = page.evaluate("() => window.__previews.filter(s => s.startsWith('blob:'))")
+    assert len(previews) == 2 and len(set(previews)) == 2
+    assert page.locator("#p-partial-count").inner_text() == "2"
+    assert page.locator("#p-preview").get_attribute("data-sizes") == "1024x1024,1024x1024"
+    assert final.count() == 1
+    assert final.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [1024, 1024]
+    assert page.get_by_role("link", name="Download image 1").get_attribute("download") == "image-1.png"
+
+    request_id = page.locator("#p-request-id").inner_text()
+    shown_cost = page.locator("#p-cost").inner_text()
+    (entry,) = console_gateway.query(f"SELECT * FROM ledger_entries WHERE request_id = '{request_id}'")
+    assert entry["key_id"] == key_id and entry["status"] == "succeeded" and entry["images"] == 1
+    assert entry["cost_micros"] > 0
+    assert shown_cost == f"{entry['cost_micros'] // 1_000_000}.{entry['cost_micros'] % 1_000_000:06d}"
+    screenshot(page, "playground")
+
+    # The request log shows the row with its cost and the thumbnail kept for it.
+    page.get_by_role("navigation").get_by_role("link", name="Requests").click()
+    row = page.locator(f'tr[data-request-id="{request_id}"]')
+    assert row.locator("td.cost").inner_text().startswith(shown_cost)
+    thumb = row.locator("img.thumb")
+    thumb.wait_for()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    assert thumb.evaluate("i => Math.max(i.naturalWidth, i.naturalHeight)") == 128
+
+    # Usage: the chart's bar for today and the CSV both carry the cost.
+    page.get_by_role("navigation").get_by_role("link", name="Usage").click()
+    assert page.locator("#usage-total-cost").inner_text() == shown_cost
+    bar_titles = page.locator("#spend-by-day rect.bar title").all_text_contents()
+    assert any(t.endswith(f": {shown_cost} PTC") for t in bar_titles), bar_titles
+    assert any(shown_cost in t for t in page.locator("#spend-by-model rect.bar title").all_text_contents())
+    with page.expect_download() as download:
+        page.locator("#csv-link").click()
+    text = open(download.value.path(), encoding="utf-8", newline="").read()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[-1]["day"] == "total" and rows[-1]["cost"] == shown_cost
+    # ... and it is the admin API's report, byte for byte.
+    href = page.locator("#csv-link").get_attribute("href")
+    query = href.split("?", 1)[1] + f"&key_id={key_id}&format=csv"
+    assert console_gateway.admin("GET", "/admin/usage?" + query).text == text
+    assert page.console_errors == []
+
+
+def test_a_moderation_block_shows_in_the_operators_audit_page(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = console_gateway.create_key(name="tenant-mod")
+    with pytest.raises(openai.BadRequestError) as blocked:
+        console_gateway.client(secret).images.generate(model="gpt-image-1", prompt=ALWAYS_BLOCKED)
+    assert blocked.value.code == "moderation_blocked"
+    page = new_page()
+    sign_in(page, console_gateway)
+    page.get_by_role("navigation").get_by_role("link", name="Moderation").click()
+    page.get_by_label("Key id").fill(key_id)
+    page.get_by_role("button", name="Filter").click()
+    rows = page.locator("#moderation-events tbody tr")
+    assert rows.count() == 1
+    assert rows.locator("td.stage").inner_text() == "input"
+    assert "violence" in rows.locator("td.categories").inner_text()
+    assert key_id in rows.inner_text()
+    assert ALWAYS_BLOCKED not in page.content()  # prompts are stored hashed
+
+
+def test_a_tenant_cannot_open_admin_pages_or_another_keys_request(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    mine, my_id = console_gateway.create_key(name="tenant-b")
+    theirs, their_id = console_gateway.create_key(name="tenant-c")
+    raw = console_gateway.client(theirs).images.with_raw_response.generate(
+        model="gpt-image-1", prompt="their secret picture", size="1024x1024", quality="low"
+    )
+    their_request = raw.headers["x-request-id"]
+    page = new_page()
+    sign_in(page, console_gateway, mine)
+    for path in (
+        "/console/overview",
+        "/console/keys",
+        f"/console/keys/{their_id}",
+        "/console/moderation",
+        "/console/upstreams",
+    ):
+        response = page.goto(console_gateway.url + path)
+        assert response.status == 403, path
+        assert page.get_by_role("heading", name="Not allowed").is_visible()
+    response = page.goto(console_gateway.url + f"/console/requests/{their_request}")
+    assert response.status == 404
+    response = page.goto(console_gateway.url + f"/console/api/requests/{their_request}")
+    assert response.status == 404
+    # A filter naming another key is ignored: a tenant's log is their own.
+    page.goto(console_gateway.url + f"/console/requests?key_id={their_id}")
+    assert page.locator(f'tr[data-request-id="{their_request}"]').count() == 0
+    # The session cookie is no admin credential.
+    response = page.goto(console_gateway.url + "/admin/keys")
+    assert response.status == 401
+    # The navigation offers no operator page.
+    page.goto(console_gateway.url + "/console/usage")
+    links = page.get_by_role("navigation").get_by_role("link").all_inner_texts()
+    assert links == ["Usage", "Requests", "Tasks", "Playground"]
+    assert my_id in page.locator(".who").inner_text()
+
+
+class _Attacker:
+    """A page on another origin of the same site (another port): SameSite lets cookies through."""
+
+    def __init__(self, target: str) -> None:
+        page = f"""<!doctype html><html><body>
+<form id="f" method="post" action="{target}/console/keys">
+<input name="name" value="evil"><input name="csrf_token" value="guessed"><input name="all_models" value="1">
+</form><form id="g" method="post" action="{target}/console/keys"><input name="name" value="evil2"></form>
+<button id="go" onclick="document.getElementById('f').submit()">go</button>
+<button id="go2" onclick="document.getElementById('g').submit()">go2</button>
+</body></html>""".encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/html")
+                self.send_header("content-length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Attacker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def attacker(console_gateway: Gateway) -> Iterator[_Attacker]:
+    with _Attacker(console_gateway.url) as site:
+        yield site
+
+
+def test_a_forged_cross_site_form_post_is_refused(
+    console_gateway: Gateway, new_page: Any, attacker: _Attacker
+) -> None:
+    page = new_page()
+    sign_in(page, console_gateway)
+    for button in ("#go", "#go2"):
+        page.goto(attacker.url)
+        with page.expect_navigation() as navigation:
+            page.click(button)
+        assert navigation.value.status == 403
+        assert "CSRF check failed" in page.content()
+    names = [k["name"] for k in console_gateway.admin("GET", "/admin/keys").json()["data"]]
+    assert "evil" not in names and "evil2" not in names
+    # The operator's own form, same browser, still works: the refusal was the forgery's.
+    page.goto(console_gateway.url + "/console/keys/new")
+    page.get_by_label("Name").fill("legit")
+    page.get_by_role("button", name="Create key").click()
+    assert page.get_by_role("heading", name="Key created").is_visible()
+
+
+def test_screenshots_of_overview_and_requests(console_gateway: Gateway, new_page: Any) -> None:
+    secret, _ = console_gateway.create_key(name="screens")
+    client = console_gateway.client(secret)
+    for prompt in ("a fox in snow", "a harbour at night", "a bowl of lemons"):
+        client.images.generate(model="gpt-image-1", prompt=prompt, size="1024x1024", quality="low")
+    page = new_page()
+    sign_in(page, console_gateway)
+    assert page.locator("#requests-by-day rect.bar").count() == 14
+    assert page.locator("#total-requests").inner_text() != "0"
+    screenshot(page, "overview")
+    page.get_by_role("navigation").get_by_role("link", name="Requests").click()
+    page.wait_for_function("() => [...document.querySelectorAll('img.thumb')].every(i => i.complete)")
+    assert page.locator("#requests tbody tr").count() >= 3
+    screenshot(page, "requests")
+    # On a phone's width nothing but the tables' own scroll boxes is wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/console/requests", "/console/playground", "/console/overview", "/console/keys/new"):
+        page.goto(console_gateway.url + path)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
+    page.set_viewport_size({"width": 1280, "height": 860})
+    # Upstreams refresh themselves.
+    page.get_by_role("navigation").get_by_role("link", name="Upstreams").click()
+    page.wait_for_function(
+        "() => document.getElementById('upstreams').hasAttribute('data-refreshed')", timeout=10_000
+    )
+    assert page.console_errors == []
+
+
+def _png(width: int, height: int, *, alpha: bool = False) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new(
+        "RGBA" if alpha else "RGB", (width, height), (200, 120, 40, 0) if alpha else (200, 120, 40)
+    ).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_playground_shows_the_apis_errors_beside_their_field_and_edits_with_a_mask(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = console_gateway.create_key(name="tenant-edit")
+    page = new_page()
+    sign_in(page, console_gateway, secret)
+    page.goto(console_gateway.url + "/console/playground")
+    page.get_by_label("Model", exact=True).select_option("gpt-image-1")
+    # No prompt: the API's own 400 lands beside the prompt field.
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator('[data-error-for="prompt"]')
+    error.wait_for()
+    assert "prompt" in error.inner_text().lower()
+    assert page.get_by_label("Prompt").get_attribute("aria-invalid") == "true"
+    # The size control offers the catalog's sizes for the model, nothing else.
+    assert page.locator("#p-size option").all_inner_texts() == ["auto", "1024x1024", "1536x1024", "1024x1536"]
+    page.get_by_label("Prompt").fill("put a hat on it")
+    page.get_by_label("Edit").check()
+    assert page.get_by_role("button", name="Edit").is_visible()
+    page.get_by_label("Input images").set_input_files(
+        [{"name": "a.png", "mimeType": "image/png", "buffer": _png(1024, 1024)}]
+    )
+    page.get_by_label("Mask (png with alpha, optional)").set_input_files(
+        [{"name": "m.png", "mimeType": "image/png", "buffer": _png(1024, 1024, alpha=True)}]
+    )
+    page.get_by_label("Size", exact=True).select_option("1024x1024")
+    page.get_by_label("Quality", exact=True).select_option("low")
+    page.get_by_label("Stream").uncheck()
+    assert not page.get_by_label("Partial images").is_visible()
+    page.get_by_role("button", name="Edit").click()
+    final = page.locator("#p-results img.final")
+    final.wait_for()
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#p-results img.final');"
+        " return i && i.complete && i.naturalWidth > 0; }"
+    )
+    assert final.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [1024, 1024]
+    request_id = page.locator("#p-request-id").inner_text()
+    (entry,) = console_gateway.query(f"SELECT * FROM ledger_entries WHERE request_id = '{request_id}'")
+    assert entry["endpoint"] == "edits" and entry["key_id"] == key_id and entry["image_input_tokens"] > 0
+    assert (
+        page.locator("#p-cost").inner_text()
+        == f"{entry['cost_micros'] // 1_000_000}.{entry['cost_micros'] % 1_000_000:06d}"
+    )
+    assert page.console_errors == []

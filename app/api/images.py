@@ -248,5 +248,9 @@ def _reply(request: Request, state: AppState, outcome: ImageOutcome | ImageStrea
     return Response(
         body if isinstance(body, bytes) else orjson.dumps(body),
         media_type="application/json",
-        headers={**_job_headers(request), **outcome.headers, "x-gateway-cost": format_micros(outcome.cost_micros)},
+        headers={
+            **_job_headers(request),
+            **outcome.headers,
+            "x-gateway-cost": format_micros(outcome.cost_micros),
+        },
     )

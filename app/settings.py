@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from contextvars import ContextVar
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,13 +23,24 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+from sqlalchemy.engine import make_url
 
 from app.moderation.config import ModerationSettings
 from app.security import ensure_key_pepper
 from app.storage.config import StorageSettings
 
 DEFAULT_CONFIG = "config/gateway.yaml"
+# The shipped catalog and moderation policy travel inside the package, so an installed gateway
+# starts from any directory with no config file at all.
+DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
+DEFAULT_MODELS_FILE = str(DEFAULTS_DIR / "models.yaml")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Values that mean "somebody forgot to set this": refused rather than used as a real secret.
 _PLACEHOLDERS = frozenset({"changeme", "change-me", "changethis", "secret", "xxx", "your-key-here"})
@@ -52,29 +63,19 @@ def interpolate(text: str, environ: dict[str, str] | None = None) -> str:
     return _VAR.sub(sub, text)
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a config file, interpolating env vars before YAML parsing."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(interpolate(text))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must hold a mapping at the top level")
-    return data
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class DatabaseSettings(_Section):
-    url: str = "sqlite+aiosqlite:///./data/gateway.db"
+    # Unset: SQLite at <data_dir>/gateway.db. A relative SQLite path is read against data_dir.
+    url: str = ""
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _unset(cls, value: Any) -> Any:
+        return "" if value is None else value
+
     echo: bool = False
 
 
@@ -370,7 +371,7 @@ class Settings(BaseSettings):
 
     admin_key: SecretStr | None = None
     data_dir: str = "./data"
-    models_file: str = "config/models.yaml"
+    models_file: str = DEFAULT_MODELS_FILE
     price_unit: str = "PTC"
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
@@ -392,6 +393,11 @@ class Settings(BaseSettings):
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
     )
+
+    @field_validator("models_file", mode="before")
+    @classmethod
+    def _shipped_catalog(cls, value: Any) -> Any:
+        return DEFAULT_MODELS_FILE if value in (None, "") else value
 
     @field_validator("admin_key", mode="before")
     @classmethod
@@ -430,6 +436,19 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _data_paths_under_data_dir(self) -> Settings:
+        # Runtime state (the SQLite file, stored images, spools) lives under data_dir, so one setting
+        # moves all of it and none of it depends on the directory the process was started in.
+        self.database.url = _sqlite_under(self.database.url, self.data_dir)
+        if self.storage.kind == "local":
+            self.storage.path = _under(self.storage.path, self.data_dir)
+        if self.uploads.spool_dir:
+            self.uploads.spool_dir = _under(self.uploads.spool_dir, self.data_dir)
+        if self.tasks.inputs_dir:
+            self.tasks.inputs_dir = _under(self.tasks.inputs_dir, self.data_dir)
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -439,50 +458,91 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
         file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Keyword arguments (tests), then env vars, then the YAML file; no dotenv or secret dirs.
-        return init_settings, env_settings, _FileSource(settings_cls, _file_data(settings_cls))
+        # Keyword arguments (tests), then env vars, then the config file; no dotenv or secret dirs.
+        return init_settings, env_settings, _file_source(settings_cls)
 
 
-# The config file's mapping for the Settings() call in progress. A ContextVar, not a global, so
-# concurrent builds (tests) never see each other's file.
-_FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("gateway_config_file", default=None)
+def _under(path: str, base: str) -> str:
+    return path if Path(path).is_absolute() else str(Path(base) / path)
 
 
-def _file_data(settings_cls: type[BaseSettings]) -> dict[str, Any]:  # noqa: ARG001
-    return dict(_FILE_DATA.get() or {})
+def _sqlite_under(url: str, data_dir: str) -> str:
+    if not url:
+        return f"sqlite+aiosqlite:///{Path(data_dir) / 'gateway.db'}"
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return url
+    return parsed.set(database=_under(parsed.database, data_dir)).render_as_string(hide_password=False)
 
 
-class _FileSource(PydanticBaseSettingsSource):
-    """The already-interpolated YAML mapping as a settings source (lowest precedence)."""
+# Config-file settings that name files: relative values are read against the file's own directory,
+# so `--config /etc/gateway/gateway.yaml` works from any working directory.
+_FILE_RELATIVE: tuple[tuple[str, ...], ...] = (("data_dir",), ("models_file",), ("moderation", "policy_file"))
 
-    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self._data = data
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # noqa: ARG002
-        return self._data.get(field_name), field_name, False
+class InterpolatedYamlSource(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source with one step added: ``${VAR}`` / ``${VAR:-default}`` first."""
 
-    def __call__(self) -> dict[str, Any]:
-        return self._data
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            text = file_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {file_path}: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(interpolate(text))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {file_path} is not valid YAML: {exc}") from exc
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {file_path} must hold a mapping at the top level")
+        if isinstance(file_path, Path):
+            _resolve_against(data, file_path.resolve().parent)
+        return data
+
+
+def _resolve_against(data: dict[str, Any], base: Path) -> None:
+    for *parents, leaf in _FILE_RELATIVE:
+        section: Any = data
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        value = section.get(leaf) if isinstance(section, dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            section[leaf] = os.path.normpath(base / value)
+
+
+def _file_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource:
+    data = settings_cls.model_config.get("gateway_data")
+    if isinstance(data, dict):
+        return InitSettingsSource(settings_cls, init_kwargs=data)
+    return InterpolatedYamlSource(settings_cls)
+
+
+def _bound(**config: Any) -> type[Settings]:
+    """``Settings`` bound to one config file or mapping: pydantic-settings reads its file from the
+    class's ``model_config``, so a per-call file means a per-call subclass (no global, no ContextVar)."""
+    return type("Settings", (Settings,), {"model_config": SettingsConfigDict(**config)})  # type: ignore[typeddict-item]
 
 
 def load_settings(config_path: str | None = None, **overrides: Any) -> Settings:
     """Settings from the YAML file (``--config``, else ``GATEWAY_CONFIG``, else the default), then env."""
     path = Path(config_path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
     explicit = config_path is not None or bool(os.environ.get("GATEWAY_CONFIG"))
-    data = load_yaml(path) if (explicit or path.exists()) else {}
-    return build_settings(data, **overrides)
+    if explicit and not path.is_file():
+        raise ConfigError(f"config: cannot read {path}: No such file")
+    return _validated(_bound(yaml_file=path if path.is_file() else None), overrides)
 
 
 def build_settings(data: dict[str, Any], **overrides: Any) -> Settings:
-    """Validate a config mapping under env overrides; errors name the failing field."""
-    token = _FILE_DATA.set(data)
+    """Validate a config mapping (at the config file's precedence) under env overrides."""
+    return _validated(_bound(gateway_data=data), overrides)
+
+
+def _validated(cls: type[Settings], overrides: dict[str, Any]) -> Settings:
     try:
-        return Settings(**overrides)
+        return cls(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
-    finally:
-        _FILE_DATA.reset(token)

@@ -24,7 +24,7 @@ from app.moderation.classifier import Classifier
 from app.moderation.config import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICY = ROOT / "config" / "moderation.yaml"
+POLICY = ROOT / "app" / "defaults" / "moderation.yaml"
 CORPUS = ROOT / "tests" / "data" / "moderation_corpus.jsonl"
 SIZES = (1_000, 8_000, 32_000)
 

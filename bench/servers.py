@@ -179,7 +179,7 @@ def start_gateway(
         "data_dir": str(data),
         "database": {"url": f"sqlite+aiosqlite:///{data}/gateway.db"},
         "storage": {"kind": "local", "path": str(data / "images")},
-        "models_file": str(ROOT / "config" / "models.yaml"),
+        "models_file": str(ROOT / "app" / "defaults" / "models.yaml"),
         "server": {"host": "127.0.0.1", "port": port, "workers": workers},
         "logging": {"level": "WARNING", "json": True},
         "upstreams": [

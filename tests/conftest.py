@@ -21,7 +21,7 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.server import ThreadedServer
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS_FILE = str(ROOT / "config" / "models.yaml")
+MODELS_FILE = str(ROOT / "app" / "defaults" / "models.yaml")
 ADMIN_KEY = "sk-admin-test-0123456789abcdef"
 UPSTREAM_KEY = "sk-upstream-test"
 ALL_MODELS = ["gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini", "dall-e-3", "dall-e-2"]

@@ -24,10 +24,21 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    def __init__(self, config: dict[str, Any], workdir: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any] | None,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
+        """``config=None`` starts with no config file at all (the packaged defaults)."""
         self.port = free_port()
         self.config_path = workdir / f"gateway-{self.port}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        config_args: list[str] = []
+        if config is not None:
+            self.config_path.write_text(yaml.safe_dump(config))
+            config_args = ["--config", str(self.config_path)]
         self.log_path = workdir / f"gateway-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -36,14 +47,13 @@ class GatewayProcess:
                 "-m",
                 "app",
                 "serve",
-                "--config",
-                str(self.config_path),
+                *config_args,
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
             ],
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, "GATEWAY_ADMIN_KEY": "", **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -1,9 +1,9 @@
 """Moderation configuration: the ``moderation:`` settings section and the policy file's schema.
 
 The settings (``ModerationSettings``) say which checkers run and where the policy file is; the
-policy file (``config/moderation.yaml``) holds the word and phrase lists. Both are validated at
-start, so a typo in a category name or a threshold fails the boot with a message naming the field,
-rather than silently letting content through.
+policy file (``app/defaults/moderation.yaml`` unless configured) holds the word and phrase lists.
+Both are validated at start, so a typo in a category name or a threshold fails the boot with a
+message naming the field, rather than silently letting content through.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ class UpstreamModerationSettings(_Strict):
         return self.enabled and self.api_key is not None
 
 
+DEFAULT_POLICY_FILE = str(Path(__file__).resolve().parents[1] / "defaults" / "moderation.yaml")
+
+
 def _default_checkers() -> list[CheckerName]:
     return ["blocklist", "classifier", "upstream"]
 
@@ -85,8 +88,8 @@ class ModerationSettings(_Strict):
     """The ``moderation:`` section of the gateway config."""
 
     enabled: bool = True
-    # Relative paths are resolved against the directory the service is built with (the repo root).
-    policy_file: str = "config/moderation.yaml"
+    # The policy shipped in the package unless set; in a config file, relative to that file.
+    policy_file: str = DEFAULT_POLICY_FILE
     # Run in this order; the first checker that blocks decides. "upstream" is skipped when not configured.
     checkers: list[CheckerName] = Field(default_factory=_default_checkers)
     # Global operator lists (per-key lists live on the key). Entries are matched as whole words after
@@ -96,6 +99,11 @@ class ModerationSettings(_Strict):
     # Keep the raw prompt in audit events (otherwise only its SHA-256).
     store_prompts: bool = False
     upstream: UpstreamModerationSettings | None = None
+
+    @field_validator("policy_file", mode="before")
+    @classmethod
+    def _shipped_policy(cls, value: Any) -> Any:
+        return DEFAULT_POLICY_FILE if value in (None, "") else value
 
     @field_validator("checkers")
     @classmethod

@@ -21,8 +21,8 @@ class StorageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["local", "s3"] = "local"
-    # Local store: the directory that holds the images (created on start).
-    path: str = "./data/images"
+    # Local store: the directory that holds the images (created on start); relative to data_dir.
+    path: str = "images"
     # How long a returned link stays valid.
     url_ttl_s: int = Field(default=3600, ge=1, le=MAX_URL_TTL_S)
     # Images older than this are purged; at least url_ttl_s, so no link outlives its image.

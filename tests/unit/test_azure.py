@@ -38,7 +38,7 @@ from tests.fakes.scripted_http import (
     sse_response,
 )
 
-CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "config" / "models.yaml")
+CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "app" / "defaults" / "models.yaml")
 HOST = "contoso-images.openai.azure.com"
 ENDPOINT = f"https://{HOST}"  # for the tests without an upstream
 API_KEY = "0123456789abcdef0123456789abcdef"

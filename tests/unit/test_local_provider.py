@@ -17,7 +17,7 @@ from app.images.capabilities import Catalog
 from app.images.jobs import ImageJob, ImageResult
 from app.upstream.providers.local import LocalProvider, encode, render
 
-CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "config" / "models.yaml")
+CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "app" / "defaults" / "models.yaml")
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 

@@ -11,7 +11,7 @@ from app.moderation.classifier import Classifier
 from app.moderation.config import PolicyError, PolicyFile, load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_POLICY = ROOT / "config" / "moderation.yaml"
+DEFAULT_POLICY = ROOT / "app" / "defaults" / "moderation.yaml"
 
 
 def policy(**overrides: Any) -> PolicyFile:

@@ -108,7 +108,7 @@ def rows() -> list[Row]:
 
 @pytest.fixture(scope="module")
 def verdicts(rows: list[Row]) -> dict[Level, list[Verdict]]:
-    classifier = Classifier(load_policy(ROOT / "config" / "moderation.yaml"))
+    classifier = Classifier(load_policy(ROOT / "app" / "defaults" / "moderation.yaml"))
     return {level: [classifier.classify(row.prompt, level) for row in rows] for level in ("low", "auto")}
 
 

@@ -177,7 +177,7 @@ async def test_from_settings_errors_name_the_problem(tmp_path: Path) -> None:
         ModerationService.from_settings(ModerationSettings(policy_file="nope.yaml"), base_dir=tmp_path)
     with pytest.raises(PolicyError, match="no letters"):
         ModerationService.from_settings(ModerationSettings(blocklist=["***"]), base_dir=ROOT)
-    absolute = ModerationSettings(policy_file=str(ROOT / "config" / "moderation.yaml"))
+    absolute = ModerationSettings(policy_file=str(ROOT / "app" / "defaults" / "moderation.yaml"))
     svc = ModerationService.from_settings(absolute, base_dir=tmp_path)
     assert svc.classifier is not None
 

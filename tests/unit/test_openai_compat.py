@@ -52,7 +52,7 @@ from tests.fakes.scripted_http import (
     sse_response,
 )
 
-CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "config" / "models.yaml")
+CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "app" / "defaults" / "models.yaml")
 # For the pure sanitising tests; providers run on the same host name, at a loopback port.
 BASE_URL = "https://upstream.internal.example:8443/v1"
 HOST = "upstream.internal.example"

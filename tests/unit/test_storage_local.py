@@ -341,7 +341,7 @@ def test_storage_settings_defaults_and_empty_values() -> None:
     defaults = StorageSettings()
     assert (defaults.kind, defaults.path, defaults.url_ttl_s, defaults.retention_s) == (
         "local",
-        "./data/images",
+        "images",  # relative to data_dir (app/settings.py)
         3600,
         86400,
     )

@@ -308,7 +308,7 @@ def postgres_cell(workdir: Path, cpus: Cpus, upstream: Server, hold_s: float) ->
         api_extra = {**extra, "tasks": {**TASK_SETTINGS["tasks"], "workers": 0}}
         # The API process migrates nothing on PostgreSQL: do it first, like an operator.
         config_path.write_text(
-            json.dumps({"database": {"url": url}, "models_file": str(ROOT / "config/models.yaml")})
+            json.dumps({"database": {"url": url}, "models_file": str(ROOT / "app" / "defaults" / "models.yaml")})
         )
         subprocess.run(
             [*migrate[:3], "--config", str(config_path), "migrate"], cwd=ROOT, check=True, timeout=120

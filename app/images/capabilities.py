@@ -1,6 +1,7 @@
 """The model catalog: what each public model accepts, and what it costs.
 
-Read once from ``config/models.yaml`` into frozen dataclasses, so adding a model is a YAML edit.
+Read once from the ``models_file`` (default ``app/defaults/models.yaml``) into frozen dataclasses,
+so adding a model is a YAML edit.
 Prices are kept in integer micro-units of the price unit (per 1M tokens, or per image), because
 money must never pass through floats.
 """

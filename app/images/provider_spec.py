@@ -1,5 +1,5 @@
 """How a catalog model served by a non-OpenAI provider maps onto that provider (``provider:`` in
-``config/models.yaml``).
+``app/defaults/models.yaml``).
 
 The OpenAI Images API asks for a ``size`` in pixels, a ``quality`` and an ``output_format``; Gemini,
 Imagen, FLUX and Stability ask for an aspect ratio, a resolution tier or pixel dimensions with

@@ -94,6 +94,11 @@ def test_serve_with_a_config_elsewhere_started_from_root(tmp_path: Path) -> None
 
 
 def test_an_installed_wheel_serves_with_no_config_from_an_empty_directory(tmp_path: Path) -> None:
+    # Built from a copy of the sources, so the checkout gets no build/ directory.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "app", source / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
         [
@@ -106,7 +111,7 @@ def test_an_installed_wheel_serves_with_no_config_from_an_empty_directory(tmp_pa
             "--no-build-isolation",
             "-w",
             str(wheels),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,

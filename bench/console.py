@@ -48,7 +48,7 @@ def start(data: Path) -> tuple[subprocess.Popen[bytes], str]:
         "data_dir": str(data),
         "database": {"url": f"sqlite+aiosqlite:///{data}/gateway.db"},
         "storage": {"kind": "local", "path": str(data / "images")},
-        "models_file": str(ROOT / "config" / "models.yaml"),
+        "models_file": str(ROOT / "app" / "defaults" / "models.yaml"),
         "logging": {"level": "WARNING", "json": True},
         "tasks": {"workers": 0},
         "upstreams": [{"name": "local", "kind": "local", "models": ["*"]}],

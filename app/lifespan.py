@@ -35,6 +35,7 @@ from app.storage import build_store, purge_periodically, resolve_signing_secret
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
 from app.tasks.worker import purge_forever, work
+from app.tracing import Tracing
 from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
 from app.upstream.retry import RetryPolicy
@@ -72,9 +73,12 @@ def _is_sqlite(settings: Settings) -> bool:
 
 
 @asynccontextmanager
-async def open_state(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[AppState]:
+async def open_state(
+    settings: Settings, metrics: Metrics | None = None, tracing: Tracing | None = None
+) -> AsyncIterator[AppState]:
     """Everything the gateway needs, opened in dependency order and closed in reverse."""
     metrics = metrics or Metrics(process=False)
+    tracing = tracing or Tracing.from_settings(settings.tracing)
     catalog = Catalog.from_file(settings.models_file)
     metrics.set_models(catalog.names())
     engine = create_engine(settings.database.url, echo=settings.database.echo)
@@ -110,9 +114,12 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             policy=RetryPolicy(**settings.retry.model_dump()),
             breaker=BreakerConfig(**settings.breaker.model_dump()),
             metrics=metrics,
+            tracing=tracing,
         )
         moderation = ModerationService.from_settings(settings.moderation, base_dir=Path.cwd())
         opened.append(moderation.aclose)
+        # Spans still batched are flushed at shutdown (off the loop: the exporter blocks).
+        opened.append(lambda: asyncio.to_thread(tracing.shutdown))
         thumbnails = Thumbnailer(
             sessions,
             store,
@@ -133,6 +140,7 @@ async def open_state(settings: Settings, metrics: Metrics | None = None) -> Asyn
             moderation=moderation,
             audit=ModerationLog(sessions),
             reserve_margin_ppm=settings.billing.reserve_margin_ppm,
+            tracing=tracing,
             sink=thumbnails,
             lifecycle=Lifecycle(
                 catalog,
@@ -329,7 +337,10 @@ def webhook_sender(state: AppState) -> WebhookSender:
 def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_state(settings, app.state.metrics) as state, _background(state):
+        async with (
+            open_state(settings, app.state.metrics, app.state.tracing) as state,
+            _background(state),
+        ):
             app.state.gateway = state
             # Everything built so far (app, catalog, classifier, pools) lives as long as the
             # process: out of the collector's sight, full collections stop re-scanning it, which

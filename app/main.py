@@ -15,6 +15,7 @@ from app.api.openapi import install_openapi
 from app.lifespan import make_lifespan
 from app.metrics import Metrics
 from app.settings import Settings
+from app.tracing import Tracing
 
 EXPOSED_HEADERS = [
     "x-request-id",
@@ -31,7 +32,8 @@ EXPOSED_HEADERS = [
 ]
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, tracing: Tracing | None = None) -> FastAPI:
+    """``tracing`` is for tests (a tracer on an in-memory exporter); else built from settings."""
     app = FastAPI(
         title="Image gateway",
         version=__version__,
@@ -41,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     metrics = Metrics()
     app.state.metrics = metrics
+    app.state.tracing = tracing or Tracing.from_settings(settings.tracing)
     app.include_router(build_api_router())
     if settings.metrics.enabled:
         token = settings.metrics.token

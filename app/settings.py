@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from app.moderation.config import ModerationSettings
 from app.security import ensure_key_pepper
 from app.storage.config import StorageSettings
+from app.tracing import TracingSettings
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 # The shipped catalog and moderation policy travel inside the package, so an installed gateway
@@ -390,6 +391,7 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
     )

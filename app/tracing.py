@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -28,11 +27,13 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.images.jobs import TokenUsage
+
 # gen_ai.operation.name for the two image routes. The GenAI conventions list no image operation
 # yet; these follow their `snake_case` custom-value rule.
-OPERATIONS = {"generation": "image_generation", "edit": "image_edit"}
+OPERATIONS = {"generations": "image_generation", "edits": "image_edit", "variations": "image_variation"}
 
-_request: ContextVar[Span | None] = ContextVar("gateway_request_span", default=None)
+_request: ContextVar[RequestTrace | None] = ContextVar("gateway_request_trace", default=None)
 
 
 class TracingSettings(BaseModel):
@@ -48,22 +49,16 @@ class TracingSettings(BaseModel):
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts as the ledger row records them."""
-
-    text_input: int = 0
-    image_input: int = 0
-    text_output: int = 0
-    image_output: int = 0
-
-
 class RequestTrace:
     """The span of one image request, from admission to settlement; a no-op when tracing is off."""
 
-    def __init__(self, span: Span | None, token: Token[Span | None] | None) -> None:
+    def __init__(self, span: Span | None) -> None:
         self._span = span
-        self._token = token
+        self._token: Token[RequestTrace | None] | None = None
+
+    @property
+    def span(self) -> Span | None:
+        return self._span
 
     def annotate(self, **attributes: str | int | None) -> None:
         """Set ``gateway.<name>`` attributes (upstream, status, cost_micros, …); ``None`` is skipped."""
@@ -73,7 +68,9 @@ class RequestTrace:
             if value is not None:
                 self._span.set_attribute(f"gateway.{name}", value)
 
-    def settled(self, *, upstream: str | None, usage: Usage | None, cost_micros: int, status: str) -> None:
+    def settled(
+        self, *, upstream: str | None, usage: TokenUsage | None, cost_micros: int, status: str
+    ) -> None:
         """Record the outcome the ledger recorded: what was used, where, and what it cost."""
         if self._span is None:
             return
@@ -137,7 +134,7 @@ class Tracing:
     ) -> RequestTrace:
         """Open the request's span and make it the parent of the try spans started in this context."""
         if self._tracer is None:
-            return RequestTrace(None, None)
+            return _INERT
         name = OPERATIONS.get(operation, operation)
         span = self._tracer.start_span(
             f"{name} {model}",
@@ -150,7 +147,9 @@ class Tracing:
                 **({"gateway.request_id": request_id} if request_id else {}),
             },
         )
-        return RequestTrace(span, _request.set(span))
+        trace_ = RequestTrace(span)
+        trace_._token = _request.set(trace_)
+        return trace_
 
     @contextmanager
     def upstream_try(self, *, upstream: str, model: str, attempt: int) -> Iterator[TryTrace]:
@@ -159,7 +158,8 @@ class Tracing:
             yield TryTrace(None)
             return
         parent = _request.get()
-        context = trace.set_span_in_context(parent) if parent is not None else None
+        span_ = parent.span if parent is not None else None
+        context = trace.set_span_in_context(span_) if span_ is not None else None
         span = self._tracer.start_span(
             f"upstream {upstream}",
             context=context,
@@ -199,6 +199,14 @@ class TryTrace:
         if error_type is not None:
             self._span.set_attribute("error.type", error_type)
             self._span.set_status(Status(StatusCode.ERROR, error_type))
+
+
+_INERT = RequestTrace(None)
+
+
+def current_request() -> RequestTrace:
+    """The request being served in this context (its settlement records the outcome on it)."""
+    return _request.get() or _INERT
 
 
 def _otlp_exporter(settings: TracingSettings) -> SpanExporter:

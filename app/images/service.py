@@ -63,6 +63,7 @@ from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
 from app.schemas.images import ImageEditForm
 from app.storage import ImageStore
+from app.tracing import Tracing
 from app.upstream.base import answered_scope
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
@@ -108,6 +109,7 @@ class ImageService:
         audit: ModerationLog,
         metrics: Metrics | None = None,
         reserve_margin_ppm: int = 0,
+        tracing: Tracing | None = None,
         sink: ImageSink | None = None,
         lifecycle: Lifecycle | None = None,
     ) -> None:
@@ -123,6 +125,7 @@ class ImageService:
         self._moderation = moderation
         self._audit = audit
         self._margin_ppm = reserve_margin_ppm
+        self._tracing = tracing or Tracing(None)
         self.settlement = Settlement(ledger, self._metrics)
         self.lifecycle = lifecycle or Lifecycle(
             catalog,
@@ -438,6 +441,7 @@ class ImageService:
         while no upstream has answered yet; after that, reading the body, ``finish`` and the charge
         run to their end, and the caller's cancellation goes on once they have.
         """
+        self._trace(caller, job, mode="sync")
         answered = asyncio.Event()
         work = background(self._call(caller, job, hold, finish, answered))
         try:
@@ -518,6 +522,7 @@ class ImageService:
     async def open_stream(self, *, caller: Caller, job: ImageJob, hold: Hold) -> ImageStream:
         """Route a streaming job until an upstream sends its first event (errors before that are
         raised as usual, so the client gets a plain HTTP error); the rest is relayed by the caller."""
+        self._trace(caller, job, mode="stream")
         started = time.monotonic()
         tried: list[str] = []
         try:
@@ -533,6 +538,16 @@ class ImageService:
             hold=hold,
             started=started,
             sink=self._sink if self._sink is not None and self._sink.wants(caller) else None,
+        )
+
+    def _trace(self, caller: Caller, job: ImageJob, *, mode: str) -> None:
+        # The span's outcome is recorded, and the span ended, by the settlement (app/tracing.py).
+        self._tracing.start_request(
+            operation=job.endpoint,
+            model=job.model,
+            key_id=caller.key_id,
+            request_id=job.request_id,
+            mode=mode,
         )
 
     async def release(self, hold: Hold) -> None:

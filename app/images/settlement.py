@@ -33,6 +33,7 @@ from app.errors import UpstreamError
 from app.images.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.keys import Caller
 from app.metrics import Metrics
+from app.tracing import current_request
 from app.upstream.router import OpenStream
 
 log = logging.getLogger("app.images.service")
@@ -90,9 +91,12 @@ class Settlement:
         shielded from the caller's cancellation. ``also`` runs in the same transaction (a task
         recording its result); if it refuses, nothing is committed (``SettlementAbandoned``)."""
         job, caller, hold = outcome.job, outcome.caller, outcome.hold
+        traced = current_request()
         if outcome.upstream is None:
             if hold is not None:
                 await shielded(self._ledger.release(hold))
+            traced.settled(upstream=None, usage=None, cost_micros=0, status=outcome.status)
+            traced.end()
             return Settled(0, 0)
         cost, usage = 0, outcome.usage
         if outcome.images:
@@ -141,6 +145,8 @@ class Settlement:
                 },
             )
         log_settled(outcome, cost)
+        traced.settled(upstream=outcome.upstream, usage=usage, cost_micros=cost, status=outcome.status)
+        traced.end()
         return Settled(cost, overrun)
 
     async def release(self, hold: Hold) -> None:

@@ -23,6 +23,7 @@ from typing import TypeVar
 from app.errors import GatewayError, UpstreamBusy, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from app.images.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
 from app.metrics import Metrics, outcome_of
+from app.tracing import Tracing
 from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 from app.upstream.registry import ProviderRegistry, Route
 from app.upstream.retry import RetryAction, RetryPolicy
@@ -81,7 +82,9 @@ class Router:
         breaker: BreakerConfig | None = None,
         metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing or Tracing(None)
         self._registry = registry
         self._rng = rng or random.Random()
         self._policy = policy or RetryPolicy()
@@ -158,7 +161,7 @@ class Router:
                 if tried is not None:
                     tried.append(route.name)
                 try:
-                    return await self._call(route, job, attempt), route.name
+                    return await self._call(route, job, attempt, number=attempts), route.name
                 except UpstreamBusy as exc:
                     # Our own cap, not a failure of the upstream: the next candidate, if any.
                     exc.upstream = None
@@ -195,9 +198,16 @@ class Router:
                 upstream=route.name, model=job.model, outcome="circuit_open", seconds=0.0
             )
 
-    async def _call(self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> T:
-        async with self.slots[route.name].hold():
-            return await self._call_now(route, job, attempt)
+    async def _call(
+        self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]], *, number: int = 1
+    ) -> T:
+        with self._tracing.upstream_try(upstream=route.name, model=job.model, attempt=number) as traced:
+            try:
+                async with self.slots[route.name].hold():
+                    return await self._call_now(route, job, attempt)
+            except GatewayError as exc:
+                traced.outcome(status_code=exc.status_code, error_type=type(exc).__name__)
+                raise
 
     async def _call_now(self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]]) -> T:
         breaker = self.breakers[route.name]

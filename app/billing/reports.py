@@ -114,15 +114,7 @@ async def usage_report(
         func.coalesce(func.sum(LedgerEntry.image_output_tokens), 0),
         func.coalesce(func.sum(LedgerEntry.cost_micros), 0),
     ]
-    conditions: list[ColumnElement[bool]] = []
-    if where.key_id is not None:
-        conditions.append(LedgerEntry.key_id == where.key_id)
-    if where.model is not None:
-        conditions.append(LedgerEntry.model == where.model)
-    if where.start is not None:
-        conditions.append(LedgerEntry.created_at >= where.start)
-    if where.end is not None:
-        conditions.append(LedgerEntry.created_at < where.end)
+    conditions = _conditions(where)
     async with sessions() as session:
         dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
         total = (await session.execute(select(*sums).where(*conditions))).one()
@@ -170,15 +162,7 @@ async def activity_per_day(
     sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter, group_by: GroupBy, per_day: bool = True
 ) -> list[tuple[str, ActivityRow]]:
     """As ``activity``, split by day as well (``(day, row)`` pairs), for caching whole days."""
-    conditions: list[ColumnElement[bool]] = []
-    if where.key_id is not None:
-        conditions.append(LedgerEntry.key_id == where.key_id)
-    if where.model is not None:
-        conditions.append(LedgerEntry.model == where.model)
-    if where.start is not None:
-        conditions.append(LedgerEntry.created_at >= where.start)
-    if where.end is not None:
-        conditions.append(LedgerEntry.created_at < where.end)
+    conditions = _conditions(where)
     async with sessions() as session:
         dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
         group = _group_column(group_by, dialect).label("grp")
@@ -203,3 +187,17 @@ async def activity_per_day(
         )
         result = await session.execute(query)
         return [(str(r[0]), ActivityRow(str(r[1]), *(int(v) for v in r[2:]))) for r in result]
+
+
+def _conditions(where: UsageFilter) -> list[ColumnElement[bool]]:
+    """The ledger rows a report covers: one key, one model, a time range (each optional)."""
+    conditions: list[ColumnElement[bool]] = []
+    if where.key_id is not None:
+        conditions.append(LedgerEntry.key_id == where.key_id)
+    if where.model is not None:
+        conditions.append(LedgerEntry.model == where.model)
+    if where.start is not None:
+        conditions.append(LedgerEntry.created_at >= where.start)
+    if where.end is not None:
+        conditions.append(LedgerEntry.created_at < where.end)
+    return conditions

@@ -338,15 +338,8 @@ class ImageService:
                 request_id=draft.request_id,
                 query_response_format=draft.query_response_format,
             )
-        if isinstance(draft, VariationDraft):
-            return await self.prepare_variation(
-                caller=caller,
-                form=draft.form,
-                request_id=draft.request_id,
-                limits=draft.limits,
-                query_response_format=draft.query_response_format,
-            )
-        return await self.prepare_edit(
+        prepare = self.prepare_variation if isinstance(draft, VariationDraft) else self.prepare_edit
+        return await prepare(
             caller=caller,
             form=draft.form,
             request_id=draft.request_id,

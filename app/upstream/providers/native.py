@@ -30,6 +30,7 @@ import binascii
 import io
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -240,7 +241,7 @@ async def in_parallel(n: int, call: Callable[[int], Awaitable[list[T]]]) -> list
     raise errors[0] if errors else UpstreamError(NO_IMAGE)
 
 
-class NativeProvider:
+class NativeProvider(ABC):
     """An ``ImageProvider`` base: connection pool, error mapping, stream contract, probe.
 
     Subclasses implement ``generate`` and ``edit`` with ``_send`` and the helpers above.
@@ -269,11 +270,11 @@ class NativeProvider:
         self._closed = False
         self._proxies: dict[str, str | None] = {}
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        raise NotImplementedError
+    @abstractmethod
+    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult: ...
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        raise NotImplementedError
+    @abstractmethod
+    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult: ...
 
     async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
         """These providers do not stream partial images: the whole result, as completed events
@@ -305,9 +306,9 @@ class NativeProvider:
 
     # -- for subclasses -----------------------------------------------------------------------------
 
+    @abstractmethod
     def _auth(self) -> dict[str, str]:
         """The provider's auth header(s)."""
-        raise NotImplementedError
 
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:  # noqa: ARG002
         """The gateway error for a provider's error answer (override to read its error body)."""

@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check app tests
 	$(BIN)/ruff check app tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 NODE_STAMP := tests/node/node_modules/.installed
 

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_migrate(settings)
     if args.command == "worker":
         from app.logging import configure_logging
-        from app.tasks.standalone import run_workers
+        from app.standalone import run_workers
 
         configure_logging(level=settings.logging.level, json_format=settings.logging.json_format)
         return run_workers(settings, concurrency=args.concurrency)

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from app.billing.reports import UsageFilter, usage_report
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
+from app.domain.catalog import Catalog
 from app.errors import GatewayError
-from app.images.capabilities import Catalog
 from app.keys import KeyService
 from app.schemas.admin import ApiKeyCreatedResponse, ApiKeyCreateRequest
 from app.settings import Settings

@@ -15,6 +15,8 @@ Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``co
     ├── RequestTimeoutError            408 request_timeout
     ├── PayloadTooLargeError           413 payload_too_large
     ├── QuotaExceededError             429 insufficient_quota
+    ├── RateLimitError                 429 rate_limit_error rate_limit_exceeded (retry-after, and
+    │                                  x-should-retry: false when waiting cannot help)
     ├── UpstreamJobTimeout             504 api_error upstream_timeout (a submitted provider job
     │                                  never finished: not retried, which would submit it twice)
     └── UpstreamError                  502 api_error upstream_error
@@ -27,6 +29,7 @@ Domain code raises these and never an HTTP framework exception, so use-cases sta
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -143,6 +146,32 @@ class QuotaExceededError(GatewayError):
     status_code = 429
     error_type = "insufficient_quota"
     default_code = "insufficient_quota"
+
+
+class RateLimitError(GatewayError):
+    """429: the key is over one of its per-minute or concurrency limits."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        headers: Mapping[str, str] | None = None,
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(message, headers=dict(headers or {}))
+        self.retry_after_s = retry_after_s
+        micros = round(retry_after_s * 1_000_000)
+        # Rounded up: a client that waits the hint must find the window open.
+        self.headers["retry-after"] = str(max(1, -(-micros // 1_000_000)))
+        self.headers["retry-after-ms"] = str(max(1, -(-micros // 1000)))
+        if not retryable:
+            # The official SDKs read this before retrying a 429; waiting cannot help this request.
+            self.headers["x-should-retry"] = "false"
 
 
 class UpstreamJobTimeout(GatewayError):

@@ -13,11 +13,10 @@ from typing import Literal
 from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.billing.pricing import format_micros
 from app.db import repos
 from app.db.tables import ApiKey, utcnow
+from app.domain.money import format_micros, to_micros
 from app.errors import AuthenticationError, InvalidRequestError, NotFoundError
-from app.images.capabilities import MICROS
 from app.moderation.lists import validate_terms
 from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateRequest
 from app.security import display_prefix, generate_api_key, hash_key, looks_like_key
@@ -125,10 +124,6 @@ def _caller(row: ApiKey) -> Caller:
 
 def _money(value: int | None) -> str | None:
     return None if value is None else format_micros(value)
-
-
-def to_micros(value: Decimal) -> int:
-    return int(value * MICROS)
 
 
 # Request fields that hold money or a multiplier → their table columns (in micro-units).
@@ -272,7 +267,7 @@ class KeyService:
                 value = changes[field]
                 if field == "price_multiplier" and value is None:
                     value = Decimal(1)
-                setattr(row, column, to_micros(value) if isinstance(value, Decimal) else None)
+                setattr(row, column, to_micros(value, where=field) if isinstance(value, Decimal) else None)
         for field in (
             "rpm",
             "ipm",
@@ -288,7 +283,7 @@ class KeyService:
 
     async def top_up(self, key_id: str, amount: Decimal) -> ApiKeyObject:
         """Add credit; a key without a balance starts one at ``amount``."""
-        micros = to_micros(amount)
+        micros = to_micros(amount, where="amount")
         async with self._sessions.begin() as session:
             row = await self._row(session, key_id)
             await session.execute(

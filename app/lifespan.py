@@ -14,12 +14,13 @@ from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
 from app.billing.ledger import LedgerService
-from app.billing.limits import RateLimiter, build_limiter
+from app.billing.limiters import build_limiter
+from app.billing.limits import RateLimiter
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.writer import create_writer
-from app.images.capabilities import Catalog
+from app.domain.catalog import Catalog
 from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
 from app.images.sweep import SweepPolicy, sweep_forever

@@ -20,6 +20,12 @@ KEY_PREFIX = "sk-gw-"
 ADMIN_PREFIX = "sk-admin-"
 # Enough of the key to recognise it in a list, not enough to matter: 6 random chars of 43.
 DISPLAY_CHARS = len(KEY_PREFIX) + 6
+# Values that mean "somebody forgot to set this": every secret setting refuses them.
+_PLACEHOLDERS = frozenset({"changeme", "change-me", "changethis", "secret", "xxx", "your-key-here"})
+
+
+def is_placeholder(value: str) -> bool:
+    return value.lower() in _PLACEHOLDERS
 
 
 def generate_api_key() -> str:

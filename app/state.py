@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.billing.ledger import LedgerService
-from app.images.capabilities import Catalog
+from app.domain.catalog import Catalog
 from app.images.service import ImageService, InputLimits
 from app.images.uploads import UploadLimits
 from app.keys import KeyService

@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.images.jobs import TokenUsage
+from app.domain.jobs import TokenUsage
 
 # gen_ai.operation.name for the two image routes. The GenAI conventions list no image operation
 # yet; these follow their `snake_case` custom-value rule.

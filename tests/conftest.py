@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from app.images.capabilities import Catalog
+from app.domain.catalog import Catalog
 from app.main import create_app
 from app.settings import Settings, build_settings
 from tests.fakes.openai_upstream import FakeOpenAI

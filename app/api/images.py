@@ -12,9 +12,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
-from app.billing.pricing import format_micros
+from app.domain.jobs import ImageJob
+from app.domain.money import format_micros
 from app.errors import GatewayError, InvalidJSONError, InvalidRequestError
-from app.images.jobs import ImageJob
 from app.images.service import Draft, EditDraft, GenerationDraft, ImageOutcome, VariationDraft
 from app.images.settlement import ImageStream
 from app.images.uploads import UploadForm, parse_multipart

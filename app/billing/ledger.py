@@ -28,8 +28,8 @@ from app.billing.svg import SvgCharge
 from app.db.prepared import Executed, Prepared
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
 from app.db.writer import WouldBlock, Writer
+from app.domain.jobs import TokenUsage
 from app.errors import QuotaExceededError
-from app.images.jobs import TokenUsage
 
 T = TypeVar("T")
 

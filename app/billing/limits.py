@@ -15,20 +15,18 @@ success as on a 429, formatted as a Go-style duration ("20ms", "1s", "6m0s") as 
 refusal adds ``retry-after`` (whole seconds, rounded up, at least 1) and ``retry-after-ms``, which
 the official SDKs honour.
 
-``InProcessRateLimiter`` serves one process; ``RedisRateLimiter`` (``limits_redis.py``) shares the
-counters between gateway replicas.
+This module holds what both back ends share (the types, the decision's conclusion, the headers);
+``InProcessRateLimiter`` (``limits_memory.py``) serves one process, ``RedisRateLimiter``
+(``limits_redis.py``) shares the counters between gateway replicas, and ``limiters.py`` picks one.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from app.errors import GatewayError
+from app.errors import RateLimitError
 
 # Times are integer microseconds inside the limiters, so that both backends do the same exact
 # arithmetic (a float window edge can be off by one ulp) and Redis scores stay integral.
@@ -38,31 +36,6 @@ WINDOW_US = 60 * US
 CONCURRENCY_RETRY_US = 1 * US
 
 Reason = Literal["requests", "images", "concurrency", "too_large"]
-
-
-class RateLimitError(GatewayError):
-    """429: the key is over one of its per-minute or concurrency limits."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
-    default_code = "rate_limit_exceeded"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after_s: float,
-        headers: Mapping[str, str] | None = None,
-        retryable: bool = True,
-    ) -> None:
-        super().__init__(message, headers=dict(headers or {}))
-        self.retry_after_s = retry_after_s
-        micros = round(retry_after_s * US)
-        self.headers["retry-after"] = str(max(1, _ceil_div(micros, US)))
-        self.headers["retry-after-ms"] = str(max(1, _ceil_div(micros, 1000)))
-        if not retryable:
-            # The official SDKs read this before retrying a 429; waiting cannot help this request.
-            self.headers["x-should-retry"] = "false"
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,109 +175,3 @@ def check_images(images: int) -> None:
 
 def new_lease_id() -> str:
     return uuid.uuid4().hex
-
-
-@dataclass(slots=True)
-class _KeyState:
-    requests: deque[int] = field(default_factory=deque)
-    images: deque[tuple[int, int]] = field(default_factory=deque)
-    images_total: int = 0
-    leases: set[str] = field(default_factory=set)
-
-
-class InProcessRateLimiter:
-    """Limits for a single process: exact, lock-free (nothing awaits between check and commit).
-
-    Leases are a plain set: a holder that dies takes the whole process, and its counters, with it.
-    State is kept per key id, so memory is bounded by the number of keys times their limits.
-    """
-
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        # Monotonic by default: the state never leaves the process, so wall-clock steps must not
-        # shift the windows.
-        self._clock = clock
-        self._states: dict[str, _KeyState] = {}
-
-    async def acquire(self, key_id: str, limits: KeyLimits, *, images: int) -> LimitGrant:
-        check_images(images)
-        if limits.unlimited:
-            return LimitGrant(key_id=key_id, lease_id=None, headers={})
-        now = round(self._clock() * US)
-        state = self._states.setdefault(key_id, _KeyState())
-        self._purge(state, now - WINDOW_US)
-        reason, wait = self._decide(state, limits, images, now)
-        lease_id: str | None = None
-        if reason is None:
-            if limits.rpm is not None:
-                state.requests.append(now)
-            if limits.ipm is not None and images > 0:
-                state.images.append((now, images))
-                state.images_total += images
-            if limits.concurrency is not None:
-                lease_id = new_lease_id()
-                state.leases.add(lease_id)
-        outcome = Outcome(
-            reason=reason,
-            retry_after_s=wait / US,
-            requests_used=len(state.requests),
-            requests_reset_s=(state.requests[0] + WINDOW_US - now) / US if state.requests else 0.0,
-            images_used=state.images_total,
-            images_reset_s=(state.images[0][0] + WINDOW_US - now) / US if state.images else 0.0,
-            concurrent=len(state.leases),
-        )
-        return conclude(key_id, limits, outcome, images=images, lease_id=lease_id)
-
-    @staticmethod
-    def _purge(state: _KeyState, horizon: int) -> None:
-        while state.requests and state.requests[0] <= horizon:
-            state.requests.popleft()
-        while state.images and state.images[0][0] <= horizon:
-            state.images_total -= state.images.popleft()[1]
-
-    @staticmethod
-    def _decide(state: _KeyState, limits: KeyLimits, images: int, now: int) -> tuple[Reason | None, int]:
-        """The limit that refuses the request (the one needing the longest wait, in µs), or None."""
-        refusals: list[tuple[int, Reason]] = []
-        if limits.rpm is not None and len(state.requests) >= limits.rpm:
-            # The request can pass once enough of the oldest entries have left the window.
-            oldest_needed = state.requests[len(state.requests) - limits.rpm]
-            refusals.append((oldest_needed + WINDOW_US - now, "requests"))
-        if limits.ipm is not None:
-            if images > limits.ipm:
-                return "too_large", WINDOW_US
-            excess = state.images_total + images - limits.ipm
-            if images > 0 and excess > 0:
-                freed = 0
-                for stamp, count in state.images:
-                    freed += count
-                    if freed >= excess:
-                        refusals.append((stamp + WINDOW_US - now, "images"))
-                        break
-        if limits.concurrency is not None and len(state.leases) >= limits.concurrency:
-            refusals.append((CONCURRENCY_RETRY_US, "concurrency"))
-        if not refusals:
-            return None, 0
-        wait, reason = max(refusals)
-        return reason, wait
-
-    async def release(self, grant: LimitGrant) -> None:
-        if grant.lease_id is None:
-            return
-        state = self._states.get(grant.key_id)
-        if state is not None:
-            state.leases.discard(grant.lease_id)
-
-    async def aclose(self) -> None:
-        self._states.clear()
-
-
-def build_limiter(
-    redis_url: str | None, *, prefix: str = "gw:rl:", lease_ttl_s: float = 900, fail_open: bool = True
-) -> RateLimiter:
-    """Redis-backed limits when a URL is configured (shared by replicas), in-process otherwise."""
-    if not redis_url:
-        return InProcessRateLimiter()
-    # Imported here so that limits_redis can import this module's types without a cycle.
-    from app.billing.limits_redis import RedisRateLimiter
-
-    return RedisRateLimiter(redis_url, prefix=prefix, lease_ttl_s=lease_ttl_s, fail_open=fail_open)

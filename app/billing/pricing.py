@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 
-from app.images.capabilities import MICROS, ModelCapabilities
-from app.images.jobs import ImageJob, TokenUsage
+from app.domain.catalog import ModelCapabilities
+from app.domain.jobs import ImageJob, TokenUsage
+from app.domain.money import MICROS
 
 TOKENS_PER_MILLION = 1_000_000
 
@@ -71,20 +72,6 @@ def request_cost(job: ImageJob, usage: TokenUsage | None, images: int) -> tuple[
     if usage is None:
         usage = estimated_usage(job, images)
     return token_cost(caps, usage), usage
-
-
-def format_micros(amount: int) -> str:
-    """``10880`` → ``"0.010880"``: exact decimal text for headers and reports."""
-    sign = "-" if amount < 0 else ""
-    whole, frac = divmod(abs(amount), MICROS)
-    return f"{sign}{whole}.{frac:06d}"
-
-
-def apply_multiplier(amount: int, multiplier_ppm: int) -> int:
-    """A per-key price multiplier (parts per million), rounded up like every charge."""
-    if multiplier_ppm == MICROS:
-        return amount
-    return -(-amount * multiplier_ppm // MICROS)
 
 
 # OpenAI bills each streamed partial image as this many extra image output tokens.

@@ -11,8 +11,8 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.billing.pricing import format_micros
 from app.db.tables import LedgerEntry
+from app.domain.money import format_micros
 
 GroupBy = Literal["day", "model", "key"]
 COLUMNS = (

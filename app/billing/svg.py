@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.images.capabilities import SvgAuthorPrice
+from app.domain.catalog import SvgAuthorPrice
 
 TOKENS_PER_MILLION = 1_000_000
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from app.domain.catalog import EditCaps
 from app.errors import InvalidRequestError, PayloadTooLargeError
-from app.images.capabilities import EditCaps
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 FORMATS: tuple[ImageFormat, ...] = ("png", "jpeg", "webp")

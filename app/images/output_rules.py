@@ -19,8 +19,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from app.domain.catalog import ModelCapabilities, parse_size
 from app.errors import InvalidRequestError
-from app.images.capabilities import ModelCapabilities, parse_size
 
 SVG_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 

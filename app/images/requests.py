@@ -8,7 +8,7 @@ from typing import Any
 
 from app.billing.ledger import Hold
 from app.billing.limits import LimitGrant
-from app.images.jobs import ImageJob
+from app.domain.jobs import ImageJob
 from app.images.uploads import UploadForm
 
 

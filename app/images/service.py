@@ -23,8 +23,11 @@ from typing import Any
 
 from app.billing.ledger import Hold, LedgerService
 from app.billing.limits import KeyLimits, RateLimiter
-from app.billing.pricing import apply_multiplier, worst_case_cost
+from app.billing.pricing import worst_case_cost
 from app.billing.svg import SvgCharge, svg_charge
+from app.domain.catalog import Catalog, ModelCapabilities
+from app.domain.jobs import ImageJob, ImageResult, InputImage
+from app.domain.money import apply_multiplier
 from app.errors import (
     GatewayError,
     InvalidRequestError,
@@ -32,10 +35,8 @@ from app.errors import (
     ModelNotFoundError,
     ModelRetiredError,
 )
-from app.images.capabilities import Catalog, ModelCapabilities
 from app.images.delivery import render_images, store_images
 from app.images.inspect import ImageInfo, inspect_edit_inputs
-from app.images.jobs import ImageJob, ImageResult, InputImage
 from app.images.lifecycle import Lifecycle, Resolution
 from app.images.requests import (
     Admission,

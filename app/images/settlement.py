@@ -22,15 +22,11 @@ from typing import Any, Literal, Protocol, TypeVar
 from sqlalchemy import Connection
 
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
-from app.billing.pricing import (
-    PARTIAL_IMAGE_OUTPUT_TOKENS,
-    apply_multiplier,
-    format_micros,
-    request_cost,
-)
+from app.billing.pricing import PARTIAL_IMAGE_OUTPUT_TOKENS, request_cost
 from app.billing.svg import SvgCharge
+from app.domain.jobs import ImageJob, ProviderEvent, TokenUsage
+from app.domain.money import apply_multiplier, format_micros
 from app.errors import UpstreamError
-from app.images.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.keys import Caller
 from app.metrics import Metrics
 from app.tracing import current_request

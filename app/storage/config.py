@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-# Values that mean "somebody forgot to set this" (the same list as app/settings.py).
-_PLACEHOLDERS = frozenset({"changeme", "change-me", "changethis", "secret", "xxx", "your-key-here"})
+from app.security import is_placeholder
+
 # SigV4 presigned URLs cannot live longer than 7 days; the local store keeps the same ceiling.
 MAX_URL_TTL_S = 7 * 24 * 3600
 
@@ -70,7 +70,7 @@ class StorageSettings(BaseModel):
             raise ValueError("retention_s must be at least url_ttl_s, or links would outlive their images")
         for name in ("signing_key", "secret_access_key"):
             secret: SecretStr | None = getattr(self, name)
-            if secret is not None and secret.get_secret_value().lower() in _PLACEHOLDERS:
+            if secret is not None and is_placeholder(secret.get_secret_value()):
                 raise ValueError(f"storage.{name} is a placeholder; set a real value")
         if self.signing_key is not None and len(self.signing_key.get_secret_value()) < 32:
             raise ValueError("storage.signing_key must be at least 32 characters")

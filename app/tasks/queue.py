@@ -29,9 +29,9 @@ from sqlalchemy import Connection, CursorResult, Result, and_, delete, func, ins
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.billing.limits import RateLimitError
 from app.db.tables import ApiKey, Reservation, Task, utcnow
 from app.db.writer import Writer
+from app.errors import RateLimitError
 
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
 # Advised to a key whose queue is full: about one image's time, when its oldest tasks may have started.

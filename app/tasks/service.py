@@ -25,9 +25,9 @@ from sqlalchemy import Connection
 
 from app.billing.ledger import Hold, SettlementAbandoned
 from app.db.tables import Task
+from app.domain.jobs import ImageJob, InputImage
 from app.errors import GatewayError
 from app.images.delivery import image_names, render_images, store_images
-from app.images.jobs import ImageJob, InputImage
 from app.images.service import Draft, GenerationDraft, ImageService, InputLimits, ResultHook
 from app.images.settlement import CostHook
 from app.images.uploads import SpooledFile, UploadForm

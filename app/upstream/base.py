@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
 
-from app.images.jobs import ImageJob, ImageResult, ProviderEvent
+from app.domain.jobs import ImageJob, ImageResult, ProviderEvent
 
 # Set by the request path around an upstream call; see ``mark_answered``.
 _ON_ANSWER: ContextVar[Callable[[], None] | None] = ContextVar("on_answer", default=None)

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import MultipartWriter, hdrs, payload
 from aiohttp.abc import AbstractStreamWriter
 
-from app.images.jobs import ImageJob, InputImage
+from app.domain.jobs import ImageJob, InputImage
 
 # What an HTML5 form (and httpx) escapes in a Content-Disposition parameter: the quote, the
 # backslash and control characters other than ESC; CR and LF especially, which would end the header.

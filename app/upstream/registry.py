@@ -6,9 +6,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.images.capabilities import Catalog
-from app.settings import UpstreamSettings
+from app.domain.catalog import Catalog
 from app.upstream.base import ImageProvider
+from app.upstream.config import UpstreamSettings
 from app.upstream.providers.local import LocalProvider
 from app.upstream.providers.openai_compat import OpenAICompatProvider
 from app.upstream.slots import SlotPolicy

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import TypeVar
 
+from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
 from app.errors import GatewayError, UpstreamBusy, UpstreamError, UpstreamRejected, UpstreamUnavailable
-from app.images.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
 from app.metrics import Metrics, outcome_of
 from app.tracing import Tracing
 from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker

@@ -56,7 +56,7 @@ def books_violations(gw: Gateway, key_ids: list[str]) -> list[str]:
     """The money invariant for provider models, as messages (empty: it holds): each ledger row costs
     its tokens at the catalog's token prices (Gemini) or its images at the per-image price (the
     others), rows without images cost nothing, Σ ledger = the keys' spend, nothing stays held."""
-    from app.images.capabilities import Catalog
+    from app.domain.catalog import Catalog
     from tests.conftest import MODELS_FILE
 
     catalog = Catalog.from_file(MODELS_FILE)

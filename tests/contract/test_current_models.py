@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from app.images.capabilities import Catalog
+from app.domain.catalog import Catalog
 from tests.conftest import (
     MODELS_FILE,
     Gateway,

@@ -18,8 +18,8 @@ import openai
 import pytest
 import yaml
 
+from app.domain.catalog import Catalog
 from app.errors import ModelRetiredError
-from app.images.capabilities import Catalog
 from app.images.lifecycle import Lifecycle
 from tests.conftest import MODELS_FILE, Gateway, fake_upstream_config
 from tests.fakes.openai_upstream import FakeOpenAI

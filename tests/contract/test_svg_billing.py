@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.billing.svg import svg_charge
-from app.images.capabilities import Catalog
+from app.domain.catalog import Catalog
 from tests.conftest import MODELS_FILE, Gateway, fake_upstream_config, make_settings, start_gateway
 from tests.fakes.openai_upstream import FakeOpenAI
 

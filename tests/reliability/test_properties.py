@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sse_starlette import ServerSentEvent
 
-from app.billing.pricing import format_micros, request_cost, worst_case_cost
+from app.billing.pricing import request_cost, worst_case_cost
+from app.domain.catalog import Catalog, ModelCapabilities, parse_size
+from app.domain.jobs import ImageJob, TokenUsage
+from app.domain.money import format_micros
 from app.errors import InvalidRequestError
-from app.images.capabilities import Catalog, ModelCapabilities, parse_size
-from app.images.jobs import ImageJob, TokenUsage
 from app.images.validation import (
     BACKGROUNDS,
     MODERATION_LEVELS,

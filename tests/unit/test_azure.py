@@ -15,10 +15,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+from app.domain.catalog import Catalog
+from app.domain.jobs import ImageJob, InputImage
 from app.errors import UpstreamError, UpstreamRejected
-from app.images.capabilities import Catalog
-from app.images.jobs import ImageJob, InputImage
-from app.settings import UpstreamSettings
+from app.upstream.config import UpstreamSettings
 from app.upstream.providers.azure import (
     DEFAULT_API_VERSION,
     NOT_CONFIGURED,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.images.capabilities import Catalog, CatalogError
+from app.domain.catalog import Catalog, CatalogError
 from app.images.validation import nest_fields
 from app.upstream.multipart import flatten_field
 from tests.conftest import MODELS_FILE

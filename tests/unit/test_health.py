@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from app.upstream.health import BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker
+from app.domain.states import BreakerState
+from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 
 
 class FakeClock:

@@ -8,16 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.billing.limits import (
-    InProcessRateLimiter,
-    KeyLimits,
-    LimitGrant,
-    RateLimitError,
-    build_limiter,
-    format_duration,
-)
+from app.billing.limiters import build_limiter
+from app.billing.limits import KeyLimits, LimitGrant, format_duration
+from app.billing.limits_memory import InProcessRateLimiter
 from app.billing.limits_redis import RedisRateLimiter
-from app.errors import GatewayError
+from app.errors import GatewayError, RateLimitError
 
 
 class FakeClock:

@@ -20,8 +20,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from app.billing.limits import InProcessRateLimiter, KeyLimits, LimitGrant, RateLimitError
+from app.billing.limits import KeyLimits, LimitGrant
+from app.billing.limits_memory import InProcessRateLimiter
 from app.billing.limits_redis import RedisRateLimiter
+from app.errors import RateLimitError
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -29,7 +31,8 @@ REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # A second process sharing the limit: waits for "go" on stdin, then fires its share of acquires.
 CHILD_BURST = """
 import asyncio, sys
-from app.billing.limits import KeyLimits, RateLimitError
+from app.billing.limits import KeyLimits
+from app.errors import RateLimitError
 from app.billing.limits_redis import RedisRateLimiter
 
 async def main() -> None:

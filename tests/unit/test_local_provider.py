@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from app.images.capabilities import Catalog
-from app.images.jobs import ImageJob, ImageResult
+from app.domain.catalog import Catalog
+from app.domain.jobs import ImageJob, ImageResult
 from app.upstream.providers.local import LocalProvider, encode, render
 
 CATALOG = Catalog.from_file(Path(__file__).resolve().parents[2] / "app" / "defaults" / "models.yaml")

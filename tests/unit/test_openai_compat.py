@@ -22,9 +22,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from app.domain.catalog import Catalog
+from app.domain.jobs import ImageJob, InputImage, TokenUsage
 from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from app.images.capabilities import Catalog
-from app.images.jobs import ImageJob, InputImage, TokenUsage
 from app.upstream.errors import (
     map_aiohttp_errors,
     map_httpx_errors,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from app.billing.pricing import format_micros, request_cost, token_cost
-from app.images.capabilities import Catalog, CatalogError, FreeSizeRule, to_micros
-from app.images.jobs import ImageJob, TokenUsage
+from app.billing.pricing import request_cost, token_cost
+from app.domain.catalog import Catalog, CatalogError, FreeSizeRule, to_micros
+from app.domain.jobs import ImageJob, TokenUsage
+from app.domain.money import format_micros
 
 
 def job(catalog: Catalog, model: str, **fields: object) -> ImageJob:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from app.images.capabilities import Catalog, CatalogError
-from app.images.jobs import ImageJob, ImageResult, TokenUsage
-from app.images.provider_spec import DimensionRule, ProviderSpec, ProviderSpecError, unmapped_fields
+from app.domain.catalog import Catalog, CatalogError
+from app.domain.jobs import ImageJob, ImageResult, TokenUsage
+from app.domain.provider_spec import DimensionRule, ProviderSpec, ProviderSpecError, unmapped_fields
 from app.images.validation import build_job, parse_generate_request
 from app.upstream.providers.bfl import host_allowed
 from app.upstream.providers.gemini import usage_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from app.images.jobs import ImageJob, ImageResult
+from app.domain.jobs import ImageJob, ImageResult
 from app.upstream.registry import Route
 from app.upstream.router import order_routes
 

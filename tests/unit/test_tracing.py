@@ -8,7 +8,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from app.images.jobs import TokenUsage
+from app.domain.jobs import TokenUsage
 from app.tracing import Tracing, TracingSettings
 
 

@@ -14,7 +14,6 @@ from app.api.admin_upstreams import upstream_rows
 from app.api.console.web import PAGE_HEADERS, ConsoleDenied, OperatorDep, ViewerDep, render
 from app.api.deps import StateDep
 from app.api.usage import _report
-from app.billing.pricing import format_micros
 from app.billing.reports import ActivityRow, UsageFilter
 from app.console import charts
 from app.console.activity import ActivityCache, Totals, by_group, total
@@ -27,6 +26,7 @@ from app.console.queries import (
     thumbnails_for,
 )
 from app.console.sessions import Viewer
+from app.domain.money import format_micros
 from app.errors import NotFoundError
 from app.state import AppState
 from app.storage import check_name

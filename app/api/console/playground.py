@@ -19,8 +19,8 @@ from app.api.console.web import ViewerDep, check_csrf, render
 from app.api.deps import StateDep
 from app.api.images import edit_as, generate_as
 from app.console.sessions import Viewer
+from app.domain.catalog import ModelCapabilities
 from app.errors import AuthenticationError, InvalidRequestError
-from app.images.capabilities import ModelCapabilities
 from app.keys import Caller
 from app.state import AppState
 

@@ -12,8 +12,8 @@ from fastapi import Depends, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from app.api.deps import StateDep
-from app.billing.pricing import format_micros
 from app.console.sessions import SessionStore, Viewer
+from app.domain.money import format_micros
 from app.errors import AuthenticationError
 from app.security import secrets_equal
 from app.state import AppState

@@ -40,8 +40,8 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from app.domain.jobs import ProviderEvent
 from app.errors import UpstreamError, UpstreamRejected
-from app.images.jobs import ProviderEvent
 from app.upstream.errors import rejected_from_response
 from app.upstream.providers.openai_compat import OpenAICompatProvider
 

@@ -63,9 +63,9 @@ from urllib.parse import quote
 import orjson
 from yarl import URL
 
+from app.domain.catalog import parse_size
+from app.domain.jobs import ImageJob, ImageResult
 from app.errors import GatewayError, UpstreamError, UpstreamJobTimeout, UpstreamRejected
-from app.images.capabilities import parse_size
-from app.images.jobs import ImageJob, ImageResult
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     MAX_IMAGE_BYTES,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.settings import UpstreamSettings
 from app.upstream.base import ImageProvider
+from app.upstream.config import UpstreamSettings
 
 
 def native_provider(upstream: UpstreamSettings) -> ImageProvider:

@@ -50,8 +50,8 @@ from urllib.parse import quote
 
 import orjson
 
+from app.domain.jobs import ImageJob, ImageResult, TokenUsage
 from app.errors import GatewayError, UpstreamError
-from app.images.jobs import ImageJob, ImageResult, TokenUsage
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     NO_IMAGE,

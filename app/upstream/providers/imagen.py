@@ -38,8 +38,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from app.domain.jobs import ImageJob, ImageResult
 from app.errors import UpstreamError
-from app.images.jobs import ImageJob, ImageResult
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.gemini import DEFAULT_BASE_URL, GeminiProvider
 from app.upstream.providers.native import (

@@ -28,9 +28,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from app.domain.catalog import parse_size
+from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
 from app.errors import UpstreamRejected
-from app.images.capabilities import parse_size
-from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
 from app.upstream.providers.local_edit import edit_size, paint_edit
 from app.upstream.providers.local_formats import encode_gif, render_svg, svg_usage
 

@@ -39,9 +39,9 @@ import aiohttp
 import orjson
 from PIL import Image, UnidentifiedImageError
 
+from app.domain.catalog import parse_size
+from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
-from app.images.capabilities import parse_size
-from app.images.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
 from app.upstream.providers.openai_compat import PROBE_TIMEOUT, client_timeout, env_proxy, new_session
 

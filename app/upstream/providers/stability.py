@@ -47,8 +47,8 @@ import aiohttp
 import orjson
 from PIL import Image
 
+from app.domain.jobs import ImageJob, ImageResult
 from app.errors import GatewayError, InvalidRequestError, UpstreamError
-from app.images.jobs import ImageJob, ImageResult
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.multipart import form_value
 from app.upstream.providers.native import (

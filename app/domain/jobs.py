@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import orjson
 
-from app.images.capabilities import ModelCapabilities
+from app.domain.catalog import ModelCapabilities
 
 # "variations": the legacy dall-e-2 endpoint, forwarded where an upstream still serves dall-e-2.
 Endpoint = Literal["generations", "edits", "variations"]

@@ -18,12 +18,13 @@ from typing import Any, Literal
 
 import yaml
 
-from app.images.provider_spec import ProviderSpec, ProviderSpecError
+from app.domain.money import MoneyError
+from app.domain.money import to_micros as _to_micros
+from app.domain.provider_spec import ProviderSpec, ProviderSpecError
 
 Family = Literal["gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability"]
 FAMILIES: tuple[str, ...] = ("gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability")
 LifecycleState = Literal["active", "deprecated", "retired"]
-MICROS = 1_000_000
 RESPONSE_FORMATS = ("url", "b64_json")
 
 
@@ -32,14 +33,11 @@ class CatalogError(ValueError):
 
 
 def to_micros(value: Any, *, where: str) -> int:
-    """A price from YAML (``2.5``, ``"0.016"``) as exact integer micro-units."""
+    """A price from YAML as exact micro-units; a malformed one is a catalog error naming its field."""
     try:
-        amount = Decimal(str(value)) * MICROS
-    except InvalidOperation as exc:
-        raise CatalogError(f"{where}: not a number: {value!r}") from exc
-    if amount != amount.to_integral_value() or amount < 0:
-        raise CatalogError(f"{where}: {value!r} is not a non-negative multiple of 0.000001")
-    return int(amount)
+        return _to_micros(value, where=where)
+    except MoneyError as exc:
+        raise CatalogError(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)

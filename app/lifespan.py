@@ -21,9 +21,9 @@ from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.writer import create_writer
 from app.domain.catalog import Catalog
+from app.images.intake.sweep import SweepPolicy, sweep_forever
 from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
-from app.images.sweep import SweepPolicy, sweep_forever
 from app.keys import KeyService
 from app.memory import release_free_memory, tune_allocator
 from app.metrics import Metrics

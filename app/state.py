@@ -9,8 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.billing.ledger import LedgerService
 from app.domain.catalog import Catalog
+from app.images.intake.spool import UploadLimits
 from app.images.service import ImageService, InputLimits
-from app.images.uploads import UploadLimits
 from app.keys import KeyService
 from app.metrics import Metrics
 from app.moderation.audit import ModerationLog

@@ -19,7 +19,8 @@ import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.errors import GatewayError
-from app.images.settlement import ImageStream, StreamStatus
+from app.images.relay import ImageStream
+from app.images.settlement import StreamStatus
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from app.api.deps import CallerDep, StateDep
 from app.domain.jobs import ImageJob
 from app.domain.money import format_micros
 from app.errors import GatewayError, InvalidJSONError, InvalidRequestError
+from app.images.intake.spool import UploadForm, parse_multipart
+from app.images.relay import ImageStream
 from app.images.service import Draft, EditDraft, GenerationDraft, ImageOutcome, VariationDraft
-from app.images.settlement import ImageStream
-from app.images.uploads import UploadForm, parse_multipart
 from app.keys import Caller
 from app.state import AppState
 from app.streaming import sse_response

@@ -9,7 +9,7 @@ from typing import Any
 from app.billing.ledger import Hold
 from app.billing.limits import LimitGrant
 from app.domain.jobs import ImageJob
-from app.images.uploads import UploadForm
+from app.images.intake.spool import UploadForm
 
 
 @dataclass(frozen=True, slots=True)

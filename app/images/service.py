@@ -36,8 +36,10 @@ from app.errors import (
     ModelRetiredError,
 )
 from app.images.delivery import render_images, store_images
-from app.images.inspect import ImageInfo, inspect_edit_inputs
+from app.images.intake.inspector import ImageInfo, inspect_edit_inputs
+from app.images.intake.spool import SpooledFile, UploadForm
 from app.images.lifecycle import Lifecycle, Resolution
+from app.images.relay import ImageSink, ImageStream
 from app.images.requests import (
     Admission,
     Draft,
@@ -47,16 +49,7 @@ from app.images.requests import (
     InputLimits,
     VariationDraft,
 )
-from app.images.settlement import (
-    CostHook,
-    ImageSink,
-    ImageStream,
-    Settlement,
-    UpstreamOutcome,
-    background,
-    shielded,
-)
-from app.images.uploads import SpooledFile, UploadForm
+from app.images.settlement import CostHook, Settlement, UpstreamOutcome, background, shielded
 from app.images.validation import build_job, build_variation_job, parse_edit_form, parse_generate_request
 from app.keys import Caller
 from app.metrics import Metrics

@@ -33,7 +33,7 @@ def thumbnail(path: Path, *, max_edge: int = MAX_EDGE) -> Thumbnail:
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
     with Image.open(path) as image:
-        # The edit endpoint has already bounded the pixel count (app/images/inspect.py), so the
+        # The edit endpoint has already bounded the pixel count (app/images/intake/inspector.py), so the
         # decode below cannot be a bomb; draft() lets JPEG skip most of it.
         image.draft("RGB", (max_edge, max_edge))
         image.thumbnail((max_edge, max_edge))

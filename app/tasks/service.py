@@ -28,9 +28,9 @@ from app.db.tables import Task
 from app.domain.jobs import ImageJob, InputImage
 from app.errors import GatewayError
 from app.images.delivery import image_names, render_images, store_images
+from app.images.intake.spool import SpooledFile, UploadForm
 from app.images.service import Draft, GenerationDraft, ImageService, InputLimits, ResultHook
 from app.images.settlement import CostHook
-from app.images.uploads import SpooledFile, UploadForm
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
 from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id

@@ -11,7 +11,7 @@ import pytest
 
 from app.domain.catalog import EditCaps
 from app.errors import InvalidRequestError, PayloadTooLargeError
-from app.images.inspect import ImageInfo, inspect_edit_inputs, inspect_image
+from app.images.intake.inspector import ImageInfo, inspect_edit_inputs, inspect_image
 from tests.fakes import image_files as f
 
 GPT_EDIT = EditCaps(

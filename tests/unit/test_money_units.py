@@ -12,7 +12,7 @@ from app.billing.pricing import PARTIAL_IMAGE_OUTPUT_TOKENS, token_cost, worst_c
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage, completed_events, split_usage
 from app.errors import InvalidRequestError
-from app.images.inspect import _read_jpeg, inspect_image
+from app.images.intake.inspector import _read_jpeg, inspect_image
 from app.upstream.errors import sanitize
 from tests.conftest import MODELS_FILE
 

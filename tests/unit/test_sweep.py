@@ -1,4 +1,4 @@
-"""The orphan sweep (app/images/sweep.py) on real folders, with ages set through their mtimes."""
+"""The orphan sweep (app/images/intake/sweep.py) on real folders, with ages set through their mtimes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.images.sweep import SweepPolicy, Swept, sweep, sweep_forever
+from app.images.intake.sweep import SweepPolicy, Swept, sweep, sweep_forever
 from app.settings import ConfigError, build_settings
 from app.tasks.queue import new_task_id
 
@@ -204,6 +204,6 @@ def test_a_spool_age_a_live_request_could_reach_is_refused(tmp_path: Path) -> No
 
 
 def test_task_ids_are_recognised_as_the_queue_makes_them() -> None:
-    from app.images.sweep import _is_task
+    from app.images.intake.sweep import _is_task
 
     assert all(_is_task(new_task_id()) for _ in range(50))

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.errors import GatewayError, InvalidRequestError, PayloadTooLargeError
-from app.images.uploads import UploadForm, UploadLimits, field_role, parse_multipart
+from app.images.intake.spool import UploadForm, UploadLimits, field_role, parse_multipart
 from tests.fakes import image_files as f
 
 MB = 1024 * 1024

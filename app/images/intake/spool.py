@@ -44,7 +44,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import InvalidRequestError, PayloadTooLargeError
-from app.images.inspect import MASK_MAX_BYTES
+from app.images.intake.inspector import MASK_MAX_BYTES
 
 FLUSH_BYTES = 1024 * 1024
 # Each request's spool folder is ``<spool_root>/upload-<random>``; the orphan sweep (sweep.py)

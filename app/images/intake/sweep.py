@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.images.uploads import SPOOL_PREFIX
+from app.images.intake.spool import SPOOL_PREFIX
 
 log = logging.getLogger(__name__)
 

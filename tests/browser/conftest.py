@@ -29,6 +29,9 @@ CHROMIUM_ARGS = [
 ]
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
+# A test run leaves the work tree as it found it: the committed screenshots are rewritten only on
+# request (`UPDATE_SCREENSHOTS=1 make test`); otherwise they go to a scratch folder.
+SCREENSHOTS_UPDATE = os.environ.get("UPDATE_SCREENSHOTS") == "1"
 # The local renderer paces its streamed events, as a real upstream would.
 LOCAL_PACED: dict[str, Any] = {"name": "local", "kind": "local", "models": ["*"], "stream_pace_s": 0.05}
 
@@ -98,6 +101,9 @@ def sign_in(page: Any, gateway: Gateway, key: str = ADMIN_KEY) -> None:
     page.wait_for_url(re.compile(r".*/console/(overview|usage)$"))
 
 
-def screenshot(page: Any, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+def screenshot(page: Any, name: str, folder: Path | None = None) -> Path:
+    target = SCREENSHOTS if SCREENSHOTS_UPDATE or folder is None else folder
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path

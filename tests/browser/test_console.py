@@ -12,6 +12,7 @@ import io
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -94,7 +95,7 @@ def test_operator_creates_a_key_shown_once_and_its_edited_limits_bind_the_api(
 
 
 def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_shows_its_cost(
-    console_gateway: Gateway, new_page: Any
+    console_gateway: Gateway, new_page: Any, tmp_path: Path
 ) -> None:
     secret, key_id = console_gateway.create_key(name="tenant-a")
     page = new_page()
@@ -145,7 +146,7 @@ def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_s
     assert entry["key_id"] == key_id and entry["status"] == "succeeded" and entry["images"] == 1
     assert entry["cost_micros"] > 0
     assert shown_cost == f"{entry['cost_micros'] // 1_000_000}.{entry['cost_micros'] % 1_000_000:06d}"
-    screenshot(page, "playground")
+    assert screenshot(page, "playground", tmp_path).stat().st_size > 10_000
 
     # The request log shows the row with its cost and the thumbnail kept for it.
     page.get_by_role("navigation").get_by_role("link", name="Requests").click()
@@ -296,7 +297,9 @@ def test_a_forged_cross_site_form_post_is_refused(
     assert page.get_by_role("heading", name="Key created").is_visible()
 
 
-def test_screenshots_of_overview_and_requests(console_gateway: Gateway, new_page: Any) -> None:
+def test_screenshots_of_overview_and_requests(
+    console_gateway: Gateway, new_page: Any, tmp_path: Path
+) -> None:
     secret, _ = console_gateway.create_key(name="screens")
     client = console_gateway.client(secret)
     for prompt in ("a fox in snow", "a harbour at night", "a bowl of lemons"):
@@ -305,11 +308,11 @@ def test_screenshots_of_overview_and_requests(console_gateway: Gateway, new_page
     sign_in(page, console_gateway)
     assert page.locator("#requests-by-day rect.bar").count() == 14
     assert page.locator("#total-requests").inner_text() != "0"
-    screenshot(page, "overview")
+    assert screenshot(page, "overview", tmp_path).stat().st_size > 10_000
     page.get_by_role("navigation").get_by_role("link", name="Requests").click()
     page.wait_for_function("() => [...document.querySelectorAll('img.thumb')].every(i => i.complete)")
     assert page.locator("#requests tbody tr").count() >= 3
-    screenshot(page, "requests")
+    assert screenshot(page, "requests", tmp_path).stat().st_size > 10_000
     # On a phone's width nothing but the tables' own scroll boxes is wider than the screen.
     page.set_viewport_size({"width": 390, "height": 844})
     for path in ("/console/requests", "/console/playground", "/console/overview", "/console/keys/new"):

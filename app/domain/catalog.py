@@ -96,6 +96,10 @@ class EditCaps:
     formats: tuple[str, ...]
     mask: bool
     square_only: bool = False
+    # Whether the edited area must be marked (a mask, or transparent pixels in the first image):
+    # an inpainting upstream has nothing to repaint otherwise. Checked with the inputs' headers,
+    # before anything is reserved.
+    needs_area: bool = False
     # The ``markup`` file: a transparent PNG overlaid on the first image to guide the edit.
     markup: bool = False
     # Image input tokens per input image, by input_fidelity: estimates, for reservations and the
@@ -319,6 +323,7 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
             formats=tuple(edit_spec.get("formats", ["png"])),
             mask=bool(edit_spec.get("mask", True)),
             square_only=bool(edit_spec.get("square_only", False)),
+            needs_area=bool(edit_spec.get("needs_area", False)),
             input_image_tokens={
                 str(k): int(v) for k, v in (edit_spec.get("input_image_tokens") or {}).items()
             },

@@ -123,10 +123,16 @@ def test_edit_without_mask_uses_the_image_alpha(gw: Gateway, stability: FakeStab
 
 
 def test_edit_without_mask_or_alpha_is_refused(gw: Gateway, stability: FakeStability) -> None:
+    """Refused by validation, from the image's header, before anything is reserved or routed: no
+    ledger row at all (a refusal by the adapter used to leave a failed, free row behind)."""
+    key, key_id = gw.create_key()
     with pytest.raises(openai.BadRequestError) as caught:
-        gw.client().images.edit(model=CORE, image=("a.jpg", files.jpeg(64, 64), "image/jpeg"), prompt="x")
+        gw.client(key).images.edit(model=CORE, image=("a.jpg", files.jpeg(64, 64), "image/jpeg"), prompt="x")
     assert caught.value.body["param"] == "mask"  # type: ignore[index]
+    assert caught.value.body["code"] == "invalid_value"  # type: ignore[index]
     assert stability.requests == []
+    assert [r for r in gw.ledger() if r["key_id"] == key_id] == []
+    uncharged(gw, key_id)
 
 
 def test_content_filtered_is_moderation_blocked_and_free(gw: Gateway, stability: FakeStability) -> None:

@@ -389,6 +389,13 @@ def inspect_edit_inputs(
                 "This model does not accept a mask.", param="mask", code="invalid_value"
             )
         mask_info = _inspect_overlay(mask, infos[0], role="mask", max_pixels=max_pixels, max_edge=max_edge)
+    elif caps.needs_area and not infos[0].has_alpha:
+        raise InvalidRequestError(
+            "This model edits the area a mask marks: send a mask, or an image whose transparent "
+            "pixels mark the area to edit.",
+            param="mask",
+            code="invalid_value",
+        )
     if markup is not None:
         markup_info = _inspect_overlay(
             markup, infos[0], role="markup", max_pixels=max_pixels, max_edge=max_edge

@@ -85,6 +85,8 @@ class StabilityProvider(NativeProvider):
 
     async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:  # noqa: ARG002
         first = job.images[0]
+        # Validation refuses this first (the catalog's `needs_area`); kept for a models file that
+        # routes an edit here without declaring it, so the upstream is never sent a blank inpaint.
         if job.mask is None and not first.has_alpha:
             raise InvalidRequestError(
                 "This model edits the area a mask marks: send a mask, or an image whose transparent "

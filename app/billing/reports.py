@@ -22,8 +22,15 @@ COLUMNS = (
     "image_input_tokens",
     "text_output_tokens",
     "image_output_tokens",
+    # An SVG request's author-model tokens and their cost (already part of cost_micros).
+    "svg_input_tokens",
+    "svg_output_tokens",
+    "svg_reasoning_tokens",
+    "svg_cost_micros",
     "cost_micros",
 )
+# The summed ledger column of each report column after "requests" (a count).
+_SUMMED = COLUMNS[1:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +50,10 @@ class UsageRow:
     image_input_tokens: int
     text_output_tokens: int
     image_output_tokens: int
+    svg_input_tokens: int
+    svg_output_tokens: int
+    svg_reasoning_tokens: int
+    svg_cost_micros: int
     cost_micros: int
 
     def as_dict(self, group_by: str | None) -> dict[str, Any]:
@@ -105,15 +116,7 @@ async def usage_report(
     group_by: GroupBy | None,
     price_unit: str,
 ) -> UsageReport:
-    sums = [
-        func.count(LedgerEntry.id),
-        func.coalesce(func.sum(LedgerEntry.images), 0),
-        func.coalesce(func.sum(LedgerEntry.text_input_tokens), 0),
-        func.coalesce(func.sum(LedgerEntry.image_input_tokens), 0),
-        func.coalesce(func.sum(LedgerEntry.text_output_tokens), 0),
-        func.coalesce(func.sum(LedgerEntry.image_output_tokens), 0),
-        func.coalesce(func.sum(LedgerEntry.cost_micros), 0),
-    ]
+    sums = [func.count(LedgerEntry.id), *(_sum(name) for name in _SUMMED)]
     conditions = _conditions(where)
     async with sessions() as session:
         dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
@@ -173,12 +176,7 @@ async def activity_per_day(
                 day,
                 group,
                 func.count(LedgerEntry.id),
-                func.coalesce(func.sum(LedgerEntry.images), 0),
-                func.coalesce(func.sum(LedgerEntry.text_input_tokens), 0),
-                func.coalesce(func.sum(LedgerEntry.image_input_tokens), 0),
-                func.coalesce(func.sum(LedgerEntry.text_output_tokens), 0),
-                func.coalesce(func.sum(LedgerEntry.image_output_tokens), 0),
-                func.coalesce(func.sum(LedgerEntry.cost_micros), 0),
+                *(_sum(name) for name in _ACTIVITY_SUMMED),
                 func.coalesce(failed, 0),
                 func.coalesce(func.sum(LedgerEntry.latency_ms), 0),
             )
@@ -187,6 +185,20 @@ async def activity_per_day(
         )
         result = await session.execute(query)
         return [(str(r[0]), ActivityRow(str(r[1]), *(int(v) for v in r[2:]))) for r in result]
+
+
+_ACTIVITY_SUMMED = (
+    "images",
+    "text_input_tokens",
+    "image_input_tokens",
+    "text_output_tokens",
+    "image_output_tokens",
+    "cost_micros",
+)
+
+
+def _sum(column: str) -> ColumnElement[Any]:
+    return func.coalesce(func.sum(getattr(LedgerEntry, column)), 0)
 
 
 def _conditions(where: UsageFilter) -> list[ColumnElement[bool]]:

@@ -228,6 +228,10 @@ def test_usage_reports_match_the_ledger(metered: Gateway, upstream: FakeOpenAI) 
             "image_input_tokens": sum(int(r["image_input_tokens"]) for r in selected),
             "text_output_tokens": sum(int(r["text_output_tokens"]) for r in selected),
             "image_output_tokens": sum(int(r["image_output_tokens"]) for r in selected),
+            "svg_input_tokens": sum(int(r["svg_input_tokens"]) for r in selected),
+            "svg_output_tokens": sum(int(r["svg_output_tokens"]) for r in selected),
+            "svg_reasoning_tokens": sum(int(r["svg_reasoning_tokens"]) for r in selected),
+            "svg_cost_micros": sum(int(r["svg_cost_micros"]) for r in selected),
             "cost_micros": sum(int(r["cost_micros"]) for r in selected),
         }
 

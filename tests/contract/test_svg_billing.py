@@ -67,6 +67,18 @@ def test_svg_usage_is_billed_and_recorded_apart(every_model: Gateway, upstream: 
     assert (row["text_input_tokens"], row["image_output_tokens"]) == (40, 4160)
     assert Decimal(response.headers["x-gateway-cost"]) == Decimal(row["cost_micros"]) / 1_000_000
     assert every_model.key_row(key_id)["spent_micros"] == row["cost_micros"]
+    # The usage report sums the author's columns too, by model and in its totals and CSV.
+    report = every_model.admin("GET", f"/admin/usage?key_id={key_id}&group_by=model").json()
+    for entry in (report["data"][0], report["totals"]):
+        assert (entry["svg_input_tokens"], entry["svg_output_tokens"], entry["svg_reasoning_tokens"]) == (
+            1200,
+            2500,
+            100,
+        )
+        assert entry["svg_cost_micros"] == 5300 and entry["cost_micros"] == row["cost_micros"]
+    csv_text = every_model.admin("GET", f"/admin/usage?key_id={key_id}&format=csv").text
+    header, *_ = csv_text.splitlines()
+    assert "svg_cost_micros" in header.split(",")
 
 
 def test_an_answer_without_svg_usage_has_no_author_charge(every_model: Gateway, upstream: FakeOpenAI) -> None:

@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
+from app.upstream.base import mark_answered
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
 from app.upstream.providers.openai_compat import PROBE_TIMEOUT, client_timeout, env_proxy, new_session
 
@@ -339,6 +340,10 @@ class NativeProvider(ABC):
             ) as response:
                 if max_bytes is not None and (response.content_length or 0) > max_bytes:
                     raise UpstreamError(INVALID_RESPONSE)
+                if 200 <= response.status < 300:
+                    # The upstream has done (and billed) the work: a client leaving while the
+                    # body arrives no longer cancels the call, which is settled instead.
+                    mark_answered()
                 raw = await response.read()
                 status, answer_headers = response.status, response.headers
         if max_bytes is not None and len(raw) > max_bytes:

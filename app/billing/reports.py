@@ -187,14 +187,8 @@ async def activity_per_day(
         return [(str(r[0]), ActivityRow(str(r[1]), *(int(v) for v in r[2:]))) for r in result]
 
 
-_ACTIVITY_SUMMED = (
-    "images",
-    "text_input_tokens",
-    "image_input_tokens",
-    "text_output_tokens",
-    "image_output_tokens",
-    "cost_micros",
-)
+# The console's activity keeps to the image's own columns (its cost already includes an SVG author's).
+_ACTIVITY_SUMMED = tuple(name for name in _SUMMED if not name.startswith("svg_"))
 
 
 def _sum(column: str) -> ColumnElement[Any]:

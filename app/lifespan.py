@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,28 +77,41 @@ def _is_sqlite(settings: Settings) -> bool:
 async def open_state(
     settings: Settings, metrics: Metrics | None = None, tracing: Tracing | None = None
 ) -> AsyncIterator[AppState]:
-    """Everything the gateway needs, opened in dependency order and closed in reverse."""
+    """Everything the gateway needs, opened in dependency order and closed in reverse.
+
+    Each resource's close goes on one ``AsyncExitStack`` as soon as the resource exists, so a
+    failure half-way through start-up closes what was opened, and a close that fails at shutdown
+    is logged and the others still run (even when one is cancelled: the stack runs them all).
+    """
     metrics = metrics or Metrics(process=False)
     tracing = tracing or Tracing.from_settings(settings.tracing)
     catalog = Catalog.from_file(settings.models_file)
     metrics.set_models(catalog.names())
-    engine = create_engine(settings.database.url, echo=settings.database.echo)
-    registry = ProviderRegistry.build(settings.upstreams, catalog)
-    limiter: RateLimiter | None = None
-    opened: list[Callable[[], Awaitable[None]]] = []
-    try:
+    async with AsyncExitStack() as stack:
+        engine = create_engine(settings.database.url, echo=settings.database.echo)
+        _close_at_exit(stack, "database engine", engine.dispose)
+        registry = ProviderRegistry.build(settings.upstreams, catalog)
+        _close_at_exit(stack, "upstream registry", registry.aclose)
+        limiter: RateLimiter | None = None
+
+        async def close_limiter() -> None:
+            if limiter is not None:
+                await limiter.aclose()
+
+        # Registered before the limiter exists, so it closes after everything opened below it.
+        _close_at_exit(stack, "rate limiter", close_limiter)
         # SQLite is the embedded default: keep it at the newest schema without a separate step.
         # Shared databases (PostgreSQL) are migrated on purpose, with `python -m app migrate`.
         if _is_sqlite(settings):
             await upgrade_head(engine)
         sessions = create_sessionmaker(engine)
         writer = create_writer(engine)
-        opened.append(writer.aclose)
+        _close_at_exit(stack, "database writer", writer.aclose)
         store = build_store(
             settings.storage, signing_secret=resolve_signing_secret(settings.storage, settings.data_dir)
         )
         await store.start()
-        opened.append(store.aclose)
+        _close_at_exit(stack, "image store", store.aclose)
         uploads = UploadPolicy.from_settings(settings, catalog)
         uploads.spool_root.mkdir(parents=True, exist_ok=True)
         ledger = LedgerService(writer, hold_ttl_s=settings.billing.hold_ttl_s)
@@ -118,9 +131,9 @@ async def open_state(
             tracing=tracing,
         )
         moderation = ModerationService.from_settings(settings.moderation, base_dir=Path.cwd())
-        opened.append(moderation.aclose)
+        _close_at_exit(stack, "moderation", moderation.aclose)
         # Spans still batched are flushed at shutdown (off the loop: the exporter blocks).
-        opened.append(lambda: asyncio.to_thread(tracing.shutdown))
+        _close_at_exit(stack, "tracing", lambda: asyncio.to_thread(tracing.shutdown))
         thumbnails = Thumbnailer(
             sessions,
             store,
@@ -128,7 +141,7 @@ async def open_state(
             edge=settings.console.thumbnail_edge,
             retention_s=settings.storage.retention_s,
         )
-        opened.append(thumbnails.drain)
+        _close_at_exit(stack, "thumbnails", thumbnails.drain)
         images = ImageService(
             catalog=catalog,
             registry=registry,
@@ -220,13 +233,19 @@ async def open_state(
             webhooks=webhooks,
             outbox=outbox,
         )
-    finally:
-        for close in reversed(opened):
+
+
+def _close_at_exit(stack: AsyncExitStack, name: str, close: Callable[[], Awaitable[object]]) -> None:
+    """Put ``close`` on the stack; an exception from it is logged (with ``name``), not raised, so
+    the shutdown goes on and an error from the body is not masked by one from a close."""
+
+    async def guarded() -> None:
+        try:
             await close()
-        if limiter is not None:
-            await limiter.aclose()
-        await registry.aclose()
-        await engine.dispose()
+        except Exception:
+            log.exception("closing a resource failed", extra={"fields": {"resource": name}})
+
+    stack.push_async_callback(guarded)
 
 
 async def _reconcile_forever(state: AppState) -> None:

@@ -1,17 +1,24 @@
 """The gateway's exception tree. Every error a client can see is one of these.
 
-Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``code``;
-``app/api/errors.py`` is the one place that turns them into ``{"error": {...}}`` bodies.
+Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``code``.
+``error_body`` is the one function that builds the ``{"error": {...}}`` body, whoever sends it: the
+exception handlers and the ASGI middleware (``app/api/errors.py``), the SSE ``error`` event
+(``app/streaming.py``) and a failed task's stored error. The OpenAPI document's ``ErrorBody``
+(``app/schemas/base.py``) describes that body, and tests/api/test_error_schema.py holds the two together.
 
-    GatewayError
+    GatewayError                       500 api_error (the base; a bare one is a gateway fault)
+    ├── InternalServerError            500 api_error internal_error (no internals in the message)
     ├── InvalidRequestError            400 invalid_request_error (param set, code varies)
     │   ├── ModelNotFoundError         400 invalid_value, param "model"
     │   └── InvalidJSONError           400 invalid_json
+    ├── ModerationBlockedError         400 image_generation_user_error moderation_blocked (with
+    │                                  OpenAI's moderation_details: stage and categories)
     ├── AuthenticationError            401 invalid_api_key
     ├── PermissionDeniedError          403 permission_error
     │   └── ModelNotAllowedError       403 model_not_allowed
     ├── NotFoundError                  404 not_found
     │   └── ModelRetiredError          404 model_not_found, param "model" (date and replacement)
+    ├── MethodNotAllowedError          405 method_not_allowed
     ├── RequestTimeoutError            408 request_timeout
     ├── PayloadTooLargeError           413 payload_too_large
     ├── QuotaExceededError             429 insufficient_quota
@@ -21,6 +28,9 @@ Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``co
     │                                  never finished: not retried, which would submit it twice)
     └── UpstreamError                  502 api_error upstream_error
         ├── UpstreamUnavailable        502 upstream_unavailable (connect failure) / 503 (no upstream)
+        │   ├── UpstreamBusy           429 rate_limit_error / 503: every upstream at max_concurrency
+        │   └── ModerationUnavailableError  503 moderation_unavailable (fail-closed moderation
+        │                              model did not answer: retryable, nothing found wrong)
         ├── UpstreamTimeout            504 upstream_timeout
         └── UpstreamRejected           the upstream's own status, type and code, message sanitised
 
@@ -29,8 +39,17 @@ Domain code raises these and never an HTTP framework exception, so use-cases sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+ModerationStage = Literal["input", "output"]
+
+
+def error_body(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, Any]:
+    """The OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``: the only place
+    it is written. ``param`` and ``code`` are always present (null when unset), as OpenAI sends them;
+    subclasses may add keys beside them (``moderation_details``, an upstream's own extras)."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 class GatewayError(Exception):
@@ -58,14 +77,13 @@ class GatewayError(Exception):
 
     def to_body(self) -> dict[str, Any]:
         """The OpenAI error object, ``{"error": {...}}``."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class InternalServerError(GatewayError):
+    """Something failed inside the gateway; the traceback goes to the log, never to the client."""
+
+    default_code = "internal_error"
 
 
 class InvalidRequestError(GatewayError):
@@ -94,6 +112,34 @@ class InvalidJSONError(InvalidRequestError):
             + suffix
             + ".",
         )
+
+
+class ModerationBlockedError(GatewayError):
+    """400 ``image_generation_user_error`` / ``moderation_blocked``, with OpenAI's
+    ``moderation_details`` object inside the error, as the official API answers a refused prompt."""
+
+    status_code = 400
+    error_type = "image_generation_user_error"
+    default_code = "moderation_blocked"
+
+    def __init__(
+        self, categories: Sequence[str], *, stage: ModerationStage = "input", message: str | None = None
+    ) -> None:
+        super().__init__(
+            message
+            or "Your request was rejected by the safety system. "
+            "Your prompt or images may contain content that is not allowed."
+        )
+        self.categories = tuple(categories)
+        self.stage: ModerationStage = stage
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        body["error"]["moderation_details"] = {
+            "moderation_stage": self.stage,
+            "categories": list(self.categories),
+        }
+        return body
 
 
 class AuthenticationError(GatewayError):
@@ -128,6 +174,12 @@ class ModelRetiredError(NotFoundError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, param="model")
+
+
+class MethodNotAllowedError(GatewayError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
 
 
 class RequestTimeoutError(GatewayError):
@@ -211,6 +263,17 @@ class UpstreamBusy(UpstreamUnavailable):
         self.error_type = "rate_limit_error" if status == 429 else "api_error"
         self.code = "rate_limit_exceeded" if status == 429 else "upstream_unavailable"
         self.headers["retry-after"] = str(max(1, retry_after_s))
+
+
+class ModerationUnavailableError(UpstreamUnavailable):
+    """The upstream moderation model failed and the policy is fail-closed: 503, retryable.
+
+    Not a ``moderation_blocked``: nothing was found wrong with the request, it could not be checked."""
+
+    default_code = "moderation_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The moderation service is unavailable; please retry later.", status=503)
 
 
 class UpstreamTimeout(UpstreamError):

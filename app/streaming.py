@@ -18,7 +18,7 @@ import anyio
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.errors import GatewayError
+from app.errors import GatewayError, InternalServerError
 from app.images.relay import ImageStream
 from app.images.settlement import StreamStatus
 
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _error_event(error: GatewayError) -> ServerSentEvent:
+    # The same body a JSON answer carries (app.errors.error_body), under the event's own type.
     body = error.to_body()
     return ServerSentEvent(data=orjson.dumps({"type": "error", **body}).decode(), event="error")
 
@@ -44,7 +45,7 @@ async def _relay(stream: ImageStream) -> AsyncIterator[ServerSentEvent]:
             log.warning("stream failed after it started", extra={"fields": {"code": exc.code}})
         except Exception:
             status = "failed"
-            error = GatewayError("The gateway had an error while relaying the stream.", code="internal_error")
+            error = InternalServerError("The gateway had an error while relaying the stream.")
             log.exception("stream relay error")
     finally:
         # Runs on normal ends, on errors and on cancellation (client gone), and before the last

@@ -1,4 +1,10 @@
-"""Typed dependencies: the app state, the authenticated caller, the admin check."""
+"""Typed dependencies: the app state, the authenticated caller, the admin check.
+
+The admin key is compared in one function, ``is_admin_key``. ``AdminGuardMiddleware`` calls it for
+every ``/admin/…`` request before anything reads the body and marks the request on its scope
+state; ``require_admin`` only reads that mark, so an admin route mounted where the middleware does
+not look is refused rather than open. The console's operator sign-in calls ``is_admin_key`` too.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,9 @@ from app.keys import INVALID_KEY_MESSAGE, Caller
 from app.security import secrets_equal
 from app.state import AppState
 
+# Scope-state key the admin guard sets on a request that carried the admin key.
+ADMIN_MARK = "admin_key_checked"
+
 
 async def get_state(request: Request) -> AppState:
     # async on purpose: FastAPI runs a plain `def` dependency on a worker thread, a thread hop
@@ -22,14 +31,23 @@ async def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+def parse_bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None (the one parser of it)."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
+
+
+def bearer_token(request: Request) -> str | None:
+    return parse_bearer(request.headers.get("authorization"))
+
+
+def is_admin_key(given: str | None, admin_key: str) -> bool:
+    """Whether ``given`` is the admin key (constant time): the one place the admin key is checked."""
+    return given is not None and secrets_equal(given, admin_key)
 
 
 async def get_caller(request: Request, state: StateDep) -> Caller:
@@ -42,11 +60,10 @@ async def get_caller(request: Request, state: StateDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-async def require_admin(request: Request, state: StateDep) -> None:
-    token = bearer_token(request)
-    if token is None or not secrets_equal(token, state.admin_key):
+async def require_admin(request: Request) -> None:
+    """Admin routes' guard: the middleware has already checked the key (see the module docstring)."""
+    if not getattr(request.state, ADMIN_MARK, False):
         raise AuthenticationError(INVALID_KEY_MESSAGE)
-    request.state.key_id = "admin"
 
 
 AdminDep = Depends(require_admin)

@@ -1,4 +1,9 @@
-"""The one place where exceptions become OpenAI-shaped error responses."""
+"""The one place where exceptions become OpenAI-shaped error responses.
+
+Every handler here turns what it caught into an ``app.errors`` exception and answers it with
+``error_response``, whose body is ``GatewayError.to_body()`` (built by ``app.errors.error_body``).
+The ASGI middleware answers its early 401/413 through the same function.
+"""
 
 from __future__ import annotations
 
@@ -11,93 +16,78 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from app.errors import GatewayError
+from app.errors import (
+    GatewayError,
+    InternalServerError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+)
 
 log = logging.getLogger(__name__)
 
 
-def error_response(
-    status: int,
-    message: str,
-    *,
-    error_type: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+def error_response(error: GatewayError) -> Response:
+    """The response for ``error``; also an ASGI app, so middleware can send it before routing."""
+    return Response(
+        orjson.dumps(error.to_body()),
+        status_code=error.status_code,
+        media_type="application/json",
+        headers=error.headers or None,
+    )
 
 
 async def _gateway_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return Response(
-        orjson.dumps(exc.to_body()),
-        status_code=exc.status_code,
-        media_type="application/json",
-        headers=exc.headers or None,
+    return error_response(exc)
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    """OpenAI's 400 for the first thing wrong with the request (FastAPI would answer 422)."""
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    kind = first.get("type")
+    if kind == "missing":
+        return InvalidRequestError(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    if kind == "json_invalid":
+        return InvalidRequestError("We could not parse the JSON body of your request.", code="invalid_json")
+    if kind == "extra_forbidden":
+        return InvalidRequestError(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
+    return InvalidRequestError(
+        f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_value"
     )
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    param = ".".join(loc) or None
-    if first.get("type") == "missing":
-        return error_response(
-            400,
-            f"Missing required parameter: '{param}'.",
-            error_type="invalid_request_error",
-            param=param,
-            code="missing_required_parameter",
-        )
-    if first.get("type") == "json_invalid":
-        return error_response(
-            400,
-            "We could not parse the JSON body of your request.",
-            error_type="invalid_request_error",
-            code="invalid_json",
-        )
-    if first.get("type") == "extra_forbidden":
-        return error_response(
-            400,
-            f"Unknown parameter: '{param}'.",
-            error_type="invalid_request_error",
-            param=param,
-            code="unknown_parameter",
-        )
-    return error_response(
-        400,
-        f"Invalid value for '{param}': {first.get('msg', 'invalid')}.",
-        error_type="invalid_request_error",
-        param=param,
-        code="invalid_value",
-    )
+    return error_response(validation_error(exc))
+
+
+def http_error(method: str, path: str, exc: HTTPException) -> GatewayError:
+    if exc.status_code == 404:
+        return NotFoundError(f"Invalid URL ({method} {path})", code="unknown_url")
+    if exc.status_code == 405:
+        return MethodNotAllowedError(f"Method {method} is not allowed for {path}")
+    # FastAPI's only own 400 is a body it could not decode (e.g. not UTF-8); any other status a
+    # framework might raise keeps its number, under the client-error type it always had.
+    error = InvalidRequestError(str(exc.detail))
+    error.code = "invalid_json" if exc.status_code == 400 else None
+    error.status_code = exc.status_code
+    return error
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        message = f"Invalid URL ({request.method} {request.url.path})"
-        return error_response(404, message, error_type="invalid_request_error", code="unknown_url")
-    if exc.status_code == 405:
-        message = f"Method {request.method} is not allowed for {request.url.path}"
-        return error_response(405, message, error_type="invalid_request_error", code="method_not_allowed")
-    # FastAPI's only own 400 is a body it could not decode (e.g. not UTF-8).
-    code = "invalid_json" if exc.status_code == 400 else None
-    return error_response(exc.status_code, str(exc.detail), error_type="invalid_request_error", code=code)
+    return error_response(http_error(request.method, request.url.path, exc))
 
 
 async def _unexpected(_: Request, exc: Exception) -> Response:
     # The traceback goes to the log (with the request id); the client gets no internals.
     log.error("unhandled error", exc_info=exc)
-    return error_response(
-        500,
-        "The gateway had an error while processing your request.",
-        error_type="api_error",
-        code="internal_error",
-    )
+    return error_response(InternalServerError("The gateway had an error while processing your request."))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -11,13 +11,13 @@ import secrets
 import time
 from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.deps import ADMIN_MARK, is_admin_key, parse_bearer
+from app.api.errors import error_response
 from app.errors import AuthenticationError, PayloadTooLargeError, RequestTimeoutError
 from app.keys import INVALID_KEY_MESSAGE
 from app.logging import set_request_id
-from app.security import secrets_equal
 
 log = logging.getLogger("app.access")
 
@@ -109,7 +109,7 @@ class BodyGuardMiddleware:
         limit = None if _is_multipart(scope) else self.max_bytes
         declared = _header(scope, b"content-length")
         if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(send, limit)
+            await _too_large(scope, receive, send, limit)
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
@@ -163,24 +163,17 @@ def _too_large_message(limit: int) -> str:
     return f"The request body is larger than the limit of {limit} bytes."
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    error = PayloadTooLargeError(_too_large_message(limit))
-    body = orjson.dumps(error.to_body())
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    await error_response(PayloadTooLargeError(_too_large_message(limit)))(scope, receive, send)
 
 
 class AdminGuardMiddleware:
     """Checks the admin key on ``/admin/…`` before anything reads the request.
 
-    The routes check it too (``require_admin``); doing it here first means a caller without the
-    admin key learns nothing from the body's parsing (a 400 would answer before the 401).
+    This is the only check of the admin key on the API (``deps.is_admin_key``); it marks the scope
+    state, and the routes' ``require_admin`` reads only that mark. Checking here, before routing,
+    means a caller without the admin key learns nothing from the body's parsing (a 400 would
+    answer before the 401).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -191,21 +184,12 @@ class AdminGuardMiddleware:
             await self.app(scope, receive, send)
             return
         state = getattr(scope["app"].state, "gateway", None)
-        header = _header(scope, b"authorization") or ""
-        scheme, _, token = header.partition(" ")
-        if state is not None and scheme.lower() == "bearer" and secrets_equal(token.strip(), state.admin_key):
+        token = parse_bearer(_header(scope, b"authorization"))
+        if state is not None and is_admin_key(token, state.admin_key):
+            request_state = scope.setdefault("state", {})
+            request_state[ADMIN_MARK] = True
+            # For the access log: which key, never the key.
+            request_state["key_id"] = "admin"
             await self.app(scope, receive, send)
             return
-        error = AuthenticationError(INVALID_KEY_MESSAGE)
-        body = orjson.dumps(error.to_body())
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await error_response(AuthenticationError(INVALID_KEY_MESSAGE))(scope, receive, send)

@@ -1,9 +1,10 @@
-"""What every moderation checker shares: levels, the verdict, the audit event, the errors.
+"""What every moderation checker shares: levels, the verdict, the audit event.
 
 A checker looks at one request and answers a ``Verdict``. The service (``policy.py``) runs the
 configured checkers in order, stops at the first block, and turns a block into an ``AuditEvent``
 (for the lead's audit table and per-key/per-category counters) and, at the request path, into a
-``ModerationBlockedError`` (400 ``moderation_blocked``, SPEC §1.4).
+``ModerationBlockedError`` (400 ``moderation_blocked``, SPEC §1.4). The two moderation errors live
+in ``app.errors`` with every other error a client can see; they are re-exported here for checkers.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from app.errors import GatewayError, UpstreamUnavailable
+from app.errors import ModerationBlockedError, ModerationStage
+from app.errors import ModerationUnavailableError as ModerationUnavailableError
 from app.moderation.normalize import NormalizedText
 
 Level = Literal["low", "auto"]
 EffectiveLevel = Literal["low", "auto", "off"]
 KeyPolicy = Literal["default", "strict", "off"]
-Stage = Literal["input", "output"]
+Stage = ModerationStage
 Severity = Literal["low", "medium", "high"]
 CheckerName = Literal["blocklist", "classifier", "upstream"]
 
@@ -84,7 +86,7 @@ class ModerationOutcome:
     def raise_if_blocked(self) -> None:
         """Raise the client-facing error for a block; the caller persists ``audit`` first."""
         if self.verdict.blocked:
-            raise ModerationBlockedError.from_verdict(self.verdict)
+            raise ModerationBlockedError(self.verdict.categories, stage=self.verdict.stage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,46 +114,3 @@ class ImageChecker(Protocol):
     name: CheckerName
 
     async def check_images(self, images: Sequence[bytes], *, level: Level) -> Verdict: ...
-
-
-class ModerationBlockedError(GatewayError):
-    """400 ``image_generation_user_error`` / ``moderation_blocked``, with OpenAI's
-    ``moderation_details`` object inside the error, as the official API answers a refused prompt."""
-
-    status_code = 400
-    error_type = "image_generation_user_error"
-    default_code = "moderation_blocked"
-
-    def __init__(
-        self, categories: Sequence[str], *, stage: Stage = "input", message: str | None = None
-    ) -> None:
-        super().__init__(
-            message
-            or "Your request was rejected by the safety system. "
-            "Your prompt or images may contain content that is not allowed."
-        )
-        self.categories = tuple(categories)
-        self.stage: Stage = stage
-
-    @classmethod
-    def from_verdict(cls, verdict: Verdict) -> ModerationBlockedError:
-        return cls(verdict.categories, stage=verdict.stage)
-
-    def to_body(self) -> dict[str, Any]:
-        body = super().to_body()
-        body["error"]["moderation_details"] = {
-            "moderation_stage": self.stage,
-            "categories": list(self.categories),
-        }
-        return body
-
-
-class ModerationUnavailableError(UpstreamUnavailable):
-    """The upstream moderation model failed and the policy is fail-closed: 503, retryable.
-
-    Not a ``moderation_blocked``: nothing was found wrong with the request, it could not be checked."""
-
-    default_code = "moderation_unavailable"
-
-    def __init__(self) -> None:
-        super().__init__("The moderation service is unavailable; please retry later.", status=503)

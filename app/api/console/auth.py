@@ -17,10 +17,9 @@ from app.api.console.web import (
     session_store,
     set_session_cookie,
 )
-from app.api.deps import StateDep
+from app.api.deps import StateDep, is_admin_key
 from app.console.sessions import SessionStore
 from app.errors import AuthenticationError
-from app.security import secrets_equal
 
 router = APIRouter()
 
@@ -47,7 +46,7 @@ async def login(request: Request, state: StateDep) -> Response:
     form = await request.form()
     key = str(form.get("api_key") or "").strip()
     store: SessionStore = session_store(state)
-    if key and secrets_equal(key, state.admin_key):
+    if key and is_admin_key(key, state.admin_key):
         token, _ = await store.open("operator", None)
         target = "/console/overview"
     else:

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from app.api.deps import StateDep
+from app.api.errors import error_response
 from app.console.sessions import SessionStore, Viewer
 from app.domain.money import format_micros
 from app.errors import AuthenticationError
@@ -191,12 +192,7 @@ def wants_json(request: Request) -> bool:
 async def sign_in_required(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SignInRequired)
     if wants_json(request) and request.method != "GET":
-        response: Response = Response(
-            b'{"error": {"message": "Sign in to the console first.", "type": "invalid_request_error", '
-            b'"param": null, "code": "invalid_api_key"}}',
-            status_code=401,
-            media_type="application/json",
-        )
+        response = error_response(AuthenticationError("Sign in to the console first."))
         response.headers.update(PAGE_HEADERS)
         return response
     return redirect("/console/login")

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI  # noqa: TID251 - the lifespan hook's type
 from sqlalchemy.engine import make_url
 
 from app.billing.ledger import LedgerService

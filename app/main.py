@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
+from fastapi import FastAPI  # noqa: TID251 - the app factory
+from starlette.middleware.cors import CORSMiddleware  # noqa: TID251 - the app factory
 
 from app import __version__
 from app.api import build_api_router

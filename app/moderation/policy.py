@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from app.errors import InvalidRequestError
 from app.moderation.base import (
@@ -37,9 +36,7 @@ from app.moderation.lists import BlocklistChecker, TermCache, validate_terms
 from app.moderation.normalize import normalize
 from app.moderation.thumbnails import thumbnail
 from app.moderation.upstream import UpstreamModerator
-
-if TYPE_CHECKING:  # only the moderation adapter (upstream.py) does HTTP
-    import httpx
+from app.upstream.client import Session
 
 _KEY_POLICIES = ("default", "strict", "off")
 
@@ -91,10 +88,10 @@ class ModerationService:
 
     @classmethod
     def from_settings(
-        cls, settings: ModerationSettings, *, base_dir: Path, client: httpx.AsyncClient | None = None
+        cls, settings: ModerationSettings, *, base_dir: Path, client: Session | None = None
     ) -> ModerationService:
         """Load and compile the policy file and lists; raises ``PolicyError`` naming what is wrong.
-        ``client`` is for tests (an httpx client on a mock transport for the upstream)."""
+        ``client`` is for tests: an aiohttp session for the upstream model, left open here."""
         try:
             validate_terms(settings.blocklist)
             validate_terms(settings.allowlist)

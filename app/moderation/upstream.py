@@ -10,8 +10,8 @@ own ``flagged`` is not used, so the operator's thresholds decide.
 A failed call (timeout, transport error, error status, unreadable body) follows the configured
 policy: ``fail_open`` lets the request through with ``Verdict.degraded`` set and a warning logged;
 otherwise ``ModerationUnavailableError`` (503). Neither the log nor the error carries the
-upstream's URL or key: errors go through ``app.upstream.errors`` (which scrubs both) and only the
-error class is logged.
+upstream's URL or key: the call goes through ``app.upstream.client.JSONClient`` (the gateway's one
+outbound HTTP stack, whose errors are scrubbed of both) and only the error class is logged.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import httpx
 import orjson
 
-from app.errors import UpstreamError, UpstreamTimeout
-from app.moderation.base import CheckerName, Level, ModerationUnavailableError, TextInput, Verdict
+from app.errors import ModerationUnavailableError, UpstreamError
+from app.moderation.base import CheckerName, Level, TextInput, Verdict
 from app.moderation.config import UpstreamModerationSettings
-from app.upstream.errors import INVALID_RESPONSE, map_httpx_errors, rejected_from_response, upstream_secrets
+from app.upstream.client import JSONClient, Session
+from app.upstream.errors import INVALID_RESPONSE, upstream_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -80,32 +80,29 @@ class UpstreamModerator:
 
     name: CheckerName = "upstream"
 
-    def __init__(
-        self, settings: UpstreamModerationSettings, *, client: httpx.AsyncClient | None = None
-    ) -> None:
+    def __init__(self, settings: UpstreamModerationSettings, *, client: Session | None = None) -> None:
         if settings.api_key is None:
             raise ValueError("upstream moderation needs an api_key")
         key = settings.api_key.get_secret_value()
         self._url = settings.base_url.rstrip("/") + "/moderations"
         self._headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
-        self._secrets = upstream_secrets(settings.base_url, key)
         self._model = settings.model
         self._thresholds = settings.thresholds
-        self._timeout_s = settings.timeout_s
         self.fail_open = settings.fail_open
         self.moderate_images = settings.moderate_images
-        # Tests may inject a client; only a client made here is closed here.
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
+        # Tests may inject a session; only a session made by the client is closed by it.
+        self._client = JSONClient(
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            secrets=upstream_secrets(settings.base_url, key),
+            session=client,
         )
 
     def __repr__(self) -> str:  # never the URL or key, even in a debugger or a log of the service
         return f"UpstreamModerator(model={self._model!r}, fail_open={self.fail_open})"
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        await self._client.aclose()
 
     async def check_text(self, request: TextInput) -> Verdict:
         return await self._checked([request.prompt], request.level)
@@ -159,20 +156,4 @@ class UpstreamModerator:
 
     async def _scores(self, inputs: list[Any]) -> dict[str, float]:
         body = orjson.dumps({"model": self._model, "input": inputs})
-        try:
-            # httpx's timeout bounds each phase (connect, each read); this bounds the whole call,
-            # so an upstream that trickles bytes cannot hold the request for long.
-            async with asyncio.timeout(self._timeout_s):
-                with map_httpx_errors(secrets=self._secrets):
-                    response = await self._client.post(self._url, content=body, headers=self._headers)
-        except TimeoutError as exc:
-            raise UpstreamTimeout() from exc
-        if not response.is_success:
-            raise rejected_from_response(
-                response.status_code, response.content, response.headers, secrets=self._secrets
-            )
-        try:
-            payload = orjson.loads(response.content)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError(INVALID_RESPONSE) from exc
-        return max_scores(payload)
+        return max_scores(await self._client.post(self._url, body, self._headers))

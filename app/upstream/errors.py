@@ -1,9 +1,9 @@
 """Translate what an upstream does wrong into the gateway's own errors (``app.errors``).
 
-Adapters call upstreams with aiohttp (image providers) or httpx (the moderation client), but nothing
-above ``app/upstream`` may see a transport exception (ARCHITECTURE convention 8), so every call runs
-inside ``map_aiohttp_errors`` or ``map_httpx_errors``. As in httpx's own ``map_httpcore_exceptions``,
-the most specific class wins and the original stays as ``__cause__``. Both map alike:
+Every outbound call uses aiohttp (``app.upstream.client``), and nothing above ``app/upstream`` may
+see a transport exception (ARCHITECTURE convention 8), so every call runs inside
+``map_aiohttp_errors``, the one mapper. As in httpx's own ``map_httpcore_exceptions``, the most
+specific class wins and the original stays as ``__cause__``:
 
     status error (raise_for_status)  → UpstreamRejected    the upstream's status, type and code (sanitised)
     timeout (connect, read, write,   → UpstreamTimeout     504 upstream_timeout
@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
-import httpx
 import orjson
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from yarl import URL
 
 from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 
@@ -45,26 +45,6 @@ _URL_RE = re.compile(r"https?://[^\s\"'<>()\[\]{}]+", re.IGNORECASE)
 # fragment of a key still identifies it. Not inside a word (`task-1`, `disk-full`).
 # A dot belongs to the token only when more of it follows (`sk-...3456`), not a sentence's full stop.
 _API_KEY_RE = re.compile(r"(?<![A-Za-z0-9])sk-(?:[A-Za-z0-9_\-*…•]|\.(?=[A-Za-z0-9_\-*.…•]))*")
-
-
-@contextmanager
-def map_httpx_errors(*, secrets: Sequence[str] = ()) -> Iterator[None]:
-    """Re-raise httpx exceptions from the block as ``app.errors`` upstream errors."""
-    try:
-        yield
-    except httpx.HTTPStatusError as exc:  # only from raise_for_status(); adapters usually check themselves
-        response = exc.response
-        try:
-            body = response.content
-        except httpx.ResponseNotRead:  # a streamed response whose body was never read
-            body = b""
-        raise rejected_from_response(response.status_code, body, response.headers, secrets=secrets) from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout() from exc
-    except httpx.TransportError as exc:
-        raise UpstreamUnavailable() from exc
-    except httpx.RequestError as exc:
-        raise UpstreamError(INVALID_RESPONSE) from exc
 
 
 @contextmanager
@@ -105,7 +85,12 @@ def sanitize(message: str, *, secrets: Sequence[str]) -> str:
 
 def upstream_secrets(base_url: str, api_key: str | None) -> tuple[str, ...]:
     """What identifies an upstream in a message: its key, base URL (with and without scheme), host."""
-    url = httpx.URL(base_url)
+    try:
+        host = URL(base_url).host or ""
+        port = URL(base_url).explicit_port
+    except ValueError:  # not a URL: the text itself is all there is to scrub
+        host, port = "", None
+    bracketed = f"[{host}]" if ":" in host else host
     bare = base_url.split("://", 1)[-1]
     candidates = (
         api_key,
@@ -113,8 +98,8 @@ def upstream_secrets(base_url: str, api_key: str | None) -> tuple[str, ...]:
         base_url.rstrip("/"),
         bare,
         bare.rstrip("/"),
-        url.netloc.decode(),
-        url.host,
+        f"{bracketed}:{port}" if port is not None else bracketed,
+        host,
     )
     return tuple(dict.fromkeys(s for s in candidates if s))
 

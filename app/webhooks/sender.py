@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 from standardwebhooks import Webhook
 
 from app.db.tables import WebhookDelivery
+from app.upstream.client import TRANSPORT_ERRORS, Session, delivery_session
 from app.webhooks.endpoints import WebhookEndpoints
 from app.webhooks.outbox import Outbox
 
@@ -65,12 +65,12 @@ class WebhookSender:
         self._outbox = outbox
         self._endpoints = endpoints
         self._render = render
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         self._slots = asyncio.Semaphore(concurrency)
         self._batch = batch
         self._poll_s = poll_s
         self.wakeup = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: Session | None = None
 
     async def run_forever(self) -> None:
         try:
@@ -113,7 +113,7 @@ class WebhookSender:
                 ) as response:
                     status = response.status
                     await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 error = f"could not deliver: {type(exc).__name__}"
             else:
                 if 200 <= status < 300:
@@ -133,7 +133,7 @@ class WebhookSender:
             )
             await self._outbox.attempt_failed(delivery, status, error)
 
-    def _http(self) -> aiohttp.ClientSession:
+    def _http(self) -> Session:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = delivery_session(total_timeout_s=self._timeout_s)
         return self._session

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import orjson
 import pytest
 from aiohttp import web
@@ -27,7 +26,6 @@ from app.domain.jobs import ImageJob, InputImage, TokenUsage
 from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from app.upstream.errors import (
     map_aiohttp_errors,
-    map_httpx_errors,
     rejected_from_response,
     sanitize,
     upstream_secrets,
@@ -656,23 +654,6 @@ def test_map_aiohttp_errors_status_error() -> None:
 
 def test_map_aiohttp_errors_leaves_other_exceptions() -> None:
     with pytest.raises(KeyError), map_aiohttp_errors():
-        raise KeyError("x")
-
-
-def test_map_httpx_errors_http_status_error() -> None:
-    """Still used by the moderation client."""
-    request = httpx.Request("POST", f"{BASE_URL}/images/generations")
-    response = httpx.Response(
-        503, json={"error": {"message": f"down at {HOST}", "type": "server_error"}}, request=request
-    )
-    with pytest.raises(UpstreamRejected) as info, map_httpx_errors(secrets=SECRETS):
-        response.raise_for_status()
-    assert info.value.status_code == 503
-    assert info.value.message == "down at [redacted]"
-
-
-def test_map_httpx_errors_leaves_other_exceptions() -> None:
-    with pytest.raises(KeyError), map_httpx_errors():
         raise KeyError("x")
 
 

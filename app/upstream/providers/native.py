@@ -43,8 +43,8 @@ from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
 from app.upstream.base import mark_answered
+from app.upstream.client import PROBE_TIMEOUT, client_timeout, env_proxy, new_session
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
-from app.upstream.providers.openai_compat import PROBE_TIMEOUT, client_timeout, env_proxy, new_session
 
 NOT_CONFIGURED = "The upstream service is not configured to serve this model."
 NO_CREDIT = "The upstream account cannot pay for this request."

@@ -4,111 +4,37 @@ The job already knows its upstream body (``ImageJob.upstream_body``); this modul
 it posts that body, turns a failure into an ``app.errors`` upstream error and hands a success back
 as the bytes it came in, so images are never decoded or re-encoded on the way through.
 
-The HTTP client is aiohttp rather than httpx: per call, httpx on anyio cost three to four times the
-CPU (cancel scopes, sniffio look-ups, locks), close to half of all the gateway's CPU per request.
+Its sessions come from ``app.upstream.client``, the gateway's one outbound HTTP stack (aiohttp).
 """
 
 from __future__ import annotations
 
-import ssl
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
-from functools import cache
 from typing import Any
 
 import aiohttp
-import httpx
 import orjson
-from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDictProxy
-from yarl import URL
 
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import UpstreamError
 from app.upstream.base import mark_answered
+
+# Re-exported (``as``): the session helpers moved to app/upstream/client.py, and tests of this
+# adapter still reach them here.
+from app.upstream.client import KEEPALIVE_S as KEEPALIVE_S
+from app.upstream.client import PROBE_TIMEOUT as PROBE_TIMEOUT
+from app.upstream.client import client_timeout as client_timeout
+from app.upstream.client import env_proxy as env_proxy
+from app.upstream.client import new_session as new_session
+from app.upstream.client import trust_store as trust_store
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
 from app.upstream.multipart import edit_form
 from app.upstream.skeleton import summarize
 from app.upstream.sse_decode import iter_sse
 
-# httpx's idle-connection expiry, kept: shorter than most servers' own keep-alive (uvicorn: 5 s), so
-# the pool rarely picks a connection the upstream is closing at that very moment.
-KEEPALIVE_S = 5.0
-# /readyz asks every upstream; one that does not answer within this is not ready.
-PROBE_TIMEOUT = aiohttp.ClientTimeout(connect=5.0, sock_connect=5.0, sock_read=5.0)
-
 Body = bytes | aiohttp.MultipartWriter
-
-
-def client_timeout(timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
-    """What ``httpx.Timeout(timeout_s, connect=connect_timeout_s)`` meant, in aiohttp's terms.
-
-    httpx bounds each step, never the whole call: ``connect_timeout_s`` to connect, ``timeout_s``
-    to wait for a pooled connection and for each socket read or write. So no ``total`` (a stream may
-    run as long as events keep coming); ``sock_read`` is the idle bound on answers and streams, and
-    ``connect`` (pool wait plus connecting) is the sum of httpx's two bounds. Writes are bounded by
-    ``multipart.StallBoundForm``; JSON bodies are small enough never to wait on the socket.
-    """
-    return aiohttp.ClientTimeout(
-        total=None,
-        connect=timeout_s + connect_timeout_s,
-        sock_connect=connect_timeout_s,
-        sock_read=timeout_s,
-    )
-
-
-def new_session(
-    timeout: aiohttp.ClientTimeout, *, max_connections: int | None, resolver: AbstractResolver | None = None
-) -> aiohttp.ClientSession:
-    """A pooled keep-alive session as providers use it; ``resolver`` lets tests aim names at loopback.
-
-    ``max_connections`` None means no pool cap (aiohttp's ``limit=0``): an image call holds its
-    connection for the whole generation, so aiohttp's default of 100 would silently make every
-    upstream serve at most 100 images at once. Where the operator sets ``max_concurrency`` the
-    router's slots bound the calls and the pool matches them.
-
-    Must be called inside the running loop.
-    """
-    connector = aiohttp.TCPConnector(
-        limit=max_connections or 0,
-        limit_per_host=0,
-        keepalive_timeout=KEEPALIVE_S,
-        resolver=resolver,
-        ssl=trust_store(),
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        # Like httpx: gzip and deflate answers are decoded, so a relayed body is plain JSON.
-        auto_decompress=True,
-        # Like httpx, cookies an upstream sets (load-balancer affinity, bot management) are sent
-        # back; `unsafe` keeps them for upstreams addressed by IP too.
-        cookie_jar=aiohttp.CookieJar(unsafe=True),
-    )
-
-
-@cache
-def trust_store() -> ssl.SSLContext:
-    """The CAs httpx trusted: certifi's bundle, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set.
-
-    aiohttp would use the system store, which a slim container image may not even have.
-    """
-    return httpx.create_ssl_context()
-
-
-def env_proxy(url: str) -> str | None:
-    """The proxy httpx took from the environment for ``url`` (``HTTPS_PROXY``, ``ALL_PROXY``,
-    ``NO_PROXY``…), read once: aiohttp's ``trust_env`` re-reads the environment, and ``~/.netrc``,
-    on every request."""
-    target = URL(url)
-    if not target.host or urllib.request.proxy_bypass(target.host):
-        return None
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(target.scheme) or proxies.get("all")
-    if not proxy:
-        return None
-    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 class OpenAICompatProvider:

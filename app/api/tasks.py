@@ -53,10 +53,11 @@ async def task_events(
         current = task
         last: tuple[str, bytes] | None = None
         while True:
-            view = await state.tasks.view(current, base_url=base)
-            marker = (str(view["status"]), orjson.dumps(view.get("progress")))
+            # Compared by stored names, not the rendered links, whose signatures change with time.
+            marker = (current.status, orjson.dumps(state.tasks.progress(current)))
             if marker != last:
                 last = marker
+                view = await state.tasks.view(current, base_url=base)
                 final = view["status"] in ("succeeded", "failed")
                 name = f"image.task.{view['status']}" if final else "image.task.progress"
                 yield ServerSentEvent(data=orjson.dumps(view).decode(), event=name)

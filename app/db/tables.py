@@ -192,6 +192,9 @@ class Task(Base):
     # ({"upstream", "jobs": [{"id", "polling_url"}]}), so a worker taking over after a crash polls
     # them instead of submitting again.
     provider_job: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Written by the worker as streamed partial images arrive (an async request that asked for
+    # ``partial_images``): counts and the stored preview of each image (app/tasks/progress.py).
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 

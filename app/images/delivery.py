@@ -12,29 +12,38 @@ import binascii
 from typing import Any
 
 from app.errors import UpstreamError
-from app.storage import ImageStore
+from app.storage import ImageStore, StoredImage
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def _content_type(body: dict[str, Any], fallback: str) -> str:
+def content_type_of(body: dict[str, Any], fallback: str) -> str:
+    """The stored content type of a body's (or a streamed event's) images, by ``output_format``."""
     fmt = body.get("output_format") if isinstance(body.get("output_format"), str) else fallback
     return _CONTENT_TYPES.get(str(fmt), "image/png")
 
 
+async def store_b64(b64: Any, store: ImageStore, *, content_type: str) -> StoredImage:
+    """One base64 image into the store (decoded off the event loop); an upstream's bad base64 is
+    its error (502), not the gateway's."""
+    if not isinstance(b64, str):
+        raise UpstreamError("The upstream service returned an image the gateway cannot store.")
+    try:
+        data = await asyncio.to_thread(base64.b64decode, b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UpstreamError("The upstream service returned an image that is not valid base64.") from exc
+    return await store.put(data, content_type=content_type)
+
+
 async def store_images(body: dict[str, Any], store: ImageStore, *, output_format: str) -> dict[str, Any]:
     """A copy of ``body`` whose images are in the store: each item's ``b64_json`` becomes ``image``."""
-    content_type = _content_type(body, output_format)
+    content_type = content_type_of(body, output_format)
     items = body.get("data") or []
 
     async def keep(item: Any) -> dict[str, Any]:
-        if not isinstance(item, dict) or not isinstance(item.get("b64_json"), str):
+        if not isinstance(item, dict):
             raise UpstreamError("The upstream service returned an image the gateway cannot store.")
-        try:
-            data = await asyncio.to_thread(base64.b64decode, item["b64_json"], validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise UpstreamError("The upstream service returned an image that is not valid base64.") from exc
-        stored = await store.put(data, content_type=content_type)
+        stored = await store_b64(item.get("b64_json"), store, content_type=content_type)
         kept = {k: v for k, v in item.items() if k != "b64_json"}
         kept["image"] = stored.name
         return kept

@@ -17,7 +17,7 @@ from app.billing.ledger import Hold
 from app.domain.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.domain.money import format_micros
 from app.errors import UpstreamError
-from app.images.settlement import Settlement, StreamStatus, UpstreamOutcome, merge_usage
+from app.images.settlement import CostHook, Settlement, StreamStatus, UpstreamOutcome, merge_usage
 from app.keys import Caller
 from app.upstream.router import OpenStream
 
@@ -67,6 +67,11 @@ class ImageStream:
     on_settled: list[Callable[[int], None]] = field(default_factory=list)
     # Keeps a copy of each completed image (the console's thumbnails), when the key wants one.
     sink: ImageSink | None = None
+    # Sees each event after it is counted and before the stream may settle on it, so a task can
+    # keep a preview of each partial image and have its result stored by the time it is charged.
+    on_event: Callable[[ProviderEvent], Awaitable[None]] | None = None
+    # Work for the settlement's transaction (a task recording its outcome with its charge).
+    also: CostHook | None = None
 
     @property
     def upstream(self) -> str:
@@ -76,9 +81,13 @@ class ImageStream:
         """Every event, first one included; an upstream failure mid-stream is raised, and so is a
         stream that ends before its images completed."""
         event = self._track(self.opened.first)
+        if self.on_event is not None:
+            await self.on_event(event)
         yield await self._maybe_settle(event)
         async for event in self.opened.rest:
             event = self._track(event)
+            if self.on_event is not None:
+                await self.on_event(event)
             yield await self._maybe_settle(event)
         if self.completed < self.job.n and not self.settled:
             raise UpstreamError(
@@ -143,7 +152,8 @@ class ImageStream:
                 raw_usage=self.raw_usage or None,
                 error_code=error_code,
                 partials=self.partials if self.completed < self.job.n else 0,
-            )
+            ),
+            also=self.also,
         )
         self.cost_micros = settled.cost_micros
         for hook in self.on_settled:

@@ -50,7 +50,13 @@ from app.images.requests import (
     VariationDraft,
 )
 from app.images.settlement import CostHook, Settlement, UpstreamOutcome, background, shielded
-from app.images.validation import build_job, build_variation_job, parse_edit_form, parse_generate_request
+from app.images.validation import (
+    build_job,
+    build_variation_job,
+    parse_edit_form,
+    parse_generate_request,
+    streamed_for_previews,
+)
 from app.keys import Caller
 from app.metrics import Metrics
 from app.moderation import ModerationService
@@ -362,6 +368,8 @@ class ImageService:
                 param="stream",
                 code="invalid_value",
             )
+        if asynchronous:
+            job = streamed_for_previews(job)
         job = await self.screen(caller=caller, job=job)
         # A queued task holds no concurrency slot: it is counted against the per-minute limits now.
         grant = await self._limiter.acquire(

@@ -7,6 +7,7 @@ handle OpenAI errors handle ours. The first failing rule wins, in the order of t
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from typing import Any, cast
 
 from pydantic import ValidationError
@@ -378,6 +379,16 @@ def build_job(
         frame_duration_ms=options.frame_duration_ms,
         svg=options.svg,
     )
+
+
+def streamed_for_previews(job: ImageJob) -> ImageJob:
+    """An asynchronous request's ``partial_images`` take effect without ``stream`` (a contract
+    extension, README "Asynchronous requests"): its worker streams from the upstream to keep a
+    preview of each image, so the job is a streaming one, and its hold covers the partials the
+    upstream may bill. A synchronous request keeps OpenAI's rule (only with ``stream=true``)."""
+    if job.partial_images > 0 and not job.stream and job.caps.stream:
+        return replace(job, stream=True)
+    return job
 
 
 def build_variation_job(

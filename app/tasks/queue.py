@@ -414,6 +414,11 @@ class TaskQueue:
                 await session.execute(delete(Task).where(Task.id.in_([r.id for r in rows])))
             return list(rows)
 
+    @property
+    def writer(self) -> Writer:
+        """The database writer (a running task's progress is written through it, app/tasks/progress.py)."""
+        return self._writer
+
 
 def _rows(result: Result[Any]) -> int:
     return int(getattr(result, "rowcount", 0)) if isinstance(result, CursorResult) else 0

@@ -33,6 +33,7 @@ from app.images.service import Draft, GenerationDraft, ImageService, InputLimits
 from app.images.settlement import CostHook
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
+from app.tasks.progress import ProgressRecorder, preview_names, progress_of, render_progress, run_streamed
 from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
 from app.upstream.slots import CALL_SOURCE
 from app.webhooks.endpoints import WebhookEndpoints
@@ -176,7 +177,9 @@ class TaskService:
             "created_at": _ts(task.created_at),
             "started_at": _ts(task.started_at),
             "finished_at": _ts(task.finished_at),
-            "progress": _progress(task),
+            "progress": await render_progress(
+                self.progress(task), self._store, base_url=base_url, ttl_s=self._settings.url_ttl_s
+            ),
         }
         if task.status == SUCCEEDED and task.result is not None:
             body["result"] = await render_images(
@@ -189,6 +192,10 @@ class TaskService:
         if task.status == FAILED and task.error is not None:
             body["error"] = task.error
         return body
+
+    def progress(self, task: Task) -> dict[str, Any]:
+        """The task's progress, previews by name: equal between two reads when nothing moved."""
+        return _progress(task)
 
     async def claim(self, worker: str, limit: int) -> list[Task]:
         """Fail the tasks that ran out of attempts, then lease up to ``limit`` runnable ones."""
@@ -229,9 +236,22 @@ class TaskService:
             if not resuming and not await self.queue.mark_dispatched(task.id, worker):
                 return  # the lease was lost meanwhile: the new owner decides
             job = replace(job, resume=task.provider_job, on_submitted=self._recorder(task, worker))
-            await self._images.run(
-                caller=caller, job=job, hold=hold, finish=self._finisher(task, worker, job)
-            )
+            if job.stream:  # it asked for partial images: previews as they arrive
+                await run_streamed(
+                    images=self._images,
+                    caller=caller,
+                    job=job,
+                    hold=hold,
+                    recorder=ProgressRecorder(
+                        task_id=task.id, worker=worker, job=job, store=self._store, writer=self.queue.writer
+                    ),
+                    finish=self._finisher(task, worker, job),
+                    failer=self._failer(task, worker),
+                )
+            else:
+                await self._images.run(
+                    caller=caller, job=job, hold=hold, finish=self._finisher(task, worker, job)
+                )
         except SettlementAbandoned:
             log.warning("task was taken over by another worker", extra={"fields": {"task_id": task.id}})
             return
@@ -270,6 +290,21 @@ class TaskService:
             return stored, record
 
         return finish
+
+    def _failer(self, task: Task, worker: str) -> Callable[[dict[str, Any]], CostHook]:
+        """A task that failed after its stream started: the error and the charge for what the
+        upstream did are recorded together, in the settlement's transaction."""
+
+        def failed(error: dict[str, Any]) -> CostHook:
+            def record(c: Connection, cost: int) -> bool:
+                done = self.queue.finish_in(c, task.id, worker, status=FAILED, error=error, cost_micros=cost)
+                if done and self._outbox is not None:
+                    self._outbox.enqueue_in(c, task, status=FAILED, error=error)
+                return done
+
+            return record
+
+        return failed
 
     async def _fail(self, task: Task, worker: str, error: dict[str, Any], hold: Hold) -> None:
         # The request path has already settled or released the hold for upstream failures; a
@@ -354,7 +389,7 @@ class TaskService:
                 timedelta(seconds=self._settings.retention_s), limit=PURGE_BATCH
             )
             for task in gone:
-                for name in image_names(task.result):
+                for name in [*image_names(task.result), *preview_names(task)]:
                     await self._store.delete(name)
                 await asyncio.to_thread(self._drop_inputs, task.id)
             purged += len(gone)
@@ -362,9 +397,10 @@ class TaskService:
                 return purged
 
 
-def _progress(task: Task) -> dict[str, int]:
-    """Images completed of those asked for. The upstream answers a non-streamed call whole, so the
-    count moves from 0 to all at once; it is the count the result holds, not an estimate."""
+def _progress(task: Task) -> dict[str, Any]:
+    """Images completed of those asked for. A non-streamed call is answered whole, so its count
+    moves from 0 to all at once: the count the result holds, not an estimate. A task that asked
+    for partial images also counts them and has a preview per image (app/tasks/progress.py)."""
     spec = task.spec or {}
     # The admitted job (or, for a task queued by an older version, its raw payload).
     asked = (spec.get("job") or spec.get("payload") or {}).get("n")
@@ -373,7 +409,7 @@ def _progress(task: Task) -> dict[str, int]:
     if task.status == SUCCEEDED and isinstance(task.result, dict):
         data = task.result.get("data")
         completed = len(data) if isinstance(data, list) else 0
-    return {"images": max(images, completed), "images_completed": completed}
+    return progress_of(task, images=max(images, completed), completed=completed)
 
 
 def _hold_of(task: Task) -> Hold:

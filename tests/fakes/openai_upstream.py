@@ -136,6 +136,14 @@ class FakeOpenAI:
         self._hold_timeout_s = 0.0
         self._gate: asyncio.Event | None = None
         self._gate_loop: asyncio.AbstractEventLoop | None = None
+        # The step gate (see `step_streams`): SSE events go out only as the test allows them.
+        if getattr(self, "_step_wake", None) is not None:
+            self.stop_stepping()
+        self._steps_allowed: int | None = None
+        self._steps_sent = 0
+        self._step_timeout_s = 0.0
+        self._step_wake: asyncio.Event | None = None
+        self._step_loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -240,6 +248,72 @@ class FakeOpenAI:
                 await gate.wait()
         except TimeoutError:
             gate.set()  # once, for everyone: the count was not reached
+
+    # -- the step gate: a stream's events, one at a time, when the test says ---------------------------
+
+    def step_streams(self, timeout_s: float = 60.0) -> None:
+        """From now on every SSE event (of any stream) waits until the test allows it with
+        `allow_events`; a stream whose next event is not allowed within `timeout_s` stops
+        stepping and sends the rest, so a test that forgets a step fails instead of hanging."""
+        with self._cond:
+            self._steps_allowed, self._steps_sent = 0, 0
+        self._step_timeout_s = timeout_s
+
+    def allow_events(self, count: int = 1) -> None:
+        """Let `count` more stream events go out."""
+        with self._cond:
+            if self._steps_allowed is not None:
+                self._steps_allowed += count
+        self._wake_steps()
+
+    def stop_stepping(self) -> None:
+        with self._cond:
+            self._steps_allowed = None
+        self._wake_steps()
+
+    @property
+    def events_sent(self) -> int:
+        """Stream events sent since `step_streams`."""
+        with self._cond:
+            return self._steps_sent
+
+    def wait_events_sent(self, count: int, timeout: float = 30.0) -> bool:
+        """Block until `count` stream events went out (to the gateway) since `step_streams`."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._steps_sent >= count, timeout)
+
+    def _wake_steps(self) -> None:
+        wake, loop = self._step_wake, self._step_loop
+        if wake is not None and loop is not None:
+            loop.call_soon_threadsafe(wake.set)
+
+    async def _take_step(self, watch: ClientWatch) -> bool:
+        """Wait for this event's turn; False when the client left (or the fake stops) meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._step_timeout_s
+        while True:
+            with self._cond:
+                if self._steps_allowed is None or self._steps_sent < self._steps_allowed:
+                    if self._steps_allowed is not None:
+                        self._steps_sent += 1
+                        self._cond.notify_all()
+                    return True
+                if self._step_wake is None:
+                    self._step_wake, self._step_loop = asyncio.Event(), loop
+                wake = self._step_wake
+                wake.clear()  # under the lock: a later `allow_events` sets it again
+            waiter = asyncio.ensure_future(wake.wait())
+            try:
+                while not waiter.done():
+                    if watch.gone:
+                        return False
+                    if loop.time() > deadline:
+                        with self._cond:  # the test never allowed it: stop stepping
+                            self._steps_allowed = None
+                        break
+                    await asyncio.wait({waiter}, timeout=0.05)
+            finally:
+                waiter.cancel()
 
     # -- faults ---------------------------------------------------------------------------------------
 
@@ -493,7 +567,7 @@ class FakeOpenAI:
                 for index, (event, data) in enumerate(events):
                     if index and pause > 0 and await watch.sleep(pause):
                         break
-                    if watch.gone:
+                    if watch.gone or not await self._take_step(watch):
                         break
                     await send(
                         {"type": "http.response.body", "body": sse_event(event, data), "more_body": True}

@@ -3,8 +3,9 @@
 The fake upstream reports usage above, below and without the catalog's estimate, and partial detail
 objects; some streams end before their images complete; clients leave at every stage (before the
 upstream answers, while its body arrives, while URL images are stored, mid-stream after a partial
-image); async tasks run beside them; and keys with a quota or a balance are pushed past them by
-upstreams billing more than their holds. Afterwards, exactly, in micro-units:
+image); async tasks run beside them, some streamed for their partial images (some cut short); and
+keys with a quota or a balance are pushed past them by upstreams billing more than their holds.
+Afterwards, exactly, in micro-units:
 
 - Σ ledger costs = Σ keys' spend = the price of what the upstream billed for the calls that
   completed (computed here from what the fake was told to report, not from the gateway's code),
@@ -165,7 +166,7 @@ def run(db_url: str, upstream: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.M
             return Fault.delay(30)
         if kind == "leave_body":
             return Fault.slow_body(3)
-        if kind.startswith("stream_end"):
+        if kind.startswith(("stream_end", "async_partials_end")):
             return Fault.stream_end(int(kind[-1]))
         return None
 
@@ -264,6 +265,29 @@ class Client:
                     )
                     last = orjson.loads([data for name, data in events if name.endswith(".completed")][-1])
                     assert last["gateway_cost"] == f"{seen.expected / 1e6:.6f}"
+        elif kind.startswith("async_partials"):
+            # Streamed by the worker for its previews (issue 16): billed like a stream.
+            n = 1 + index % 2 if kind == "async_partials" else 1
+            body.update(partial_images=2, n=n)
+            response = await post(GEN, json=body, params={"async": "true"}, headers=headers)
+            seen.status = response.status_code
+            if response.status_code != 202:
+                seen.detail = response.text[:300]
+                return seen
+            task = await self._finished(response.json()["id"], headers)
+            if kind == "async_partials":
+                assert task["status"] == "succeeded", task
+                assert task["progress"]["partial_images_received"] == 2, task["progress"]
+                seen.expected = (
+                    billed_tokens(usage, prompt, n, edit=False)
+                    if usage is None
+                    else n * billed_tokens(usage, prompt, 1, edit=False)
+                )
+            else:
+                cut = int(kind[-1])  # partial images sent before the stream ended
+                assert task["status"] == "failed", task
+                assert task["progress"]["partial_images_received"] == cut, task["progress"]
+                seen.expected = cut * PARTIAL_TOKENS * PRICE_IMAGE_OUT
         elif kind == "leave_before":
             await leave_when(post(GEN, json=body, headers=headers), lambda: self.recorded(prompt))
         elif kind == "leave_body":
@@ -295,16 +319,18 @@ class Client:
             seen.expected = cost
             assert response.headers["x-gateway-cost"] == f"{cost / 1e6:.6f}", response.headers
         elif response.status_code == 202:
-            task_id = response.json()["id"]
-            while True:
-                task = (await self.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
-                if task["status"] in ("succeeded", "failed"):
-                    break
-                await asyncio.sleep(0.05)
+            task = await self._finished(response.json()["id"], headers)
             assert task["status"] == "succeeded", task
             seen.expected = cost
         else:
             seen.detail = response.text[:300]
+
+    async def _finished(self, task_id: str, headers: dict[str, str]) -> dict[str, Any]:
+        while True:
+            task: dict[str, Any] = (await self.client.get(f"/v1/tasks/{task_id}", headers=headers)).json()
+            if task["status"] in ("succeeded", "failed"):
+                return task
+            await asyncio.sleep(0.05)
 
 
 OPEN_KINDS = (
@@ -313,6 +339,8 @@ OPEN_KINDS = (
     ("edit", 2),
     ("async", 3),
     ("async_edit", 2),
+    ("async_partials", 2),
+    ("async_partials_end1", 1),
     ("stream", 3),
     ("stream_n2", 1),
     ("stream_end1", 1),
@@ -322,7 +350,7 @@ OPEN_KINDS = (
     ("leave_store", 1),
     ("leave_stream", 1),
 )
-LIMITED_KINDS = (("sync", 3), ("stream", 2), ("async", 2), ("edit", 1))
+LIMITED_KINDS = (("sync", 3), ("stream", 2), ("async", 2), ("edit", 1), ("async_partials", 1))
 
 
 async def drive(run: Run, keys: dict[str, str], seed: int) -> list[Seen]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from app.api.deps import CallerDep, StateDep
 from app.api.images import public_base
 from app.errors import NotFoundError
+from app.schemas.tasks import ImageTask, ImageTaskList, example
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -21,7 +22,19 @@ router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 NO_STORE = {"cache-control": "no-store"}
 
 
-@router.get("/{task_id}")
+TASK: dict[int | str, dict[str, Any]] = {
+    200: {"model": ImageTask, "content": {"application/json": {"example": example()}}}
+}
+EVENTS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-Sent Events: `image.task.progress` (data: the task object) on each "
+        "change, then `image.task.succeeded` or `image.task.failed` (the final task object).",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get("/{task_id}", responses=TASK)
 async def get_task(task_id: str, request: Request, caller: CallerDep, state: StateDep) -> JSONResponse:
     task = await state.tasks.queue.get(task_id, caller.key_id)
     if task is None:
@@ -34,7 +47,7 @@ async def get_task(task_id: str, request: Request, caller: CallerDep, state: Sta
     return JSONResponse(body, headers=headers)
 
 
-@router.get("/{task_id}/events")
+@router.get("/{task_id}/events", responses=EVENTS)
 async def task_events(
     task_id: str, request: Request, caller: CallerDep, state: StateDep
 ) -> EventSourceResponse:
@@ -78,7 +91,7 @@ async def task_events(
     )
 
 
-@router.get("")
+@router.get("", responses={200: {"model": ImageTaskList}})
 async def list_tasks(
     request: Request,
     caller: CallerDep,

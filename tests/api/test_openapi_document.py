@@ -31,3 +31,17 @@ def test_usage_reports_declare_csv() -> None:
     doc = document()
     for path in ("/v1/usage", "/admin/usage"):
         assert "text/csv" in doc["paths"][path]["get"]["responses"]["200"]["content"]
+
+
+def test_the_task_object_documents_its_progress_and_previews() -> None:
+    doc = document()
+    task = doc["paths"]["/v1/tasks/{task_id}"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert task["schema"] == {"$ref": "#/components/schemas/ImageTask"}
+    progress = doc["components"]["schemas"]["TaskProgress"]["properties"]
+    assert {"images", "images_completed", "partial_images", "partial_images_received", "previews"} <= set(
+        progress
+    )
+    preview = doc["components"]["schemas"]["TaskPreview"]
+    assert set(preview["required"]) == {"index", "partial_image_index", "url"}
+    events = doc["paths"]["/v1/tasks/{task_id}/events"]["get"]["responses"]["200"]["content"]
+    assert "text/event-stream" in events

@@ -10,19 +10,22 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
+import pytest
 from PIL import Image
 
 from app.billing.pricing import PARTIAL_IMAGE_OUTPUT_TOKENS, token_cost
 from app.domain.catalog import Catalog
 from app.domain.jobs import TokenUsage
+from app.tasks import progress
 from tests.conftest import Gateway, fake_upstream_config
 from tests.fakes import image_files
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
+from tests.fakes.webhook_receiver import WebhookReceiver
 
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"
@@ -99,11 +102,26 @@ def expected_cost(catalog: Catalog, model: str, usage: TokenUsage) -> int:
     return token_cost(caps, usage)
 
 
+def without_links(progress: dict[str, Any]) -> dict[str, Any]:
+    """Progress minus the signed links (each rendering signs afresh)."""
+    previews = [{k: v for k, v in p.items() if k != "url"} for p in progress.get("previews") or []]
+    return {**progress, "previews": previews}
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
 def test_async_partials_advance_in_polls_and_events_with_preview_links(
-    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI, catalog: Catalog
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI, catalog: Catalog, receiver: WebhookReceiver
 ) -> None:
-    gw = gateway_with(fake_upstream_config(upstream, timeout_s=300))
+    gw = gateway_with(fake_upstream_config(upstream, timeout_s=300), webhooks={"poll_s": 0.05})
     key, key_id = gw.create_key(name="partials")
+    hook = gw.admin("POST", f"/admin/keys/{key_id}/webhooks", json={"url": receiver.url}).json()
+    receiver.secret = hook["secret"]
     client = gw.client(key)
     upstream.usage = dict(REPORTED)
     upstream.step_streams()
@@ -173,6 +191,10 @@ def test_async_partials_advance_in_polls_and_events_with_preview_links(
     for seen in (statuses, poller.statuses):
         assert seen == [s for s in ("queued", "in_progress", "succeeded") if s in seen], seen
     assert events[-1][1]["result"]["usage"] == final["result"]["usage"]
+    (delivered,) = receiver.wait_for(1)
+    assert delivered.event["type"] == "image.task.succeeded"
+    assert without_links(delivered.event["data"]["progress"]) == without_links(final["progress"])
+    assert without_links(events[-1][1]["progress"]) == without_links(final["progress"])
 
     # Billed once, exactly as the fake reported (its output tokens include the two partials).
     (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
@@ -281,3 +303,44 @@ def test_an_upstream_that_cannot_stream_succeeds_without_previews(
     assert len(final["result"]["data"]) == 2 and final["result"]["usage"] == upstream.usage
     (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
     assert row["cost_micros"] == expected_cost(catalog, "gpt-image-1", TokenUsage.from_openai(upstream.usage))
+
+
+def test_a_preview_that_cannot_be_stored_neither_fails_nor_rebills_the_task(
+    gateway_with: Callable[..., Gateway],
+    upstream: FakeOpenAI,
+    catalog: Catalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image store refuses every preview: the task still succeeds with its result, is billed
+    once, and writes its progress at most once per partial plus once per image before the last."""
+
+    async def refuse(*_: Any, **__: Any) -> Any:
+        raise OSError("the image store is full")
+
+    writes: list[dict[str, Any]] = []
+    write = progress.ProgressRecorder._write
+
+    async def counted(self: progress.ProgressRecorder) -> bool:
+        writes.append(self.snapshot())
+        return await write(self)
+
+    monkeypatch.setattr(progress, "store_b64", refuse)
+    monkeypatch.setattr(progress.ProgressRecorder, "_write", counted)
+    gw = gateway_with(fake_upstream_config(upstream))
+    key, key_id = gw.create_key(name="no-previews")
+    raw = gw.client(key).images.with_raw_response.generate(
+        model="gpt-image-1", prompt="store full", n=2, partial_images=2, extra_query=ASYNC
+    )
+    poller = Poller(gw, key, raw.http_response.json()["id"])
+    final = poller.until(lambda body: body["status"] in ("succeeded", "failed"))
+    assert final["status"] == "succeeded", final
+    assert len(final["result"]["data"]) == 2 and all(i["b64_json"] for i in final["result"]["data"])
+    progressed = final["progress"]
+    assert progressed["partial_images_received"] == 2 and progressed["previews"] == []
+    assert progressed["images_completed"] == 2
+    assert [w["partial_images_received"] for w in writes] == [1, 2, 2]  # two partials, image 1 of 2
+    assert writes[-1]["images_completed"] == 1
+    (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+    usage = TokenUsage.from_openai(upstream.usage)
+    assert row["status"] == "succeeded" and row["images"] == 2
+    assert row["cost_micros"] == expected_cost(catalog, "gpt-image-1", usage + usage)

@@ -231,12 +231,17 @@ async def run_streamed(
         status = "succeeded"
     except SettlementAbandoned:
         raise
-    except GatewayError as exc:
-        status, error = "failed", exc
-    except Exception:
-        log.exception("task stream failed", extra={"fields": {"request_id": job.request_id}})
-        status = "failed"
-        error = GatewayError("The gateway had an error while running the task.", code="internal_error")
+    except Exception as exc:
+        if stream.settled:
+            # After the settlement began (it failed, or the stream went wrong once it was done):
+            # the task's own failure path decides, and finds it finished if it was.
+            raise
+        if isinstance(exc, GatewayError):
+            status, error = "failed", exc
+        else:
+            log.exception("task stream failed", extra={"fields": {"request_id": job.request_id}})
+            status = "failed"
+            error = GatewayError("The gateway had an error while running the task.", code="internal_error")
     finally:
         # On every ending, cancellation included: the connection goes, and what the upstream did
         # is settled once, with the task's outcome in the same transaction.

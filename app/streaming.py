@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import orjson
@@ -75,4 +76,24 @@ def sse_response(
             # No x-gateway-cost: headers go out before the cost is known, and a guess would
             # misinform. The charge is the `gateway_cost` field of the last completed event.
         },
+    )
+
+
+async def _named(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for name, payload in events:
+            yield ServerSentEvent(data=orjson.dumps(payload).decode(), event=name)
+    except GatewayError as error:
+        yield _error_event(error)
+
+
+def json_events_response(
+    events: AsyncIterator[tuple[str, Any]], *, ping_s: float, headers: dict[str, str]
+) -> EventSourceResponse:
+    """A stream of named JSON events (a task followed live); a gateway error raised by ``events``
+    ends it with the same ``error`` event an image stream ends with."""
+    return EventSourceResponse(
+        _named(events),
+        ping=ping_s,
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
     )

@@ -8,13 +8,13 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
 from app.api.images import public_base
 from app.errors import NotFoundError
 from app.schemas.tasks import ImageTask, ImageTaskList, example
+from app.streaming import json_events_response
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -48,9 +48,7 @@ async def get_task(task_id: str, request: Request, caller: CallerDep, state: Sta
 
 
 @router.get("/{task_id}/events", responses=EVENTS)
-async def task_events(
-    task_id: str, request: Request, caller: CallerDep, state: StateDep
-) -> EventSourceResponse:
+async def task_events(task_id: str, request: Request, caller: CallerDep, state: StateDep) -> Response:
     """Follow a task live over SSE: ``image.task.progress`` with the task object each time its
     status or progress changes (its current state first), then ``image.task.succeeded`` or
     ``image.task.failed`` with the final task object, and the end of the stream. The states are
@@ -62,7 +60,7 @@ async def task_events(
     # Read from the database, like a poll: the task may be running in another process.
     interval = min(state.settings.tasks.poll_s, 1.0)
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
+    async def events() -> AsyncIterator[tuple[str, Any]]:
         current = task
         last: tuple[str, bytes] | None = None
         while True:
@@ -73,22 +71,16 @@ async def task_events(
                 view = await state.tasks.view(current, base_url=base)
                 final = view["status"] in ("succeeded", "failed")
                 name = f"image.task.{view['status']}" if final else "image.task.progress"
-                yield ServerSentEvent(data=orjson.dumps(view).decode(), event=name)
+                yield name, view
                 if final:
                     return
             await asyncio.sleep(interval)
             reread = await state.tasks.queue.get(task_id, caller.key_id)
             if reread is None:  # purged meanwhile
-                gone = NotFoundError(f"No task with id '{task_id}'.", param="task_id").to_body()
-                yield ServerSentEvent(data=orjson.dumps({"type": "error", **gone}).decode(), event="error")
-                return
+                raise NotFoundError(f"No task with id '{task_id}'.", param="task_id")
             current = reread
 
-    return EventSourceResponse(
-        events(),
-        ping=state.settings.server.sse_ping_s,
-        headers={**NO_STORE, "x-accel-buffering": "no"},
-    )
+    return json_events_response(events(), ping_s=state.settings.server.sse_ping_s, headers=dict(NO_STORE))
 
 
 @router.get("", responses={200: {"model": ImageTaskList}})

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -26,19 +25,15 @@ from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import worst_case_cost
 from app.billing.svg import SvgCharge, svg_charge
 from app.domain.catalog import Catalog, ModelCapabilities
-from app.domain.jobs import ImageJob, ImageResult, InputImage
+from app.domain.jobs import ImageJob, ImageResult
 from app.domain.money import apply_multiplier
 from app.errors import (
     GatewayError,
     InvalidRequestError,
-    ModelNotAllowedError,
-    ModelNotFoundError,
-    ModelRetiredError,
 )
 from app.images.delivery import render_images, store_images
-from app.images.intake.inspector import ImageInfo, inspect_edit_inputs
-from app.images.intake.spool import SpooledFile, UploadForm
-from app.images.lifecycle import Lifecycle, Resolution
+from app.images.lifecycle import Lifecycle
+from app.images.preparation import JobPreparer
 from app.images.relay import ImageSink, ImageStream
 from app.images.requests import (
     Admission,
@@ -51,17 +46,12 @@ from app.images.requests import (
 )
 from app.images.settlement import CostHook, Settlement, UpstreamOutcome, background, shielded
 from app.images.validation import (
-    build_job,
-    build_variation_job,
-    parse_edit_form,
-    parse_generate_request,
     streamed_for_previews,
 )
 from app.keys import Caller
 from app.metrics import Metrics
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
-from app.schemas.images import ImageEditForm
 from app.storage import ImageStore
 from app.tracing import Tracing
 from app.upstream.base import answered_scope
@@ -132,168 +122,7 @@ class ImageService:
             serves_retired=lambda model: bool(registry.routes(model, retired=True)),
             remaps=lambda _model: False,
         )
-
-    def models_for(self, caller: Caller) -> list[str]:
-        """Models this key may use that some upstream serves, in catalog order."""
-        return [m for m in self._registry.models() if caller.may_use(m)]
-
-    def resolve_model(self, model: str, caller: Caller) -> ModelCapabilities:
-        caps = self._catalog.get(model)
-        if caps is None or model not in self._registry.models():
-            raise ModelNotFoundError(model, self.models_for(caller))
-        if not caller.may_use(model):
-            raise ModelNotAllowedError(model)
-        return caps
-
-    def resolve(self, model: str, caller: Caller) -> Resolution:
-        """The model a request is served as, after its lifecycle (404 for a retired model that
-        nothing serves: raised here, before anything is reserved)."""
-        return self.lifecycle.resolve(self.resolve_model(model, caller))
-
-    def _apply(self, job: ImageJob, resolution: Resolution) -> ImageJob:
-        if not resolution.headers and not resolution.retired and resolution.requested is None:
-            return job
-        return replace(
-            job, headers=resolution.headers, retired=resolution.retired, requested_model=resolution.requested
-        )
-
-    def _default_format(self, resolution: Resolution) -> str | None:
-        """A remapped request keeps the response_format default of the model the client asked for."""
-        requested = self._catalog.get(resolution.requested) if resolution.requested else None
-        return requested.default_response_format if requested is not None else None
-
-    def prepare_generation(
-        self, *, caller: Caller, payload: Any, request_id: str, query_response_format: str | None = None
-    ) -> ImageJob:
-        """Validate a generation request into a job (400/403 on any rule)."""
-        request = parse_generate_request(payload)
-        resolution = self.resolve(request.model, caller)
-        with _lifecycle_headers(resolution):
-            job = build_job(
-                request=request,
-                caps=resolution.caps,
-                request_id=request_id,
-                query_response_format=query_response_format,
-                svg_authors=self._catalog.svg_authors.keys(),
-                default_response_format=self._default_format(resolution),
-            )
-            self._check_response_format(job)
-        return self._apply(job, resolution)
-
-    def _check_response_format(self, job: ImageJob) -> None:
-        if job.stream and job.response_format == "url":
-            raise InvalidRequestError(
-                "response_format 'url' is not supported with stream=true: streamed images are base64.",
-                param="response_format",
-                code="invalid_value",
-            )
-
-    async def prepare_edit(
-        self,
-        *,
-        caller: Caller,
-        form: UploadForm,
-        request_id: str,
-        limits: InputLimits,
-        query_response_format: str | None = None,
-    ) -> ImageJob:
-        """Validate an edit: its fields like a generation's, then the spooled files (type, size,
-        mask) read from their bytes, off the event loop."""
-        request = parse_edit_form({name: values[-1] for name, values in form.fields.items()})
-        resolution = self.resolve(request.model, caller)
-        with _lifecycle_headers(resolution):
-            return await self._prepare_edit(
-                request, resolution, form, request_id, limits, query_response_format
-            )
-
-    async def _prepare_edit(
-        self,
-        request: ImageEditForm,
-        resolution: Resolution,
-        form: UploadForm,
-        request_id: str,
-        limits: InputLimits,
-        query_response_format: str | None,
-    ) -> ImageJob:
-        caps = resolution.caps
-        uploads, mask, markup = form.images(), form.mask(), form.markup()
-        job = build_job(
-            request=request,
-            caps=caps,
-            request_id=request_id,
-            endpoint="edits",
-            query_response_format=query_response_format,
-            has_mask=mask is not None,
-            has_markup=markup is not None,
-            svg_authors=self._catalog.svg_authors.keys(),
-            default_response_format=self._default_format(resolution),
-        )
-        job = self._apply(job, resolution)
-        self._check_response_format(job)
-        assert caps.edit is not None  # build_job refuses models without edits
-        inputs = await asyncio.to_thread(
-            inspect_edit_inputs,
-            [upload.path for upload in uploads],
-            mask.path if mask is not None else None,
-            caps=caps.edit,
-            markup=markup.path if markup is not None else None,
-            max_pixels=limits.max_pixels,
-            max_edge=limits.max_edge,
-        )
-        images = tuple(_input(upload, info) for upload, info in zip(uploads, inputs.images, strict=True))
-        mask_input = _input(mask, inputs.mask) if mask is not None and inputs.mask is not None else None
-        markup_input = (
-            _input(markup, inputs.markup) if markup is not None and inputs.markup is not None else None
-        )
-        return replace(job, images=images, mask=mask_input, markup=markup_input)
-
-    async def prepare_variation(
-        self,
-        *,
-        caller: Caller,
-        form: UploadForm,
-        request_id: str,
-        limits: InputLimits,
-        query_response_format: str | None = None,
-    ) -> ImageJob:
-        """``POST /v1/images/variations``: dall-e-2 only, served where an upstream still serves
-        it; otherwise OpenAI's 404 naming the retirement (before anything is reserved)."""
-        fields = {name: values[-1] for name, values in form.fields.items()}
-        model = fields.get("model") or "dall-e-2"
-        caps = self._catalog.get(model)
-        if caps is None or caps.family != "dall-e-2":
-            raise InvalidRequestError(
-                f"Image variations are only available for dall-e-2, not '{model}'. "
-                "Use /v1/images/edits with a GPT image model and a prompt instead.",
-                param="model",
-                code="invalid_value",
-            )
-        try:
-            resolution = self.resolve(model, caller)
-        except ModelNotFoundError:
-            if self.lifecycle.state(caps) != "retired":
-                raise
-            raise ModelRetiredError(_variations_gone(caps)) from None
-        except ModelRetiredError:
-            raise ModelRetiredError(_variations_gone(caps)) from None
-        if resolution.requested is not None:  # its replacement has no variations endpoint
-            raise ModelRetiredError(_variations_gone(caps))
-        with _lifecycle_headers(resolution):
-            job = build_variation_job(
-                fields=fields, caps=caps, request_id=request_id, query_response_format=query_response_format
-            )
-            assert caps.edit is not None  # dall-e-2 takes one square png
-            uploads = form.images()
-            inputs = await asyncio.to_thread(
-                inspect_edit_inputs,
-                [upload.path for upload in uploads],
-                None,
-                caps=caps.edit,
-                max_pixels=limits.max_pixels,
-                max_edge=limits.max_edge,
-            )
-        images = tuple(_input(upload, info) for upload, info in zip(uploads, inputs.images, strict=True))
-        return self._apply(replace(job, images=images), resolution)
+        self.jobs = JobPreparer(catalog, registry, self.lifecycle)
 
     async def screen(self, *, caller: Caller, job: ImageJob) -> ImageJob:
         """Moderate the prompt (and edit inputs) at the level the key's policy allows; a block is
@@ -329,23 +158,16 @@ class ImageService:
         # A key forced to `auto` must not be loosened upstream either.
         return replace(job, moderation=outcome.level, forward={**job.forward, "moderation": outcome.level})
 
+    def models_for(self, caller: Caller) -> list[str]:
+        """Models this key may use that some upstream serves, in catalog order."""
+        return self.jobs.models_for(caller)
+
+    def resolve_model(self, model: str, caller: Caller) -> ModelCapabilities:
+        return self.jobs.resolve_model(model, caller)
+
     async def validate(self, *, caller: Caller, draft: Draft) -> ImageJob:
         """The validation step of admission: a draft becomes a job, or 400/403."""
-        if isinstance(draft, GenerationDraft):
-            return self.prepare_generation(
-                caller=caller,
-                payload=draft.payload,
-                request_id=draft.request_id,
-                query_response_format=draft.query_response_format,
-            )
-        prepare = self.prepare_variation if isinstance(draft, VariationDraft) else self.prepare_edit
-        return await prepare(
-            caller=caller,
-            form=draft.form,
-            request_id=draft.request_id,
-            limits=draft.limits,
-            query_response_format=draft.query_response_format,
-        )
+        return await self.jobs.validate(caller=caller, draft=draft)
 
     async def admit(
         self,
@@ -573,35 +395,6 @@ class ImageService:
                 error_code=code,
             )
         )
-
-
-def _input(upload: SpooledFile, info: ImageInfo) -> InputImage:
-    return InputImage(
-        path=upload.path,
-        filename=upload.filename,
-        format=info.format,
-        width=info.width,
-        height=info.height,
-        has_alpha=info.has_alpha,
-        size=info.size,
-    )
-
-
-def _variations_gone(caps: ModelCapabilities) -> str:
-    return (
-        f"{caps.retirement_message()} Image variations were retired with it: send the image to "
-        "/v1/images/edits with a GPT image model and a prompt instead."
-    )
-
-
-@contextmanager
-def _lifecycle_headers(resolution: Resolution) -> Iterator[None]:
-    """A refused request for a model being retired still says so (Sunset, Deprecation)."""
-    try:
-        yield
-    except GatewayError as exc:
-        exc.headers = {**resolution.headers, **exc.headers}
-        raise
 
 
 def _limits(caller: Caller, *, concurrency: bool = True) -> KeyLimits:

@@ -362,7 +362,7 @@ class TaskService:
             for f in task.spec.get("files") or []
         ]
         form = UploadForm(fields={k: [str(v)] for k, v in payload.items()}, files=files, spool_dir=folder)
-        job = await self._images.prepare_edit(
+        job = await self._images.jobs.prepare_edit(
             caller=caller, form=form, request_id=task.request_id, limits=self._input_limits
         )
         return await self._images.screen(caller=caller, job=job)

@@ -25,13 +25,28 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, Result, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Result,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql.elements import BindParameter
 
+from app.db.batch import Batcher
 from app.db.tables import ApiKey, Reservation, Task, utcnow
 from app.db.writer import Writer
 from app.errors import RateLimitError
+from app.webhooks.endpoints import enabled_endpoints
 
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
 # Advised to a key whose queue is full: about one image's time, when its oldest tasks may have started.
@@ -51,6 +66,68 @@ class NewTask:
     hold_id: str | None
     hold_period: str | None
     hold_micros: int
+    # The key's enabled webhook endpoints get the task's events, read in the insert's transaction
+    # (a request that named its endpoints has them in ``spec`` already).
+    default_webhooks: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Submission:
+    task: NewTask
+    max_queued: int | None
+
+
+Submitted = tuple[Task, bool] | BaseException
+
+
+class _Statements:
+    """The submit path's statements, built once: building one costs more than running it."""
+
+    def __init__(self) -> None:
+        keys: BindParameter[list[str]] = bindparam("keys", expanding=True)
+        self.lock_keys = select(ApiKey.id).where(ApiKey.id.in_(keys)).order_by(ApiKey.id).with_for_update()
+        self.count_queued = (
+            select(Task.key_id, func.count())
+            .where(Task.status == QUEUED, Task.key_id.in_(keys))
+            .group_by(Task.key_id)
+        )
+        self.by_idempotency = select(Task.__table__).where(
+            Task.key_id.in_(keys), Task.idempotency_key.in_(bindparam("idems", expanding=True))
+        )
+        self.insert = insert(Task)
+        self.extend_holds = (
+            update(Reservation)
+            .where(Reservation.id.in_(bindparam("holds", expanding=True)))
+            .values(expires_at=bindparam("expires"))
+        )
+
+
+def _row(task: NewTask, endpoints: list[str] | None, now: datetime) -> dict[str, Any]:
+    spec = {**task.spec, "webhooks": endpoints} if endpoints else task.spec
+    return dict(
+        id=task.id,
+        key_id=task.key_id,
+        request_id=task.request_id,
+        endpoint=task.endpoint,
+        model=task.model,
+        status=QUEUED,
+        spec=spec,
+        response_format=task.response_format,
+        idempotency_key=task.idempotency_key,
+        hold_id=task.hold_id,
+        hold_period=task.hold_period,
+        hold_micros=task.hold_micros,
+        attempts=0,
+        created_at=now,
+    )
+
+
+def _queue_full(limit: int) -> RateLimitError:
+    return RateLimitError(
+        f"This key already has {limit} tasks waiting to run, its limit (max_queued_tasks). "
+        "Retry when some have started.",
+        retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
+    )
 
 
 def new_task_id() -> str:
@@ -76,65 +153,92 @@ class TaskQueue:
         self.hold_ttl = timedelta(seconds=hold_ttl_s) if hold_ttl_s is not None else None
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
+        self._sql = _Statements()
+        self._submissions: Batcher[_Submission, tuple[Task, bool]] = Batcher(writer, self._submit_batch)
 
     async def submit(self, task: NewTask, *, max_queued: int | None = None) -> tuple[Task, bool]:
         """Persist a queued task; with an idempotency key already used by this caller, the existing
-        task instead. Returns (task, created). ``max_queued``: the key's limit of tasks waiting to
-        run, checked in the insert's own transaction (429 ``rate_limit_exceeded`` when full)."""
-        if task.idempotency_key is not None:
-            existing = await self._by_idempotency(task.key_id, task.idempotency_key)
-            if existing is not None:
-                return existing, False
-        values = dict(
-            id=task.id,
-            key_id=task.key_id,
-            request_id=task.request_id,
-            endpoint=task.endpoint,
-            model=task.model,
-            status=QUEUED,
-            spec=task.spec,
-            response_format=task.response_format,
-            idempotency_key=task.idempotency_key,
-            hold_id=task.hold_id,
-            hold_period=task.hold_period,
-            hold_micros=task.hold_micros,
-            attempts=0,
-            created_at=utcnow(),
-        )
+        task instead. Returns (task, created) once the task is committed. ``max_queued``: the key's
+        limit of tasks waiting to run, checked in the insert's own transaction (429
+        ``rate_limit_exceeded`` when full).
 
-        def write(c: Connection) -> None:
-            if max_queued is not None:
-                waiting = c.scalar(
-                    select(func.count())
-                    .select_from(Task)
-                    .where(Task.key_id == task.key_id, Task.status == QUEUED)
-                )
-                if int(waiting or 0) >= max_queued:
-                    raise RateLimitError(
-                        f"This key already has {max_queued} tasks waiting to run, its limit "
-                        "(max_queued_tasks). Retry when some have started.",
-                        retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
-                    )
-            c.execute(insert(Task).values(values))
-            if task.hold_id is not None and self.hold_ttl is not None:
-                # A queued task keeps its hold for as long as it may wait and run.
-                c.execute(
-                    update(Reservation)
-                    .where(Reservation.id == task.hold_id)
-                    .values(expires_at=utcnow() + self.hold_ttl)
-                )
-
+        Submissions that arrive together are written in one transaction (app/db/batch.py)."""
         try:
-            await self._writer.run(write)
+            return await self._submissions.submit(_Submission(task, max_queued))
         except IntegrityError:
-            # Two submissions with one idempotency key raced: the other one won.
+            # Two submissions with one idempotency key raced (another process won): the other
+            # one's task is the answer.
             if task.idempotency_key is None:
                 raise
             existing = await self._by_idempotency(task.key_id, task.idempotency_key)
             if existing is None:
                 raise
             return existing, False
-        return Task(**values), True
+
+    @property
+    def submit_batches(self) -> Batcher[_Submission, tuple[Task, bool]]:
+        """The submissions' group commit (its counters show how many transactions they took)."""
+        return self._submissions
+
+    def _submit_batch(self, c: Connection, items: Sequence[_Submission]) -> list[Submitted]:
+        """Decide every submission of a batch, then write the admitted ones: one INSERT, one
+        UPDATE of their holds' expiry, and per batch (not per task) one read of each kind."""
+        sql = self._sql
+        keys = sorted({i.task.key_id for i in items})
+        existing = self._existing_in(c, items)
+        limited = sorted({i.task.key_id for i in items if i.max_queued is not None})
+        waiting: dict[str, int] = {}
+        if limited:
+            if c.dialect.name == "postgresql":
+                # Serialises the count-then-insert of concurrent batches (other processes) per key,
+                # so the limit holds exactly; sorted, so two batches never wait on each other.
+                c.execute(sql.lock_keys, {"keys": limited}).all()
+            waiting = {k: int(n) for k, n in c.execute(sql.count_queued, {"keys": limited}).all()}
+        wanted = [k for k in keys if any(i.task.key_id == k and i.task.default_webhooks for i in items)]
+        endpoints = enabled_endpoints(c, wanted) if wanted else {}
+        now = utcnow()
+        outcomes: list[Submitted] = []
+        rows: list[dict[str, Any]] = []
+        first: dict[tuple[str, str], Task] = {}
+        for item in items:
+            task = item.task
+            idem = (task.key_id, task.idempotency_key) if task.idempotency_key is not None else None
+            if idem is not None and idem in existing:
+                outcomes.append((existing[idem], False))
+                continue
+            if idem is not None and idem in first:
+                outcomes.append((first[idem], False))  # the same key twice in one batch
+                continue
+            if item.max_queued is not None:
+                if waiting.get(task.key_id, 0) >= item.max_queued:
+                    outcomes.append(_queue_full(item.max_queued))
+                    continue
+                waiting[task.key_id] = waiting.get(task.key_id, 0) + 1
+            values = _row(task, endpoints.get(task.key_id), now)
+            rows.append(values)
+            created = Task(**values)
+            if idem is not None:
+                first[idem] = created
+            outcomes.append((created, True))
+        if rows:
+            c.execute(sql.insert, rows)
+            holds = [r["hold_id"] for r in rows if r["hold_id"] is not None]
+            if holds and self.hold_ttl is not None:
+                # A queued task keeps its hold for as long as it may wait and run.
+                c.execute(sql.extend_holds, {"holds": holds, "expires": now + self.hold_ttl})
+        return outcomes
+
+    def _existing_in(self, c: Connection, items: Sequence[_Submission]) -> dict[tuple[str, str], Task]:
+        """The tasks already submitted under the batch's idempotency keys."""
+        pairs = {(i.task.key_id, i.task.idempotency_key) for i in items if i.task.idempotency_key is not None}
+        if not pairs:
+            return {}
+        rows = c.execute(
+            self._sql.by_idempotency,
+            {"keys": sorted({k for k, _ in pairs}), "idems": sorted({i for _, i in pairs})},
+        )
+        found = (Task(**row._asdict()) for row in rows)
+        return {(t.key_id, t.idempotency_key): t for t in found if (t.key_id, t.idempotency_key) in pairs}  # type: ignore[misc]
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:

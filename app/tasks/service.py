@@ -29,8 +29,8 @@ from app.domain.jobs import ImageJob, InputImage
 from app.errors import GatewayError
 from app.images.delivery import image_names, render_images, store_images
 from app.images.intake.spool import SpooledFile, UploadForm
-from app.images.service import Draft, GenerationDraft, ImageService, InputLimits, ResultHook
-from app.images.settlement import CostHook
+from app.images.service import Admission, Draft, GenerationDraft, ImageService, InputLimits, ResultHook
+from app.images.settlement import CostHook, shielded
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
 from app.tasks.progress import ProgressRecorder, preview_names, progress_of, render_progress, run_streamed
@@ -98,11 +98,39 @@ class TaskService:
             existing = await self.queue.find(caller.key_id, idempotency_key)
             if existing is not None:
                 return existing, {}
-        # Only among the key's own endpoints (400 otherwise), before anything is held.
-        chosen = await self._endpoints.choose(caller.key_id, webhooks) if self._endpoints else []
+        # Named endpoints must be the key's own (400 otherwise), checked before anything is held;
+        # without a name the key's enabled ones are read in the insert's transaction instead,
+        # where they cost one query per batch of submissions rather than one per request.
+        chosen = []
+        if webhooks is not None and self._endpoints is not None:
+            chosen = await self._endpoints.choose(caller.key_id, webhooks)
         admission = await self._images.admit(
             caller=caller, draft=draft, asynchronous=True, validated=validated
         )
+        # From here the hold exists: queue the task or give the hold back, even if the client
+        # hangs up meanwhile (a cancelled submission must not leave a hold without its task).
+        task = await shielded(
+            self._enqueue(
+                caller=caller,
+                admission=admission,
+                idempotency_key=idempotency_key,
+                form=form,
+                chosen=chosen,
+                default_webhooks=webhooks is None and self._endpoints is not None,
+            )
+        )
+        return task, admission.headers
+
+    async def _enqueue(
+        self,
+        *,
+        caller: Caller,
+        admission: Admission,
+        idempotency_key: str | None,
+        form: UploadForm | None,
+        chosen: list[str],
+        default_webhooks: bool,
+    ) -> Task:
         job, hold = admission.job, admission.hold
         task_id = new_task_id()
         try:
@@ -125,6 +153,7 @@ class TaskService:
                     hold_id=hold.id,
                     hold_period=hold.period,
                     hold_micros=hold.amount_micros,
+                    default_webhooks=default_webhooks,
                 ),
                 max_queued=caller.max_queued_tasks,
             )
@@ -136,7 +165,7 @@ class TaskService:
             await self._images.release(hold)
             await asyncio.to_thread(self._drop_inputs, task_id)
         self.wakeup.set()
-        return task, admission.headers
+        return task
 
     @property
     def inputs_root(self) -> Path:

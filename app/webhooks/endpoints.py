@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.tables import ApiKey, WebhookEndpoint, utcnow
@@ -23,6 +23,22 @@ from app.errors import InvalidRequestError, NotFoundError
 # A request may name at most this many endpoints.
 MAX_CHOSEN = 10
 NO_WEBHOOK = "none"
+
+
+_ENABLED = (
+    select(WebhookEndpoint.key_id, WebhookEndpoint.id)
+    .where(WebhookEndpoint.key_id.in_(bindparam("keys", expanding=True)), WebhookEndpoint.enabled.is_(True))
+    .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+)
+
+
+def enabled_endpoints(c: Connection, key_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Each key's enabled endpoints (a task's default), read inside the caller's transaction: the
+    task queue resolves them in the transaction that inserts a batch of tasks, once per batch."""
+    found: dict[str, list[str]] = {}
+    for key_id, endpoint_id in c.execute(_ENABLED, {"keys": list(key_ids)}):
+        found.setdefault(key_id, []).append(endpoint_id)
+    return found
 
 
 def new_secret() -> str:

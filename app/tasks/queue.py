@@ -30,25 +30,24 @@ from sqlalchemy import (
     CursorResult,
     Result,
     and_,
-    bindparam,
     delete,
     func,
-    insert,
     or_,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.sql.elements import BindParameter
 
 from app.db.batch import Batcher
-from app.db.tables import ApiKey, Reservation, Task, utcnow
+from app.db.tables import Task, utcnow
 from app.db.writer import Writer
 from app.errors import RateLimitError
+from app.tasks.statements import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, Statements
 from app.webhooks.endpoints import enabled_endpoints
 
-QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
+__all__ = ["FAILED", "IN_PROGRESS", "QUEUED", "SUCCEEDED", "NewTask", "TaskQueue", "new_task_id"]
+
 # Advised to a key whose queue is full: about one image's time, when its oldest tasks may have started.
 QUEUE_FULL_RETRY_AFTER_S = 10
 
@@ -78,28 +77,6 @@ class _Submission:
 
 
 Submitted = tuple[Task, bool] | BaseException
-
-
-class _Statements:
-    """The submit path's statements, built once: building one costs more than running it."""
-
-    def __init__(self) -> None:
-        keys: BindParameter[list[str]] = bindparam("keys", expanding=True)
-        self.lock_keys = select(ApiKey.id).where(ApiKey.id.in_(keys)).order_by(ApiKey.id).with_for_update()
-        self.count_queued = (
-            select(Task.key_id, func.count())
-            .where(Task.status == QUEUED, Task.key_id.in_(keys))
-            .group_by(Task.key_id)
-        )
-        self.by_idempotency = select(Task.__table__).where(
-            Task.key_id.in_(keys), Task.idempotency_key.in_(bindparam("idems", expanding=True))
-        )
-        self.insert = insert(Task)
-        self.extend_holds = (
-            update(Reservation)
-            .where(Reservation.id.in_(bindparam("holds", expanding=True)))
-            .values(expires_at=bindparam("expires"))
-        )
 
 
 def _row(task: NewTask, endpoints: list[str] | None, now: datetime) -> dict[str, Any]:
@@ -153,7 +130,10 @@ class TaskQueue:
         self.hold_ttl = timedelta(seconds=hold_ttl_s) if hold_ttl_s is not None else None
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
-        self._sql = _Statements()
+        self._sql = Statements()
+        # Whether the last claim left tasks queued (a pool then claims again as soon as one of its
+        # tasks ends; with none left it waits for a submission or its poll instead).
+        self.backlog = False
         self._submissions: Batcher[_Submission, tuple[Task, bool]] = Batcher(writer, self._submit_batch)
 
     async def submit(self, task: NewTask, *, max_queued: int | None = None) -> tuple[Task, bool]:
@@ -266,67 +246,31 @@ class TaskQueue:
         return await self._writer.run(lambda c: self._claim(c, worker, limit))
 
     def _claim(self, c: Connection, worker: str, limit: int) -> list[Task]:
-        now = self._now()
-
-        def runnable() -> Any:
-            return or_(Task.status == QUEUED, and_(Task.status == IN_PROGRESS, Task.lease_until < now))
-
-        rank = func.row_number().over(partition_by=Task.key_id, order_by=(Task.created_at, Task.id))
-        ranked = (
-            select(Task.id, Task.key_id, Task.created_at, rank.label("rank")).where(runnable()).subquery()
-        )
-        running = (
-            select(Task.key_id, func.count().label("n"))
-            .where(Task.status == IN_PROGRESS, Task.lease_until >= now)
-            .group_by(Task.key_id)
-            .subquery()
-        )
-        room = ApiKey.max_tasks_in_flight - func.coalesce(running.c.n, 0)
-        pick = (
-            select(Task.id)
-            .select_from(
-                Task.__table__.join(ranked, ranked.c.id == Task.id)
-                .outerjoin(ApiKey, ApiKey.id == ranked.c.key_id)
-                .outerjoin(running, running.c.key_id == ranked.c.key_id)
-            )
-            .where(or_(ApiKey.max_tasks_in_flight.is_(None), ranked.c.rank <= room))
-            .order_by(ranked.c.rank, ranked.c.created_at, ranked.c.id)
-            .limit(limit)
-        )
+        sql, now = self._sql, self._now()
+        capped = c.execute(sql.any_capped).first() is not None
         if c.dialect.name == "postgresql":
-            # Rows another worker is claiming right now are skipped and the batch filled with the
-            # next ones (the ranking itself sits in a subquery, where no lock is taken).
-            pick = pick.with_for_update(of=Task, skip_locked=True)
-        picked = list(c.scalars(pick))
-        if not picked:
-            return []
-        rows = c.execute(
-            update(Task)
-            .where(Task.id.in_(picked), runnable())
-            .values(
-                status=IN_PROGRESS,
-                worker=worker,
-                lease_until=now + self.lease,
-                attempts=Task.attempts + 1,
-                started_at=now,
-            )
-            .returning(*Task.__table__.columns)
-        ).all()
-        order = {task_id: index for index, task_id in enumerate(picked)}
-        claimed = [Task(**row._asdict()) for row in rows]
-        claimed.sort(key=lambda task: order.get(task.id, len(order)))
+            pick = sql.pick_capped_locking if capped else sql.pick_locking
+        else:
+            pick = sql.pick_capped if capped else sql.pick
+        picked = list(c.scalars(pick, {"now": now, "limit": limit}))
+        claimed: list[Task] = []
+        if picked:
+            rows = c.execute(
+                sql.lease,
+                {"ids": picked, "now": now, "owner": worker, "until": now + self.lease, "started": now},
+            ).all()
+            order = {task_id: index for index, task_id in enumerate(picked)}
+            claimed = [Task(**row._asdict()) for row in rows]
+            claimed.sort(key=lambda task: order.get(task.id, len(order)))
+        self.backlog = c.execute(sql.backlog).first() is not None
         return claimed
 
     async def mark_dispatched(self, task_id: str, worker: str) -> bool:
         """Record that the upstream is about to be called (see ``Task.dispatched_at``)."""
 
         def mark(c: Connection) -> bool:
-            marked = c.execute(
-                update(Task)
-                .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
-                .values(dispatched_at=utcnow())
-            )
-            return _rows(marked) == 1
+            marked = self._sql.dispatched.execute(c, {"task": task_id, "owner": worker, "at": utcnow()})
+            return marked.rowcount == 1
 
         return await self._writer.run(mark)
 
@@ -401,19 +345,19 @@ class TaskQueue:
         cost_micros: int = 0,
     ) -> bool:
         """Record the outcome inside the caller's transaction (the one that settles billing)."""
-        finished = c.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.worker == worker, Task.status == IN_PROGRESS)
-            .values(
-                status=status,
-                result=result,
-                error=error,
-                cost_micros=cost_micros,
-                finished_at=utcnow(),
-                lease_until=None,
-            )
+        finished = self._sql.finish.execute(
+            c,
+            {
+                "task": task_id,
+                "owner": worker,
+                "outcome": status,
+                "body": result,
+                "failure": error,
+                "cost": cost_micros,
+                "at": utcnow(),
+            },
         )
-        return _rows(finished) == 1
+        return finished.rowcount == 1
 
     async def fail_exhausted(self, on_failed: Callable[[Connection, Task], Any] | None = None) -> list[Task]:
         """Tasks whose lease lapsed after their last allowed attempt: they fail, they don't loop.
@@ -430,10 +374,8 @@ class TaskQueue:
 
     def _fail_exhausted(self, c: Connection) -> list[Task]:
         now = self._now()
-        exhausted = and_(
-            Task.status == IN_PROGRESS, Task.lease_until < now, Task.attempts >= self.max_attempts
-        )
-        rows = [Task(**row._asdict()) for row in c.execute(select(Task.__table__).where(exhausted))]
+        found = c.execute(self._sql.exhausted, {"now": now, "attempts": self.max_attempts})
+        rows = [Task(**row._asdict()) for row in found]
         if not rows:
             return []
         error = {
@@ -443,9 +385,14 @@ class TaskQueue:
             "code": "task_abandoned",
         }
         c.execute(
-            update(Task)
-            .where(Task.id.in_([row.id for row in rows]), exhausted)
-            .values(status=FAILED, finished_at=now, lease_until=None, error=error)
+            self._sql.abandon,
+            {
+                "ids": [row.id for row in rows],
+                "now": now,
+                "attempts": self.max_attempts,
+                "finished": now,
+                "failure": error,
+            },
         )
         for row in rows:
             row.status, row.finished_at, row.lease_until, row.error = FAILED, now, None, error

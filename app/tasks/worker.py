@@ -70,7 +70,15 @@ async def work(
                     start(task)
                 if claimed and len(claimed) == wanted:
                     continue  # there may be more waiting
-            await _wait_any(stop, freed if room <= len(claimed) else tasks.wakeup, freed, timeout=poll_s)
+            # A task ending frees room, which matters only if the pool was full or tasks were left
+            # queued; otherwise claiming on every ending ran a claim per finished task (measured:
+            # ~1,000 claims for 1,000 tasks, at up to 50 ms each with 2,000 queued on SQLite).
+            if room <= len(claimed):
+                await _wait_any(stop, freed, timeout=poll_s)
+            elif tasks.queue.backlog:
+                await _wait_any(stop, tasks.wakeup, freed, timeout=poll_s)
+            else:
+                await _wait_any(stop, tasks.wakeup, timeout=poll_s)
         if running:
             await asyncio.wait(list(running.values()))
     finally:

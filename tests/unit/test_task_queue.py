@@ -194,3 +194,63 @@ async def test_concurrent_batch_claims_never_share_a_task(queue: TaskQueue) -> N
         if not any(rounds):
             break
     assert len(ids) == len(set(ids)) == 120
+
+
+def _submission(key_id: str, index: int, idempotency_key: str | None = None) -> NewTask:
+    return NewTask(
+        new_task_id(),
+        key_id,
+        f"r{index}",
+        "generations",
+        "gpt-image-1",
+        {},
+        "b64_json",
+        idempotency_key,
+        None,
+        None,
+        0,
+    )
+
+
+async def test_a_burst_of_submissions_commits_in_one_transaction(queue: TaskQueue) -> None:
+    await _seed(queue, [_key("key_burst")], [])
+    answers = await asyncio.gather(*(queue.submit(_submission("key_burst", i)) for i in range(50)))
+    assert all(created for _, created in answers)
+    # Submitted in one turn of the event loop: one transaction carried all fifty, where each had
+    # one of its own before.
+    assert (queue.submit_batches.batches, queue.submit_batches.items) == (1, 50)
+    async with queue.sessions() as session:
+        stored = set((await session.scalars(select(Task.id).where(Task.key_id == "key_burst"))).all())
+    assert stored == {task.id for task, _ in answers}
+
+
+async def test_max_queued_tasks_is_exact_within_and_across_batches(queue: TaskQueue) -> None:
+    await _seed(queue, [_key("key_cap", max_queued_tasks=5), _key("key_free")], [])
+
+    async def burst(key_id: str, size: int, limit: int | None) -> list[bool]:
+        async def one(i: int) -> bool:
+            try:
+                return (await queue.submit(_submission(key_id, i), max_queued=limit))[1]
+            except RateLimitError:
+                return False
+
+        return list(await asyncio.gather(*(one(i) for i in range(size))))
+
+    first, free = await asyncio.gather(burst("key_cap", 3, 5), burst("key_free", 4, None))
+    assert first == [True] * 3 and free == [True] * 4
+    second = await burst("key_cap", 20, 5)
+    assert second.count(True) == 2  # 5 in all, the rest refused in the same batch
+    assert second[:2] == [True, True]  # in arrival order
+    assert (await burst("key_cap", 1, 5)) == [False]
+    await queue.claim_batch("w1", 1)  # one starts: room for exactly one more
+    assert (await burst("key_cap", 3, 5)).count(True) == 1
+
+
+async def test_one_idempotency_key_twice_in_a_batch_makes_one_task(queue: TaskQueue) -> None:
+    await _seed(queue, [_key("key_idem")], [])
+    (a, a_created), (b, b_created) = await asyncio.gather(
+        queue.submit(_submission("key_idem", 0, "same")), queue.submit(_submission("key_idem", 1, "same"))
+    )
+    assert (a_created, b_created) == (True, False) and a.id == b.id
+    (again, created) = await queue.submit(_submission("key_idem", 2, "same"))
+    assert not created and again.id == a.id

@@ -79,6 +79,9 @@ class _Submission:
 Submitted = tuple[Task, bool] | BaseException
 
 
+_TICK = timedelta(microseconds=1)
+
+
 def _row(task: NewTask, endpoints: list[str] | None, now: datetime) -> dict[str, Any]:
     spec = {**task.spec, "webhooks": endpoints} if endpoints else task.spec
     return dict(
@@ -176,7 +179,7 @@ class TaskQueue:
             waiting = {k: int(n) for k, n in c.execute(sql.count_queued, {"keys": limited}).all()}
         wanted = [k for k in keys if any(i.task.key_id == k and i.task.default_webhooks for i in items)]
         endpoints = enabled_endpoints(c, wanted) if wanted else {}
-        now = utcnow()
+        now = last = utcnow()
         outcomes: list[Submitted] = []
         rows: list[dict[str, Any]] = []
         first: dict[tuple[str, str], Task] = {}
@@ -194,7 +197,11 @@ class TaskQueue:
                     outcomes.append(_queue_full(item.max_queued))
                     continue
                 waiting[task.key_id] = waiting.get(task.key_id, 0) + 1
-            values = _row(task, endpoints.get(task.key_id), now)
+            # Each its own moment, in arrival order: claims are FIFO within a key by created_at, and
+            # a batch's rows would otherwise tie (then ordered by their random ids).
+            stamp = max(utcnow(), last + _TICK) if rows else now
+            last = stamp
+            values = _row(task, endpoints.get(task.key_id), stamp)
             rows.append(values)
             created = Task(**values)
             if idem is not None:

@@ -142,9 +142,11 @@ def _wait_http(server: Server, path: str, timeout_s: float, *, headers: dict[str
 # -- fake upstream ----------------------------------------------------------------------------------
 
 
-def start_upstream(workdir: Path, cpus: Cpus, *, pace_ms: float, hold_s: float = 0.0) -> Server:
+def start_upstream(
+    workdir: Path, cpus: Cpus, *, pace_ms: float, hold_s: float = 0.0, fault_rate: float = 0.0, seed: int = 0
+) -> Server:
     command = [sys.executable, "-m", "bench.upstream", "--port", "0", "--pace-ms", str(pace_ms)]
-    command += ["--hold-s", str(hold_s)]
+    command += ["--hold-s", str(hold_s), "--fault-rate", str(fault_rate), "--seed", str(seed)]
     process, log = _spawn("upstream", pinned(command, cpus.load), workdir)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:

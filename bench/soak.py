@@ -3,10 +3,11 @@
     python -m bench.soak --minutes 30          # the real thing (not run by the test suite)
     python -m bench.soak --minutes 1           # a smoke run of the same
 
-A gateway process (SQLite, ``--task-workers`` in-process task workers) in front of the fake OpenAI
-upstream, which misbehaves on ``--fault-rate`` of its calls with every fault kind it has;
-``--concurrency`` clients send the mix of ``tests/reliability`` (generations, streams, edits, url
-results, async tasks, each polled to its end by its client) without pause. Every ``--report-every`` seconds a line gives the requests so far, their rate, the answers that
+A gateway process (SQLite, ``--task-workers`` in-process task workers) in front of the benchmark's
+fake upstream (``bench/upstream.py``), which misbehaves on ``--fault-rate`` of its image calls with
+every fault kind it has; ``--concurrency`` clients send the reliability mix of ``bench/traffic.py``
+(generations, streams, edits, url results, async tasks, each polled to its end by its client)
+without pause. Every ``--report-every`` seconds a line gives the requests so far, their rate, the answers that
 broke the contract, the task queue and the gateway's resident memory. At the end, once every task
 has ended: the ledger invariant (Σ ledger = Σ spend = the catalog price of what the clients saw
 complete, nothing reserved), no stuck task, no leftover spool file, and memory growth since the
@@ -22,22 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.conftest import UPSTREAM_KEY
-from tests.fakes.openai_upstream import FakeOpenAI
-from tests.processes import GatewayProcess
-from tests.reliability import (
-    Outcome,
-    Traffic,
-    create_key,
-    expected_micros,
-    gateway_config,
-    inject_faults,
-    ledger_violations,
-    leftover_files,
-    open_tasks,
-    rss_kib,
-    summary,
-)
+import httpx
+
+from bench.books import expected_micros, ledger_violations, leftover_files, open_tasks
+from bench.gateway_process import GatewayProcess, gateway_config, rss_kib
+from bench.servers import Cpus, start_upstream
+from bench.traffic import Outcome, Traffic, create_key, summary
+
+ADMIN_KEY = "sk-soak-admin-0123456789abcdef"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,44 +54,52 @@ def soak(args: argparse.Namespace, workdir: Path) -> int:
     duration = args.minutes * 60
     every = args.report_every or min(60.0, max(5.0, duration / 10))
     data_dir, db_url = workdir / "data", f"sqlite+aiosqlite:///{workdir / 'soak.db'}"
-    with FakeOpenAI(api_key=UPSTREAM_KEY) as fake:
-        inject_faults(fake, args.fault_rate, args.seed)
-        tasks = {"workers": args.task_workers, "poll_s": 0.1}
-        gateway = GatewayProcess(gateway_config(fake, data_dir, db_url, tasks=tasks), workdir).wait_ready()
-        try:
-            key, key_id = create_key(gateway.url, "soak")
-            # The load test's mix; each client polls its async task to the end before its next
-            # request, as SDK users do, so the queue holds what is in flight rather than growing
-            # whenever submissions outpace the workers.
-            traffic = Traffic(gateway.url, key, seed=args.seed, wait_for_tasks=True)
+    upstream = start_upstream(workdir, Cpus.split(), pace_ms=10, fault_rate=args.fault_rate, seed=args.seed)
+    fake = {
+        "name": "fake",
+        "kind": "openai",
+        "base_url": upstream.base_url,
+        "api_key": upstream.api_key,
+        "models": ["*"],
+        # The soak's model (gpt-image-1) is retired; the fake still serves it.
+        "follows_retirements": False,
+    }
+    tasks = {"workers": args.task_workers, "poll_s": 0.1}
+    config = gateway_config(fake, data_dir, db_url, admin_key=ADMIN_KEY, tasks=tasks)
+    gateway: GatewayProcess | None = None
+    try:
+        gateway = GatewayProcess(config, workdir).wait_ready()
+        key, key_id = create_key(gateway.url, ADMIN_KEY, "soak")
+        # The load test's mix; each client polls its async task to the end before its next
+        # request, as SDK users do, so the queue holds what is in flight rather than growing
+        # whenever submissions outpace the workers.
+        traffic = Traffic(gateway.url, key, seed=args.seed, wait_for_tasks=True)
+        print(
+            f"soak: {args.minutes:g} min at concurrency {args.concurrency}, "
+            f"{args.fault_rate:.0%} upstream faults; gateway pid {gateway.proc.pid}, logs in {workdir}"
+        )
+        columns = ("t (s)", 7), ("requests", 9), ("req/s", 7), ("bad", 5), ("faults", 7), ("queue", 6)
+        print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'RSS MiB':>8}")
+        started = time.monotonic()
+        first_rss, last_rss = 0, 0
+        while (elapsed := time.monotonic() - started) < duration:
+            asyncio.run(traffic.run(seconds=min(every, duration - elapsed), concurrency=args.concurrency))
+            elapsed = time.monotonic() - started
+            fired = httpx.get(upstream.base_url + "/_faults", timeout=10).json()["fired"]
+            last_rss = rss_kib(gateway.proc.pid)
+            first_rss = first_rss or last_rss
+            count, bad = len(traffic.outcomes), len(bad_answers(traffic.outcomes))
             print(
-                f"soak: {args.minutes:g} min at concurrency {args.concurrency}, "
-                f"{args.fault_rate:.0%} upstream faults; gateway pid {gateway.proc.pid}, logs in {workdir}"
+                f"{elapsed:7.0f} {count:9d} {count / elapsed:7.1f} {bad:5d} {fired:7d} "
+                f"{open_tasks(db_url):6d} {last_rss / 1024:8.1f}",
+                flush=True,
             )
-            columns = ("t (s)", 7), ("requests", 9), ("req/s", 7), ("bad", 5), ("faults", 7), ("queue", 6)
-            print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'RSS MiB':>8}")
-            started = time.monotonic()
-            fired_before, first_rss, last_rss = 0, 0, 0
-            while (elapsed := time.monotonic() - started) < duration:
-                asyncio.run(traffic.run(seconds=min(every, duration - elapsed), concurrency=args.concurrency))
-                elapsed = time.monotonic() - started
-                # The fake records every request; forget them now and then so its memory stays flat.
-                fired = fired_before + sum(f.fired for f in fake.random_faults)
-                fake.clear()
-                inject_faults(fake, args.fault_rate, args.seed + int(elapsed))
-                fired_before = fired
-                last_rss = rss_kib(gateway.proc.pid)
-                first_rss = first_rss or last_rss
-                count, bad = len(traffic.outcomes), len(bad_answers(traffic.outcomes))
-                print(
-                    f"{elapsed:7.0f} {count:9d} {count / elapsed:7.1f} {bad:5d} {fired:7d} "
-                    f"{open_tasks(db_url):6d} {last_rss / 1024:8.1f}",
-                    flush=True,
-                )
-            stuck = asyncio.run(traffic.settle_tasks(timeout_s=300))
-            return verdict(traffic, key_id, db_url, data_dir, stuck, first_rss, last_rss, args.max_rss_growth)
-        finally:
+        stuck = asyncio.run(traffic.settle_tasks(timeout_s=300))
+        return verdict(traffic, key_id, db_url, data_dir, stuck, first_rss, last_rss, args.max_rss_growth)
+    finally:
+        if gateway is not None:
             gateway.stop()
+        upstream.stop()
 
 
 def verdict(

@@ -13,8 +13,15 @@ Routes (anything else is a 404):
   per image, ``--pace-ms`` apart, each carrying ``emitted_ns`` (``time.monotonic_ns()`` when it was
   written; CLOCK_MONOTONIC is system-wide on Linux, so a client on the same machine can subtract it
   from its own arrival time to get the relay delay of each event).
-- ``POST /v1/images/edits``: reads and discards the (multipart) body, answers a tiny image.
+- ``POST /v1/images/edits``: reads the (multipart) body, keeping only its first MiB to read the
+  ``stream``, ``partial_images`` and ``n`` fields from; answers a tiny image (or streams, as above).
 - ``GET /v1/models``: a model list, for readiness probes.
+- ``GET /v1/_faults``: how many faults fired so far (``--fault-rate``).
+
+``--fault-rate R`` (the soak's faulty upstream; 0 for the benchmarks): each image request draws,
+with probability R, one fault of ``FAULTS``: an error status, a delay, a hang, a dropped
+connection, a body that is not JSON, or a response cut after one or two stream events (half the
+body when not streaming). The draw is seeded (``--seed``).
 
 The listening port is printed on stdout as ``PORT <n>`` once the socket is bound.
 """
@@ -25,6 +32,7 @@ import argparse
 import asyncio
 import io
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -36,6 +44,31 @@ from PIL import Image
 
 CREATED = 1_750_000_000
 LARGE_SIZE = (1536, 1024)
+# Edit uploads can be hundreds of MB: only this much is kept, for the form fields before the image.
+EDIT_FIELDS_BYTES = 1 << 20
+_FIELD = re.compile(rb'name="(stream|partial_images|n)"\r\n\r\n([^\r]*)\r\n')
+
+# The soak's fault mix, the same kinds as the tests' fake upstream (tests/reliability/harness.py):
+# error statuses (the 5xx and the 429 are retried by the gateway, the 400 relayed), a 0.2 s delay, a
+# hang (the gateway's upstream timeout ends it), a dropped connection, a 200 that is not JSON, and
+# a response cut after one or two SSE events.
+FAULTS: tuple[tuple[str, int], ...] = (
+    ("status", 500),
+    ("status", 502),
+    ("status", 503),
+    ("status", 429),
+    ("status", 400),
+    ("delay", 0),
+    ("hang", 0),
+    ("close", 0),
+    ("invalid_json", 0),
+    ("cut", 1),
+    ("cut", 2),
+)
+_ERRORS = {
+    400: (b"invalid_request_error", b'"invalid_value"', b"The fake refused this one."),
+    429: (b"rate_limit_exceeded", b'"rate_limit_exceeded"', b"Rate limit reached."),
+}
 
 
 def _tiny_png() -> bytes:
@@ -133,7 +166,8 @@ def _count(value: object, *, low: int = 1) -> int:
 
 
 def _head(status: int, content_type: str, length: int | None, keep_alive: bool) -> bytes:
-    reason = {200: "OK", 404: "Not Found", 400: "Bad Request"}.get(status, "OK")
+    reasons = {200: "OK", 404: "Not Found", 400: "Bad Request", 429: "Too Many Requests"}
+    reason = reasons.get(status, "Error" if status >= 500 else "OK")
     lines = [f"HTTP/1.1 {status} {reason}", f"content-type: {content_type}"]
     lines.append(f"content-length: {length}" if length is not None else "transfer-encoding: chunked")
     if content_type == "text/event-stream":
@@ -151,11 +185,38 @@ class Held:
     most = 0
 
 
+class FaultDraw:
+    """The seeded draw of ``--fault-rate``, shared by every connection."""
+
+    def __init__(self, rate: float, seed: int) -> None:
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.fired = 0
+
+    def draw(self) -> tuple[str, int] | None:
+        if self.rate <= 0 or self.rng.random() >= self.rate:
+            return None
+        self.fired += 1
+        return self.rng.choice(FAULTS)
+
+
+def edit_fields(body: bytes) -> dict[str, Any]:
+    """``stream``, ``partial_images`` and ``n`` of a multipart edit body, typed as in JSON."""
+    fields: dict[str, Any] = {}
+    for name, value in _FIELD.findall(body):
+        text = value.decode(errors="replace")
+        fields[name.decode()] = text == "true" if name == b"stream" else int(text) if text.isdigit() else text
+    return fields
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection. Requests are handled one at a time, as none of the clients pipeline."""
 
-    def __init__(self, answers: Answers, pace_s: float, hold_s: float = 0.0) -> None:
+    def __init__(
+        self, answers: Answers, pace_s: float, hold_s: float = 0.0, faults: FaultDraw | None = None
+    ) -> None:
         self.answers = answers
+        self.faults = faults or FaultDraw(0.0, 0)
         self.pace_s = pace_s
         # The "slow upstream" scenario: each generation is answered this long after it arrived,
         # as a real image model takes 5-60 s (a timer, not a sleeping task: thousands at once are cheap).
@@ -164,7 +225,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.url = b""
         self.body = bytearray()
-        self.discard_body = False
+        self.edit = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # TCP: always a full Transport
@@ -184,12 +245,13 @@ class UpstreamProtocol(asyncio.Protocol):
         self.url += url
 
     def on_headers_complete(self) -> None:
-        # Edit uploads can be hundreds of MB: count nothing, keep nothing.
-        self.discard_body = self.url.startswith(b"/v1/images/edits")
+        self.edit = self.url.startswith(b"/v1/images/edits")
 
     def on_body(self, body: bytes) -> None:
-        if not self.discard_body:
+        if not self.edit:
             self.body += body
+        elif len(self.body) < EDIT_FIELDS_BYTES:
+            self.body += body[: EDIT_FIELDS_BYTES - len(self.body)]
 
     def on_message_complete(self) -> None:
         method = self.parser.get_method()
@@ -201,30 +263,75 @@ class UpstreamProtocol(asyncio.Protocol):
             answer = orjson.dumps({"now": Held.now, "most": Held.most})
             Held.most = Held.now
             self._send(200, answer, keep_alive=keep_alive)
-        elif method == b"POST" and path == b"/v1/images/edits":
-            self._send(200, self.answers.generation({}), keep_alive=keep_alive)
-        elif method == b"POST" and path == b"/v1/images/generations":
-            request = orjson.loads(self.body) if self.body else {}
-            if request.get("stream") is True:
-                asyncio.ensure_future(self._stream(request, keep_alive))
-            elif self.hold_s > 0:
-                body = self.answers.generation(request)
-                Held.now += 1
-                Held.most = max(Held.most, Held.now)
-
-                def answer() -> None:
-                    Held.now -= 1
-                    self._send(200, body, keep_alive=keep_alive)
-
-                asyncio.get_running_loop().call_later(self.hold_s, answer)
+        elif method == b"GET" and path == b"/v1/_faults":
+            self._send(200, orjson.dumps({"fired": self.faults.fired}), keep_alive=keep_alive)
+        elif method == b"POST" and path in (b"/v1/images/edits", b"/v1/images/generations"):
+            fault = self.faults.draw()
+            if fault is None:
+                self._image(path, keep_alive)
+            elif fault[0] == "delay":
+                asyncio.get_running_loop().call_later(0.2, self._image, path, keep_alive)
             else:
-                self._send(200, self.answers.generation(request), keep_alive=keep_alive)
+                self._fault(fault, path, keep_alive)
         else:
             self._send(
                 404,
                 b'{"error": {"message": "no such route", "type": "invalid_request_error"}}',
                 keep_alive=True,
             )
+
+    def _request(self, path: bytes) -> dict[str, Any]:
+        if path == b"/v1/images/edits":
+            return edit_fields(bytes(self.body))
+        return orjson.loads(self.body) if self.body else {}
+
+    def _image(self, path: bytes, keep_alive: bool) -> None:
+        request = self._request(path)
+        if request.get("stream") is True:
+            prefix = "image_edit" if path == b"/v1/images/edits" else "image_generation"
+            asyncio.ensure_future(self._stream(request, keep_alive, prefix))
+        elif path == b"/v1/images/edits":
+            self._send(200, self.answers.generation({"n": request.get("n")}), keep_alive=keep_alive)
+        elif self.hold_s > 0:
+            body = self.answers.generation(request)
+            Held.now += 1
+            Held.most = max(Held.most, Held.now)
+
+            def answer() -> None:
+                Held.now -= 1
+                self._send(200, body, keep_alive=keep_alive)
+
+            asyncio.get_running_loop().call_later(self.hold_s, answer)
+        else:
+            self._send(200, self.answers.generation(request), keep_alive=keep_alive)
+
+    def _fault(self, fault: tuple[str, int], path: bytes, keep_alive: bool) -> None:
+        kind, arg = fault
+        if self.transport is None or kind == "hang":
+            return  # a hang lasts until the client gives up and closes the connection
+        if kind == "status":
+            type_, code, message = _ERRORS.get(arg, (b"server_error", b"null", b"The fake failed."))
+            body = b'{"error": {"message": "%s", "type": "%s", "param": null, "code": %s}}' % (
+                message,
+                type_,
+                code,
+            )
+            self._send(arg, body, keep_alive=keep_alive)
+        elif kind == "close":
+            self.transport.close()
+        elif kind == "invalid_json":
+            self._send(200, b'{"created": 17000, "data": [', keep_alive=keep_alive)
+        else:  # cut: a stream after `arg` events, a JSON answer after half its body
+            request = self._request(path)
+            if request.get("stream") is True:
+                prefix = "image_edit" if path == b"/v1/images/edits" else "image_generation"
+                asyncio.ensure_future(self._stream(request, keep_alive, prefix, cut_after=arg))
+                return
+            body = self.answers.generation(
+                {"n": request.get("n")} if path == b"/v1/images/edits" else request
+            )
+            self.transport.write(_head(200, "application/json", len(body), True) + body[: len(body) // 2])
+            self.transport.close()
 
     def _send(self, status: int, body: bytes, *, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -233,12 +340,17 @@ class UpstreamProtocol(asyncio.Protocol):
         if not keep_alive:
             self.transport.close()
 
-    async def _stream(self, request: dict[str, Any], keep_alive: bool) -> None:
+    async def _stream(
+        self, request: dict[str, Any], keep_alive: bool, prefix: str, *, cut_after: int | None = None
+    ) -> None:
         transport = self.transport
         if transport is None:
             return
         transport.write(_head(200, "text/event-stream", None, keep_alive))
-        for index, (kind, data) in enumerate(self.answers.events(request, "image_generation")):
+        for index, (kind, data) in enumerate(self.answers.events(request, prefix)):
+            if index == cut_after:
+                transport.close()
+                return
             if index and self.pace_s:
                 await asyncio.sleep(self.pace_s)
             if transport.is_closing():
@@ -254,11 +366,13 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(host: str, port: int, pace_s: float, hold_s: float = 0.0) -> None:
+async def serve(
+    host: str, port: int, pace_s: float, hold_s: float = 0.0, faults: FaultDraw | None = None
+) -> None:
     answers = Answers()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: UpstreamProtocol(answers, pace_s, hold_s), host, port, backlog=4096
+        lambda: UpstreamProtocol(answers, pace_s, hold_s, faults), host, port, backlog=4096
     )
     bound = server.sockets[0].getsockname()[1]
     print(f"PORT {bound}", flush=True)
@@ -272,6 +386,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--pace-ms", type=float, default=10.0, help="pause between streamed events")
     parser.add_argument("--hold-s", type=float, default=0.0, help="answer each generation after this long")
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of image requests that fail")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault draw")
     args = parser.parse_args()
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -281,7 +397,11 @@ def main() -> None:
     except ImportError:  # plain asyncio is fast enough; uvloop only lowers the floor further
         pass
     try:
-        run(serve(args.host, args.port, args.pace_ms / 1000, args.hold_s))
+        run(
+            serve(
+                args.host, args.port, args.pace_ms / 1000, args.hold_s, FaultDraw(args.fault_rate, args.seed)
+            )
+        )
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,8 @@ import pytest
 from app.domain.catalog import Catalog
 from app.main import create_app
 from app.settings import Settings, build_settings
+from bench.books import query
+from bench.gateway_process import reserve_port
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.server import ThreadedServer
 
@@ -129,25 +129,6 @@ class Gateway:
         self.server.stop()
 
 
-def query(url: str, sql: str) -> list[dict[str, Any]]:
-    """Rows as dicts from the gateway's database (SQLite file or PostgreSQL), read directly."""
-    if url.startswith("sqlite"):
-        with sqlite3.connect(url.split("///", 1)[1]) as connection:
-            connection.row_factory = sqlite3.Row
-            return [dict(row) for row in connection.execute(sql).fetchall()]
-
-    async def fetch() -> list[dict[str, Any]]:
-        import asyncpg
-
-        connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
-        try:
-            return [dict(row) for row in await connection.fetch(sql)]
-        finally:
-            await connection.close()
-
-    return asyncio.run(fetch())
-
-
 def migrate(url: str) -> None:
     from app.db.engine import create_engine
     from app.db.migrate import upgrade_head
@@ -168,10 +149,9 @@ def start_gateway(settings: Settings, data_dir: Path) -> Gateway:
 
 
 def closed_port() -> int:
-    """A loopback port nothing listens on: an upstream there refuses connections."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on: an upstream there refuses connections (reserved, so that
+    another xdist worker's server is not given it meanwhile)."""
+    return reserve_port()
 
 
 @pytest.fixture

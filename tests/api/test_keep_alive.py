@@ -6,8 +6,8 @@ import socket
 import time
 from pathlib import Path
 
+from bench.gateway_process import GatewayProcess
 from tests.conftest import LOCAL_UPSTREAM, MODELS_FILE
-from tests.processes import GatewayProcess
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
 

@@ -17,10 +17,10 @@ import pytest
 from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
 from PIL import Image
 
+from bench.gateway_process import GatewayProcess
 from tests.conftest import ADMIN_KEY, Gateway, fake_upstream_config
 from tests.fakes import image_files as files
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.processes import GatewayProcess
 
 EDITS = "/v1/images/edits"
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from app.billing.ledger import LedgerService
+from bench.gateway_process import GatewayProcess
 from tests.conftest import (
     ADMIN_KEY,
     Gateway,
@@ -23,7 +24,6 @@ from tests.conftest import (
     start_gateway,
 )
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.processes import GatewayProcess
 from tests.services import fresh_postgres_database
 
 GEN = "/v1/images/generations"

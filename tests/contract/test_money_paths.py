@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from app.images import service as service_module
+from bench.traffic import sse_events
 from tests.conftest import MODELS_FILE, Gateway, fake_upstream_config
 from tests.fakes import image_files
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.reliability import sse_events
 
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"

@@ -15,12 +15,12 @@ import orjson
 import pytest
 from openai.types import ImageGenCompletedEvent
 
+from bench.gateway_process import GatewayProcess
 from tests.conftest import ADMIN_KEY, Gateway, make_settings, query, start_gateway
 from tests.contract.providers import ASYNC, decoded, poll_task, uncharged
 from tests.fakes import image_files as files
 from tests.fakes.bfl_upstream import FakeBFL
 from tests.fakes.provider_fake import Outcome
-from tests.processes import GatewayProcess
 
 KEY = "bfl-key-0123456789abcdef"
 PRO = "flux-pro-1.1"

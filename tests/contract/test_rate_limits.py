@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
+from bench.gateway_process import GatewayProcess
 from tests.conftest import ADMIN_KEY, Gateway, fake_upstream_config
 from tests.contract.test_metering import fire
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.processes import GatewayProcess
 from tests.services import require_redis
 
 GEN = "/v1/images/generations"

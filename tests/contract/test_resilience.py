@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.gateway_process import GatewayProcess
 from tests.conftest import (
     ADMIN_KEY,
     UPSTREAM_KEY,
@@ -21,7 +22,6 @@ from tests.conftest import (
     fake_upstream_config,
 )
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.processes import GatewayProcess
 
 GEN = "/v1/images/generations"
 BREAKER = {"failure_threshold": 2, "open_s": 0.5, "min_requests": 1000}

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from bench.gateway_process import GatewayProcess
 from tests.conftest import (
     ADMIN_KEY,
     Gateway,
@@ -27,7 +28,6 @@ from tests.conftest import (
 from tests.fakes import image_files as files
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.s3_server import FakeS3
-from tests.processes import GatewayProcess
 from tests.services import fresh_postgres_database
 
 GEN = "/v1/images/generations"

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from app.settings import DEFAULT_MODELS_FILE, build_settings, load_settings
-from tests.processes import ROOT, GatewayProcess
+from bench.gateway_process import ROOT, GatewayProcess
 
 DEFAULTS = ROOT / "app" / "defaults"
 

@@ -31,17 +31,11 @@ import orjson
 import pytest
 
 from app.images.service import ImageService
+from bench.books import PRICE_IMAGE_IN, PRICE_IMAGE_OUT, PRICE_TEXT_IN, ledger_violations, open_tasks
+from bench.traffic import sse_events
 from tests.conftest import Gateway, fake_upstream_config, make_settings, migrate, start_gateway
 from tests.fakes import image_files
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.reliability import (
-    PRICE_IMAGE_IN,
-    PRICE_IMAGE_OUT,
-    PRICE_TEXT_IN,
-    ledger_violations,
-    open_tasks,
-    sse_events,
-)
 from tests.services import fresh_postgres_database
 
 GEN = "/v1/images/generations"

@@ -32,22 +32,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, migrate, query
+from bench.books import ledger_violations, leftover_files, open_tasks, usage_cost
+from bench.gateway_process import GatewayProcess
+from bench.traffic import EDIT, GEN, Outcome, Traffic, create_key, summary
+from tests.conftest import ADMIN_KEY, ROOT, migrate, query
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.processes import GatewayProcess
-from tests.reliability import (
-    EDIT,
-    GEN,
-    Outcome,
-    Traffic,
-    create_key,
-    gateway_config,
-    ledger_violations,
-    leftover_files,
-    open_tasks,
-    summary,
-    usage_cost,
-)
+from tests.reliability.harness import gateway_config
 from tests.services import fresh_postgres_database
 
 KILLS = 3
@@ -135,7 +125,7 @@ def test_sigkill_of_the_gateway_mid_traffic(upstream: FakeOpenAI, tmp_path: Path
     config = crash_config(upstream, tmp_path, db_url)
     rng = random.Random(20)
     gateway = GatewayProcess(config, tmp_path).wait_ready()
-    key, key_id = create_key(gateway.url)
+    key, key_id = create_key(gateway.url, ADMIN_KEY)
     traffic = Traffic(gateway.url, key, seed=20)
     killed_in_flight = 0
 
@@ -196,7 +186,7 @@ def test_sigkill_of_a_standalone_worker(upstream: FakeOpenAI, tmp_path: Path) ->
         api = GatewayProcess(api_config, tmp_path).wait_ready()
         worker: subprocess.Popen[bytes] | None = None
         try:
-            key, key_id = create_key(api.url)
+            key, key_id = create_key(api.url, ADMIN_KEY)
             traffic = Traffic(api.url, key, seed=21)
             traffic.MIX = (("async_generate", 3), ("async_edit", 1))
             asyncio.run(traffic.run(requests=80, concurrency=8))

@@ -38,9 +38,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.main import create_app
+from bench.traffic import EDIT, GEN, openai_error, sse_events
 from tests.conftest import ADMIN_KEY, ALL_MODELS, LOCAL_UPSTREAM, Gateway, make_settings
 from tests.fakes import image_files
-from tests.reliability import EDIT, GEN, openai_error, sse_events
 
 # The document as the app factory builds it (no I/O: nothing is opened before the lifespan runs);
 # `test_the_served_document_is_the_fuzzed_one` proves it is what the gateway serves.

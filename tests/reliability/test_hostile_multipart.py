@@ -24,10 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.traffic import EDIT, GEN, MODEL, openai_error
 from tests.conftest import Gateway, fake_upstream_config, make_settings, start_gateway
 from tests.fakes import image_files
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.reliability import EDIT, GEN, MODEL, openai_error
 
 BODY_TIMEOUT_S = 1.0
 IMAGE = image_files.png(32, 32)

@@ -19,20 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.books import expected_micros, ledger_violations, leftover_files, open_tasks
+from bench.gateway_process import GatewayProcess, rss_kib
+from bench.traffic import Traffic, create_key, summary
+from tests.conftest import ADMIN_KEY
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.processes import GatewayProcess
-from tests.reliability import (
-    Traffic,
-    create_key,
-    expected_micros,
-    gateway_config,
-    inject_faults,
-    ledger_violations,
-    leftover_files,
-    open_tasks,
-    rss_kib,
-    summary,
-)
+from tests.reliability.harness import gateway_config, inject_faults
 
 WARM_UP = 400
 REQUESTS = 2000
@@ -53,7 +45,7 @@ def test_mixed_load_with_upstream_faults_keeps_the_books_exact(
     process: tuple[GatewayProcess, Path, str], upstream: FakeOpenAI
 ) -> None:
     gateway, data_dir, db_url = process
-    key, key_id = create_key(gateway.url)
+    key, key_id = create_key(gateway.url, ADMIN_KEY)
     inject_faults(upstream, FAULT_RATE, seed=10)
     traffic = Traffic(gateway.url, key, seed=10)
 

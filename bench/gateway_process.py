@@ -1,0 +1,171 @@
+"""A gateway as a separate process (`python -m app serve`): for the soak, and for the multi-replica
+and crash tests (tests import this module; it imports nothing from tests/).
+
+Ports: ``python -m app serve`` takes a port number and has no way to report one it chose itself, so
+the parent picks it. A port merely found free (bind to 0, close) can be handed out again by the
+kernel to the next ``bind(0)`` before the child binds it, which is how two xdist workers collided.
+``reserve_port`` leaves the port in TIME_WAIT instead: the kernel never gives it to ``bind(0)``
+while that lasts (60 s on Linux), but a server that sets SO_REUSEADDR (uvicorn and asyncio do)
+may bind it. Should the child still lose the port, ``wait_ready`` restarts it on another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_FILE = str(ROOT / "app" / "defaults" / "models.yaml")
+# What uvicorn logs when the port is taken (errno 98, EADDRINUSE).
+_PORT_TAKEN = b"address already in use"
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on and that no ``bind(0)`` will be given for about a minute.
+
+    One connection is made to a throw-away listener and the accepted side closed first, which
+    leaves that side, bound to the port, in TIME_WAIT. The listener sets SO_REUSEADDR because Linux
+    lets a later bind to a TIME_WAIT port through only when both sockets set it.
+    """
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+        listener.listen(1)
+        address = listener.getsockname()
+        with socket.create_connection(address) as client:
+            accepted, _ = listener.accept()
+            accepted.close()
+            # Let the accepted side's FIN reach the client before it closes in turn, so the
+            # accepted side is the one that ends in TIME_WAIT.
+            client.recv(1)
+    return int(address[1])
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def gateway_config(
+    upstream: dict[str, Any], data_dir: Path, db_url: str, *, admin_key: str, **extra: Any
+) -> dict[str, Any]:
+    """A `python -m app serve` config for reliability runs: ``upstream`` as the only upstream, short
+    timeouts and backoffs, logs at WARNING, every file under ``data_dir``."""
+    config: dict[str, Any] = {
+        "admin_key": admin_key,
+        "data_dir": str(data_dir),
+        # Beside the rest of the run's files, not in the checkout's ./data/images (the default).
+        "storage": {"path": str(data_dir / "images")},
+        "models_file": MODELS_FILE,
+        "database": {"url": db_url},
+        "logging": {"level": "WARNING"},
+        # A hanging upstream costs one timeout, then the retry goes elsewhere (here: again).
+        "upstreams": [{**upstream, "timeout_s": 2, "connect_timeout_s": 2}],
+        "retry": {"initial_delay_s": 0.01, "max_delay_s": 0.05},
+        "tasks": {"workers": 2, "poll_s": 0.1},
+    }
+    config.update(extra)
+    return config
+
+
+class GatewayProcess:
+    """One ``python -m app serve`` child. Its output goes to ``log_path``; ``url`` is valid once
+    ``wait_ready`` has returned (a restart on a lost port changes it)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
+        """``config=None`` starts with no config file at all (the packaged defaults)."""
+        self.config, self.workdir, self.cwd = config, workdir, cwd
+        self.env = {**os.environ, "GATEWAY_ADMIN_KEY": "", **(env or {})}
+        self._start()
+
+    def _start(self) -> None:
+        self.port = reserve_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = self.workdir / f"gateway-{self.port}.yaml"
+        config_args: list[str] = []
+        if self.config is not None:
+            self.config_path.write_text(yaml.safe_dump(self.config))
+            config_args = ["--config", str(self.config_path)]
+        self.log_path = self.workdir / f"gateway-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        command = [sys.executable, "-m", "app", "serve", *config_args, "--host", "127.0.0.1"]
+        self.proc = subprocess.Popen(
+            [*command, "--port", str(self.port)],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def _owns_port(self) -> bool:
+        """Whether the listener on ``port`` is this child's socket (not another process's, which a
+        health check alone cannot tell apart)."""
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError), open(table) as lines:
+                for line in list(lines)[1:]:
+                    fields = line.split()
+                    # local address "ADDR:PORT" in hex; state 0A is LISTEN
+                    if int(fields[1].rsplit(":", 1)[1], 16) == self.port and fields[3] == "0A":
+                        inodes.add(f"socket:[{fields[9]}]")
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        with contextlib.suppress(OSError):
+            return any(os.readlink(fd) in inodes for fd in fd_dir.iterdir())
+        return False
+
+    def wait_ready(self, timeout: float = 30.0, *, restarts: int = 3) -> GatewayProcess:
+        """Block until ``/healthz`` answers from this child; on a timeout the child is killed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.close()
+                if restarts > 0 and _PORT_TAKEN in self.log_path.read_bytes().lower():
+                    restarts -= 1
+                    self._start()
+                    continue
+                raise RuntimeError(f"gateway exited: {self.logs()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200 and self._owns_port():
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"gateway not ready: {self.logs()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import openai
 import pytest
 import yaml
 
+from bench.gateway_process import reserve_port
 from tests.conftest import MODELS_FILE, ROOT
 
 
@@ -42,12 +42,6 @@ def run_cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subp
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_keys_cli_lifecycle(tmp_path: Path) -> None:
@@ -97,7 +91,7 @@ def test_migrate_reaches_head(tmp_path: Path) -> None:
 @pytest.mark.parametrize("use_env_config", [False, True])
 def test_serve_generates_admin_key_and_answers_the_sdk(tmp_path: Path, use_env_config: bool) -> None:
     config = write_config(tmp_path)
-    port = free_port()
+    port = reserve_port()
     env = {**os.environ, "GATEWAY_ADMIN_KEY": ""}
     args = [sys.executable, "-m", "app"]
     if use_env_config:

@@ -49,19 +49,50 @@ def test_images_per_minute_counts_n(gateway: Gateway, upstream: FakeOpenAI) -> N
 
 
 def test_concurrent_requests_limit(gateway: Gateway, upstream: FakeOpenAI) -> None:
-    upstream.stream_delay_s = 0.5
+    """Exactly `concurrency` requests reach the upstream at once; every other one is refused at once.
+
+    The fake holds every image request (its gate never fills by count: only `release()` opens it),
+    so the two admitted requests stay in flight while the other four are answered.
+    """
+    sent = 6
     key, _ = gateway.create_key(name="conc", concurrency=2)
-    responses = asyncio.run(fire(gateway.url, key, 6, {**BODY, "stream": True, "partial_images": 1}))
-    assert sum(r.status_code == 200 for r in responses) >= 2
-    assert sum(r.status_code == 429 for r in responses) >= 1
-    assert all(r.status_code in (200, 429) for r in responses)
-    # Slots are given back when streams end.
-    assert (
-        httpx.post(
-            gateway.url + GEN, json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        ).status_code
-        == 200
-    )
+    headers = {"Authorization": f"Bearer {key}"}
+    upstream.hold(until_in_flight=sent + 1)
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=sent)) as client:
+            pending = {asyncio.create_task(client.post(gateway.url + GEN, json=BODY, headers=headers))}
+            for _ in range(sent - 1):
+                pending.add(asyncio.create_task(client.post(gateway.url + GEN, json=BODY, headers=headers)))
+            refused: list[httpx.Response] = []
+            # The four refusals come back while the upstream still holds the two admitted requests.
+            while len(refused) < sent - 2:
+                done, pending = await asyncio.wait(pending, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+                assert done, f"only {len(refused)} answers while {upstream.in_flight} held upstream"
+                refused += [task.result() for task in done]
+            assert await asyncio.to_thread(upstream.wait_for_count, 2, GEN)
+            assert (upstream.in_flight, upstream.count(GEN)) == (2, 2)
+            upstream.release()
+            return refused, [await task for task in pending]
+
+    try:
+        refused, admitted = asyncio.run(scenario())
+    finally:
+        upstream.release()
+    assert [r.status_code for r in refused] == [429] * 4, [r.text for r in refused]
+    for response in refused:
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            None,
+        )
+        assert "Limit 2, In progress 2" in error["message"]
+        assert response.headers["retry-after"] == "1"
+    assert [r.status_code for r in admitted] == [200, 200]
+    assert upstream.count(GEN) == 2 and upstream.max_in_flight == 2
+    # Slots are given back when the requests end.
+    assert httpx.post(gateway.url + GEN, json=BODY, headers=headers, timeout=30).status_code == 200
 
 
 def test_two_processes_share_one_limit_through_redis(upstream: FakeOpenAI, tmp_path: Path) -> None:

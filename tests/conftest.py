@@ -84,7 +84,8 @@ class Gateway:
     settings: Settings
     server: ThreadedServer
     data_dir: Path
-    _clients: list[openai.OpenAI] = field(default_factory=list)
+    # Clients handed out for this gateway, closed with it (an unclosed one leaks its socket).
+    _clients: list[openai.OpenAI | httpx.Client] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -110,6 +111,11 @@ class Gateway:
         if key is None:
             key, _ = self.create_key()
         client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def closing(self, client: httpx.Client) -> httpx.Client:
+        """Close ``client`` when this gateway closes."""
         self._clients.append(client)
         return client
 

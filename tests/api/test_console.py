@@ -30,6 +30,7 @@ PAGES = [
 
 def signed_in(gw: Gateway, key: str = ADMIN_KEY, **headers: str) -> httpx.Client:
     client = httpx.Client(base_url=gw.url, follow_redirects=False, timeout=30)
+    gw.closing(client)
     response = client.post("/console/login", data={"api_key": key}, headers=headers)
     assert response.status_code == 303, response.text
     return client

@@ -128,13 +128,22 @@ class GatewayProcess:
                     # local address "ADDR:PORT" in hex; state 0A is LISTEN
                     if int(fields[1].rsplit(":", 1)[1], 16) == self.port and fields[3] == "0A":
                         inodes.add(f"socket:[{fields[9]}]")
-        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
-        with contextlib.suppress(OSError):
-            return any(os.readlink(fd) in inodes for fd in fd_dir.iterdir())
+        try:
+            fds = list(Path(f"/proc/{self.proc.pid}/fd").iterdir())
+        except OSError:
+            return False  # the child is gone
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    return True
+            except OSError:
+                continue  # closed since the listing (a connection ending): not the listener
         return False
 
-    def wait_ready(self, timeout: float = 30.0, *, restarts: int = 3) -> GatewayProcess:
-        """Block until ``/healthz`` answers from this child; on a timeout the child is killed."""
+    def wait_ready(self, timeout: float = 60.0, *, restarts: int = 3) -> GatewayProcess:
+        """Block until ``/healthz`` answers from this child; on a timeout the child is killed.
+        The deadline only bounds a failure: a loaded machine (xdist, coverage in the child) can
+        take tens of seconds to import and migrate."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

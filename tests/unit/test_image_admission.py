@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 
-from app.billing.limits import RateLimitError
-from app.billing.pricing import apply_multiplier, worst_case_cost
-from app.errors import InvalidRequestError, QuotaExceededError
+from app.billing.pricing import worst_case_cost
+from app.domain.money import apply_multiplier
+from app.errors import InvalidRequestError, ModerationBlockedError, QuotaExceededError, RateLimitError
 from app.images.requests import GenerationDraft
 from app.keys import Caller
 from app.lifespan import open_state
-from app.moderation.base import ModerationBlockedError
 from app.state import AppState
 from tests.conftest import LOCAL_UPSTREAM, make_settings
 from tests.unit.ledger_db import Db

@@ -13,8 +13,8 @@ from sqlalchemy import Connection, select
 
 from app.billing.ledger import Hold, LedgerRecord, LedgerService, SettlementAbandoned, period_of
 from app.db.tables import LedgerEntry, utcnow
+from app.domain.jobs import TokenUsage
 from app.errors import QuotaExceededError
-from app.images.jobs import TokenUsage
 from tests.unit.ledger_db import Db, open_db
 
 

@@ -15,8 +15,8 @@ from sqlalchemy import Connection
 
 from app.billing.ledger import LedgerService, SettlementAbandoned
 from app.billing.svg import SvgCharge
-from app.images.capabilities import Catalog
-from app.images.jobs import ImageJob, TokenUsage
+from app.domain.catalog import Catalog
+from app.domain.jobs import ImageJob, TokenUsage
 from app.images.settlement import Settlement, UpstreamOutcome
 from app.keys import Caller
 from app.metrics import Metrics

@@ -32,8 +32,9 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	else echo "npm not found: the Node SDK test will be skipped"; fi
 
 # Coverage of app/ (in-process and the gateway subprocesses, see [tool.coverage] in pyproject.toml);
-# the run fails below COV_MIN percent.
-COV_MIN ?= 80
+# the run fails below COV_MIN percent (82: tests/unit + tests/api + tests/operations alone, -n 4;
+# the whole suite covers more, so raise it to what a full run reaches).
+COV_MIN ?= 82
 
 test: lint $(NODE_STAMP)
 	rm -f .coverage .coverage.*

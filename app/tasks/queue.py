@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db.batch import Batcher
 from app.db.tables import Task, utcnow
 from app.db.writer import Writer
-from app.errors import RateLimitError
+from app.errors import RateLimitError, error_body
 from app.tasks.statements import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, Statements
 from app.webhooks.endpoints import enabled_endpoints
 
@@ -381,22 +381,19 @@ class TaskQueue:
 
     def _fail_exhausted(self, c: Connection) -> list[Task]:
         now = self._now()
-        found = c.execute(self._sql.exhausted, {"now": now, "attempts": self.max_attempts})
+        found = c.execute(self._sql.exhausted, {"now": now, "max_attempts": self.max_attempts})
         rows = [Task(**row._asdict()) for row in found]
         if not rows:
             return []
-        error = {
-            "message": "The task was interrupted too many times and was abandoned.",
-            "type": "api_error",
-            "param": None,
-            "code": "task_abandoned",
-        }
+        error = error_body(
+            "The task was interrupted too many times and was abandoned.", "api_error", None, "task_abandoned"
+        )["error"]
         c.execute(
             self._sql.abandon,
             {
                 "ids": [row.id for row in rows],
                 "now": now,
-                "attempts": self.max_attempts,
+                "max_attempts": self.max_attempts,
                 "finished": now,
                 "failure": error,
             },

@@ -113,7 +113,8 @@ class Statements:
         exhausted = and_(
             Task.status == IN_PROGRESS,
             Task.lease_until < bindparam("now"),
-            Task.attempts >= bindparam("attempts", type_=Integer),
+            # Not named "attempts": an UPDATE reserves its column names for its own SET values.
+            Task.attempts >= bindparam("max_attempts", type_=Integer),
         )
         self.exhausted = select(Task.__table__).where(exhausted)
         self.abandon = (

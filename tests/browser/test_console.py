@@ -104,7 +104,8 @@ def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_s
     page.keyboard.press("Tab")  # the first stop is the skip link, which lands on the content
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Enter")
-    assert page.evaluate("document.activeElement.id") == "main"
+    # Focus follows the fragment once the browser has handled the key: wait for it, not for time.
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'main'")
     # Count every preview swapped into the page, whatever its timing.
     page.evaluate(
         """() => {

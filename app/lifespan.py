@@ -305,7 +305,7 @@ async def _background(state: AppState) -> AsyncIterator[None]:
                     spool_age_s=state.settings.uploads.orphan_age_s,
                     inputs_age_s=state.settings.tasks.inputs_orphan_age_s,
                 ),
-                state.tasks.queue.active_ids,
+                state.tasks.queue.activity,
                 interval_s=state.settings.uploads.sweep_interval_s,
             ),
             name="orphan-sweep",

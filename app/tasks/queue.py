@@ -432,15 +432,14 @@ class TaskQueue:
             )
         return rows[:limit], len(rows) > limit
 
-    async def active_ids(self, task_ids: Collection[str]) -> set[str]:
-        """Those of ``task_ids`` still queued or in progress (their input files are in use)."""
+    async def activity(self, task_ids: Collection[str]) -> dict[str, bool]:
+        """For those of ``task_ids`` that have a row: still queued or in progress (its input files
+        are in use), or finished. The orphan sweep removes a finished task's inputs at once."""
         if not task_ids:
-            return set()
+            return {}
         async with self._sessions() as session:
-            result = await session.execute(
-                select(Task.id).where(Task.id.in_(list(task_ids)), Task.status.in_((QUEUED, IN_PROGRESS)))
-            )
-            return set(result.scalars().all())
+            result = await session.execute(select(Task.id, Task.status).where(Task.id.in_(list(task_ids))))
+            return {task_id: status in (QUEUED, IN_PROGRESS) for task_id, status in result.all()}
 
     async def depth(self) -> int:
         async with self._sessions() as session:

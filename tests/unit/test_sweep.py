@@ -19,19 +19,20 @@ OLD = 2 * HOUR
 
 
 class Tasks:
-    """The queue's answer to "which of these are queued or in progress", recording the questions."""
+    """The queue's answer to "which of these have a row, and is it queued or in progress", recording
+    the questions."""
 
-    def __init__(self, *active: str, failures: int = 0) -> None:
-        self.active = set(active)
+    def __init__(self, *active: str, finished: tuple[str, ...] = (), failures: int = 0) -> None:
+        self.rows = {task_id: True for task_id in active} | {task_id: False for task_id in finished}
         self.failures = failures
         self.asked: list[list[str]] = []
 
-    async def __call__(self, task_ids: list[str]) -> set[str]:
+    async def __call__(self, task_ids: list[str]) -> dict[str, bool]:
         self.asked.append(list(task_ids))
         if self.failures:
             self.failures -= 1
             raise ConnectionError("the database is away")
-        return self.active & set(task_ids)
+        return {task_id: self.rows[task_id] for task_id in task_ids if task_id in self.rows}
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ async def test_a_spool_still_being_written_is_fresh_whatever_its_folder_mtime(po
 
 
 async def test_an_active_tasks_inputs_stay_however_old(policy: SweepPolicy) -> None:
-    queued, running, finished, unknown, fresh_unknown = (new_task_id() for _ in range(5))
+    queued, running, finished, fresh_finished, unknown, fresh_unknown = (new_task_id() for _ in range(6))
     kept = [
         folder(policy.inputs_root, queued, age_s=10 * OLD),
         folder(policy.inputs_root, running, age_s=OLD),
@@ -90,14 +91,17 @@ async def test_an_active_tasks_inputs_stay_however_old(policy: SweepPolicy) -> N
     ]
     gone = [
         folder(policy.inputs_root, finished, age_s=OLD),  # its worker died before removing it
+        # Killed between its outcome commit and the removal: finished, so it goes however young.
+        folder(policy.inputs_root, fresh_finished, age_s=5),
         folder(policy.inputs_root, unknown, age_s=OLD),  # purged, or the submission never committed
     ]
-    tasks = Tasks(queued, running)
-    assert await sweep(policy, tasks) == Swept(spools=0, inputs=2)
+    tasks = Tasks(queued, running, finished=(finished, fresh_finished))
+    assert await sweep(policy, tasks) == Swept(spools=0, inputs=3)
     assert all(path.is_dir() for path in kept)
     assert not any(path.exists() for path in gone)
-    # Only old folders are asked about: a fresh one is kept without a database round trip.
-    assert sorted(tasks.asked[0]) == sorted([queued, running, finished, unknown])
+    assert sorted(tasks.asked[0]) == sorted(
+        [queued, running, finished, fresh_finished, unknown, fresh_unknown]
+    )
 
 
 async def test_unrelated_files_and_folders_are_left_alone(policy: SweepPolicy) -> None:

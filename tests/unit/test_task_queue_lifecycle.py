@@ -233,4 +233,25 @@ async def test_purge_deletes_only_finished_tasks_past_retention_in_bounded_batch
     async with queue.sessions() as session:
         left = (await session.execute(select(Task.id))).scalars().all()
     assert left == [ids[3]]  # the queued one stays, whatever its age
-    assert await queue.active_ids(ids) == {ids[3]}
+    assert await queue.activity([*ids, new_task_id()]) == {ids[3]: True}
+    assert await queue.activity([]) == {}
+
+
+async def test_activity_tells_live_tasks_from_finished_ones_and_omits_unknown_ids(
+    queue: TaskQueue, db: Db
+) -> None:
+    queued, running, done, failed = [(await queue.submit(new()))[0].id for _ in range(4)]
+
+    def finish(c: Connection) -> None:
+        c.execute(update(Task).where(Task.id == running).values(status=IN_PROGRESS))
+        c.execute(update(Task).where(Task.id == done).values(status=SUCCEEDED))
+        c.execute(update(Task).where(Task.id == failed).values(status=FAILED))
+
+    await db.writer.run(finish)
+    unknown = new_task_id()
+    assert await queue.activity([queued, running, done, failed, unknown]) == {
+        queued: True,
+        running: True,
+        done: False,
+        failed: False,
+    }

@@ -6,9 +6,11 @@ share the data directory, so nothing can be wiped at start: a folder is an orpha
 
 - spool (``<spool_root>/upload-*``): nothing has written to it for ``spool_age_s``, longer than any
   live request may hold it (the settings refuse a shorter age);
-- task inputs (``<inputs_root>/task_<32 hex>``): its task is neither queued nor in progress (finished,
-  purged, or never committed) and the folder is older than ``inputs_age_s``, which covers the moment
-  between moving the files in and committing the task row.
+- task inputs (``<inputs_root>/task_<32 hex>``): its task has finished (a finished task never reads
+  its inputs again, so at once, whatever the folder's age: a kill between a task's outcome commit and
+  the removal of its folder is cleaned up by the sweep at the next start), or its task is unknown
+  (purged, or never committed) and the folder is older than ``inputs_age_s``, which covers the moment
+  between moving the files in and committing the task row. A queued or running task's folder stays.
 
 Only folders named as the gateway names them are considered; other files, and symlinks (to folders
 or anywhere), are left alone, and removal never follows a link. The file system is walked and
@@ -23,7 +25,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,9 @@ _TASK_ID = re.compile(r"task_[0-9a-f]{32}")
 # Task ids asked about per call, so that the IN (...) list stays far below database limits.
 _BATCH = 500
 
-ActiveTasks = Callable[[list[str]], Awaitable[Collection[str]]]
-"""Answers which of the given task ids are still queued or in progress (their inputs are in use)."""
+TaskActivity = Callable[[list[str]], Awaitable[Mapping[str, bool]]]
+"""For those of the given task ids that have a task row: whether it is still queued or in progress
+(its inputs are in use) rather than finished. Ids without a row are absent from the answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,28 +57,35 @@ class Swept:
     inputs: int
 
 
-async def sweep(policy: SweepPolicy, active: ActiveTasks) -> Swept:
+async def sweep(policy: SweepPolicy, activity: TaskActivity) -> Swept:
     """Remove orphaned folders once; returns how many of each kind went.
 
-    Spools go first, so a database that cannot answer ``active`` still lets them be swept. Candidates
-    are listed before the database is asked, so a task committed meanwhile is seen as active.
+    Spools go first, so a database that cannot answer ``activity`` still lets them be swept.
+    Candidates (with their staleness) are listed before the database is asked, so a task committed
+    meanwhile is seen as known and active.
     """
     stale_spools = await asyncio.to_thread(_stale, policy.spool_root, _is_spool, policy.spool_age_s)
     spools = await asyncio.to_thread(_remove, stale_spools)
-    candidates = await asyncio.to_thread(_stale, policy.inputs_root, _is_task, policy.inputs_age_s)
-    busy: set[str] = set()
-    names = [path.name for path in candidates]
+    folders = await asyncio.to_thread(_folders, policy.inputs_root, _is_task)
+    stale = await asyncio.to_thread(_older, folders, policy.inputs_age_s)
+    known: dict[str, bool] = {}
+    names = [path.name for path in folders]
     for start in range(0, len(names), _BATCH):
-        busy.update(await active(names[start : start + _BATCH]))
-    inputs = await asyncio.to_thread(_remove, [path for path in candidates if path.name not in busy])
+        known.update(await activity(names[start : start + _BATCH]))
+    orphans = [
+        path
+        for path in folders
+        if (path.name in known and not known[path.name]) or (path.name not in known and path.name in stale)
+    ]
+    inputs = await asyncio.to_thread(_remove, orphans)
     return Swept(spools=spools, inputs=inputs)
 
 
-async def sweep_forever(policy: SweepPolicy, active: ActiveTasks, *, interval_s: float) -> None:
+async def sweep_forever(policy: SweepPolicy, activity: TaskActivity, *, interval_s: float) -> None:
     """Sweep at start (what a crash left) and then every ``interval_s``, until cancelled."""
     while True:
         try:
-            swept = await sweep(policy, active)
+            swept = await sweep(policy, activity)
             if swept.spools or swept.inputs:
                 log.warning(
                     "removed orphaned upload folders",
@@ -94,19 +104,29 @@ def _is_task(name: str) -> bool:
     return _TASK_ID.fullmatch(name) is not None
 
 
-def _stale(root: Path, ours: Callable[[str], bool], age_s: float) -> list[Path]:
-    """Our folders directly under ``root`` with nothing changed in them for ``age_s``."""
-    cutoff = time.time() - age_s
+def _folders(root: Path, ours: Callable[[str], bool]) -> list[Path]:
+    """Our folders directly under ``root`` (symlinks, even to folders, are not ours)."""
     try:
         with os.scandir(root) as entries:
-            folders = [
+            return [
                 Path(entry.path)
                 for entry in entries
                 if ours(entry.name) and entry.is_dir(follow_symlinks=False)
             ]
     except FileNotFoundError:
         return []
-    return [folder for folder in folders if _last_change(folder) < cutoff]
+
+
+def _stale(root: Path, ours: Callable[[str], bool], age_s: float) -> list[Path]:
+    """Our folders directly under ``root`` with nothing changed in them for ``age_s``."""
+    stale = _older(folders := _folders(root, ours), age_s)
+    return [folder for folder in folders if folder.name in stale]
+
+
+def _older(folders: list[Path], age_s: float) -> set[str]:
+    """The names of those ``folders`` with nothing changed in them for ``age_s``."""
+    cutoff = time.time() - age_s
+    return {folder.name for folder in folders if _last_change(folder) < cutoff}
 
 
 def _last_change(folder: Path) -> float:

@@ -125,6 +125,63 @@ def env_proxy(url: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
+class LazySession:
+    """The pooled session of one upstream client: made on first use, or injected and then closed
+    by its owner, with the environment's proxy looked up once per origin.
+
+    Made on first use because aiohttp binds a session to the loop it is made in, and clients are
+    built before the server's loop runs (at settings time, in tests outside any loop). ``what``
+    names the client in the error raised after it was closed.
+    """
+
+    def __init__(
+        self,
+        timeout: aiohttp.ClientTimeout,
+        *,
+        max_connections: int | None,
+        what: str,
+        session: Session | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._what = what
+        self._owned = session is None
+        self._session = session
+        self._closed = False
+        self._proxies: dict[str, str | None] = {}
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def made(self) -> Session | None:
+        """The session, if one was injected or has been made (None before first use)."""
+        return self._session
+
+    def get(self) -> Session:
+        """The session, made now inside the running loop if this is its first use."""
+        if self._session is None:
+            if self._closed:
+                raise RuntimeError(f"{self._what} is closed")
+            self._session = new_session(self._timeout, max_connections=self._max_connections)
+        return self._session
+
+    def proxy(self, url: str) -> str | None:
+        """The environment's proxy for ``url``'s origin (scheme, host and port)."""
+        target = URL(url)
+        origin = f"{target.scheme}://{target.host}:{target.port}"
+        if origin not in self._proxies:
+            self._proxies[origin] = env_proxy(url)
+        return self._proxies[origin]
+
+    async def aclose(self) -> None:
+        """Close the pool, unless it was injected (its owner closes it)."""
+        self._closed = True
+        if self._owned and self._session is not None:
+            await self._session.close()
+
+
 class JSONClient:
     """POSTs JSON to upstream endpoints (the moderation model) on one pooled session.
 
@@ -147,26 +204,26 @@ class JSONClient:
         self._timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._secrets = tuple(secrets)
-        self._owns_session = session is None
-        self._session = session
-        self._closed = False
-        self._proxies: dict[str, str | None] = {}
+        # httpx's pool size, which this client had before the stack became one.
+        self._http = LazySession(
+            self._timeout, max_connections=100, what="the upstream JSON client", session=session
+        )
 
     @property
     def is_closed(self) -> bool:
-        return self._closed
+        return self._http.is_closed
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Any:
         with map_aiohttp_errors(secrets=self._secrets):
             async with (
                 asyncio.timeout(self._timeout_s),
-                self._http().post(
+                self._http.get().post(
                     url,
                     data=body,
                     headers=dict(headers),
                     timeout=self._timeout,
                     allow_redirects=False,
-                    proxy=self._proxy(url),
+                    proxy=self._http.proxy(url),
                 ) as response,
             ):
                 raw = await response.read()
@@ -179,21 +236,4 @@ class JSONClient:
 
     async def aclose(self) -> None:
         """Close the pool, unless it was injected (its owner closes it)."""
-        self._closed = True
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            if self._closed:
-                raise RuntimeError("the upstream JSON client is closed")
-            # httpx's pool size, which this client had before the stack became one.
-            self._session = new_session(self._timeout, max_connections=100)
-        return self._session
-
-    def _proxy(self, url: str) -> str | None:
-        target = URL(url)
-        origin = f"{target.scheme}://{target.host}"
-        if origin not in self._proxies:
-            self._proxies[origin] = env_proxy(url)
-        return self._proxies[origin]
+        await self._http.aclose()

@@ -18,6 +18,7 @@ from aiohttp import web
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, InputImage
 from app.errors import UpstreamError, UpstreamRejected
+from app.upstream.client import client_timeout, new_session
 from app.upstream.config import UpstreamSettings
 from app.upstream.providers.azure import (
     DEFAULT_API_VERSION,
@@ -27,7 +28,6 @@ from app.upstream.providers.azure import (
     resource_endpoint,
     with_reset_retry_after,
 )
-from app.upstream.providers.openai_compat import client_timeout, new_session
 from app.upstream.registry import ProviderRegistry
 from tests.fakes.scripted_http import (
     Answer,

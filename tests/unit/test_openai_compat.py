@@ -24,20 +24,14 @@ from aiohttp import web
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, InputImage, TokenUsage
 from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from app.upstream.client import KEEPALIVE_S, client_timeout, env_proxy, new_session, trust_store
 from app.upstream.errors import (
     map_aiohttp_errors,
     rejected_from_response,
     sanitize,
     upstream_secrets,
 )
-from app.upstream.providers.openai_compat import (
-    KEEPALIVE_S,
-    OpenAICompatProvider,
-    client_timeout,
-    env_proxy,
-    new_session,
-    trust_store,
-)
+from app.upstream.providers.openai_compat import OpenAICompatProvider
 from tests.fakes.scripted_http import (
     Answer,
     HangingResolver,
@@ -705,9 +699,9 @@ async def test_own_session_made_lazily_configured_and_closed(tmp_path: Path) -> 
             timeout_s=5,
             max_connections=3,
         )
-        assert provider._session is None  # built outside any loop is fine: made on first use
+        assert provider._http.made is None  # built outside any loop is fine: made on first use
         await provider.generate(make_job(), upstream_model="gpt-image-1")
-        session = provider._session
+        session = provider._http.made
         assert session is not None
         assert session.timeout == client_timeout(5, 10.0)
         assert session.auto_decompress

@@ -43,7 +43,7 @@ from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
 from app.upstream.base import mark_answered
-from app.upstream.client import PROBE_TIMEOUT, client_timeout, env_proxy, new_session
+from app.upstream.client import PROBE_TIMEOUT, LazySession, client_timeout
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
 
 NOT_CONFIGURED = "The upstream service is not configured to serve this model."
@@ -265,11 +265,12 @@ class NativeProvider(ABC):
         self._secrets: tuple[str, ...] = upstream_secrets(self._base_url, api_key)
         self._timeout_s = timeout_s
         self._timeout = client_timeout(timeout_s, connect_timeout_s)
-        self._max_connections = max_connections
-        self._owns_session = session is None
-        self._session = session
-        self._closed = False
-        self._proxies: dict[str, str | None] = {}
+        self._http = LazySession(
+            self._timeout,
+            max_connections=max_connections,
+            what=f"upstream provider {name!r}",
+            session=session,
+        )
 
     @abstractmethod
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult: ...
@@ -288,12 +289,12 @@ class NativeProvider(ABC):
     async def probe(self) -> bool:
         """Reachability: any HTTP answer from the base URL will do, even 401 or 404."""
         try:
-            async with self._http().get(
+            async with self._http.get().get(
                 self._base_url,
                 headers=self._auth(),
                 timeout=PROBE_TIMEOUT,
                 allow_redirects=False,
-                proxy=self._proxy(self._base_url),
+                proxy=self._http.proxy(self._base_url),
             ) as response:
                 await response.read()
         except (aiohttp.ClientError, TimeoutError):
@@ -301,9 +302,7 @@ class NativeProvider(ABC):
         return True
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._owns_session and self._session is not None:
-            await self._session.close()
+        await self._http.aclose()
 
     # -- for subclasses -----------------------------------------------------------------------------
 
@@ -335,8 +334,8 @@ class NativeProvider(ABC):
             headers["content-type"] = "application/json"
             data = orjson.dumps(json_body)
         with map_aiohttp_errors(secrets=self._secrets):
-            async with self._http().request(
-                method, url, data=data, headers=headers, allow_redirects=False, proxy=self._proxy(url)
+            async with self._http.get().request(
+                method, url, data=data, headers=headers, allow_redirects=False, proxy=self._http.proxy(url)
             ) as response:
                 if max_bytes is not None and (response.content_length or 0) > max_bytes:
                     raise UpstreamError(INVALID_RESPONSE)
@@ -351,17 +350,3 @@ class NativeProvider(ABC):
         if not 200 <= status < 300:
             raise self._error(status, raw, answer_headers)
         return raw, answer_headers
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            if self._closed:
-                raise RuntimeError(f"upstream provider {self.name!r} is closed")
-            self._session = new_session(self._timeout, max_connections=self._max_connections)
-        return self._session
-
-    def _proxy(self, url: str) -> str | None:
-        """The environment's proxy for ``url``'s host, looked up once per host."""
-        host = url.split("://", 1)[-1].split("/", 1)[0]
-        if host not in self._proxies:
-            self._proxies[host] = env_proxy(url)
-        return self._proxies[host]

@@ -20,15 +20,7 @@ from multidict import CIMultiDictProxy
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import UpstreamError
 from app.upstream.base import mark_answered
-
-# Re-exported (``as``): the session helpers moved to app/upstream/client.py, and tests of this
-# adapter still reach them here.
-from app.upstream.client import KEEPALIVE_S as KEEPALIVE_S
-from app.upstream.client import PROBE_TIMEOUT as PROBE_TIMEOUT
-from app.upstream.client import client_timeout as client_timeout
-from app.upstream.client import env_proxy as env_proxy
-from app.upstream.client import new_session as new_session
-from app.upstream.client import trust_store as trust_store
+from app.upstream.client import PROBE_TIMEOUT, LazySession, client_timeout
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
 from app.upstream.multipart import edit_form
 from app.upstream.skeleton import summarize
@@ -64,11 +56,13 @@ class OpenAICompatProvider:
         self._secrets = upstream_secrets(base_url, api_key)
         self._timeout_s = timeout_s
         self._timeout = client_timeout(timeout_s, connect_timeout_s)
-        self._max_connections = max_connections
-        self._proxy = env_proxy(self._base_url)
-        self._owns_session = session is None
-        self._session = session
-        self._closed = False
+        self._http = LazySession(
+            self._timeout,
+            max_connections=max_connections,
+            what=f"upstream provider {name!r}",
+            session=session,
+        )
+        self._proxy = self._http.proxy(self._base_url)
 
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
         """POST ``/images/generations`` and return the upstream's ImagesResponse as is."""
@@ -84,7 +78,7 @@ class OpenAICompatProvider:
             with map_aiohttp_errors(secrets=self._secrets):
                 # The body is read inside: the connection goes back to the pool (and the multipart
                 # writer stops reading the files) before the files close.
-                async with self._http().post(
+                async with self._http.get().post(
                     url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
                 ) as response:
                     if 200 <= response.status < 300:
@@ -103,7 +97,7 @@ class OpenAICompatProvider:
         with ExitStack() as files:
             url, headers, body = self._build(job, upstream_model, files, stream=True)
             with map_aiohttp_errors(secrets=self._secrets):
-                response = await self._http().post(
+                response = await self._http.get().post(
                     url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
                 )
             try:
@@ -170,7 +164,7 @@ class OpenAICompatProvider:
     async def probe(self) -> bool:
         """Reachability: any HTTP answer from ``/models`` will do, even 401 or 404."""
         try:
-            async with self._http().get(
+            async with self._http.get().get(
                 self._url("/models"),
                 headers=self._headers(request_id="probe"),
                 timeout=PROBE_TIMEOUT,
@@ -184,17 +178,7 @@ class OpenAICompatProvider:
 
     async def aclose(self) -> None:
         """Close the connection pool, unless it was injected (its owner closes it)."""
-        self._closed = True
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-
-    def _http(self) -> aiohttp.ClientSession:
-        """The session, made inside the running loop on first use."""
-        if self._session is None:
-            if self._closed:
-                raise RuntimeError(f"upstream provider {self.name!r} is closed")
-            self._session = new_session(self._timeout, max_connections=self._max_connections)
-        return self._session
+        await self._http.aclose()
 
     def _url(self, path: str) -> str:
         return f"{self._base_url}{path}"

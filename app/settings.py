@@ -167,7 +167,7 @@ class TaskSettings(_Section):
     # Where async edits keep their uploads until they run; default <data_dir>/task_inputs.
     # Replicas that share a queue must share this directory.
     inputs_dir: str | None = None
-    # A task's input folder is swept once its task is finished or unknown and the folder is this old.
+    # A finished task's input folder is swept at once; one whose task is unknown once it is this old.
     # The age covers the moment between moving the files in and committing the task row, and the
     # clock skew of a disk shared between hosts; a queued or running task's inputs are always kept.
     inputs_orphan_age_s: float = Field(default=3600.0, ge=60)

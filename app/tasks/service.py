@@ -12,10 +12,8 @@ settlement path), so a task is billed exactly once or not at all.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import shutil
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -25,14 +23,15 @@ from sqlalchemy import Connection
 
 from app.billing.ledger import Hold, SettlementAbandoned
 from app.db.tables import Task
-from app.domain.jobs import ImageJob, InputImage
+from app.domain.jobs import ImageJob
 from app.errors import GatewayError
 from app.images.delivery import image_names, render_images, store_images
-from app.images.intake.spool import SpooledFile, UploadForm
-from app.images.service import Admission, Draft, GenerationDraft, ImageService, InputLimits, ResultHook
+from app.images.intake.spool import UploadForm
+from app.images.service import Admission, Draft, ImageService, InputLimits, ResultHook
 from app.images.settlement import CostHook, shielded
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
+from app.tasks.inputs import TaskInputs, job_spec
 from app.tasks.progress import ProgressRecorder, preview_names, progress_of, render_progress, run_streamed
 from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
 from app.upstream.slots import CALL_SOURCE
@@ -74,8 +73,7 @@ class TaskService:
         self._images = images
         self._keys = keys
         self._store = store
-        self._inputs_root = inputs_root
-        self._input_limits = input_limits
+        self._inputs = TaskInputs(root=inputs_root, images=images, limits=input_limits)
         self._settings = settings
         # Set on submit so an in-process worker starts at once instead of at its next poll.
         self.wakeup = asyncio.Event()
@@ -136,8 +134,8 @@ class TaskService:
         try:
             files: list[dict[str, Any]] = []
             if form is not None:
-                files = await asyncio.to_thread(self._keep_inputs, task_id, form)
-            spec: dict[str, Any] = {"job": _job_spec(job), "files": files}
+                files = await asyncio.to_thread(self._inputs.keep, task_id, form)
+            spec: dict[str, Any] = {"job": job_spec(job), "files": files}
             if chosen:
                 spec["webhooks"] = chosen
             task, created = await self.queue.submit(
@@ -159,40 +157,18 @@ class TaskService:
             )
         except BaseException:
             await self._images.release(hold)
-            await asyncio.to_thread(self._drop_inputs, task_id)
+            await asyncio.to_thread(self._inputs.drop, task_id)
             raise
         if not created:
             await self._images.release(hold)
-            await asyncio.to_thread(self._drop_inputs, task_id)
+            await asyncio.to_thread(self._inputs.drop, task_id)
         self.wakeup.set()
         return task
 
     @property
     def inputs_root(self) -> Path:
         """Where queued edits keep their input files (swept for orphans by the lifespan)."""
-        return self._inputs_root
-
-    def _keep_inputs(self, task_id: str, form: UploadForm) -> list[dict[str, Any]]:
-        """Move a request's spooled files into the task's own folder (same filesystem: a rename)."""
-        folder = self._inputs_root / task_id
-        folder.mkdir(parents=True, exist_ok=False)
-        kept = []
-        for index, upload in enumerate(form.files):
-            name = f"{index:03d}-{upload.field.replace('/', '_')[:40]}"
-            shutil.move(upload.path, folder / name)
-            kept.append(
-                {
-                    "field": upload.field,
-                    "filename": upload.filename,
-                    "name": name,
-                    "size": upload.size,
-                    "spooled": str(upload.path),
-                }
-            )
-        return kept
-
-    def _drop_inputs(self, task_id: str) -> None:
-        shutil.rmtree(self._inputs_root / task_id, ignore_errors=True)
+        return self._inputs.root
 
     async def view(self, task: Task, *, base_url: str) -> dict[str, Any]:
         """The task object a client sees, with its images as URLs or base64 as it asked."""
@@ -261,7 +237,7 @@ class TaskService:
             return
         try:
             caller = await self._keys.caller_for(task.key_id)
-            job = await self._restore(task, caller)
+            job = await self._inputs.restore(task, caller)
             if not resuming and not await self.queue.mark_dispatched(task.id, worker):
                 return  # the lease was lost meanwhile: the new owner decides
             job = replace(job, resume=task.provider_job, on_submitted=self._recorder(task, worker))
@@ -347,62 +323,13 @@ class TaskService:
 
         await self.queue.finish(task.id, worker, status=FAILED, error=error, also=events)
 
-    async def _restore(self, task: Task, caller: Caller) -> ImageJob:
-        """The admitted job again, as submission stored it: the same effective moderation level,
-        the same validated settings. The model must still be served and allowed for the key."""
-        stored = task.spec.get("job")
-        if not isinstance(stored, Mapping):
-            return await self._legacy(task, caller)
-        caps = self._images.resolve_model(str(stored["model"]), caller)
-        folder = self._inputs_root / task.id
-        names = {f["spooled"]: f["name"] for f in task.spec.get("files") or [] if "spooled" in f}
-
-        def image(entry: Mapping[str, Any]) -> InputImage:
-            values = {k: v for k, v in entry.items() if k != "spooled"}
-            return InputImage(**{**values, "path": folder / names.get(entry["spooled"], "")})
-
-        values = {k: v for k, v in stored.items() if k not in ("images", "mask")}
-        mask = stored.get("mask")
-        return ImageJob(
-            **values,
-            caps=caps,
-            images=tuple(image(entry) for entry in stored.get("images") or ()),
-            mask=image(mask) if isinstance(mask, Mapping) else None,
-        )
-
-    async def _legacy(self, task: Task, caller: Caller) -> ImageJob:
-        """A task queued by an older version (its raw payload stored): admitted again, moderation
-        included, so it cannot run at a looser level than the key allows."""
-        payload = dict(task.spec.get("payload") or {})
-        if task.endpoint == "generations":
-            job = await self._images.validate(
-                caller=caller, draft=GenerationDraft(payload=payload, request_id=task.request_id)
-            )
-            return await self._images.screen(caller=caller, job=job)
-        folder = self._inputs_root / task.id
-        files = [
-            SpooledFile(
-                field=f["field"],
-                filename=f.get("filename"),
-                content_type=None,
-                path=folder / f["name"],
-                size=f["size"],
-            )
-            for f in task.spec.get("files") or []
-        ]
-        form = UploadForm(fields={k: [str(v)] for k, v in payload.items()}, files=files, spool_dir=folder)
-        job = await self._images.jobs.prepare_edit(
-            caller=caller, form=form, request_id=task.request_id, limits=self._input_limits
-        )
-        return await self._images.screen(caller=caller, job=job)
-
     def _events_for_abandoned(self, c: Connection, task: Task) -> None:
         if self._outbox is not None:
             self._outbox.enqueue_in(c, task, status=FAILED, error=task.error)
 
     async def _after(self, task: Task) -> None:
         self.on_events()
-        await asyncio.to_thread(self._drop_inputs, task.id)
+        await asyncio.to_thread(self._inputs.drop, task.id)
 
     async def render(self, task_id: str, *, base_url: str) -> dict[str, Any] | None:
         """The task object as its owner sees it (for webhook events); None when it is gone."""
@@ -420,7 +347,7 @@ class TaskService:
             for task in gone:
                 for name in [*image_names(task.result), *preview_names(task)]:
                     await self._store.delete(name)
-                await asyncio.to_thread(self._drop_inputs, task.id)
+                await asyncio.to_thread(self._inputs.drop, task.id)
             purged += len(gone)
             if len(gone) < PURGE_BATCH:
                 return purged
@@ -448,39 +375,6 @@ def _hold_of(task: Task) -> Hold:
         period=task.hold_period or "",
         amount_micros=task.hold_micros,
     )
-
-
-# The catalog entry is looked up again by name; a provider job to resume and its recorder are set
-# by the task runner for each run (issue 19), not by admission.
-_NOT_STORED = frozenset({"caps", "resume", "on_submitted"})
-
-
-def _job_spec(job: ImageJob) -> dict[str, Any]:
-    """An admitted job as JSON: every field but the catalog entry (looked up again by name), with
-    the input images referring to the files the task keeps."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, tuple | list):
-            return [plain(v) for v in value]
-        return value
-
-    def image(item: InputImage) -> dict[str, Any]:
-        values = {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.name != "path"}
-        return {**values, "spooled": str(item.path)}
-
-    spec: dict[str, Any] = {}
-    for f in dataclasses.fields(job):
-        if f.name in _NOT_STORED:
-            continue
-        if f.name == "images":
-            spec["images"] = [image(item) for item in job.images]
-        elif f.name == "mask":
-            spec["mask"] = image(job.mask) if job.mask is not None else None
-        else:
-            spec[f.name] = plain(getattr(job, f.name))
-    return spec
 
 
 def _ts(value: Any) -> int | None:

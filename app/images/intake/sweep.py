@@ -72,11 +72,8 @@ async def sweep(policy: SweepPolicy, activity: TaskActivity) -> Swept:
     names = [path.name for path in folders]
     for start in range(0, len(names), _BATCH):
         known.update(await activity(names[start : start + _BATCH]))
-    orphans = [
-        path
-        for path in folders
-        if (path.name in known and not known[path.name]) or (path.name not in known and path.name in stale)
-    ]
+    # Known: kept while it runs, removed once finished; unknown: removed once stale.
+    orphans = [path for path in folders if not known.get(path.name, path.name not in stale)]
     inputs = await asyncio.to_thread(_remove, orphans)
     return Swept(spools=spools, inputs=inputs)
 

@@ -104,7 +104,19 @@ class WebhookSender:
             if endpoint is None or not endpoint.enabled:
                 await self._outbox.attempt_failed(delivery, None, "endpoint removed or disabled")
                 return
-            body = event_body(delivery, await self._render(delivery.task_id))
+            try:
+                rendered = await self._render(delivery.task_id)
+            except Exception as exc:
+                # One event that cannot be rendered now (its result image unreadable: a store
+                # outage, or a node whose store is not the one the worker wrote to) is retried
+                # with its own backoff; it must not fail the round and hold back every other event.
+                log.warning(
+                    "webhook event could not be rendered",
+                    extra={"fields": {"delivery_id": delivery.id, "error": type(exc).__name__}},
+                )
+                await self._outbox.attempt_failed(delivery, None, f"could not render: {type(exc).__name__}")
+                return
+            body = event_body(delivery, rendered)
             headers = signed_headers(endpoint.secret, delivery.id, body, datetime.now(UTC))
             status: int | None = None
             try:

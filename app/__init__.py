@@ -1,3 +1,3 @@
 """Self-hostable gateway for the OpenAI Images API."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -27,6 +27,7 @@ from tests.cluster.manifests import (
     BASE,
     EXAMPLE_OVERLAY,
     MIGRATE,
+    ROOT,
     WORKER,
     config_map_data,
     find,
@@ -409,3 +410,18 @@ def test_load_shape_reads_processes_from_the_manifests() -> None:
     local = shape.api.local_argv(python="/venv/python", port=18080)
     assert local == ["/venv/python", "-m", "app", "serve", "--host", "127.0.0.1", "--port", "18080"]
     assert shape.worker.local_argv(python="py") == ["py", "-m", "app", "worker"]
+
+
+def test_readme_shows_the_overlay_as_it_is_and_the_apply_command() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Production shape") :]
+    section = section[: section.index("\n## ")]
+    assert "kubectl apply -k deploy/kubernetes/overlays/example" in section
+    shown = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    real = yaml.safe_load((EXAMPLE_OVERLAY / "kustomization.yaml").read_text(encoding="utf-8"))
+    for field in ("namespace", "resources", "images", "replicas", "configMapGenerator", "patches"):
+        assert shown[field] == real[field], field
+    # Its replica and HPA figures are the rendered ones.
+    objects = rendered()
+    hpa = find(objects, "HorizontalPodAutoscaler", API)["spec"]
+    assert f"({hpa['minReplicas']}–{hpa['maxReplicas']} API" in section

@@ -169,6 +169,8 @@ def _patch(directory: Path, patch: Obj, objects: list[Obj]) -> None:
     if target is not None and (set(target) - {"kind", "name"} or len(documents) != 1):
         raise KustomizeError(f"patches: a target takes kind and name, and one patch document: {patch}")
     for document in documents:
+        if not isinstance(document, dict) or "kind" not in document or "metadata" not in document:
+            raise KustomizeError(f"patch {patch['path']}: only strategic merge patches are rendered")
         if target is not None:
             chosen = [
                 o

@@ -156,6 +156,10 @@ def test_the_renderer_refuses_what_it_does_not_render(tmp_path: Path) -> None:
     (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonLabels: {a: b}\n")
     with pytest.raises(KustomizeError, match="commonLabels"):
         render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text("resources: []\npatches: [{path: p.yaml}]\n")
+    (tmp_path / "p.yaml").write_text("- {op: replace, path: /spec/replicas, value: 3}\n")
+    with pytest.raises(KustomizeError, match="strategic merge"):
+        render(tmp_path)
 
 
 # -- promises the gateway relies on ----------------------------------------------------------------

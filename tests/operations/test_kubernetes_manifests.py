@@ -399,6 +399,10 @@ def test_the_overlay_sets_what_a_real_deployment_changes() -> None:
             == "registry.example.com/platform/image-gateway:0.1.0"
         )
     assert find(overlay, "Deployment", API)["spec"]["replicas"] == 3
+    for name in (API, WORKER):
+        # Every apply sets the count; at the HPA's floor, an apply never scales a busy fleet down.
+        hpa = find(overlay, "HorizontalPodAutoscaler", name)
+        assert find(overlay, "Deployment", name)["spec"]["replicas"] == hpa["spec"]["minReplicas"]
     assert find(overlay, "Ingress", "image-gateway")["spec"]["rules"][0]["host"] == "images.acme.example"
     secrets = {
         name for workload in _workloads(overlay) for name, _ in process_spec(workload).secret_env.values()

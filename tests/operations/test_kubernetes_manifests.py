@@ -400,7 +400,7 @@ def test_the_overlay_sets_what_a_real_deployment_changes() -> None:
         )
     assert find(overlay, "Deployment", API)["spec"]["replicas"] == 3
     for name in (API, WORKER):
-        # Every apply sets the count; at the HPA's floor, an apply never scales a busy fleet down.
+        # Every apply sets this count and the HPA scales from it; never outside the HPA's bounds.
         hpa = find(overlay, "HorizontalPodAutoscaler", name)
         assert find(overlay, "Deployment", name)["spec"]["replicas"] == hpa["spec"]["minReplicas"]
     assert find(overlay, "Ingress", "image-gateway")["spec"]["rules"][0]["host"] == "images.acme.example"

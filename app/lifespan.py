@@ -188,7 +188,8 @@ async def open_state(
                 writer,
                 lease_s=settings.tasks.lease_s,
                 max_attempts=settings.tasks.max_attempts,
-                hold_ttl_s=float(settings.storage.retention_s),
+                # No clock on a queued task's hold: it is tied to the task (release_expired).
+                hold_ttl_s=None,
             ),
             images=images,
             keys=keys,

@@ -50,9 +50,12 @@ def crash_config(upstream: FakeOpenAI, tmp_path: Path, db_url: str, *, workers: 
         upstream,
         tmp_path / "data",
         db_url,
-        # Holds of dead requests are released 2 s after they were taken, checked 4 times a second;
-        # a dead worker's task lease lapses after 2 s.
-        billing={"hold_ttl_s": 2, "reconcile_every_s": 0.25},
+        # Holds of dead requests are released 5 s after they were taken, checked 4 times a second
+        # (the settings refuse a TTL a live request could outlast: here body 1 s + retries 1 s + a
+        # 2 s upstream timeout, no shutdown grace); a dead worker's task lease lapses after 2 s.
+        billing={"hold_ttl_s": 5, "reconcile_every_s": 0.25},
+        server={"body_deadline_s": 1, "shutdown_grace_s": 0},
+        retry={"initial_delay_s": 0.01, "max_delay_s": 0.05, "deadline_s": 1},
         tasks={"workers": workers, "lease_s": 2, "poll_s": 0.1},
     )
 

@@ -98,7 +98,7 @@ class Settlement:
             per_image = job.caps.output_tokens_per_image(job.quality, job.size)
             usage = usage + TokenUsage(image_output=per_image * outcome.unreported, estimated=True)
         if outcome.images:
-            cost, usage = request_cost(job, outcome.usage, outcome.images)
+            cost, usage = request_cost(job, usage, outcome.images)
         if outcome.partials and job.caps.reports_usage:
             extra = TokenUsage(image_output=outcome.partials * PARTIAL_IMAGE_OUTPUT_TOKENS, estimated=True)
             usage = extra if usage is None else usage + extra

@@ -16,17 +16,30 @@ import asyncio
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property, partial
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Connection, and_, bindparam, delete, exists, insert, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
+from app.billing.journal import Journaled, SettlementJournal
 from app.billing.svg import SvgCharge
 from app.db.prepared import Executed, Prepared
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, Task, utcnow
@@ -204,8 +217,11 @@ class LedgerService:
         settle_patience_s: float | None = None,
         retry_first_s: float | None = None,
         retry_max_s: float | None = None,
+        journal: SettlementJournal | None = None,
     ) -> None:
         self._writer = writer
+        # Where a refused settlement is also kept, so that the process's death does not lose it.
+        self._journal = journal
         self._hold_ttl = timedelta(seconds=hold_ttl_s)
         self._pending: set[asyncio.Future[Any]] = set()
         self._patience_s = SETTLE_PATIENCE_S if settle_patience_s is None else settle_patience_s
@@ -314,29 +330,58 @@ class LedgerService:
             retry, first = not first, False
             # A retry after an error the database may have committed anyway (a connection lost
             # in the COMMIT) must not charge twice: the row is the proof it was written.
-            if retry and c.execute(_WRITTEN, {"request": record.request_id}).first() is not None:
+            if retry and self._written(c, record.request_id):
+                # Written meanwhile (by that COMMIT, or by a journal replay): the charge stands,
+                # and a task's outcome is recorded now if it is not yet (its hook finds out).
+                if also is not None:
+                    also(c)
                 return
-            self._settle(c, hold, record, entry, also)
+            self._settle(c, hold, entry, also)
+
+        journal = self._journal
+
+        async def keep() -> None:
+            if journal is not None:
+                await journal.append(hold, entry)
 
         # A task's settlement carries its outcome (``also``) and has no client waiting: it is
         # retried for as long as it takes; a request's waits only so long (see `_until_written`).
-        await self._until_written(work, patience_s=None if also is not None else self._patience_s)
+        await self._until_written(
+            work, patience_s=None if also is not None else self._patience_s, on_refused=keep
+        )
 
-    def _settle(
-        self,
-        c: Connection,
-        hold: Hold | None,
-        record: LedgerRecord,
-        entry: dict[str, Any],
-        also: TxHook | None,
-    ) -> None:
+    def _written(self, c: Connection, request_id: str) -> bool:
+        """Whether the request's row exists; on PostgreSQL it also waits for, and then blocks,
+        any other transaction writing it (a retry here, a journal replay elsewhere)."""
+        if self._writer.dialect == "postgresql":
+            c.execute(text("SELECT pg_advisory_xact_lock(hashtext(:request))"), {"request": request_id})
+        return c.execute(_WRITTEN, {"request": request_id}).first() is not None
+
+    async def replay_journal(self) -> int:
+        """Write the settlements the journal kept (app/billing/journal.py); returns how many are
+        now in the ledger. Called by the reconciler."""
+        if self._journal is None:
+            return 0
+        return await self._journal.replay(self._apply_journaled)
+
+    async def _apply_journaled(self, item: Journaled) -> bool:
+        hold = Hold(**item.hold) if item.hold is not None else None
+
+        def work(c: Connection) -> None:
+            if not self._written(c, str(item.entry["request_id"])):
+                self._settle(c, hold, item.entry, None)
+
+        await self._writer.run(work)
+        return True
+
+    def _settle(self, c: Connection, hold: Hold | None, entry: dict[str, Any], also: TxHook | None) -> None:
         released = 0
         if hold is not None:
             gone = self._sql.unhold.execute(c, {"hold": hold.id})
             # A hold the reconciler already released must not be released twice.
             released = hold.amount_micros if _rows(gone) == 1 else 0
         period = hold.period if hold else period_of(utcnow())
-        self._move(c, record.key_id, period, released, record.cost_micros)
+        self._move(c, entry["key_id"], period, released, entry["cost_micros"])
         self._sql.entry.execute(c, entry)
         if also is not None and not also(c):
             raise SettlementAbandoned("the outcome could not be recorded; the charge was not made")
@@ -345,7 +390,13 @@ class LedgerService:
         """Give a hold back with no charge (the request never reached an upstream)."""
         await self._until_written(lambda c: self._release(c, hold), patience_s=self._patience_s)
 
-    async def _until_written(self, work: Callable[[Connection], None], *, patience_s: float | None) -> None:
+    async def _until_written(
+        self,
+        work: Callable[[Connection], None],
+        *,
+        patience_s: float | None,
+        on_refused: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Run a write transaction to its end, retrying while the database refuses it.
 
         After ``patience_s`` (None: never) the caller gets 503 ``ledger_unavailable`` while the
@@ -357,6 +408,8 @@ class LedgerService:
             return
         except TRANSIENT as exc:
             log.warning("a ledger write failed; retrying", extra={"fields": {"error": _summary(exc)}})
+        if on_refused is not None:
+            await on_refused()
         self.deferred += 1
         retrying = self._background(self._retry(work))
         try:

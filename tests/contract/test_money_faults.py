@@ -223,6 +223,8 @@ def test_a_request_that_stops_waiting_still_has_its_settlement_written(
     assert isinstance(failed.value.body, dict) and failed.value.body["code"] == "ledger_unavailable"
     assert upstream.count(GEN) == 1
     assert rows(gw, key_id) == [] and len(gw.query("SELECT id FROM reservations")) == 1
+    # Kept on disk too, so that the process's death would not lose it (replayed by the reconciler).
+    assert (gw.data_dir / "ledger-journal.jsonl").exists()
 
     refusing["refuse"] = 0  # the disk has room again: the process writes what it kept
     assert wait_for(lambda: len(rows(gw, key_id)) == 1 and not gw.query("SELECT id FROM reservations"))

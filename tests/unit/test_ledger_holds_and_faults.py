@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import Connection, insert, update
 
+from app.billing.journal import SettlementJournal
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
 from app.db.engine import create_engine
 from app.db.migrate import upgrade_head
@@ -248,3 +249,61 @@ async def test_a_retried_settlement_that_was_committed_after_all_is_not_charged_
     await ledger.settle(hold, record("r1", 4_000, hold))
     assert len(await db.entries()) == 1
     assert (await db.key("k"))["spent"] == 4_000
+
+
+async def test_a_refused_settlement_is_journaled_and_replayed_after_the_process_died(
+    db: Db, tmp_path: Path
+) -> None:
+    await db.add_key("k")
+    journal = SettlementJournal(tmp_path / "ledger-journal.jsonl")
+    disk = FullDisk(db.writer)
+    dying = LedgerService(disk, settle_patience_s=0.05, retry_first_s=0.01, retry_max_s=0.05, journal=journal)
+    hold = await dying.reserve(key_id="k", amount_micros=5_000, request_id="r1")
+    disk.full = True
+    with pytest.raises(LedgerUnavailableError):
+        await dying.settle(hold, record("r1", 4_000, hold))
+    assert journal.path.exists()
+    # The process dies: its retries stop with it, and nothing was written.
+    for pending in list(dying._pending):
+        pending.cancel()
+    await asyncio.gather(*dying._pending, return_exceptions=True)
+    assert await db.entries() == [] and len(await db.holds()) == 1
+
+    # A process on the same data_dir (or this one, restarted) replays the journal at its next tick.
+    disk.full = False
+    restarted = LedgerService(db.writer, journal=journal)
+    assert await restarted.replay_journal() == 1
+    (entry,) = await db.entries()
+    assert (entry["request_id"], entry["cost_micros"], entry["key_id"]) == ("r1", 4_000, "k")
+    key = await db.key("k")
+    assert (key["spent"], key["reserved"], key["period_spent"], key["period_reserved"]) == (
+        4_000,
+        0,
+        4_000,
+        0,
+    )
+    assert await db.holds() == []
+    assert not journal.path.exists()
+    assert await restarted.replay_journal() == 0
+
+
+async def test_a_journaled_settlement_written_by_its_retries_is_not_replayed_twice(
+    db: Db, tmp_path: Path
+) -> None:
+    await db.add_key("k")
+    journal = SettlementJournal(tmp_path / "ledger-journal.jsonl")
+    disk = FullDisk(db.writer)
+    ledger = LedgerService(disk, settle_patience_s=30, retry_first_s=0.01, retry_max_s=0.05, journal=journal)
+    hold = await ledger.reserve(key_id="k", amount_micros=5_000, request_id="r1")
+    disk.full = True
+    settling = asyncio.ensure_future(ledger.settle(hold, record("r1", 4_000, hold)))
+    await disk.refusal.wait()
+    disk.refusal.clear()
+    await disk.refusal.wait()  # refused twice: journaled, and retrying
+    assert journal.path.exists()
+    disk.full = False
+    await settling
+    # The journal still names it; replaying finds its row and only drops the line.
+    assert await LedgerService(db.writer, journal=journal).replay_journal() == 1
+    assert len(await db.entries()) == 1 and (await db.key("k"))["spent"] == 4_000
+    assert not journal.path.exists()

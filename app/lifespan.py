@@ -263,6 +263,8 @@ async def _reconcile_forever(state: AppState) -> None:
             replayed = await state.ledger.replay_journal()
             if replayed:
                 log.warning("wrote journaled settlements", extra={"fields": {"count": replayed}})
+            # This process's live holds are pushed back before any expired one is taken.
+            await state.ledger.renew_live()
             released = await state.ledger.release_expired()
             if released:
                 log.warning("released stale holds", extra={"fields": {"count": released}})

@@ -373,6 +373,12 @@ class Settings(BaseSettings):
                 "hold its reservation (server.body_deadline_s + retry.deadline_s + the longest "
                 "upstream timeout_s + server.shutdown_grace_s)"
             )
+        # Each reconciler tick also pushes back the expiry of its process's live holds.
+        if self.billing.hold_ttl_s <= 2 * self.billing.reconcile_every_s:
+            raise ValueError(
+                "billing.hold_ttl_s must be above twice billing.reconcile_every_s (each tick renews "
+                "the holds of the requests its process is running)"
+            )
         return self
 
     @model_validator(mode="after")

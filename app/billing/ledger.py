@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
 SETTLE_PATIENCE_S = 5.0
+# Holds renewed per statement (an IN list) by `renew_live`.
+RENEW_CHUNK = 500
 # What the database raises when it cannot write now: worth retrying, unlike a refusal by the
 # transaction's own logic (quota, a task taken over) or a bug.
 TRANSIENT: tuple[type[BaseException], ...] = (DBAPIError, sqlite3.Error, OSError)
@@ -229,6 +231,8 @@ class LedgerService:
         self._retry_max_s = RETRY_MAX_S if retry_max_s is None else retry_max_s
         # Settlements and releases still being retried (the database refused them so far).
         self.deferred = 0
+        # Holds this process took and has not settled or released yet (see `renew_live`).
+        self._live: set[str] = set()
 
     @cached_property
     def _sql(self) -> _Statements:
@@ -257,6 +261,7 @@ class LedgerService:
         reserve = partial(self._reserve, hold=hold, request_id=request_id, now=now, expires=expires)
         try:
             self._writer.run_now(reserve)  # nothing to cancel: it runs to its end right here
+            self._live.add(hold.id)
             return hold
         except WouldBlock:
             pass
@@ -266,6 +271,7 @@ class LedgerService:
         except asyncio.CancelledError:
             self._background(self._undo(work, hold))
             raise
+        self._live.add(hold.id)
         return hold
 
     async def _undo(self, work: asyncio.Future[None], hold: Hold) -> None:
@@ -346,9 +352,13 @@ class LedgerService:
 
         # A task's settlement carries its outcome (``also``) and has no client waiting: it is
         # retried for as long as it takes; a request's waits only so long (see `_until_written`).
-        await self._until_written(
-            work, patience_s=None if also is not None else self._patience_s, on_refused=keep
-        )
+        try:
+            await self._until_written(
+                work, patience_s=None if also is not None else self._patience_s, on_refused=keep
+            )
+        finally:
+            if hold is not None:
+                self._live.discard(hold.id)  # settled, or left to the journal and the retries
 
     def _written(self, c: Connection, request_id: str) -> bool:
         """Whether the request's row exists; on PostgreSQL it also waits for, and then blocks,
@@ -388,7 +398,33 @@ class LedgerService:
 
     async def release(self, hold: Hold) -> None:
         """Give a hold back with no charge (the request never reached an upstream)."""
-        await self._until_written(lambda c: self._release(c, hold), patience_s=self._patience_s)
+        try:
+            await self._until_written(lambda c: self._release(c, hold), patience_s=self._patience_s)
+        finally:
+            self._live.discard(hold.id)
+
+    async def renew_live(self, now: datetime | None = None) -> int:
+        """Push back the expiry of every hold this process took and has not settled, so the
+        reconciler never takes a live request's hold, however long it runs (a stream is cut by
+        silence, not by its length). Holds gone meanwhile (a task's, settled by another process)
+        are forgotten. Called by the reconciler, far more often than ``hold_ttl_s``."""
+        ids = list(self._live)
+        if not ids:
+            return 0
+        expires = (now or utcnow()) + self._hold_ttl
+
+        def renew(c: Connection) -> set[str]:
+            present: set[str] = set()
+            for start in range(0, len(ids), RENEW_CHUNK):
+                chunk = ids[start : start + RENEW_CHUNK]
+                held = Reservation.id.in_(chunk)
+                c.execute(update(Reservation).where(held).values(expires_at=expires))
+                present.update(row[0] for row in c.execute(select(Reservation.id).where(held)))
+            return present
+
+        present = await self._writer.run(renew)
+        self._live.difference_update(set(ids) - present)
+        return len(present)
 
     async def _until_written(
         self,

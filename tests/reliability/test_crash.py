@@ -70,8 +70,8 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
 
 def orphaned_submission_holds(db_url: str) -> list[str]:
     """Holds no task and no ledger row references. An async submission cut by a kill between its
-    reservation and its task insert leaves one; it has the normal hold TTL (the task insert is
-    what extends it), so the reconciler releases it like any other dead hold: none may remain."""
+    reservation and its task insert leaves one; no task owns it, so the reconciler releases it
+    after the hold TTL like any other dead hold: none may remain."""
     return []
 
 

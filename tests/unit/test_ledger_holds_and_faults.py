@@ -136,6 +136,8 @@ def test_settings_refuse_a_hold_ttl_a_live_request_could_outlast(tmp_path: Path)
     assert "billing.hold_ttl_s must be above 175 s" in message
     for field in ("server.body_deadline_s", "retry.deadline_s", "timeout_s", "server.shutdown_grace_s"):
         assert field in message
+    with pytest.raises(ConfigError, match="twice billing.reconcile_every_s"):
+        build_settings({**base, "billing": {"hold_ttl_s": 200, "reconcile_every_s": 100}})
     assert build_settings({**base, "billing": {"hold_ttl_s": 176}}).billing.hold_ttl_s == 176
 
 
@@ -307,3 +309,33 @@ async def test_a_journaled_settlement_written_by_its_retries_is_not_replayed_twi
     assert await LedgerService(db.writer, journal=journal).replay_journal() == 1
     assert len(await db.entries()) == 1 and (await db.key("k"))["spent"] == 4_000
     assert not journal.path.exists()
+
+
+async def test_a_live_requests_hold_is_renewed_and_outlives_its_ttl(db: Db) -> None:
+    await db.add_key("k")
+    ledger = LedgerService(db.writer, hold_ttl_s=60)
+    live = await ledger.reserve(key_id="k", amount_micros=3_000, request_id="r-stream")
+    # A hold taken by another process that died (this one does not know it).
+    dead = await LedgerService(db.writer, hold_ttl_s=60).reserve(
+        key_id="k", amount_micros=1_000, request_id="r-dead"
+    )
+    later = utcnow() + timedelta(hours=2)  # a stream still running two hours on
+    assert await ledger.renew_live(later) == 1
+    assert await ledger.release_expired(later + timedelta(seconds=30)) == 1
+    assert [h["id"] for h in await db.holds()] == [live.id]
+    assert dead.id not in {h["id"] for h in await db.holds()}
+
+    await ledger.settle(live, record("r-stream", 2_000, live))
+    assert await ledger.renew_live(later) == 0  # settled: nothing left to renew
+    key = await db.key("k")
+    assert (key["spent"], key["reserved"], key["period_reserved"]) == (2_000, 0, 0)
+
+
+async def test_renewal_forgets_holds_settled_by_another_process(db: Db) -> None:
+    await db.add_key("k")
+    submitting = LedgerService(db.writer, hold_ttl_s=60)
+    hold = await submitting.reserve(key_id="k", amount_micros=3_000, request_id="r-task")
+    # A task's hold, settled by the worker of another process.
+    await LedgerService(db.writer, hold_ttl_s=60).settle(hold, record("r-task", 1_000, hold))
+    assert await submitting.renew_live() == 0
+    assert submitting._live == set()

@@ -24,6 +24,11 @@ exception handlers and the ASGI middleware (``app/api/errors.py``), the SSE ``er
     ├── QuotaExceededError             429 insufficient_quota
     ├── RateLimitError                 429 rate_limit_error rate_limit_exceeded (retry-after, and
     │                                  x-should-retry: false when waiting cannot help)
+    ├── ImageStoreError                500 api_error image_store_failed (the upstream answered and
+    │                                  was billed, but its images could not be stored; not retried)
+    ├── LedgerUnavailableError         503 api_error ledger_unavailable (the database refused a
+    │                                  settlement for longer than a request waits; it is kept and
+    │                                  retried until it is written)
     ├── UpstreamJobTimeout             504 api_error upstream_timeout (a submitted provider job
     │                                  never finished: not retried, which would submit it twice)
     └── UpstreamError                  502 api_error upstream_error
@@ -224,6 +229,35 @@ class RateLimitError(GatewayError):
         if not retryable:
             # The official SDKs read this before retrying a 429; waiting cannot help this request.
             self.headers["x-should-retry"] = "false"
+
+
+class ImageStoreError(GatewayError):
+    """The upstream made (and billed) the images, but the image store could not keep them.
+
+    The request is charged (the upstream did the work), so ``x-should-retry: false`` keeps the
+    SDKs from silently running, and paying for, it again: retrying is the client's decision."""
+
+    status_code = 500
+    error_type = "api_error"
+    default_code = "image_store_failed"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers = {"x-should-retry": "false", **self.headers}
+
+
+class LedgerUnavailableError(GatewayError):
+    """A settlement could not be written within a request's patience (the database is full or
+    down). The charge is not dropped: the process keeps retrying it until it is written. Not
+    retried by the SDKs, since the upstream's work is already to be charged."""
+
+    status_code = 503
+    error_type = "api_error"
+    default_code = "ledger_unavailable"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers = {"x-should-retry": "false", **self.headers}
 
 
 class UpstreamJobTimeout(GatewayError):

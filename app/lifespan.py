@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI  # noqa: TID251 - the lifespan hook's type
 from sqlalchemy.engine import make_url
 
+from app.billing.journal import SettlementJournal
 from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
@@ -114,7 +115,12 @@ async def open_state(
         _close_at_exit(stack, "image store", store.aclose)
         uploads = UploadPolicy.from_settings(settings, catalog)
         uploads.spool_root.mkdir(parents=True, exist_ok=True)
-        ledger = LedgerService(writer, hold_ttl_s=settings.billing.hold_ttl_s)
+        ledger = LedgerService(
+            writer,
+            hold_ttl_s=settings.billing.hold_ttl_s,
+            # Settlements the database refuses, kept until it takes them (app/billing/journal.py).
+            journal=SettlementJournal(Path(settings.data_dir) / "ledger-journal.jsonl"),
+        )
         limiter = build_limiter(
             settings.redis.url,
             prefix=settings.rate_limits.prefix,
@@ -188,7 +194,8 @@ async def open_state(
                 writer,
                 lease_s=settings.tasks.lease_s,
                 max_attempts=settings.tasks.max_attempts,
-                hold_ttl_s=float(settings.storage.retention_s),
+                # No clock on a queued task's hold: it is tied to the task (release_expired).
+                hold_ttl_s=None,
             ),
             images=images,
             keys=keys,
@@ -252,6 +259,12 @@ async def _reconcile_forever(state: AppState) -> None:
     """Release holds left by requests whose process died (SPEC §5: a failure releases it all)."""
     while True:
         try:
+            # Journaled settlements first: a hold they settle is charged, not just released.
+            replayed = await state.ledger.replay_journal()
+            if replayed:
+                log.warning("wrote journaled settlements", extra={"fields": {"count": replayed}})
+            # This process's live holds are pushed back before any expired one is taken.
+            await state.ledger.renew_live()
             released = await state.ledger.release_expired()
             if released:
                 log.warning("released stale holds", extra={"fields": {"count": released}})

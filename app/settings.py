@@ -131,7 +131,9 @@ class ServerSettings(_Section):
 
 
 class BillingSettings(_Section):
-    # A hold older than this belongs to a request whose process died; it is released.
+    # A hold older than this belongs to a request whose process died; it is released (never a
+    # queued or running task's: that one lives as long as its task). Must exceed the longest a
+    # request may live (checked below).
     hold_ttl_s: float = Field(default=3600.0, gt=0)
     reconcile_every_s: float = Field(default=60.0, gt=0)
     # Added to every reservation, in percent of the catalog's worst case, for upstreams that bill
@@ -350,6 +352,32 @@ class Settings(BaseSettings):
                 f"uploads.orphan_age_s must be above {longest:g} s, the longest a live request may "
                 "hold its spool (server.body_deadline_s + retry.deadline_s + the longest upstream "
                 "timeout_s + server.shutdown_grace_s)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _holds_outlive_requests(self) -> Settings:
+        # The reconciler takes a hold older than hold_ttl_s for a dead request's: a live one may
+        # read its body until body_deadline_s, retry until retry.deadline_s, make one last call of
+        # an upstream's timeout_s and drain for shutdown_grace_s, so its hold must last longer.
+        # (A queued or running task's hold is tied to the task, not to this clock.)
+        longest = (
+            self.server.body_deadline_s
+            + self.retry.deadline_s
+            + max((u.timeout_s for u in self.upstreams), default=0.0)
+            + self.server.shutdown_grace_s
+        )
+        if self.billing.hold_ttl_s <= longest:
+            raise ValueError(
+                f"billing.hold_ttl_s must be above {longest:g} s, the longest a live request may "
+                "hold its reservation (server.body_deadline_s + retry.deadline_s + the longest "
+                "upstream timeout_s + server.shutdown_grace_s)"
+            )
+        # Each reconciler tick also pushes back the expiry of its process's live holds.
+        if self.billing.hold_ttl_s <= 2 * self.billing.reconcile_every_s:
+            raise ValueError(
+                "billing.hold_ttl_s must be above twice billing.reconcile_every_s (each tick renews "
+                "the holds of the requests its process is running)"
             )
         return self
 

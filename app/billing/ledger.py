@@ -13,25 +13,59 @@ gateway, two transactions per request, and the async ORM made it most of a reque
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import Callable, Coroutine, Mapping
+import sqlite3
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property, partial
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Connection, bindparam, delete, insert, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 
+from app.billing.journal import Journaled, SettlementJournal
 from app.billing.svg import SvgCharge
 from app.db.prepared import Executed, Prepared
-from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, utcnow
+from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, Task, utcnow
 from app.db.writer import WouldBlock, Writer
 from app.domain.jobs import TokenUsage
-from app.errors import QuotaExceededError
+from app.errors import LedgerUnavailableError, QuotaExceededError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# A settlement the database refuses (a full disk, a lost connection) is retried with backoff from
+# the first delay, doubling up to the last, until it is written: within a couple of seconds of the
+# database taking writes again. A request waits for it this long, then is answered 503 while the
+# process keeps retrying (a task waits for as long as it takes: nobody is on the line).
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+SETTLE_PATIENCE_S = 5.0
+# Holds renewed per statement (an IN list) by `renew_live`.
+RENEW_CHUNK = 500
+# What the database raises when it cannot write now: worth retrying, unlike a refusal by the
+# transaction's own logic (quota, a task taken over) or a bug.
+TRANSIENT: tuple[type[BaseException], ...] = (DBAPIError, sqlite3.Error, OSError)
+
+# A task in these states still owns its hold (app/tasks/statements.py names them): the hold is
+# tied to the task's row, not to a clock, so the reconciler never takes it back (issue 23).
+LIVE_TASK_STATES = ("queued", "in_progress")
 
 # Extra work done inside a settlement's transaction; False aborts the whole settlement.
 TxHook = Callable[[Connection], bool]
@@ -142,6 +176,12 @@ class _Statements:
         self.period = Prepared(self._period(limited=False))
         self.hold = Prepared(insert(Reservation), columns=HOLD_COLUMNS)
         self.unhold = Prepared(delete(Reservation).where(Reservation.id == bindparam("hold")))
+        # A hold no live task owns: one whose request is gone (its process died) once it expired.
+        owned = exists().where(and_(Task.hold_id == Reservation.id, Task.status.in_(LIVE_TASK_STATES)))
+        self.unhold_orphan = Prepared(delete(Reservation).where(Reservation.id == bindparam("hold"), ~owned))
+        self.orphans = select(
+            Reservation.id, Reservation.key_id, Reservation.period, Reservation.amount_micros
+        ).where(Reservation.expires_at < bindparam("now"), ~owned)
         self.entry = Prepared(insert(LedgerEntry), columns=ENTRY_COLUMNS)
         self.key = Prepared(
             select(ApiKey.balance_micros, ApiKey.reserved_micros).where(ApiKey.id == bindparam("key"))
@@ -171,10 +211,28 @@ class _Statements:
 
 
 class LedgerService:
-    def __init__(self, writer: Writer, *, hold_ttl_s: float = 3600) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        *,
+        hold_ttl_s: float = 3600,
+        settle_patience_s: float | None = None,
+        retry_first_s: float | None = None,
+        retry_max_s: float | None = None,
+        journal: SettlementJournal | None = None,
+    ) -> None:
         self._writer = writer
+        # Where a refused settlement is also kept, so that the process's death does not lose it.
+        self._journal = journal
         self._hold_ttl = timedelta(seconds=hold_ttl_s)
         self._pending: set[asyncio.Future[Any]] = set()
+        self._patience_s = SETTLE_PATIENCE_S if settle_patience_s is None else settle_patience_s
+        self._retry_first_s = RETRY_FIRST_S if retry_first_s is None else retry_first_s
+        self._retry_max_s = RETRY_MAX_S if retry_max_s is None else retry_max_s
+        # Settlements and releases still being retried (the database refused them so far).
+        self.deferred = 0
+        # Holds this process took and has not settled or released yet (see `renew_live`).
+        self._live: set[str] = set()
 
     @cached_property
     def _sql(self) -> _Statements:
@@ -203,6 +261,7 @@ class LedgerService:
         reserve = partial(self._reserve, hold=hold, request_id=request_id, now=now, expires=expires)
         try:
             self._writer.run_now(reserve)  # nothing to cancel: it runs to its end right here
+            self._live.add(hold.id)
             return hold
         except WouldBlock:
             pass
@@ -212,6 +271,7 @@ class LedgerService:
         except asyncio.CancelledError:
             self._background(self._undo(work, hold))
             raise
+        self._live.add(hold.id)
         return hold
 
     async def _undo(self, work: asyncio.Future[None], hold: Hold) -> None:
@@ -269,30 +329,147 @@ class LedgerService:
         nothing is committed, so an outcome and its charge are never separated.
         """
         entry = _entry(record)
-        await self._protected(lambda c: self._settle(c, hold, record, entry, also))
+        first = True
 
-    def _settle(
-        self,
-        c: Connection,
-        hold: Hold | None,
-        record: LedgerRecord,
-        entry: dict[str, Any],
-        also: TxHook | None,
-    ) -> None:
+        def work(c: Connection) -> None:
+            nonlocal first
+            retry, first = not first, False
+            # A retry after an error the database may have committed anyway (a connection lost
+            # in the COMMIT) must not charge twice: the row is the proof it was written.
+            if retry and self._written(c, record.request_id):
+                # Written meanwhile (by that COMMIT, or by a journal replay): the charge stands,
+                # and a task's outcome is recorded now if it is not yet (its hook finds out).
+                if also is not None:
+                    also(c)
+                return
+            self._settle(c, hold, entry, also)
+
+        journal = self._journal
+
+        async def keep() -> None:
+            if journal is not None:
+                await journal.append(hold, entry)
+
+        # A task's settlement carries its outcome (``also``) and has no client waiting: it is
+        # retried for as long as it takes; a request's waits only so long (see `_until_written`).
+        try:
+            await self._until_written(
+                work, patience_s=None if also is not None else self._patience_s, on_refused=keep
+            )
+        finally:
+            if hold is not None:
+                self._live.discard(hold.id)  # settled, or left to the journal and the retries
+
+    def _written(self, c: Connection, request_id: str) -> bool:
+        """Whether the request's row exists; on PostgreSQL it also waits for, and then blocks,
+        any other transaction writing it (a retry here, a journal replay elsewhere)."""
+        if self._writer.dialect == "postgresql":
+            c.execute(text("SELECT pg_advisory_xact_lock(hashtext(:request))"), {"request": request_id})
+        return c.execute(_WRITTEN, {"request": request_id}).first() is not None
+
+    async def replay_journal(self) -> int:
+        """Write the settlements the journal kept (app/billing/journal.py); returns how many are
+        now in the ledger. Called by the reconciler."""
+        if self._journal is None:
+            return 0
+        return await self._journal.replay(self._apply_journaled)
+
+    async def _apply_journaled(self, item: Journaled) -> bool:
+        hold = Hold(**item.hold) if item.hold is not None else None
+
+        def work(c: Connection) -> None:
+            if not self._written(c, str(item.entry["request_id"])):
+                self._settle(c, hold, item.entry, None)
+
+        await self._writer.run(work)
+        return True
+
+    def _settle(self, c: Connection, hold: Hold | None, entry: dict[str, Any], also: TxHook | None) -> None:
         released = 0
         if hold is not None:
             gone = self._sql.unhold.execute(c, {"hold": hold.id})
             # A hold the reconciler already released must not be released twice.
             released = hold.amount_micros if _rows(gone) == 1 else 0
         period = hold.period if hold else period_of(utcnow())
-        self._move(c, record.key_id, period, released, record.cost_micros)
+        self._move(c, entry["key_id"], period, released, entry["cost_micros"])
         self._sql.entry.execute(c, entry)
         if also is not None and not also(c):
             raise SettlementAbandoned("the outcome could not be recorded; the charge was not made")
 
     async def release(self, hold: Hold) -> None:
         """Give a hold back with no charge (the request never reached an upstream)."""
-        await self._protected(lambda c: self._release(c, hold))
+        try:
+            await self._until_written(lambda c: self._release(c, hold), patience_s=self._patience_s)
+        finally:
+            self._live.discard(hold.id)
+
+    async def renew_live(self, now: datetime | None = None) -> int:
+        """Push back the expiry of every hold this process took and has not settled, so the
+        reconciler never takes a live request's hold, however long it runs (a stream is cut by
+        silence, not by its length). Holds gone meanwhile (a task's, settled by another process)
+        are forgotten. Called by the reconciler, far more often than ``hold_ttl_s``."""
+        ids = list(self._live)
+        if not ids:
+            return 0
+        expires = (now or utcnow()) + self._hold_ttl
+
+        def renew(c: Connection) -> set[str]:
+            present: set[str] = set()
+            for start in range(0, len(ids), RENEW_CHUNK):
+                chunk = ids[start : start + RENEW_CHUNK]
+                held = Reservation.id.in_(chunk)
+                c.execute(update(Reservation).where(held).values(expires_at=expires))
+                present.update(row[0] for row in c.execute(select(Reservation.id).where(held)))
+            return present
+
+        present = await self._writer.run(renew)
+        self._live.difference_update(set(ids) - present)
+        return len(present)
+
+    async def _until_written(
+        self,
+        work: Callable[[Connection], None],
+        *,
+        patience_s: float | None,
+        on_refused: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run a write transaction to its end, retrying while the database refuses it.
+
+        After ``patience_s`` (None: never) the caller gets 503 ``ledger_unavailable`` while the
+        retries go on in the background: a settlement is never dropped in a live process, and its
+        hold is settled within ``RETRY_MAX_S`` of the database taking writes again.
+        """
+        try:
+            await self._protected(work)
+            return
+        except TRANSIENT as exc:
+            log.warning("a ledger write failed; retrying", extra={"fields": {"error": _summary(exc)}})
+        if on_refused is not None:
+            await on_refused()
+        self.deferred += 1
+        retrying = self._background(self._retry(work))
+        try:
+            await asyncio.wait_for(asyncio.shield(retrying), patience_s)
+        except TimeoutError:
+            raise LedgerUnavailableError(
+                "The gateway could not write this request's charge to its database; it is kept "
+                "and will be recorded as soon as the database accepts writes again."
+            ) from None
+
+    async def _retry(self, work: Callable[[Connection], None]) -> None:
+        delay = self._retry_first_s
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self._writer.run(work)
+                    log.warning("a deferred ledger write was recorded")
+                    return
+                except TRANSIENT as exc:
+                    delay = min(delay * 2, self._retry_max_s)
+                    log.warning("a ledger write failed again", extra={"fields": {"error": _summary(exc)}})
+        finally:
+            self.deferred -= 1
 
     def _release(self, c: Connection, hold: Hold) -> None:
         gone = self._sql.unhold.execute(c, {"hold": hold.id})
@@ -300,15 +477,16 @@ class LedgerService:
             self._move(c, hold.key_id, hold.period, hold.amount_micros, 0)
 
     async def release_expired(self, now: datetime | None = None) -> int:
-        """Release holds of requests whose process died (their TTL passed); returns how many."""
+        """Release holds whose request is gone; returns how many.
+
+        A request's hold outlives its TTL only if its process died (the settings refuse a TTL
+        shorter than the longest request). A queued or running task's hold is never taken: it
+        belongs to the task's row, whatever its age, and goes with the task's outcome (or with
+        ``fail_exhausted``, when the task's last worker died)."""
         moment = now or utcnow()
 
         def expired(c: Connection) -> list[Hold]:
-            rows = c.execute(
-                select(
-                    Reservation.id, Reservation.key_id, Reservation.period, Reservation.amount_micros
-                ).where(Reservation.expires_at < moment)
-            )
+            rows = c.execute(self._sql.orphans, {"now": moment})
             return [Hold(id=r[0], key_id=r[1], period=r[2], amount_micros=r[3]) for r in rows]
 
         released = 0
@@ -318,7 +496,8 @@ class LedgerService:
         return released
 
     def _release_if_held(self, c: Connection, hold: Hold) -> bool:
-        gone = self._sql.unhold.execute(c, {"hold": hold.id})
+        # Checked again here: a task that took the hold since the read above keeps it.
+        gone = self._sql.unhold_orphan.execute(c, {"hold": hold.id})
         if _rows(gone) != 1:
             return False
         self._move(c, hold.key_id, hold.period, hold.amount_micros, 0)
@@ -352,6 +531,16 @@ class LedgerService:
     async def record(self, record: LedgerRecord) -> None:
         """A ledger row with no hold (kept for callers that reserve nothing)."""
         await self.settle(None, record)
+
+
+# Whether a request's ledger row exists (a retried settlement that was written after all).
+_WRITTEN = select(LedgerEntry.id).where(LedgerEntry.request_id == bindparam("request")).limit(1)
+
+
+def _summary(exc: BaseException) -> str:
+    """A database error without its SQL parameters (they may hold a prompt)."""
+    original = getattr(exc, "orig", None) or exc
+    return f"{type(original).__name__}: {str(original).splitlines()[0] if str(original) else ''}"[:200]
 
 
 def _rows(result: Executed) -> int:

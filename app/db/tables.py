@@ -93,7 +93,8 @@ class Reservation(Base):
     """Money held for a request in flight; removed when the request settles.
 
     A row that outlives ``expires_at`` belongs to a request whose process died: the reconciler
-    releases it, so a crash never leaves a key's credit locked.
+    releases it, so a crash never leaves a key's credit locked. A queued or running task's hold is
+    the exception: it lives as long as the task (``tasks.hold_id``), whatever ``expires_at`` says.
     """
 
     __tablename__ = "reservations"
@@ -162,6 +163,8 @@ class Task(Base):
         Index("ix_tasks_key_created", "key_id", "created_at"),
         Index("ix_tasks_created", "created_at"),
         Index("ux_tasks_idempotency", "key_id", "idempotency_key", unique=True),
+        # The reconciler asks whether a live task owns a hold (app/billing/ledger.py).
+        Index("ix_tasks_hold", "hold_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

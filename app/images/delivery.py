@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Any
 
-from app.errors import UpstreamError
+from app.errors import ImageStoreError, UpstreamError
 from app.storage import ImageStore, StoredImage
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -32,11 +32,30 @@ async def store_b64(b64: Any, store: ImageStore, *, content_type: str) -> Stored
         data = await asyncio.to_thread(base64.b64decode, b64, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise UpstreamError("The upstream service returned an image that is not valid base64.") from exc
-    return await store.put(data, content_type=content_type)
+    try:
+        return await store.put(data, content_type=content_type)
+    except Exception as exc:
+        raise store_failure(exc) from exc
+
+
+def store_failure(exc: BaseException) -> ImageStoreError:
+    """The error a client sees when the store refused a generated image: it names the failure
+    (an OS error's own text, such as "No space left on device"; other stores' errors by kind only,
+    as their messages may name buckets or endpoints)."""
+    if isinstance(exc, ImageStoreError):
+        return exc
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    return ImageStoreError(
+        f"The image was generated (and charged) but the gateway could not store it: {cause}. "
+        "Images already stored are kept until the retention period ends."
+    )
 
 
 async def store_images(body: dict[str, Any], store: ImageStore, *, output_format: str) -> dict[str, Any]:
-    """A copy of ``body`` whose images are in the store: each item's ``b64_json`` becomes ``image``."""
+    """A copy of ``body`` whose images are in the store: each item's ``b64_json`` becomes ``image``.
+
+    Every image is tried, so one that fails leaves the others stored; then the first failure is
+    raised (``ImageStoreError`` for a store's, ``UpstreamError`` for an upstream's bad image)."""
     content_type = content_type_of(body, output_format)
     items = body.get("data") or []
 
@@ -48,8 +67,11 @@ async def store_images(body: dict[str, Any], store: ImageStore, *, output_format
         kept["image"] = stored.name
         return kept
 
-    stored_items = await asyncio.gather(*(keep(item) for item in items))
-    return {**body, "data": list(stored_items)}
+    kept = await asyncio.gather(*(keep(item) for item in items), return_exceptions=True)
+    for outcome in kept:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return {**body, "data": [item for item in kept if not isinstance(item, BaseException)]}
 
 
 async def render_images(

@@ -57,6 +57,8 @@ class ImageStream:
     completed: int = 0
     partials: int = 0  # partial images since the last completed one
     reported: TokenUsage | None = None
+    # Completed images whose event carried no usage (each is billed at the catalog's estimate).
+    unreported: int = 0
     raw_usage: dict[str, Any] = field(default_factory=dict)
     settled: bool = False
     cost_micros: int | None = None
@@ -115,6 +117,8 @@ class ImageStream:
             if usage is not None:
                 self.reported = usage if self.reported is None else self.reported + usage
                 merge_usage(self.raw_usage, event.data.get("usage"))
+            else:
+                self.unreported += 1
         elif event.type.endswith(".partial_image"):
             self.partials += 1
         return event
@@ -152,6 +156,7 @@ class ImageStream:
                 raw_usage=self.raw_usage or None,
                 error_code=error_code,
                 partials=self.partials if self.completed < self.job.n else 0,
+                unreported=self.unreported,
             ),
             also=self.also,
         )

@@ -29,6 +29,7 @@ from app.domain.jobs import ImageJob, ImageResult
 from app.domain.money import apply_multiplier
 from app.errors import (
     GatewayError,
+    ImageStoreError,
     InvalidRequestError,
 )
 from app.images.delivery import render_images, store_images
@@ -74,6 +75,9 @@ __all__ = [
 
 # Turns an upstream body into the body to return, plus work for the settlement's transaction.
 ResultHook = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], CostHook | None]]]
+# Given the error object of a failure after the upstream answered, work for the settlement's
+# transaction (a task recording that it failed, with its charge).
+FailureHook = Callable[[dict[str, Any]], CostHook]
 
 
 def b64_images(body: dict[str, Any]) -> list[str]:
@@ -247,12 +251,20 @@ class ImageService:
         )
 
     async def run(
-        self, *, caller: Caller, job: ImageJob, hold: Hold, finish: ResultHook | None = None
+        self,
+        *,
+        caller: Caller,
+        job: ImageJob,
+        hold: Hold,
+        finish: ResultHook | None = None,
+        failed: FailureHook | None = None,
     ) -> ImageOutcome:
         """Route a job to an upstream, wait for the whole result, and settle its hold.
 
         ``finish`` turns the upstream's body into what is returned (stored images, URLs) before
         the charge is made, and may add work to the settlement's transaction (a task's outcome).
+        If it fails because the image store failed, the upstream's work is charged all the same
+        (``failed`` adds the failure to that transaction) and ``ImageStoreError`` is raised.
 
         The call runs in a task of its own. A cancelled caller (the client left) cancels it only
         while no upstream has answered yet; after that, reading the body, ``finish`` and the charge
@@ -260,7 +272,7 @@ class ImageService:
         """
         self._trace(caller, job, mode="sync")
         answered = asyncio.Event()
-        work = background(self._call(caller, job, hold, finish, answered))
+        work = background(self._call(caller, job, hold, finish, answered, failed))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -271,10 +283,17 @@ class ImageService:
             raise
 
     async def _call(
-        self, caller: Caller, job: ImageJob, hold: Hold, finish: ResultHook | None, answered: asyncio.Event
+        self,
+        caller: Caller,
+        job: ImageJob,
+        hold: Hold,
+        finish: ResultHook | None,
+        answered: asyncio.Event,
+        failed: FailureHook | None = None,
     ) -> ImageOutcome:
         started = time.monotonic()
         tried: list[str] = []
+        unstored: ImageStoreError | None = None
         try:
             with answered_scope(answered.set):
                 result, upstream = await self._router.generate(job, tried)
@@ -283,7 +302,12 @@ class ImageService:
             body: dict[str, Any] | bytes
             also: CostHook | None = None
             if finish is not None:
-                body, also = await finish(result.body)
+                try:
+                    body, also = await finish(result.body)
+                except ImageStoreError as exc:
+                    # The upstream made the images and billed them: charged below, then raised.
+                    unstored, body = exc, {}
+                    also = failed(exc.to_body()["error"]) if failed is not None else None
             else:
                 # `result.body` would parse the upstream's megabytes of base64 only to encode them again.
                 body = result.raw if result.raw is not None else result.body
@@ -296,15 +320,22 @@ class ImageService:
                 caller=caller,
                 hold=hold,
                 upstream=upstream,
-                status="succeeded",
+                status="succeeded" if unstored is None else "failed",
                 images=result.image_count,
                 usage=result.usage,
                 started=started,
                 raw_usage=result.raw_usage,
                 svg=svg,
+                error_code=unstored.code if unstored is not None else None,
             ),
             also=also,
         )
+        if unstored is not None:
+            log.error(
+                "images could not be stored; the request was charged",
+                extra={"fields": {"request_id": job.request_id, "error": unstored.message}},
+            )
+            raise unstored
         if self._sink is not None and self._sink.wants(caller):
             try:
                 self._sink.keep(caller=caller, request_id=job.request_id, images=b64_images(result.body))

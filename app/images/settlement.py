@@ -62,6 +62,10 @@ class UpstreamOutcome:
     partials: int = 0
     # SVG output: the author's tokens and their cost (multiplier applied), added to the charge.
     svg: SvgCharge | None = None
+    # Completed images the upstream reported no usage for, when it did report some for others (a
+    # stream's ``completed`` events each carry their own): each is charged at the catalog's
+    # estimate and the row is marked estimated, as a request with no usage at all is.
+    unreported: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +94,11 @@ class Settlement:
             traced.end()
             return Settled(0, 0)
         cost, usage = 0, outcome.usage
+        if usage is not None and outcome.unreported and outcome.images:
+            per_image = job.caps.output_tokens_per_image(job.quality, job.size)
+            usage = usage + TokenUsage(image_output=per_image * outcome.unreported, estimated=True)
         if outcome.images:
-            cost, usage = request_cost(job, outcome.usage, outcome.images)
+            cost, usage = request_cost(job, usage, outcome.images)
         if outcome.partials and job.caps.reports_usage:
             extra = TokenUsage(image_output=outcome.partials * PARTIAL_IMAGE_OUTPUT_TOKENS, estimated=True)
             usage = extra if usage is None else usage + extra

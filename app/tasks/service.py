@@ -255,7 +255,11 @@ class TaskService:
                 )
             else:
                 await self._images.run(
-                    caller=caller, job=job, hold=hold, finish=self._finisher(task, worker, job)
+                    caller=caller,
+                    job=job,
+                    hold=hold,
+                    finish=self._finisher(task, worker, job),
+                    failed=self._failer(task, worker),
                 )
         except SettlementAbandoned:
             log.warning("task was taken over by another worker", extra={"fields": {"task_id": task.id}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,9 +164,11 @@ class ImageJob:
             items.append(item)
         return {"created": created, "data": items}
 
-    def events(self, usage: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    def events(
+        self, usage: dict[str, Any] | None, usage_on: Collection[int] | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         """`partial_images` partial events (indexes 0..k-1), then one completed event per image, each
-        completed event carrying `usage`."""
+        completed event carrying `usage` (only those whose index is in `usage_on`, when given)."""
         created_at = int(time.time())
         partial, completed = f"{self.kind}.partial_image", f"{self.kind}.completed"
         for index in range(self.partial_images):
@@ -175,4 +177,5 @@ class ImageJob:
         for index in range(self.n):
             data = {"type": completed, "b64_json": self.b64(index), **self.settings}
             event = {**data, "created_at": created_at}
-            yield completed, {**event, "usage": usage} if usage is not None else event
+            reports = usage is not None and (usage_on is None or index in usage_on)
+            yield completed, {**event, "usage": usage} if reports else event

@@ -112,6 +112,8 @@ class FakeOpenAI:
         # When set, the usage of each answer from its request's parameters (None: no `usage` at
         # all), instead of `usage`; adversarial tests make it depend on the prompt.
         self.usage_for: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+        # When set, only the streamed completed events of these image indexes carry `usage`.
+        self.usage_on_images: set[int] | None = None
         # When set, a fault chosen from each request's parameters (after queued and random ones),
         # and the delay between the SSE events of each stream, instead of `stream_delay_s`.
         self.fault_for: Callable[[dict[str, Any]], Fault | None] | None = None
@@ -528,7 +530,9 @@ class FakeOpenAI:
             delay = (
                 self.stream_delay_for(params) if self.stream_delay_for is not None else self.stream_delay_s
             )
-            return self._stream(job.events(usage), limit, end_cleanly=ends, delay_s=delay)
+            return self._stream(
+                job.events(usage, self.usage_on_images), limit, end_cleanly=ends, delay_s=delay
+            )
         payload = job.payload(usage, lambda variant: self._store(job, variant))
         if not self.pretty_json:
             response = json_response(payload)

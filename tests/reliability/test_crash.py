@@ -50,9 +50,12 @@ def crash_config(upstream: FakeOpenAI, tmp_path: Path, db_url: str, *, workers: 
         upstream,
         tmp_path / "data",
         db_url,
-        # Holds of dead requests are released 2 s after they were taken, checked 4 times a second;
-        # a dead worker's task lease lapses after 2 s.
-        billing={"hold_ttl_s": 2, "reconcile_every_s": 0.25},
+        # Holds of dead requests are released 5 s after they were taken, checked 4 times a second
+        # (the settings refuse a TTL a live request could outlast: here body 1 s + retries 1 s + a
+        # 2 s upstream timeout, no shutdown grace); a dead worker's task lease lapses after 2 s.
+        billing={"hold_ttl_s": 5, "reconcile_every_s": 0.25},
+        server={"body_deadline_s": 1, "shutdown_grace_s": 0},
+        retry={"initial_delay_s": 0.01, "max_delay_s": 0.05, "deadline_s": 1},
         tasks={"workers": workers, "lease_s": 2, "poll_s": 0.1},
     )
 
@@ -67,8 +70,8 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
 
 def orphaned_submission_holds(db_url: str) -> list[str]:
     """Holds no task and no ledger row references. An async submission cut by a kill between its
-    reservation and its task insert leaves one; it has the normal hold TTL (the task insert is
-    what extends it), so the reconciler releases it like any other dead hold: none may remain."""
+    reservation and its task insert leaves one; no task owns it, so the reconciler releases it
+    after the hold TTL like any other dead hold: none may remain."""
     return []
 
 

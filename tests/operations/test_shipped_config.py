@@ -72,6 +72,10 @@ def test_shipped_config_listens_on_loopback_and_local_serves_without_a_key(
         assert listening, "the child listens on nothing"
         assert {address for address, _ in listening} == {"127.0.0.1"}, listening
         assert {port for _, port in listening} == {gw.port}
+        # The banner agrees, and its example uses a current model.
+        banner = gw.logs()
+        assert f"Image gateway listening on http://127.0.0.1:{gw.port}  (" in banner
+        assert '"model": "gpt-image-2"' in banner and "every interface" not in banner
         key, key_id = _key(gw)
         with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client:
             raw = client.images.with_raw_response.generate(
@@ -83,6 +87,17 @@ def test_shipped_config_listens_on_loopback_and_local_serves_without_a_key(
         assert (row["upstream"], row["status"]) == ("local", "succeeded") and row["cost_micros"] > 0
     finally:
         gw.stop()
+
+
+def test_the_banner_says_when_it_listens_on_every_interface(tmp_path: Path) -> None:
+    from app.__main__ import _banner
+    from app.settings import build_settings
+
+    settings = build_settings({"data_dir": str(tmp_path)})
+    assert "listening on every interface (0.0.0.0:8080), reachable at http://127.0.0.1:8080" in _banner(
+        settings, "0.0.0.0", 8080
+    )
+    assert "listening on http://127.0.0.1:8080  (" in _banner(settings, settings.server.host, 8080)
 
 
 def test_shipped_config_with_openai_failing_answers_5xx_and_charges_nothing(

@@ -16,4 +16,6 @@ USER gateway
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz')"
+# The gateway listens on loopback unless told otherwise; a container must listen on every
+# interface to be reachable, so the image says so explicitly.
 CMD ["python", "-m", "app", "serve", "--host", "0.0.0.0", "--port", "8080"]

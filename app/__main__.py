@@ -33,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _banner(settings: Settings, host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    everywhere = host in ("0.0.0.0", "::", "")
+    shown = "127.0.0.1" if everywhere else host
     base = f"http://{shown}:{port}"
+    # Say where it really listens: bound to every interface, the admin API and console are reachable
+    # from the network, which a newcomer must not mistake for loopback.
+    where = f"every interface ({host or '0.0.0.0'}:{port}), reachable at {base}" if everywhere else base
     if settings.admin_key is not None:
         admin = "the admin key is the one you configured (GATEWAY_ADMIN_KEY or admin_key)"
         admin_expr = "$GATEWAY_ADMIN_KEY"
@@ -48,7 +52,7 @@ def _banner(settings: Settings, host: str, port: int) -> str:
         else ""
     )
     return f"""
-Image gateway listening on {base}  ({admin})
+Image gateway listening on {where}  ({admin})
 
 Create a tenant key:
   curl -s {base}/admin/keys -H "Authorization: Bearer {admin_expr}" \\
@@ -57,12 +61,13 @@ Create a tenant key:
 Then generate an image with it:
   curl -s {base}/v1/images/generations -H "Authorization: Bearer $KEY" \\
        -H 'content-type: application/json' \\
-       -d '{{"model": "gpt-image-1", "prompt": "a lighthouse at dawn", "size": "1024x1024"}}'
+       -d '{{"model": "gpt-image-2", "prompt": "a lighthouse at dawn", "size": "1024x1024"}}'
 
 Or from Python:
+  import os
   from openai import OpenAI
-  client = OpenAI(base_url="{base}/v1", api_key=KEY)
-  image = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dawn")
+  client = OpenAI(base_url="{base}/v1", api_key=os.environ["KEY"])
+  image = client.images.generate(model="gpt-image-2", prompt="a lighthouse at dawn")
 {console}"""
 
 

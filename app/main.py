@@ -71,7 +71,7 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> FastAPI
             max_age=600,
         )
     app.add_middleware(AdminGuardMiddleware)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, upstream_header=settings.server.upstream_header)
     # Outermost, so refusals made by the middleware above (413) are counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

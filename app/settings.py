@@ -101,7 +101,9 @@ class UploadSettings(_Section):
 
 
 class ServerSettings(_Section):
-    host: str = "0.0.0.0"
+    # Loopback by default: the admin API and the console are not open to the network on a first
+    # run. The container image binds 0.0.0.0 explicitly (Dockerfile).
+    host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     # JSON bodies larger than this are refused with 413 before they are parsed.
@@ -128,6 +130,9 @@ class ServerSettings(_Section):
     # closes first, a client can send its next request on a connection being closed and get a
     # transport error for a request the gateway never saw, or, worse, one it ran and charged.
     keep_alive_s: int = Field(default=75, gt=0)
+    # Name the upstream that served (or failed) each answer in `x-gateway-upstream`, as the access
+    # log and the console do; false keeps upstream names from tenants.
+    upstream_header: bool = True
 
 
 class BillingSettings(_Section):

@@ -81,6 +81,14 @@ def gateway_config(
     return config
 
 
+def _address(hex_address: str) -> str:
+    """/proc/net/tcp's little-endian hex address as text (IPv4, or IPv6 in four 32-bit words)."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, words)
+
+
 class GatewayProcess:
     """One ``python -m app serve`` child. Its output goes to ``log_path``; ``url`` is valid once
     ``wait_ready`` has returned (a restart on a lost port changes it)."""
@@ -92,9 +100,14 @@ class GatewayProcess:
         *,
         env: dict[str, str] | None = None,
         cwd: Path = ROOT,
+        host: str | None = "127.0.0.1",
+        config_path: Path | None = None,
     ) -> None:
-        """``config=None`` starts with no config file at all (the packaged defaults)."""
-        self.config, self.workdir, self.cwd = config, workdir, cwd
+        """``config=None`` starts with no config file at all (the packaged defaults), or with
+        ``config_path`` as it is (the shipped one); ``host=None`` passes no ``--host``, so the
+        config decides where it listens."""
+        self.config, self.workdir, self.cwd, self.host = config, workdir, cwd, host
+        self.given_config = config_path
         self.env = {**os.environ, "GATEWAY_ADMIN_KEY": "", **(env or {})}
         self._start()
 
@@ -106,9 +119,13 @@ class GatewayProcess:
         if self.config is not None:
             self.config_path.write_text(yaml.safe_dump(self.config))
             config_args = ["--config", str(self.config_path)]
+        elif self.given_config is not None:
+            config_args = ["--config", str(self.given_config)]
         self.log_path = self.workdir / f"gateway-{self.port}.log"
         self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "app", "serve", *config_args, "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "app", "serve", *config_args]
+        if self.host is not None:
+            command += ["--host", self.host]
         self.proc = subprocess.Popen(
             [*command, "--port", str(self.port)],
             cwd=self.cwd,
@@ -120,25 +137,32 @@ class GatewayProcess:
     def _owns_port(self) -> bool:
         """Whether the listener on ``port`` is this child's socket (not another process's, which a
         health check alone cannot tell apart)."""
-        inodes = set()
+        return any(port == self.port for _, port in self.listening())
+
+    def listening(self) -> list[tuple[str, int]]:
+        """The (address, port) of every socket this child listens on, from /proc (Linux)."""
+        sockets: dict[str, tuple[str, int]] = {}
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with contextlib.suppress(OSError), open(table) as lines:
                 for line in list(lines)[1:]:
                     fields = line.split()
                     # local address "ADDR:PORT" in hex; state 0A is LISTEN
-                    if int(fields[1].rsplit(":", 1)[1], 16) == self.port and fields[3] == "0A":
-                        inodes.add(f"socket:[{fields[9]}]")
+                    if fields[3] == "0A":
+                        address, port = fields[1].rsplit(":", 1)
+                        sockets[f"socket:[{fields[9]}]"] = (_address(address), int(port, 16))
         try:
             fds = list(Path(f"/proc/{self.proc.pid}/fd").iterdir())
         except OSError:
-            return False  # the child is gone
+            return []  # the child is gone
+        found = []
         for fd in fds:
             try:
-                if os.readlink(fd) in inodes:
-                    return True
+                target = os.readlink(fd)
             except OSError:
                 continue  # closed since the listing (a connection ending): not the listener
-        return False
+            if target in sockets:
+                found.append(sockets[target])
+        return found
 
     def wait_ready(self, timeout: float = 60.0, *, restarts: int = 3) -> GatewayProcess:
         """Block until ``/healthz`` answers from this child; on a timeout the child is killed.

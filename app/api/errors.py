@@ -27,18 +27,38 @@ from app.errors import (
 log = logging.getLogger(__name__)
 
 
+# Client errors a retry of the same request can fix: a timeout, a conflict with a request still
+# in flight, a rate limit. Every other 4xx (validation, moderation, 401/403/404, 413, 422) and an
+# exhausted quota answer the same however often they are sent.
+_RETRYABLE_CLIENT_STATUSES = frozenset({408, 409, 429})
+
+
+def retry_cannot_help(error: GatewayError) -> bool:
+    """Whether the official SDKs should be told not to retry (they retry 408/409/429/5xx)."""
+    if error.code == "insufficient_quota" or error.error_type == "insufficient_quota":
+        return True
+    return 400 <= error.status_code < 500 and error.status_code not in _RETRYABLE_CLIENT_STATUSES
+
+
 def error_response(error: GatewayError) -> Response:
     """The response for ``error``; also an ASGI app, so middleware can send it before routing."""
+    headers = dict(error.headers)
+    if retry_cannot_help(error):
+        # openai-python and openai-node read this before their own status rules.
+        headers.setdefault("x-should-retry", "false")
     return Response(
         orjson.dumps(error.to_body()),
         status_code=error.status_code,
         media_type="application/json",
-        headers=error.headers or None,
+        headers=headers or None,
     )
 
 
-async def _gateway_error(_: Request, exc: Exception) -> Response:
+async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
+    if exc.upstream:
+        # The upstream that failed: for the access log and `x-gateway-upstream`, as on success.
+        request.state.upstream = exc.upstream
     return error_response(exc)
 
 

@@ -32,10 +32,15 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 
 
 class RequestContextMiddleware:
-    """Gives every request an id (``x-request-id``) and writes one access-log line for it."""
+    """Gives every request an id (``x-request-id``) and writes one access-log line for it.
 
-    def __init__(self, app: ASGIApp) -> None:
+    An answer an upstream served (or failed) names it in ``x-gateway-upstream``: the value the
+    access log records, so a placeholder from ``local`` is never mistaken for a real image (SPEC
+    §2). ``upstream_header=False`` (``server.upstream_header``) keeps the names from tenants."""
+
+    def __init__(self, app: ASGIApp, upstream_header: bool = True) -> None:
         self.app = app
+        self.upstream_header = upstream_header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +60,9 @@ class RequestContextMiddleware:
                 headers.append((b"x-request-id", request_id.encode()))
                 present = {name.lower() for name, _ in headers}
                 headers.extend(item for item in SECURITY_HEADERS if item[0] not in present)
+                upstream = scope.get("state", {}).get("upstream")
+                if self.upstream_header and upstream and b"x-gateway-upstream" not in present:
+                    headers.append((b"x-gateway-upstream", str(upstream).encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

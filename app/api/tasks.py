@@ -12,8 +12,10 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
 from app.api.images import public_base
+from app.db.repos import list_ledger_entries
 from app.errors import NotFoundError
 from app.schemas.tasks import ImageTask, ImageTaskList, example
+from app.state import AppState
 from app.streaming import json_events_response
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -44,7 +46,18 @@ async def get_task(task_id: str, request: Request, caller: CallerDep, state: Sta
     headers = dict(NO_STORE)
     if task.status in ("queued", "in_progress"):
         headers["retry-after"] = "1"
+    elif state.settings.server.upstream_header:
+        # A finished task's result names its upstream, as a synchronous answer does (the ledger's
+        # row for it: the one record of who served it, whichever node ran the task).
+        request.state.upstream = await _served_by(state, task.key_id, task.request_id)
     return JSONResponse(body, headers=headers)
+
+
+async def _served_by(state: AppState, key_id: str, request_id: str) -> str | None:
+    async with state.sessions() as session:
+        rows = await list_ledger_entries(session=session, key_id=key_id, request_id=request_id)
+    served = [row.upstream for row in rows if row.upstream]
+    return served[-1] if served else None
 
 
 @router.get("/{task_id}/events", responses=EVENTS)

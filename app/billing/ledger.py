@@ -563,7 +563,8 @@ def _entry(record: LedgerRecord) -> dict[str, Any]:
         text_output_tokens=usage.text_output,
         image_output_tokens=usage.image_output,
         cost_micros=record.cost_micros,
-        estimated=usage.estimated,
+        # An SVG author priced at the default rate (not in the catalog's table) is an estimate too.
+        estimated=usage.estimated or (record.svg is not None and record.svg.estimated),
         latency_ms=record.latency_ms,
         error_code=record.error_code,
         usage=dict(record.raw_usage) if record.raw_usage else None,

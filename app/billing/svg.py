@@ -3,9 +3,11 @@
 Image generation reports its own ``usage``; SVG output adds ``svg_usage`` (``model``,
 ``input_tokens``, ``output_tokens``, ``reasoning_tokens``, ``total_tokens``) for the text model
 that wrote the document. Those tokens are priced at that author's rates from the catalog's
-``svg_authors`` table (an author missing there at the dearest listed one, so nothing is
-under-billed), in integer micro-units, rounded up once on their own: the ledger row records them
-and their cost apart from the image's. Reasoning tokens are part of ``output_tokens``, as in every
+``svg_authors`` table, in integer micro-units, rounded up once on their own: the ledger row records
+them and their cost apart from the image's. ``svg.model`` is any string (a new OpenAI author model
+must not wait for a catalog edit): an author missing from the table is priced at the catalog's
+default author rate (``svg_author_default``; unset, the dearest listed author, so nothing is
+under-billed) and the row is marked estimated. Reasoning tokens are part of ``output_tokens``, as in every
 OpenAI usage object, and are recorded but not billed twice.
 """
 
@@ -29,6 +31,8 @@ class SvgCharge:
     output_tokens: int
     reasoning_tokens: int
     cost_micros: int
+    # Priced at the default author rate: the author is not in the catalog's table.
+    estimated: bool = False
 
 
 def _count(value: Any) -> int:
@@ -42,8 +46,10 @@ def svg_charge(
     if not isinstance(svg_usage, Mapping):
         return None
     model = svg_usage.get("model")
-    author = model if isinstance(model, str) and model else None
-    price = (price_of or {}).get(author or "", fallback)
+    # The ledger's column holds 100 characters; an upstream's longer name is cut, not refused.
+    author = model[:100] if isinstance(model, str) and model else None
+    known = (price_of or {}).get(author or "")
+    price = known or fallback
     input_tokens = _count(svg_usage.get("input_tokens"))
     output_tokens = _count(svg_usage.get("output_tokens"))
     numerator = input_tokens * price.input + output_tokens * price.output
@@ -53,4 +59,5 @@ def svg_charge(
         output_tokens=output_tokens,
         reasoning_tokens=_count(svg_usage.get("reasoning_tokens")),
         cost_micros=-(-numerator // TOKENS_PER_MILLION),
+        estimated=known is None and input_tokens + output_tokens > 0,
     )

@@ -245,14 +245,19 @@ class Catalog:
         self,
         models: Mapping[str, ModelCapabilities],
         svg_authors: Mapping[str, SvgAuthorPrice] | None = None,
+        svg_author_default: SvgAuthorPrice | None = None,
     ) -> None:
         self._models = dict(models)
         self.svg_authors: Mapping[str, SvgAuthorPrice] = dict(svg_authors or {})
+        self._svg_author_default = svg_author_default
 
     def svg_author_price(self, author: str | None) -> SvgAuthorPrice:
-        """An author's rates; an unknown author is billed at the dearest listed one (never under-bill)."""
+        """An author's rates; an unknown author is billed at ``svg_author_default``, or, when the
+        models file sets none, at the dearest listed author (never under-bill)."""
         if author is not None and author in self.svg_authors:
             return self.svg_authors[author]
+        if self._svg_author_default is not None:
+            return self._svg_author_default
         if not self.svg_authors:
             return SvgAuthorPrice(input=0, output=0)
         return max(self.svg_authors.values(), key=lambda p: (p.output, p.input))
@@ -294,7 +299,12 @@ class Catalog:
                 raise CatalogError(
                     f"models.{caps.name}.replacement: {caps.replacement!r} is not in the catalog"
                 )
-        return cls(models, _svg_authors(raw.get("svg_authors")))
+        default = raw.get("svg_author_default")
+        return cls(
+            models,
+            _svg_authors(raw.get("svg_authors")),
+            None if default is None else _author_price(default, "svg_author_default"),
+        )
 
 
 def _build(name: str, spec: Any) -> ModelCapabilities:
@@ -394,13 +404,16 @@ def _svg_authors(spec: Any) -> dict[str, SvgAuthorPrice]:
         return {}
     if not isinstance(spec, Mapping):
         raise CatalogError("svg_authors: expected a mapping of author model -> {input, output}")
-    return {
-        str(author): SvgAuthorPrice(
-            input=to_micros(prices.get("input", 0), where=f"svg_authors.{author}.input"),
-            output=to_micros(prices.get("output", 0), where=f"svg_authors.{author}.output"),
-        )
-        for author, prices in spec.items()
-    }
+    return {str(author): _author_price(prices, f"svg_authors.{author}") for author, prices in spec.items()}
+
+
+def _author_price(prices: Any, where: str) -> SvgAuthorPrice:
+    if not isinstance(prices, Mapping):
+        raise CatalogError(f"{where}: expected {{input, output}} prices per 1M tokens")
+    return SvgAuthorPrice(
+        input=to_micros(prices.get("input", 0), where=f"{where}.input"),
+        output=to_micros(prices.get("output", 0), where=f"{where}.output"),
+    )
 
 
 def _prices(name: str, spec: Mapping[str, Any]) -> Prices:

@@ -8,8 +8,9 @@ Each rule comes from the openai SDK's docstrings (3.57, ``image_generate_params.
   at 655,350); both only with ``output_format=gif``; no streaming, partial images, mask or
   ``output_compression``; the size within the model's GIF limit.
 - SVG: ``svg`` only with ``output_format=svg``; ``n=1``; no streaming, partial images or
-  compression; ``svg.reasoning.effort`` one of the SDK's values; ``svg.model`` one the catalog
-  can price (its usage is billed).
+  compression; ``svg.reasoning.effort`` one of the SDK's values; ``svg.model`` any author name
+  (the SDK types it as a string): priced from the catalog's author table when listed, otherwise
+  at its default author rate and marked estimated (``billing/svg.py``).
 - ``complexity``: ``low``, ``medium`` or ``high``, where the model lists it.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 from app.domain.catalog import ModelCapabilities, parse_size
 from app.errors import InvalidRequestError
 
+SVG_AUTHOR_MAX_CHARS = 100  # the ledger's svg_model column
 SVG_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
@@ -91,7 +93,6 @@ def check_output_options(
     frame_duration_ms: int | None,
     svg: Mapping[str, Any] | None,
     has_mask: bool = False,
-    svg_authors: Collection[str] | None = None,
 ) -> OutputOptions:
     """The GIF and SVG rules; returns the effective options (GIF defaults filled in)."""
     if output_format != "gif":
@@ -104,7 +105,7 @@ def check_output_options(
     if output_format == "gif":
         return _gif(caps, size, stream, partial_images, compression, frame_count, frame_duration_ms, has_mask)
     if output_format == "svg":
-        return _svg(n, stream, partial_images, compression, svg, svg_authors)
+        return _svg(n, stream, partial_images, compression, svg)
     return OutputOptions()
 
 
@@ -149,7 +150,6 @@ def _svg(
     partial_images: int | None,
     compression: int | None,
     svg: Mapping[str, Any] | None,
-    svg_authors: Collection[str] | None,
 ) -> OutputOptions:
     if n != 1:
         raise _error(f"SVG output requires n=1, but got n={n}.", "n")
@@ -162,9 +162,11 @@ def _svg(
     if svg is None:
         return OutputOptions()
     author = svg.get("model")
-    if author is not None and svg_authors is not None and author not in svg_authors:
+    if author is not None and not 0 < len(author) <= SVG_AUTHOR_MAX_CHARS:
+        # Any name: a new author model must not wait for a catalog edit. Bounded, as the ledger
+        # records it.
         raise _error(
-            f"Invalid value: '{author}'. Supported SVG author models are: {_quoted(sorted(svg_authors))}.",
+            f"Invalid 'svg.model': expected a model name of 1 to {SVG_AUTHOR_MAX_CHARS} characters.",
             "svg.model",
         )
     reasoning = svg.get("reasoning")

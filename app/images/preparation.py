@@ -82,7 +82,6 @@ class JobPreparer:
                 caps=resolution.caps,
                 request_id=request_id,
                 query_response_format=query_response_format,
-                svg_authors=self._catalog.svg_authors.keys(),
                 default_response_format=self._default_format(resolution),
             )
             self._check_response_format(job)
@@ -133,7 +132,6 @@ class JobPreparer:
             query_response_format=query_response_format,
             has_mask=mask is not None,
             has_markup=markup is not None,
-            svg_authors=self._catalog.svg_authors.keys(),
             default_response_format=self._default_format(resolution),
         )
         job = self._apply(job, resolution)

@@ -6,7 +6,7 @@ handle OpenAI errors handle ours. The first failing rule wins, in the order of t
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, cast
 
@@ -252,14 +252,13 @@ def build_job(
     query_response_format: str | None = None,
     has_mask: bool = False,
     has_markup: bool = False,
-    svg_authors: Collection[str] | None = None,
     default_response_format: str | None = None,
 ) -> ImageJob:
     """Apply every catalog rule; returns the job with effective settings or raises a 400.
 
     ``has_mask``/``has_markup``: whether an edit carries those files (their contents are checked
-    later, from the spool); ``svg_authors``: the SVG author models the catalog can price;
-    ``default_response_format``: overrides the model's (a remapped model keeps the asked one's).
+    later, from the spool); ``default_response_format``: overrides the model's (a remapped model
+    keeps the asked one's).
     """
     fields = request.model_dump(exclude_none=True)
     extra = request.model_extra or {}
@@ -347,7 +346,6 @@ def build_job(
         frame_duration_ms=request.frame_duration_ms,
         svg=fields.get("svg") if request.svg is not None else None,
         has_mask=has_mask,
-        svg_authors=svg_authors,
     )
 
     response_format = resolve_response_format(

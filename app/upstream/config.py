@@ -62,6 +62,11 @@ class UpstreamSettings(BaseModel):
     # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a
     # compatible server that still serves a retired model.
     follows_retirements: bool | None = None
+    # `local` only: the models it stands in for when a real upstream serving them is configured
+    # (``"*"``: every model). Empty by default, so `local` never serves a placeholder in place of a
+    # configured provider that failed or retired the model (SPEC §2); it still serves every model
+    # that no active real upstream lists.
+    fallback_for: list[str] = Field(default_factory=list)
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -74,7 +79,13 @@ class UpstreamSettings(BaseModel):
             raise ValueError(f"upstream '{self.name}': base_url is required for kind {self.kind}")
         if self.api_key is not None and is_placeholder(self.api_key.get_secret_value()):
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
+        if self.fallback_for and self.kind != "local":
+            raise ValueError(f"upstream '{self.name}': fallback_for is only for kind local")
         return self
+
+    def stands_in_for(self, model: str) -> bool:
+        """Whether this (`local`) upstream may serve ``model`` beside a real upstream for it."""
+        return "*" in self.fallback_for or model in self.fallback_for
 
     @property
     def follows_openai_retirements(self) -> bool:

@@ -77,6 +77,8 @@ class ProviderRegistry:
     @classmethod
     def build(cls, upstreams: Sequence[UpstreamSettings], catalog: Catalog) -> ProviderRegistry:
         routes: dict[str, list[Route]] = {name: [] for name in catalog.names()}
+        # Which routes are the built-in renderer's, and for which models it may stand in.
+        local_routes: dict[str, list[tuple[Route, UpstreamSettings]]] = {}
         providers: list[ImageProvider] = []
         limits: dict[str, int | None] = {}
         policies: dict[str, SlotPolicy] = {}
@@ -113,17 +115,34 @@ class ProviderRegistry:
                         continue
                     if upstream_model == model:
                         upstream_model = spec.model  # the catalog names the provider's model id
-                routes[model].append(
-                    Route(
-                        provider,
-                        upstream_model,
-                        upstream.weight,
-                        upstream.priority,
-                        upstream.stream,
-                        follows_retirements=upstream.follows_openai_retirements,
-                    )
+                route = Route(
+                    provider,
+                    upstream_model,
+                    upstream.weight,
+                    upstream.priority,
+                    upstream.stream,
+                    follows_retirements=upstream.follows_openai_retirements,
                 )
+                routes[model].append(route)
+                if upstream.kind == "local":
+                    local_routes.setdefault(model, []).append((route, upstream))
+        _no_silent_stand_in(routes, local_routes)
         return cls(routes, providers, limits, policies)
+
+
+def _no_silent_stand_in(
+    routes: dict[str, list[Route]], local_routes: dict[str, list[tuple[Route, UpstreamSettings]]]
+) -> None:
+    """`local` draws placeholders: it serves a model only when no real upstream is active for it,
+    or when the operator named the model in its ``fallback_for`` (SPEC §2). A model a real upstream
+    has retired is not handed to `local` either: its real route still counts here, so the client
+    gets the upstream's refusal, never a placeholder at the real model's price."""
+    for model, pairs in local_routes.items():
+        local = {id(route) for route, _ in pairs}
+        if all(id(route) in local for route in routes[model]):
+            continue  # only the renderer serves this model: a fresh machine, no provider key
+        dropped = {id(route) for route, upstream in pairs if not upstream.stands_in_for(model)}
+        routes[model] = [route for route in routes[model] if id(route) not in dropped]
 
 
 # Upstream kinds with their own wire formats; each serves the catalog models whose

@@ -269,9 +269,10 @@ RULES = [
         "invalid_value",
     ),
     Rule(
-        "svg author the catalog can price",
-        gen(output_format="svg", svg={"model": "gpt-5.1"}),
+        # Any author name (the SDK types it as a string), bounded by the ledger's column.
+        "svg author any name up to 100 characters",
         gen(output_format="svg", svg={"model": "gpt-0-unknown"}),
+        gen(output_format="svg", svg={"model": "a" * 101}),
         "svg.model",
         "invalid_value",
     ),

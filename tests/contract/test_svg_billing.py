@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.billing.svg import svg_charge
-from app.domain.catalog import Catalog
+from app.domain.catalog import Catalog, CatalogError
 from tests.conftest import MODELS_FILE, Gateway, fake_upstream_config, make_settings, start_gateway
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -81,6 +81,52 @@ def test_svg_usage_is_billed_and_recorded_apart(every_model: Gateway, upstream: 
     assert "svg_cost_micros" in header.split(",")
 
 
+def test_an_author_missing_from_the_table_is_billed_at_the_default_rate_and_estimated(
+    every_model: Gateway, upstream: FakeOpenAI
+) -> None:
+    """Issue 23 item 15: ``svg.model`` takes any string. A new author is not refused; its tokens
+    are priced at the catalog's ``svg_author_default`` and the row is marked estimated."""
+    key, key_id = every_model.create_key(name="svg-new-author")
+    before = len(every_model.ledger())
+    response = generate(every_model, key, svg={"model": "gpt-7-svg-preview"})
+    assert response.status_code == 200, response.text
+    usage = response.json()["svg_usage"]
+    assert usage["model"] == "gpt-7-svg-preview"
+    default = CATALOG.svg_author_price("gpt-7-svg-preview")
+    assert "gpt-7-svg-preview" not in CATALOG.svg_authors
+    assert (default.input, default.output) == (1_250_000, 10_000_000)  # models.yaml's svg_author_default
+    # The fake's 1200 in and 2700 out (medium effort) at $1.25 / $10 per 1M.
+    assert (usage["input_tokens"], usage["output_tokens"]) == (1200, 2700)
+    author_cost = -(-(1200 * default.input + 2700 * default.output) // 1_000_000)
+    row = every_model.ledger()[before]
+    assert row["svg_model"] == "gpt-7-svg-preview"
+    assert row["svg_cost_micros"] == author_cost == 28_500
+    assert row["estimated"] is True or row["estimated"] == 1
+    assert every_model.key_row(key_id)["spent_micros"] == row["cost_micros"]
+    # A listed author's row is not an estimate (the fake reports real usage).
+    listed = generate(every_model, key, svg={"model": "gpt-5.1"})
+    assert listed.status_code == 200, listed.text
+    assert not every_model.ledger()[before + 1]["estimated"]
+
+
+def test_the_default_author_rate_is_a_catalog_setting() -> None:
+    base = {"models": {}, "svg_authors": {"a": {"input": 1, "output": 2}, "b": {"input": 3, "output": 4}}}
+    dearest = Catalog.from_mapping(base).svg_author_price("new")
+    assert (dearest.input, dearest.output) == (3_000_000, 4_000_000)
+    chosen = Catalog.from_mapping(base | {"svg_author_default": {"input": 0.5, "output": 1}})
+    assert (chosen.svg_author_price("new").input, chosen.svg_author_price("a").output) == (500_000, 2_000_000)
+    charge = svg_charge(
+        {"model": "new", "input_tokens": 10, "output_tokens": 0},
+        chosen.svg_authors,
+        chosen.svg_author_price(None),
+    )
+    assert charge is not None and charge.estimated and charge.cost_micros == 5
+    known = svg_charge({"model": "a", "input_tokens": 10}, chosen.svg_authors, chosen.svg_author_price(None))
+    assert known is not None and not known.estimated
+    with pytest.raises(CatalogError, match="svg_author_default"):
+        Catalog.from_mapping(base | {"svg_author_default": 3})
+
+
 def test_an_answer_without_svg_usage_has_no_author_charge(every_model: Gateway, upstream: FakeOpenAI) -> None:
     key, _ = every_model.create_key(name="png")
     before = len(every_model.ledger())
@@ -95,8 +141,8 @@ def test_an_answer_without_svg_usage_has_no_author_charge(every_model: Gateway, 
     assert (row["svg_model"], row["svg_cost_micros"], row["svg_input_tokens"]) == (None, 0, 0)
 
 
-def test_local_svg_is_billed_at_the_dearest_author(local_gateway: Gateway) -> None:
-    """The local backend's author is not in the price table: it is billed at the dearest entry."""
+def test_local_svg_is_billed_at_the_default_author_rate(local_gateway: Gateway) -> None:
+    """The local backend's author is not in the price table: it is billed at the default rate."""
     key, _ = local_gateway.create_key(name="local-svg")
     before = len(local_gateway.ledger())
     response = generate(local_gateway, key, size="1024x1024")

@@ -79,12 +79,39 @@ def test_server_error_fails_over_to_the_next_upstream(gateway_with: Any, upstrea
         dead | {"priority": 0}, flaky | {"priority": 0}, {"name": "local", "kind": "local", "priority": 5}
     )
     upstream.enqueue_fault(Fault.status(500, "boom"))
-    # Whatever order the tier is tried in, the request ends on a working upstream.
-    result = gw.client().images.generate(model="gpt-image-1", prompt="x", size="1024x1024", quality="low")
-    assert result.data
+    # Whatever order the tier is tried in, the request ends on a working upstream: a real one.
+    # `local` (not named in a fallback_for) never stands in for upstreams configured for the model.
+    raw = gw.client().images.with_raw_response.generate(
+        model="gpt-image-1", prompt="x", size="1024x1024", quality="low"
+    )
+    assert raw.parse().data
+    assert raw.http_response.headers["x-gateway-upstream"] == "flaky"
     rows = gw.ledger()
     assert [r["status"] for r in rows] == ["succeeded"]
-    assert rows[0]["upstream"] in ("flaky", "local")
+    assert rows[0]["upstream"] == "flaky"
+
+
+def test_local_stands_in_only_for_the_models_the_operator_names(
+    gateway_with: Any, upstream: FakeOpenAI
+) -> None:
+    """SPEC §2: a failing real upstream's error reaches the client, uncharged, unless `local` is
+    named for that model in its `fallback_for`; then the answer says `local` served it."""
+    local = {"name": "local", "kind": "local", "priority": 5, "fallback_for": ["gpt-image-1.5"]}
+    gw = gateway_with(fake_upstream_config(upstream), local, retry=NO_RETRY)
+    upstream.always_fail = Fault.status(500, "down", path="/v1/images/generations")
+    client = gw.client()
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.images.generate(model="gpt-image-1", prompt="x", size="1024x1024", quality="low")
+    assert caught.value.response.headers["x-gateway-upstream"] == "fake"
+    named = client.images.with_raw_response.generate(
+        model="gpt-image-1.5", prompt="x", size="1024x1024", quality="low"
+    )
+    assert named.http_response.headers["x-gateway-upstream"] == "local"
+    rows = gw.ledger()
+    assert [(r["upstream"], r["status"], r["cost_micros"] > 0) for r in rows] == [
+        ("fake", "failed", False),
+        ("local", "succeeded", True),
+    ]
 
 
 def test_a_429_beyond_the_retry_after_cap_is_relayed(gateway_with: Any, upstream: FakeOpenAI) -> None:

@@ -213,6 +213,22 @@ def test_an_edit_submitted_on_one_node_runs_on_another_and_its_link_works_everyw
             forged = httpx.get(node_b.url + link.path + "?" + link.query.replace("sig=", "sig=0"))
             assert forged.status_code == 403
 
+            # A preview W stored while it streamed a task is served by every node too.
+            raw = client_a.images.with_raw_response.generate(
+                model="gpt-image-1",
+                prompt="previews",
+                quality="low",
+                partial_images=1,
+                extra_query={"async": "true"},
+            )
+            streamed = poll(client_b, raw.http_response.json()["id"], timeout=300)
+            assert streamed["status"] == "succeeded", streamed
+            (preview,) = streamed["progress"]["previews"]
+            shown = urlsplit(preview["url"])
+            assert shown.netloc == urlsplit(node_b.url).netloc
+            from_a = httpx.get(node_a.url + shown.path + "?" + shown.query)
+            assert from_a.status_code == 200 and from_a.content.startswith(PNG_SIGNATURE)
+
             # Ended: no inputs left in the bucket, nor on any node's disk.
             assert bucket_keys(s3, "task-inputs/") == []
             for node in ("a", "b", "w"):

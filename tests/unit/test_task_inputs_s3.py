@@ -4,6 +4,7 @@ orphan sweep over both, against a real S3-compatible server on 127.0.0.1 (moto +
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -18,12 +19,15 @@ import pytest
 from botocore.config import Config
 from pydantic import ValidationError
 
+from app.domain.catalog import Catalog
+from app.domain.jobs import ImageJob, InputImage
 from app.errors import NotFoundError, PermissionDeniedError
 from app.images.intake.sweep import SweepPolicy, Swept, sweep
 from app.storage import LocalInputStore, StorageSettings, build_input_store, build_store
 from app.storage.inputs import PART_BYTES, S3InputStore
 from app.storage.s3 import S3ImageStore
 from app.storage.signing import UrlSigner
+from app.tasks.inputs import job_spec
 from app.tasks.queue import new_task_id
 from tests.fakes.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, FakeS3
 
@@ -272,3 +276,35 @@ async def test_presigned_stores_serve_nothing_through_the_gateway(images: S3Imag
     query = UrlSigner(b"unused" * 8).query(stored.name, 60)
     with pytest.raises(NotFoundError):
         await images.open_signed_stream(stored.name, **query)
+
+
+def test_a_stored_job_keeps_its_markup_file_as_json(catalog: Catalog, tmp_path: Path) -> None:
+    def spooled(name: str) -> InputImage:
+        return InputImage(
+            path=tmp_path / name, filename=name, format="png", width=8, height=8, has_alpha=True, size=10
+        )
+
+    caps = catalog.get("gpt-image-1")
+    assert caps is not None
+    job = ImageJob(
+        request_id="req_1",
+        endpoint="edits",
+        model="gpt-image-1",
+        caps=caps,
+        prompt="p",
+        n=1,
+        size="auto",
+        quality="auto",
+        background=None,
+        output_format="png",
+        output_compression=None,
+        moderation="auto",
+        stream=False,
+        partial_images=0,
+        response_format="b64_json",
+        images=(spooled("000-image"),),
+        markup=spooled("001-markup"),
+    )
+    spec = json.loads(json.dumps(job_spec(job)))
+    assert spec["markup"]["spooled"] == str(tmp_path / "001-markup")
+    assert spec["images"][0]["spooled"] == str(tmp_path / "000-image") and spec["mask"] is None

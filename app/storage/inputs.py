@@ -23,13 +23,15 @@ The object-side sweep (``listing``, ``remove``, ``abort_stale_uploads``) is call
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from app.errors import GatewayError, StorageUnavailableError
 from app.storage.base import ImageStore, require_aware
 from app.storage.config import StorageSettings
 
@@ -147,7 +149,7 @@ class S3InputStore:
         return f"{self.base}{check_component(task_id)}/{check_component(name)}"
 
     async def keep(self, task_id: str, files: Sequence[tuple[str, Path]]) -> None:
-        await asyncio.to_thread(self._upload, task_id, files)
+        await _reaching_store(functools.partial(self._upload, task_id, files))
 
     def _upload(self, task_id: str, files: Sequence[tuple[str, Path]]) -> None:
         # One file after the other: each transfer already keeps CONCURRENCY parts in flight, and a
@@ -159,7 +161,7 @@ class S3InputStore:
 
     async def fetch(self, task_id: str, names: Sequence[str]) -> Path:
         folder = self.root / check_component(task_id)
-        await asyncio.to_thread(self._download, task_id, names, folder)
+        await _reaching_store(functools.partial(self._download, task_id, names, folder))
         return folder
 
     def _download(self, task_id: str, names: Sequence[str], folder: Path) -> None:
@@ -232,6 +234,25 @@ class S3InputStore:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
                 aborted += 1
         return aborted
+
+
+async def _reaching_store(call: Callable[[], None]) -> None:
+    """Run a transfer in a thread; the store's failures (after boto's retries) become a 503 the
+    client may retry, or, on a worker, the task's clear error instead of an internal one."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        await asyncio.to_thread(call)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+            # A worker found them gone (swept or purged meanwhile): retrying cannot help.
+            raise GatewayError(
+                "The task's input files are no longer stored.", code="task_inputs_missing"
+            ) from None
+        raise StorageUnavailableError() from exc
+    except (BotoCoreError, Boto3Error) as exc:
+        raise StorageUnavailableError() from exc
 
 
 def build_input_store(settings: StorageSettings, store: ImageStore, root: Path) -> InputStore:

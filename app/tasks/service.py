@@ -157,13 +157,11 @@ class TaskService:
             )
         except BaseException:
             await self._images.release(hold)
-            if form is not None:
-                await self._inputs.drop(task_id)
+            await self._drop_inputs(task_id, has_files=form is not None)
             raise
         if not created:
             await self._images.release(hold)
-            if form is not None:
-                await self._inputs.drop(task_id)
+            await self._drop_inputs(task_id, has_files=form is not None)
         self.wakeup.set()
         return task
 
@@ -337,18 +335,19 @@ class TaskService:
 
     async def _after(self, task: Task) -> None:
         self.on_events()
-        await self._drop_inputs(task)
+        await self._drop_inputs(task.id, has_files=bool((task.spec or {}).get("files")))
 
-    async def _drop_inputs(self, task: Task) -> None:
-        """Remove an ended task's inputs. A failure is left to the orphan sweep, which removes a
-        finished task's inputs at once: the task's outcome stands whatever the store says."""
-        if not (task.spec or {}).get("files"):
-            return  # a generation: it has no inputs
+    async def _drop_inputs(self, task_id: str, *, has_files: bool) -> None:
+        """Remove a task's inputs (a generation has none). A failure is left to the orphan sweep,
+        which removes a finished or unknown task's inputs: the task's outcome, or the error that
+        ended its submission, stands whatever the store says."""
+        if not has_files:
+            return
         try:
-            await self._inputs.drop(task.id)
+            await self._inputs.drop(task_id)
         except Exception:
             log.warning(
-                "could not remove a task's inputs", extra={"fields": {"task_id": task.id}}, exc_info=True
+                "could not remove a task's inputs", extra={"fields": {"task_id": task_id}}, exc_info=True
             )
 
     async def render(self, task_id: str, *, base_url: str) -> dict[str, Any] | None:
@@ -367,7 +366,7 @@ class TaskService:
             for task in gone:
                 for name in [*image_names(task.result), *preview_names(task)]:
                     await self._store.delete(name)
-                await self._drop_inputs(task)
+                await self._drop_inputs(task.id, has_files=bool((task.spec or {}).get("files")))
             purged += len(gone)
             if len(gone) < PURGE_BATCH:
                 return purged

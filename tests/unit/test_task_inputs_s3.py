@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, InputImage
-from app.errors import NotFoundError, PermissionDeniedError
+from app.errors import GatewayError, NotFoundError, PermissionDeniedError, StorageUnavailableError
 from app.images.intake.sweep import SweepPolicy, Swept, sweep
 from app.storage import LocalInputStore, StorageSettings, build_input_store, build_store
 from app.storage.inputs import PART_BYTES, S3InputStore
@@ -29,6 +29,7 @@ from app.storage.s3 import S3ImageStore
 from app.storage.signing import UrlSigner
 from app.tasks.inputs import job_spec
 from app.tasks.queue import new_task_id
+from tests.conftest import closed_port
 from tests.fakes.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, FakeS3
 
 if TYPE_CHECKING:
@@ -308,3 +309,22 @@ def test_a_stored_job_keeps_its_markup_file_as_json(catalog: Catalog, tmp_path: 
     spec = json.loads(json.dumps(job_spec(job)))
     assert spec["markup"]["spooled"] == str(tmp_path / "001-markup")
     assert spec["images"][0]["spooled"] == str(tmp_path / "000-image") and spec["mask"] is None
+
+
+async def test_a_store_that_fails_is_a_503_and_lost_inputs_a_clear_error(
+    s3_server: FakeS3, inputs: S3InputStore, tmp_path: Path
+) -> None:
+    down = build_store(
+        s3_server.settings(endpoint_url=f"http://127.0.0.1:{closed_port()}", connect_timeout_s=0.5),
+        signing_secret=b"unused" * 8,
+    )
+    unreachable = build_input_store(s3_server.settings(), down, tmp_path / "down")
+    path = spool(tmp_path / "spool", "000-image", 100)
+    with pytest.raises(StorageUnavailableError) as refused:
+        await unreachable.keep(new_task_id(), [("000-image", path)])
+    assert refused.value.status_code == 503 and refused.value.headers["retry-after"] == "1"
+    assert refused.value.to_body()["error"]["code"] == "storage_unavailable"
+    await down.aclose()
+    with pytest.raises(GatewayError) as missing:
+        await inputs.fetch(new_task_id(), ["000-image"])
+    assert missing.value.to_body()["error"]["code"] == "task_inputs_missing"

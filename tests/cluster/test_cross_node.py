@@ -34,7 +34,7 @@ import pytest
 from botocore.config import Config
 
 from bench.gateway_process import GatewayProcess, WorkerProcess, peak_rss_kib
-from tests.conftest import ADMIN_KEY, fake_upstream_config, migrate
+from tests.conftest import ADMIN_KEY, fake_upstream_config, make_settings, migrate, start_gateway
 from tests.fakes.image_files import PNG_SIGNATURE, png, png_chunk
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, FakeS3
@@ -246,3 +246,39 @@ def test_an_edit_submitted_on_one_node_runs_on_another_and_its_link_works_everyw
         f"\nnode A: {COUNT} × {SIZE_MIB} MiB edit: peak RSS {peak_kib / 1024:.0f} MiB, +{growth_mib:.1f} MiB"
     )
     assert growth_mib < SIZE_MIB / 2, (baseline_kib, peak_kib)
+
+
+def test_an_edit_the_bucket_refuses_is_a_503_and_holds_nothing(
+    upstream: FakeOpenAI, s3: FakeS3, tmp_path: Path
+) -> None:
+    """The store fails at submission (here: a bucket that does not exist): the client gets a 503
+    it may retry, and the books show nothing: no task, no hold, no ledger row, no file left."""
+    storage = {
+        "kind": "s3",
+        "endpoint_url": s3.endpoint_url,
+        "region": REGION,
+        "access_key_id": ACCESS_KEY_ID,
+        "secret_access_key": SECRET_ACCESS_KEY,
+        "bucket": "no-such-bucket",
+    }
+    data_dir = tmp_path / "gw"
+    gw = start_gateway(make_settings(data_dir, [fake_upstream_config(upstream)], storage=storage), data_dir)
+    try:
+        key, key_id = gw.create_key(name="refused")
+        client = gw.client(key)
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.images.edit(
+                model="gpt-image-1", image=png(64, 64), prompt="refused", extra_query={"async": "true"}
+            )
+        assert refused.value.status_code == 503
+        assert refused.value.response.headers["retry-after"] == "1"
+        assert refused.value.response.json()["error"]["code"] == "storage_unavailable"
+        assert gw.query("SELECT id FROM tasks") == []
+        assert gw.query("SELECT id FROM reservations") == []
+        assert gw.ledger() == []
+        row = gw.key_row(key_id)
+        assert (row["spent_micros"], row["reserved_micros"]) == (0, 0)
+        assert files_under(data_dir / "spool") == [] and files_under(data_dir / "task_inputs") == []
+        assert upstream.requests == []
+    finally:
+        gw.close()

@@ -8,6 +8,8 @@ exception handlers and the ASGI middleware (``app/api/errors.py``), the SSE ``er
 
     GatewayError                       500 api_error (the base; a bare one is a gateway fault)
     ├── InternalServerError            500 api_error internal_error (no internals in the message)
+    ├── StorageUnavailableError        503 api_error storage_unavailable (the object store failed;
+    │                                  retry-after)
     ├── InvalidRequestError            400 invalid_request_error (param set, code varies)
     │   ├── ModelNotFoundError         400 invalid_value, param "model"
     │   └── InvalidJSONError           400 invalid_json
@@ -89,6 +91,16 @@ class InternalServerError(GatewayError):
     """Something failed inside the gateway; the traceback goes to the log, never to the client."""
 
     default_code = "internal_error"
+
+
+class StorageUnavailableError(GatewayError):
+    """The object store did not answer (after boto's own retries): nothing was lost, try again."""
+
+    status_code = 503
+    default_code = "storage_unavailable"
+
+    def __init__(self, message: str = "The image store is unavailable; please retry later.") -> None:
+        super().__init__(message, headers={"retry-after": "1"})
 
 
 class InvalidRequestError(GatewayError):

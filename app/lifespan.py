@@ -33,7 +33,7 @@ from app.moderation.audit import ModerationLog
 from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
-from app.storage import build_store, purge_periodically, resolve_signing_secret
+from app.storage import build_input_store, build_store, purge_periodically, resolve_signing_secret
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
 from app.tasks.worker import purge_forever, work
@@ -200,7 +200,7 @@ async def open_state(
             images=images,
             keys=keys,
             store=store,
-            inputs_root=inputs_root,
+            inputs=build_input_store(settings.storage, store, inputs_root),
             input_limits=uploads.inputs,
             settings=TaskSettingsView(
                 # A queued task keeps its hold for as long as it may wait and run.
@@ -317,6 +317,7 @@ async def _background(state: AppState) -> AsyncIterator[None]:
                     inputs_root=state.tasks.inputs_root,
                     spool_age_s=state.settings.uploads.orphan_age_s,
                     inputs_age_s=state.settings.tasks.inputs_orphan_age_s,
+                    objects=state.tasks.input_store.objects,
                 ),
                 state.tasks.queue.activity,
                 interval_s=state.settings.uploads.sweep_interval_s,

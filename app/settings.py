@@ -171,8 +171,8 @@ class TaskSettings(_Section):
     lease_s: float = Field(default=60.0, ge=1)
     max_attempts: int = Field(default=3, ge=1)
     poll_s: float = Field(default=0.5, gt=0)
-    # Where async edits keep their uploads until they run; default <data_dir>/task_inputs.
-    # Replicas that share a queue must share this directory.
+    # Where async edits keep their uploads until they run; default <data_dir>/task_inputs. With
+    # storage.kind s3 the uploads wait in the bucket and this holds a worker's local copies only.
     inputs_dir: str | None = None
     # A finished task's input folder is swept at once; one whose task is unknown once it is this old.
     # The age covers the moment between moving the files in and committing the task row, and the

@@ -59,6 +59,14 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def peak_rss_kib(pid: int) -> int:
+    """The highest resident set size a process has had (VmHWM), from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
 def gateway_config(
     upstream: dict[str, Any], data_dir: Path, db_url: str, *, admin_key: str, **extra: Any
 ) -> dict[str, Any]:
@@ -199,6 +207,39 @@ class GatewayProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class WorkerProcess:
+    """One ``python -m app worker`` child (no HTTP listener: it is ready when it claims a task)."""
+
+    def __init__(
+        self, config: dict[str, Any], workdir: Path, *, name: str = "worker", cwd: Path = ROOT
+    ) -> None:
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "--config", str(self.config_path), "worker"],
+            cwd=cwd,
+            env={**os.environ, "GATEWAY_ADMIN_KEY": ""},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self._log.close()
+        return self.proc.returncode
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")

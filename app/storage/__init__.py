@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from app.storage.base import (
+    ImageBytes,
     ImageStore,
     StoredImage,
     check_name,
@@ -15,15 +16,20 @@ from app.storage.base import (
     purge_periodically,
 )
 from app.storage.config import StorageSettings
+from app.storage.inputs import InputStore, LocalInputStore, build_input_store
 from app.storage.local import LocalImageStore
 from app.storage.signing import UrlSigner, ensure_secret
 
 __all__ = [
+    "ImageBytes",
     "ImageStore",
+    "InputStore",
     "LocalImageStore",
+    "LocalInputStore",
     "StorageSettings",
     "StoredImage",
     "UrlSigner",
+    "build_input_store",
     "build_store",
     "check_name",
     "content_type_for",
@@ -35,7 +41,8 @@ __all__ = [
 
 
 def resolve_signing_secret(settings: StorageSettings, data_dir: str) -> bytes:
-    """The configured ``storage.signing_key``, else the key generated once under ``data_dir``."""
+    """The configured ``storage.signing_key``, else the key generated once under ``data_dir`` (which
+    only this node knows: links then verify on this node alone, as a local store's can anyway)."""
     if settings.signing_key is not None:
         return settings.signing_key.get_secret_value().encode("utf-8")
     return ensure_secret(data_dir)
@@ -46,5 +53,5 @@ def build_store(settings: StorageSettings, *, signing_secret: bytes) -> ImageSto
     if settings.kind == "s3":
         from app.storage.s3 import S3ImageStore
 
-        return S3ImageStore(settings)
+        return S3ImageStore(settings, signer=UrlSigner(signing_secret) if settings.gateway_links else None)
     return LocalImageStore(settings.path, UrlSigner(signing_secret))

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 _EXTENSIONS: dict[str, str] = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 _CONTENT_TYPES: dict[str, str] = {ext: ctype for ctype, ext in _EXTENSIONS.items()}
 NAME_PATTERN = re.compile(r"img_[0-9a-f]{32}\.(?:png|jpg|webp)")
+# Where the gateway serves the links it signs itself (app/api/files.py).
+ROUTE_PREFIX = "/v1/files/images/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,14 @@ class StoredImage:
     name: str
     size: int
     content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageBytes:
+    """A stored image on its way out: its size, and its bytes in chunks (closed when exhausted)."""
+
+    size: int
+    chunks: AsyncIterator[bytes]
 
 
 class ImageStore(Protocol):
@@ -48,6 +59,11 @@ class ImageStore(Protocol):
 
     async def read(self, name: str) -> bytes:
         """The image's bytes, or ``NotFoundError``."""
+        ...
+
+    async def open_signed_stream(self, name: str, *, expires: str, sig: str) -> ImageBytes:
+        """Check a gateway link's signature and expiry (403) and the image's existence (404), then
+        stream it. A store whose links are not the gateway's answers 404: it serves nothing here."""
         ...
 
     async def delete(self, name: str) -> None:

@@ -29,9 +29,13 @@ class StorageSettings(BaseModel):
     retention_s: int = Field(default=86400, ge=60)
     # How often the purge runs.
     purge_interval_s: int = Field(default=600, ge=1)
-    # Key for the local store's link signatures. Unset: generated once into <data_dir>/signing_key.
-    # Set it (the same value everywhere) when several replicas share one image directory.
+    # Key for the gateway's link signatures. Unset: generated once into <data_dir>/signing_key, which
+    # only that node knows; set it (the same secret on every node) when several nodes serve links.
     signing_key: SecretStr | None = None
+    # S3 only: links point to the gateway (/v1/files/images/…), which any node verifies with
+    # signing_key (then required) and streams from the store, instead of presigned links to the store
+    # itself. For stores clients cannot reach, and links that look the same on every store.
+    gateway_links: bool = False
 
     # S3-compatible store (AWS S3, MinIO, …).
     endpoint_url: str | None = None
@@ -77,6 +81,11 @@ class StorageSettings(BaseModel):
         if self.kind == "s3":
             if not self.bucket:
                 raise ValueError("storage.bucket is required when kind is s3")
+            if self.gateway_links and self.signing_key is None:
+                raise ValueError(
+                    "storage.signing_key is required with gateway_links: every node must verify the "
+                    "links any other node signed, so the key cannot be one generated per node"
+                )
             if (self.access_key_id is None) != (self.secret_access_key is None):
                 raise ValueError("storage.access_key_id and secret_access_key must be set together")
         return self

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlencode
 
 import boto3
 from botocore.config import Config
@@ -21,10 +23,20 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from app.errors import NotFoundError
-from app.storage.base import NAME_PATTERN, StoredImage, check_name, new_name, require_aware
+from app.storage.base import (
+    NAME_PATTERN,
+    ROUTE_PREFIX,
+    ImageBytes,
+    StoredImage,
+    check_name,
+    new_name,
+    require_aware,
+)
 from app.storage.config import StorageSettings
+from app.storage.signing import UrlSigner
 
 if TYPE_CHECKING:
+    from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CreateBucketConfigurationTypeDef, ObjectIdentifierTypeDef
 
@@ -32,15 +44,20 @@ logger = logging.getLogger(__name__)
 
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _DELETE_BATCH = 1000  # the DeleteObjects maximum
+_CHUNK = 256 * 1024  # what the gateway reads from the store per step when it serves a link
 
 
 class S3ImageStore:
-    def __init__(self, settings: StorageSettings) -> None:
+    """``signer`` set (``storage.gateway_links``): links point to the gateway, signed with the
+    cluster's shared key, and any node streams the image from the bucket; else presigned links."""
+
+    def __init__(self, settings: StorageSettings, *, signer: UrlSigner | None = None) -> None:
         if not settings.bucket:
             raise ValueError("storage.bucket is required for the s3 store")
         self.bucket = settings.bucket
         self.prefix = settings.prefix
         self._create_bucket = settings.create_bucket
+        self._signer = signer
         self._region = settings.region
         session = boto3.session.Session(
             aws_access_key_id=_reveal(settings.access_key_id),
@@ -61,6 +78,11 @@ class S3ImageStore:
             if settings.public_endpoint_url
             else self._client
         )
+
+    @property
+    def client(self) -> S3Client:
+        """The API client, shared with the task-input store (boto3 clients are thread-safe)."""
+        return self._client
 
     def key_for(self, name: str) -> str:
         return self.prefix + check_name(name)
@@ -104,9 +126,12 @@ class S3ImageStore:
         )
         return StoredImage(name=name, size=len(data), content_type=content_type)
 
-    async def url_for(self, name: str, *, base_url: str, ttl_s: int) -> str:  # noqa: ARG002
+    async def url_for(self, name: str, *, base_url: str, ttl_s: int) -> str:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
+        if self._signer is not None:
+            query = self._signer.query(check_name(name), ttl_s)
+            return f"{base_url.rstrip('/')}{ROUTE_PREFIX}{name}?{urlencode(query)}"
         params = {"Bucket": self.bucket, "Key": self.key_for(name)}
         return await asyncio.to_thread(
             self._presigner.generate_presigned_url, "get_object", Params=params, ExpiresIn=ttl_s
@@ -124,6 +149,23 @@ class S3ImageStore:
             raise
         with response["Body"] as body:
             return body.read()
+
+    async def open_signed_stream(self, name: str, *, expires: str, sig: str) -> ImageBytes:
+        key = self.key_for(name)
+        if self._signer is None:
+            raise NotFoundError("No such image.")  # the store answers its own presigned links
+        self._signer.verify(name, expires, sig)
+        size, body = await asyncio.to_thread(self._open, key)
+        return ImageBytes(size=size, chunks=_chunks(body))
+
+    def _open(self, key: str) -> tuple[int, StreamingBody]:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                raise NotFoundError("No such image.") from None
+            raise
+        return response["ContentLength"], response["Body"]
 
     async def delete(self, name: str) -> None:
         # DeleteObject succeeds for a missing key, which is the contract here.
@@ -156,6 +198,16 @@ class S3ImageStore:
                 logger.warning("could not purge %s: %s", error.get("Key"), error.get("Code"))
             removed += len(batch) - len(errors)
         return removed
+
+
+async def _chunks(body: StreamingBody) -> AsyncIterator[bytes]:
+    """The object's bytes a chunk at a time, each read off the event loop; closed at the end or
+    when the client goes away (the generator is closed then)."""
+    try:
+        while chunk := await asyncio.to_thread(body.read, _CHUNK):
+            yield chunk
+    finally:
+        body.close()
 
 
 def _code(exc: ClientError) -> str:

@@ -1,15 +1,17 @@
-"""What a queued task keeps: the admitted job as JSON, and its input files in a folder of its own.
+"""What a queued task keeps: the admitted job as JSON, and its input files in the input store.
 
-Submission stores the job admission produced (``job_spec``) and moves the request's spooled uploads
-into ``<inputs_root>/<task id>`` (``keep``); a worker gets the same job back (``restore``), its
-images pointing at those files, and the folder goes when the task ends (``drop``). A task queued by
-an older version stored its raw payload instead: it is admitted again (``_legacy``).
+Submission stores the job admission produced (``job_spec``) and hands the request's spooled uploads
+to the input store (``keep``): moved into ``<inputs_root>/<task id>`` with a local store, streamed
+to the bucket with S3 (``app/storage/inputs.py``), so a worker on another node can read them. A
+worker gets the same job back (``restore``), its images pointing at a local folder that holds the
+files (the S3 store streams them down first), and the inputs go when the task ends or is purged
+(``drop``). A task queued by an older version stored its raw payload instead: it is admitted again
+(``_legacy``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,37 +21,45 @@ from app.domain.jobs import ImageJob, InputImage
 from app.images.intake.spool import SpooledFile, UploadForm
 from app.images.service import GenerationDraft, ImageService, InputLimits
 from app.keys import Caller
+from app.storage import InputStore
 
 
 class TaskInputs:
-    """The task input folders under ``root``, and the jobs stored with their tasks."""
+    """The tasks' input files in ``store``, and the jobs stored with their tasks."""
 
-    def __init__(self, *, root: Path, images: ImageService, limits: InputLimits) -> None:
-        self.root = root
+    def __init__(self, *, store: InputStore, images: ImageService, limits: InputLimits) -> None:
+        self.store = store
         self._images = images
         self._limits = limits
 
-    def keep(self, task_id: str, form: UploadForm) -> list[dict[str, Any]]:
-        """Move a request's spooled files into the task's own folder (same filesystem: a rename)."""
-        folder = self.root / task_id
-        folder.mkdir(parents=True, exist_ok=False)
-        kept = []
-        for index, upload in enumerate(form.files):
-            name = f"{index:03d}-{upload.field.replace('/', '_')[:40]}"
-            shutil.move(upload.path, folder / name)
-            kept.append(
-                {
-                    "field": upload.field,
-                    "filename": upload.filename,
-                    "name": name,
-                    "size": upload.size,
-                    "spooled": str(upload.path),
-                }
-            )
-        return kept
+    @property
+    def root(self) -> Path:
+        return self.store.root
 
-    def drop(self, task_id: str) -> None:
-        shutil.rmtree(self.root / task_id, ignore_errors=True)
+    async def keep(self, task_id: str, form: UploadForm) -> list[dict[str, Any]]:
+        """Give a request's spooled files to the store as the task's inputs."""
+        names = [_name(index, upload.field) for index, upload in enumerate(form.files)]
+        await self.store.keep(
+            task_id, [(name, upload.path) for name, upload in zip(names, form.files, strict=True)]
+        )
+        return [
+            {
+                "field": upload.field,
+                "filename": upload.filename,
+                "name": name,
+                "size": upload.size,
+                "spooled": str(upload.path),
+            }
+            for name, upload in zip(names, form.files, strict=True)
+        ]
+
+    async def drop(self, task_id: str) -> None:
+        await self.store.drop(task_id)
+
+    async def _folder(self, task: Task) -> Path:
+        """A local folder with the task's inputs (downloaded first when they are in the bucket)."""
+        names = [str(f["name"]) for f in task.spec.get("files") or []]
+        return await self.store.fetch(task.id, names)
 
     async def restore(self, task: Task, caller: Caller) -> ImageJob:
         """The admitted job again, as submission stored it: the same effective moderation level,
@@ -58,20 +68,21 @@ class TaskInputs:
         if not isinstance(stored, Mapping):
             return await self._legacy(task, caller)
         caps = self._images.resolve_model(str(stored["model"]), caller)
-        folder = self.root / task.id
+        folder = await self._folder(task)
         names = {f["spooled"]: f["name"] for f in task.spec.get("files") or [] if "spooled" in f}
 
         def image(entry: Mapping[str, Any]) -> InputImage:
             values = {k: v for k, v in entry.items() if k != "spooled"}
             return InputImage(**{**values, "path": folder / names.get(entry["spooled"], "")})
 
-        values = {k: v for k, v in stored.items() if k not in ("images", "mask")}
-        mask = stored.get("mask")
+        values = {k: v for k, v in stored.items() if k not in ("images", "mask", "markup")}
+        mask, markup = stored.get("mask"), stored.get("markup")
         return ImageJob(
             **values,
             caps=caps,
             images=tuple(image(entry) for entry in stored.get("images") or ()),
             mask=image(mask) if isinstance(mask, Mapping) else None,
+            markup=image(markup) if isinstance(markup, Mapping) else None,
         )
 
     async def _legacy(self, task: Task, caller: Caller) -> ImageJob:
@@ -83,7 +94,7 @@ class TaskInputs:
                 caller=caller, draft=GenerationDraft(payload=payload, request_id=task.request_id)
             )
             return await self._images.screen(caller=caller, job=job)
-        folder = self.root / task.id
+        folder = await self._folder(task)
         files = [
             SpooledFile(
                 field=f["field"],
@@ -104,6 +115,12 @@ class TaskInputs:
 # The catalog entry is looked up again by name; a provider job to resume and its recorder are set
 # by the task runner for each run (issue 19), not by admission.
 _NOT_STORED = frozenset({"caps", "resume", "on_submitted"})
+
+
+def _name(index: int, field: str) -> str:
+    """The stored file's name: its position and form field, in characters every store accepts
+    (``image[]`` becomes ``image__``)."""
+    return f"{index:03d}-{''.join(c if c.isascii() and c.isalnum() else '_' for c in field[:40])}"
 
 
 def job_spec(job: ImageJob) -> dict[str, Any]:
@@ -127,8 +144,9 @@ def job_spec(job: ImageJob) -> dict[str, Any]:
             continue
         if f.name == "images":
             spec["images"] = [image(item) for item in job.images]
-        elif f.name == "mask":
-            spec["mask"] = image(job.mask) if job.mask is not None else None
+        elif f.name in ("mask", "markup"):
+            item = getattr(job, f.name)
+            spec[f.name] = image(item) if item is not None else None
         else:
             spec[f.name] = plain(getattr(job, f.name))
     return spec

@@ -30,7 +30,7 @@ from app.images.intake.spool import UploadForm
 from app.images.service import Admission, Draft, ImageService, InputLimits, ResultHook
 from app.images.settlement import CostHook, shielded
 from app.keys import Caller, KeyService
-from app.storage import ImageStore
+from app.storage import ImageStore, InputStore
 from app.tasks.inputs import TaskInputs, job_spec
 from app.tasks.progress import ProgressRecorder, preview_names, progress_of, render_progress, run_streamed
 from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
@@ -59,7 +59,7 @@ class TaskService:
         images: ImageService,
         keys: KeyService,
         store: ImageStore,
-        inputs_root: Path,
+        inputs: InputStore,
         input_limits: InputLimits,
         settings: TaskSettingsView,
         outbox: Outbox | None = None,
@@ -73,7 +73,7 @@ class TaskService:
         self._images = images
         self._keys = keys
         self._store = store
-        self._inputs = TaskInputs(root=inputs_root, images=images, limits=input_limits)
+        self._inputs = TaskInputs(store=inputs, images=images, limits=input_limits)
         self._settings = settings
         # Set on submit so an in-process worker starts at once instead of at its next poll.
         self.wakeup = asyncio.Event()
@@ -134,7 +134,7 @@ class TaskService:
         try:
             files: list[dict[str, Any]] = []
             if form is not None:
-                files = await asyncio.to_thread(self._inputs.keep, task_id, form)
+                files = await self._inputs.keep(task_id, form)
             spec: dict[str, Any] = {"job": job_spec(job), "files": files}
             if chosen:
                 spec["webhooks"] = chosen
@@ -157,18 +157,24 @@ class TaskService:
             )
         except BaseException:
             await self._images.release(hold)
-            await asyncio.to_thread(self._inputs.drop, task_id)
+            await self._drop_inputs(task_id, has_files=form is not None)
             raise
         if not created:
             await self._images.release(hold)
-            await asyncio.to_thread(self._inputs.drop, task_id)
+            await self._drop_inputs(task_id, has_files=form is not None)
         self.wakeup.set()
         return task
 
     @property
     def inputs_root(self) -> Path:
-        """Where queued edits keep their input files (swept for orphans by the lifespan)."""
+        """This node's folder of task inputs, or of a worker's local copies of them (swept for
+        orphans by the lifespan)."""
         return self._inputs.root
+
+    @property
+    def input_store(self) -> InputStore:
+        """Where queued edits keep their input files (its object side is swept too)."""
+        return self._inputs.store
 
     async def view(self, task: Task, *, base_url: str) -> dict[str, Any]:
         """The task object a client sees, with its images as URLs or base64 as it asked."""
@@ -333,7 +339,20 @@ class TaskService:
 
     async def _after(self, task: Task) -> None:
         self.on_events()
-        await asyncio.to_thread(self._inputs.drop, task.id)
+        await self._drop_inputs(task.id, has_files=bool((task.spec or {}).get("files")))
+
+    async def _drop_inputs(self, task_id: str, *, has_files: bool) -> None:
+        """Remove a task's inputs (a generation has none). A failure is left to the orphan sweep,
+        which removes a finished or unknown task's inputs: the task's outcome, or the error that
+        ended its submission, stands whatever the store says."""
+        if not has_files:
+            return
+        try:
+            await self._inputs.drop(task_id)
+        except Exception:
+            log.warning(
+                "could not remove a task's inputs", extra={"fields": {"task_id": task_id}}, exc_info=True
+            )
 
     async def render(self, task_id: str, *, base_url: str) -> dict[str, Any] | None:
         """The task object as its owner sees it (for webhook events); None when it is gone."""
@@ -351,7 +370,7 @@ class TaskService:
             for task in gone:
                 for name in [*image_names(task.result), *preview_names(task)]:
                     await self._store.delete(name)
-                await asyncio.to_thread(self._inputs.drop, task.id)
+                await self._drop_inputs(task.id, has_files=bool((task.spec or {}).get("files")))
             purged += len(gone)
             if len(gone) < PURGE_BATCH:
                 return purged

@@ -15,6 +15,12 @@ share the data directory, so nothing can be wiped at start: a folder is an orpha
 Only folders named as the gateway names them are considered; other files, and symlinks (to folders
 or anywhere), are left alone, and removal never follows a link. The file system is walked and
 changed in worker threads, off the event loop.
+
+With an object store (``storage.kind: s3``) the inputs live in the bucket, under one prefix per task,
+and the same rule applies to them (``objects``): a finished task's at once, an unknown task's once
+its newest object is older than ``inputs_age_s``, a live task's kept. Multipart uploads a killed
+process left unfinished under that folder are aborted once as old. The local folders are still
+swept: on a worker they hold its copies of the inputs of the tasks it runs.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from app.images.intake.spool import SPOOL_PREFIX
+from app.storage.inputs import InputObjects
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +57,17 @@ class SweepPolicy:
     inputs_root: Path
     spool_age_s: float
     inputs_age_s: float
+    # The object store's side of the task inputs, when they live there (app/storage/inputs.py).
+    objects: InputObjects | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Swept:
     spools: int
     inputs: int
+    # Tasks whose inputs went from the object store, and unfinished uploads aborted there.
+    objects: int = 0
+    uploads: int = 0
 
 
 async def sweep(policy: SweepPolicy, activity: TaskActivity) -> Swept:
@@ -68,14 +81,26 @@ async def sweep(policy: SweepPolicy, activity: TaskActivity) -> Swept:
     spools = await asyncio.to_thread(_remove, stale_spools)
     folders = await asyncio.to_thread(_folders, policy.inputs_root, _is_task)
     stale = await asyncio.to_thread(_older, folders, policy.inputs_age_s)
+    doomed = await _orphans([path.name for path in folders], stale, activity)
+    inputs = await asyncio.to_thread(_remove, [path for path in folders if path.name in doomed])
+    objects = uploads = 0
+    if policy.objects is not None:
+        now = time.time()
+        listed = {k: v for k, v in (await policy.objects.listing()).items() if _is_task(k)}
+        old = {task_id for task_id, newest in listed.items() if newest < now - policy.inputs_age_s}
+        objects = await policy.objects.remove(sorted(await _orphans(list(listed), old, activity)))
+        cutoff = datetime.fromtimestamp(now, UTC) - timedelta(seconds=policy.inputs_age_s)
+        uploads = await policy.objects.abort_stale_uploads(cutoff)
+    return Swept(spools=spools, inputs=inputs, objects=objects, uploads=uploads)
+
+
+async def _orphans(task_ids: list[str], stale: set[str], activity: TaskActivity) -> set[str]:
+    """Which of these tasks' inputs go. Known: kept while the task runs, removed once it has
+    finished; unknown (purged, or never committed): removed once stale."""
     known: dict[str, bool] = {}
-    names = [path.name for path in folders]
-    for start in range(0, len(names), _BATCH):
-        known.update(await activity(names[start : start + _BATCH]))
-    # Known: kept while it runs, removed once finished; unknown: removed once stale.
-    orphans = [path for path in folders if not known.get(path.name, path.name not in stale)]
-    inputs = await asyncio.to_thread(_remove, orphans)
-    return Swept(spools=spools, inputs=inputs)
+    for start in range(0, len(task_ids), _BATCH):
+        known.update(await activity(task_ids[start : start + _BATCH]))
+    return {task_id for task_id in task_ids if not known.get(task_id, task_id not in stale)}
 
 
 async def sweep_forever(policy: SweepPolicy, activity: TaskActivity, *, interval_s: float) -> None:
@@ -83,11 +108,14 @@ async def sweep_forever(policy: SweepPolicy, activity: TaskActivity, *, interval
     while True:
         try:
             swept = await sweep(policy, activity)
-            if swept.spools or swept.inputs:
-                log.warning(
-                    "removed orphaned upload folders",
-                    extra={"fields": {"spools": swept.spools, "task_inputs": swept.inputs}},
-                )
+            if swept.spools or swept.inputs or swept.objects or swept.uploads:
+                fields = {
+                    "spools": swept.spools,
+                    "task_inputs": swept.inputs,
+                    "stored_task_inputs": swept.objects,
+                    "unfinished_uploads": swept.uploads,
+                }
+                log.warning("removed orphaned upload folders", extra={"fields": fields})
         except Exception:
             log.exception("orphan sweep failed; retrying later")
         await asyncio.sleep(interval_s)

@@ -236,17 +236,29 @@ class SharedSlots:
                 return token if taken else None
         source = CALL_SOURCE.get()
         self.waiting[source] = self.waiting.get(source, 0) + 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.policy.wait_s
         try:
-            async with asyncio.timeout(self.policy.wait_s), self._turn:
+            try:
+                async with asyncio.timeout(self.policy.wait_s):
+                    await self._turn.acquire()
+            except TimeoutError:
+                raise busy(self.policy) from None
+            try:
+                # The deadline is checked between the steps rather than by a timeout around them:
+                # redis-py can absorb a cancellation that lands inside a command.
                 pause = _POLL_MIN_S
                 while True:
                     self.store.clear_wake(self.name)
                     taken = await self.store.try_acquire(self.name, limit, token)
                     if taken is None or taken:
                         return token if taken else None
-                    await self.store.wait_for_release(self.name, pause)
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise busy(self.policy)
+                    await self.store.wait_for_release(self.name, min(pause, left))
                     pause = min(pause * 2, _POLL_MAX_S)
-        except TimeoutError:
-            raise busy(self.policy) from None
+            finally:
+                self._turn.release()
         finally:
             self.waiting[source] -= 1

@@ -4,7 +4,8 @@ Two ``python -m app serve`` processes, each with its own data directory, on one 
 database and one Redis (each test under its own key prefix, so parallel tests never meet), in
 front of one fake upstream that counts what reaches it:
 
-- a key revoked (or disabled) on A is refused by B within 1 s, although B caches keys for 300 s;
+- a key revoked or disabled on A (or revoked with the CLI) is refused by B within 1 s, although B
+  caches keys for 300 s;
 - ``rpm: 10`` over A and B together: 30 requests, exactly 10 succeed;
 - ``max_concurrency: 4``: 16 slow calls over A and B, the upstream never sees more than 4 at once,
   and all 16 complete, each billed once;
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +31,7 @@ import pytest
 
 from bench.books import ledger_violations, query
 from bench.gateway_process import GatewayProcess
-from tests.conftest import ADMIN_KEY, fake_upstream_config, migrate
+from tests.conftest import ADMIN_KEY, ROOT, fake_upstream_config, migrate
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.reliability.harness import gateway_config
 from tests.services import fresh_postgres_database, require_redis
@@ -131,14 +134,30 @@ def test_a_key_revoked_on_one_node_is_refused_by_the_other_within_a_second(
             client.close()
         return False
 
-    for change in ({"revoke": True}, {"enabled": False}):
+    for change in ("revoke", "disable", "revoke with the CLI"):
         key, key_id = nodes.create_key()
         assert not refused_by_b(key)  # B has it cached now
-        if "revoke" in change:
+        if change == "revoke":
             response = httpx.delete(nodes.a.url + f"/admin/keys/{key_id}", headers=ADMIN)
-        else:
-            response = httpx.patch(nodes.a.url + f"/admin/keys/{key_id}", json=change, headers=ADMIN)
-        assert response.status_code == 200, response.text
+            assert response.status_code == 200, response.text
+        elif change == "disable":
+            response = httpx.patch(
+                nodes.a.url + f"/admin/keys/{key_id}", json={"enabled": False}, headers=ADMIN
+            )
+            assert response.status_code == 200, response.text
+        else:  # `python -m app keys revoke`, with A's config: the database and Redis, no server
+            command = [
+                sys.executable,
+                "-m",
+                "app",
+                "--config",
+                str(nodes.a.config_path),
+                "keys",
+                "revoke",
+                key_id,
+            ]
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=120, check=False)
+            assert done.returncode == 0, done.stderr.decode()
         changed_at = time.monotonic()
         wait_for(lambda key=key: refused_by_b(key), f"B to refuse the key after {change}", timeout_s=30)
         elapsed = time.monotonic() - changed_at

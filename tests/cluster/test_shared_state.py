@@ -9,6 +9,7 @@ front of one fake upstream that counts what reaches it:
 - ``rpm: 10`` over A and B together: 30 requests, exactly 10 succeed;
 - ``max_concurrency: 4``: 16 slow calls over A and B, the upstream never sees more than 4 at once,
   and all 16 complete, each billed once;
+- the slots of a node killed mid-call come back once their lease lapses;
 - an upstream tripped on A is skipped by B (B's calls never reach it).
 
 Nothing waits on a wall-clock margin: each step waits (bounded) for a condition the nodes report.
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from bench.books import ledger_violations, query
 from bench.gateway_process import GatewayProcess
@@ -48,9 +50,14 @@ PROMPT = {"model": "gpt-image-1", "prompt": "a lighthouse", "quality": "low", "s
 class Cluster:
     """Two nodes, A and B, sharing a database and a Redis prefix."""
 
-    def __init__(self, nodes: list[GatewayProcess], db_url: str) -> None:
+    def __init__(self, nodes: list[GatewayProcess], db_url: str, redis_url: str, prefix: str) -> None:
         self.a, self.b = nodes
         self.db_url = db_url
+        self.redis = redis.Redis.from_url(redis_url)
+        self.prefix = prefix
+
+    def slots_taken(self, upstream: str = "fake") -> int:
+        return int(self.redis.zcard(f"{self.prefix}slots:{upstream}"))
 
     def create_key(self, **fields: Any) -> tuple[str, str]:
         response = httpx.post(self.a.url + "/admin/keys", json={"name": "cluster", **fields}, headers=ADMIN)
@@ -70,6 +77,7 @@ def cluster(upstream: FakeOpenAI, tmp_path: Path) -> Iterator[Callable[..., Clus
     redis_url = require_redis()
     prefix = f"gw:test:{secrets.token_hex(6)}:"
     started: list[GatewayProcess] = []
+    clusters: list[Cluster] = []
     with fresh_postgres_database() as db_url:
         migrate(db_url)
 
@@ -82,10 +90,13 @@ def cluster(upstream: FakeOpenAI, tmp_path: Path) -> Iterator[Callable[..., Clus
                     upstream,
                     workdir / "data",
                     db_url,
-                    redis={"url": redis_url, "prefix": prefix},
                     rate_limits={"prefix": prefix + "rl:"},
                     tasks={"workers": 0},
-                    **{**extra, "security": {"key_pepper": PEPPER, **extra.get("security", {})}},
+                    **{
+                        **extra,
+                        "redis": {**extra.get("redis", {}), "url": redis_url, "prefix": prefix},
+                        "security": {"key_pepper": PEPPER, **extra.get("security", {})},
+                    },
                 )
                 config["upstreams"] = [
                     {**fake_upstream_config(upstream), "timeout_s": 60, **(upstream_extra or {})}
@@ -95,7 +106,8 @@ def cluster(upstream: FakeOpenAI, tmp_path: Path) -> Iterator[Callable[..., Clus
                 nodes.append(node)
             for node in nodes:
                 node.wait_ready(timeout=240)
-            return Cluster(nodes, db_url)
+            clusters.append(Cluster(nodes, db_url, redis_url, prefix))
+            return clusters[-1]
 
         try:
             yield start
@@ -103,6 +115,8 @@ def cluster(upstream: FakeOpenAI, tmp_path: Path) -> Iterator[Callable[..., Clus
             upstream.release()
             for node in started:
                 node.stop()
+            for each in clusters:
+                each.redis.close()
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
@@ -243,3 +257,40 @@ def test_an_upstream_tripped_on_one_node_is_skipped_by_the_other(
     assert {error.status_code for error in refused} == {503}
     assert "cooling down" in str(refused[0].message)
     assert ledger_violations(nodes.db_url, [key_id], None) == []
+
+
+def test_the_slots_of_a_killed_node_come_back_when_their_lease_lapses(
+    cluster: Callable[..., Cluster], upstream: FakeOpenAI
+) -> None:
+    nodes = cluster(
+        upstream_extra={"max_concurrency": 2, "queue_timeout_s": 120},
+        redis={"slot_lease_s": 1},
+    )
+    key, key_id = nodes.create_key()
+    upstream.hold(until_in_flight=1_000, timeout_s=120)
+
+    async def one(node: GatewayProcess) -> int:
+        async with sdk(node, key) as client:
+            result = await client.images.generate(**PROMPT)
+        return len(result.data or [])
+
+    async def on_a_then_killed() -> None:
+        calls = [asyncio.ensure_future(one(nodes.a)) for _ in range(2)]
+        await asyncio.to_thread(wait_for, lambda: upstream.in_flight == 2, "A's 2 calls at the upstream")
+        nodes.a.kill()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    asyncio.run(on_a_then_killed())
+    # A died holding both slots: B can only call once their leases lapse (nobody renews them).
+    assert nodes.slots_taken() == 2
+    upstream.release()
+
+    async def on_b() -> list[int]:
+        return await asyncio.gather(one(nodes.b), one(nodes.b))
+
+    assert asyncio.run(on_b()) == [1, 1]
+    assert nodes.slots_taken() == 0
+    billed = query(
+        nodes.db_url, f"SELECT status FROM ledger_entries WHERE key_id = '{key_id}' AND images > 0"
+    )
+    assert len(billed) == 2  # B's two calls; A died before settling its own

@@ -14,6 +14,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.billing.reports import UsageFilter, usage_report
+from app.cluster.bus import ClusterBus
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.domain.catalog import Catalog
@@ -59,13 +60,20 @@ def add_usage_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 @asynccontextmanager
 async def _key_service(settings: Settings) -> AsyncIterator[KeyService]:
     engine = create_engine(settings.database.url)
+    # With Redis, a change made here reaches every node's key cache at once (only published to).
+    bus = ClusterBus(settings.redis.url, prefix=settings.redis.prefix) if settings.redis.url else None
     try:
         await upgrade_head(engine)
         catalog = Catalog.from_file(settings.models_file)
         yield KeyService(
-            create_sessionmaker(engine), catalog.names(), pepper=settings.security.pepper(settings.data_dir)
+            create_sessionmaker(engine),
+            catalog.names(),
+            pepper=settings.security.pepper(settings.data_dir),
+            bus=bus,
         )
     finally:
+        if bus is not None:
+            await bus.aclose()
         await engine.dispose()
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.cluster.bus import ClusterBus
 from app.db import repos
 from app.db.tables import ApiKey, utcnow
 from app.domain.money import format_micros, to_micros
@@ -144,16 +145,24 @@ class KeyService:
         pepper: bytes,
         cache_ttl_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        bus: ClusterBus | None = None,
     ) -> None:
         self._sessions = sessions
         self._known_models = list(known_models)
         self._pepper = pepper
         # Valid keys seen recently, by hash: saves a database round trip per request. Changes
         # made through this process take effect at once; through another one (a replica, the
-        # CLI), within ``cache_ttl_s``.
+        # CLI) as soon as its message on the cluster bus arrives (Redis pub/sub, milliseconds),
+        # and without Redis, or when the message is lost, within ``cache_ttl_s``.
         self._cache: dict[str, tuple[float, ApiKey]] = {}
         self._cache_ttl_s = cache_ttl_s
         self._clock = clock
+        # Bumped by every invalidation: a database read that began before one is not cached, so a
+        # row read just before a change was committed cannot outlive the change's message.
+        self._epoch = 0
+        self._bus = bus
+        if bus is not None:
+            bus.subscribe("keys", self._invalidated)
 
     @staticmethod
     def _check_terms(changes: dict[str, object]) -> None:
@@ -182,16 +191,32 @@ class KeyService:
         cached = self._cache.get(key_hash)
         if cached is not None and self._clock() - cached[0] < self._cache_ttl_s:
             return _active_caller(cached[1])  # status is re-checked: expiry passes with time
+        epoch = self._epoch
         async with self._sessions() as session:
             row = await repos.get_key_by_hash(session=session, key_hash=key_hash)
-        if row is not None and self._cache_ttl_s > 0:
+        if row is not None and self._cache_ttl_s > 0 and epoch == self._epoch:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[key_hash] = (self._clock(), row)
         return _active_caller(row)
 
-    def _forget(self, row: ApiKey) -> None:
-        self._cache.pop(row.key_hash, None)
+    def _drop(self, key_id: str | None) -> None:
+        """Forget one key's cached row (None: every row)."""
+        self._epoch += 1
+        if key_id is None:
+            self._cache.clear()
+            return
+        for key_hash in [h for h, (_, row) in self._cache.items() if row.id == key_id]:
+            del self._cache[key_hash]
+
+    def _invalidated(self, payload: str | None) -> None:
+        self._drop(payload or None)
+
+    async def _changed(self, key_id: str) -> None:
+        """A committed change to a key: here at once, on the other nodes through the bus."""
+        self._drop(key_id)
+        if self._bus is not None:
+            await self._bus.publish("keys", key_id)
 
     async def caller_for(self, key_id: str) -> Caller:
         """The caller behind a key id (a worker running a queued task); 401 if no longer active."""
@@ -257,8 +282,9 @@ class KeyService:
                 setattr(row, "metadata_" if field == "metadata" else field, value)
             self._apply_limits(row, changes)
             await session.flush()
-            self._forget(row)
-            return to_public(row)
+            public = to_public(row)
+        await self._changed(key_id)
+        return public
 
     @staticmethod
     def _apply_limits(row: ApiKey, changes: dict[str, object]) -> None:
@@ -292,7 +318,11 @@ class KeyService:
                 .values(balance_micros=func.coalesce(ApiKey.balance_micros, 0) + micros)
             )
             await session.refresh(row)
-            return to_public(row)
+            public = to_public(row)
+        # The cached row carries no balance, but a top-up is a change like any other: no node
+        # should act on the row from before it.
+        await self._changed(key_id)
+        return public
 
     async def revoke(self, key_id: str) -> ApiKeyObject:
         """Revocation is permanent; the row stays so the ledger keeps its owner."""
@@ -302,8 +332,9 @@ class KeyService:
                 row.revoked_at = utcnow()
                 row.enabled = False
             await session.flush()
-            self._forget(row)
-            return to_public(row)
+            public = to_public(row)
+        await self._changed(key_id)
+        return public
 
     async def _row(self, session: AsyncSession, key_id: str) -> ApiKey:
         row = await repos.get_key(session=session, key_id=key_id)

@@ -17,6 +17,7 @@ from app.billing.journal import SettlementJournal
 from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
+from app.cluster.bus import ClusterBus
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
@@ -42,6 +43,8 @@ from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
 from app.upstream.retry import RetryPolicy
 from app.upstream.router import Router
+from app.upstream.shared_breakers import SharedBreakers
+from app.upstream.shared_slots import SharedSlotStore
 from app.webhooks.endpoints import WebhookEndpoints
 from app.webhooks.outbox import Outbox
 from app.webhooks.sender import WebhookSender
@@ -129,13 +132,23 @@ async def open_state(
         )
         if settings.redis.url is None and settings.server.workers > 1:
             log.warning("rate limits are per worker process: set redis.url to share them")
+        # With Redis, upstream slots, breakers and the key cache are shared by every node (README,
+        # "Many nodes"); without it each process keeps its own.
+        bus = ClusterBus(settings.redis.url, prefix=settings.redis.prefix) if settings.redis.url else None
+        if bus is not None:
+            _close_at_exit(stack, "cluster bus", bus.aclose)
+        slot_store = SharedSlotStore(bus, lease_s=settings.redis.slot_lease_s) if bus else None
         router = Router(
             registry,
             policy=RetryPolicy(**settings.retry.model_dump()),
             breaker=BreakerConfig(**settings.breaker.model_dump()),
             metrics=metrics,
             tracing=tracing,
+            slots=slot_store.slots if slot_store is not None else None,
         )
+        shared_breakers = SharedBreakers(bus) if bus is not None else None
+        if shared_breakers is not None:
+            shared_breakers.attach(router.breakers.values())
         moderation = ModerationService.from_settings(settings.moderation, base_dir=Path.cwd())
         _close_at_exit(stack, "moderation", moderation.aclose)
         # Spans still batched are flushed at shutdown (off the loop: the exporter blocks).
@@ -175,7 +188,15 @@ async def open_state(
             catalog.names(),
             pepper=settings.security.pepper(settings.data_dir),
             cache_ttl_s=settings.security.key_cache_ttl_s,
+            bus=bus,
         )
+        if bus is not None:
+            # Every subscriber is registered by now; closed before the bus (stack order).
+            await bus.start()
+            for shared in (slot_store, shared_breakers):
+                if shared is not None:
+                    await shared.start()
+                    _close_at_exit(stack, "shared upstream state", shared.aclose)
         webhooks = WebhookEndpoints(sessions)
         hooks = settings.webhooks
         outbox = Outbox(

@@ -82,6 +82,11 @@ class DatabaseSettings(_Section):
 
 class RedisSettings(_Section):
     url: str | None = None
+    # Keys and pub/sub channels of the state the nodes share (upstream slots, breakers, cache
+    # invalidation) start with this; rate limits have their own (rate_limits.prefix).
+    prefix: str = "gw:"
+    # A node that dies gives its upstream slots back after this long (the living renew theirs).
+    slot_lease_s: float = Field(default=30.0, ge=1, le=3600)
 
 
 class UploadSettings(_Section):

@@ -72,6 +72,11 @@ class ActivityCache:
     ``grace`` past its midnight (for replicas whose clocks lag) it is read once, then served from
     here. A 30-day usage page at 10,000 ledger rows then reads ~300 rows per view instead of all
     of them (BENCHMARKS.md, "Console"). Bounded by ``max_days`` cached (filter, grouping, day) cells.
+
+    Safe per node, so never invalidated across nodes (SPEC §10): a cell holds only a day that is
+    over, and the ledger is append-only with ``created_at`` set when a row is written, so no node
+    can change what another cached. Key names, statuses and today's rows are read per page view.
+    A writer that back-dated ledger rows would break this and must clear the cache on every node.
     """
 
     def __init__(

@@ -15,6 +15,11 @@ consecutive failures, read the wall clock (so tests would have to sleep), and re
 rate, latency nor in-flight calls, which ``GET /admin/upstreams`` shows. The router decides what
 counts as a failure (an upstream's fault, not a client's 400), so recording stays outside any wrapper.
 
+Across nodes (``redis.url`` set): the opening and closing of a breaker are shared through Redis
+by ``shared_breakers.py``, which listens to ``on_change`` and calls ``open_elsewhere`` /
+``close_elsewhere``; the counts that decide to open (consecutive failures, the error-rate window)
+stay each node's own.
+
 No lock: the gateway drives a breaker from one asyncio event loop, and no method awaits, so each
 call runs to completion without interleaving. Sharing one across threads would need a lock.
 """
@@ -63,6 +68,17 @@ class BreakerSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerChange:
+    """A transition this node made (not one it was told of): what other nodes must hear."""
+
+    name: str
+    state: BreakerState  # OPEN or CLOSED
+    open_s: float
+    consecutive_failures: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Outcome:
     at: float
     ok: bool
@@ -84,6 +100,8 @@ class CircuitBreaker:
         self._opened_at: float | None = None
         self._probes = 0
         self._in_flight = 0
+        # Told of each transition this breaker makes itself (shared_breakers.py publishes them).
+        self.on_change: Callable[[BreakerChange], None] | None = None
 
     @property
     def state(self) -> BreakerState:
@@ -192,10 +210,39 @@ class CircuitBreaker:
         failures = sum(1 for o in self._outcomes if not o.ok)
         return failures / total >= self.config.error_rate_threshold
 
+    def open_elsewhere(self, remaining_s: float, *, failures: int = 0) -> None:
+        """Another node opened this upstream's breaker; its cool-down ends in ``remaining_s``.
+        Never shortens a cool-down already running here."""
+        now = self._clock()
+        opened_at = now - max(0.0, self.config.open_s - remaining_s)
+        if self._state is BreakerState.OPEN and self._opened_at is not None and self._opened_at >= opened_at:
+            return
+        if self._state is not BreakerState.OPEN:
+            log.warning(
+                "upstream circuit opened by another node",
+                extra={"fields": {"upstream": self.name, "retry_in_s": round(remaining_s, 3)}},
+            )
+        self._state = BreakerState.OPEN
+        self._opened_at = opened_at
+        self._probes = 0
+        self._consecutive_failures = max(self._consecutive_failures, failures)
+
+    def close_elsewhere(self) -> None:
+        """Another node's probe succeeded: the upstream is back."""
+        if self._state is not BreakerState.CLOSED:
+            self._close(notify=False)
+
+    def _notify(self, state: BreakerState, reason: str) -> None:
+        if self.on_change is not None:
+            self.on_change(
+                BreakerChange(self.name, state, self.config.open_s, self._consecutive_failures, reason)
+            )
+
     def _open(self, now: float, *, reason: str) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = now
         self._probes = 0
+        self._notify(BreakerState.OPEN, reason)
         log.warning(
             "upstream circuit opened",
             extra={
@@ -208,11 +255,13 @@ class CircuitBreaker:
             },
         )
 
-    def _close(self) -> None:
+    def _close(self, *, notify: bool = True) -> None:
         self._state = BreakerState.CLOSED
         self._opened_at = None
         self._probes = 0
         self._consecutive_failures = 0
         # The failures that opened the breaker must not re-open it on the first hiccup after.
         self._outcomes.clear()
+        if notify:
+            self._notify(BreakerState.CLOSED, "probe succeeded")
         log.info("upstream circuit closed", extra={"fields": {"upstream": self.name}})

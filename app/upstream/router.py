@@ -6,7 +6,8 @@ upstream might not (connect error, timeout, 408/409/429, 5xx, an unusable answer
 refusing the gateway's own credentials) moves on to the next candidate at once; on the last
 candidate the retry policy may try again after a backoff. Any other upstream 4xx is the
 client's mistake and is returned at once. Each upstream's ``max_concurrency`` bounds its calls
-in flight from this process.
+in flight: from this process by default, from every node together with the shared slots
+(``shared_slots.py``) that the lifespan passes in when ``redis.url`` is set.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from app.tracing import Tracing
 from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 from app.upstream.registry import ProviderRegistry, Route
 from app.upstream.retry import RetryAction, RetryPolicy
-from app.upstream.slots import UpstreamSlots
+from app.upstream.slots import SlotPolicy, Slots, UpstreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Router:
         metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         tracing: Tracing | None = None,
+        slots: Callable[[str, SlotPolicy], Slots] | None = None,
     ) -> None:
         self._tracing = tracing or Tracing(None)
         self._registry = registry
@@ -92,8 +94,9 @@ class Router:
         self._sleep = sleep
         config = breaker or BreakerConfig()
         self.breakers = {name: CircuitBreaker(name, config) for name in registry.provider_names()}
+        make_slots = slots or UpstreamSlots
         self.slots = {
-            name: UpstreamSlots(name, registry.slot_policy(name)) for name in registry.provider_names()
+            name: make_slots(name, registry.slot_policy(name)) for name in registry.provider_names()
         }
 
     async def generate(self, job: ImageJob, tried: list[str] | None = None) -> tuple[ImageResult, str]:

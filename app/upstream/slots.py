@@ -5,6 +5,10 @@ that finds every slot taken waits in line (FIFO, ``asyncio.Semaphore``) up to ``
 then the router tries another upstream, or answers ``busy_status`` with ``retry-after``. Waiting
 calls are counted by who is waiting (a client's request or a background task, read from
 ``CALL_SOURCE``), for ``/metrics`` and ``/admin/upstreams``.
+
+``UpstreamSlots`` counts the calls of this process. With ``redis.url`` set the router takes
+``SharedSlots`` (``shared_slots.py``) instead, which count the calls of every node together;
+both answer to ``Slots``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from app.errors import UpstreamBusy
 
@@ -28,6 +33,25 @@ class SlotPolicy:
     limit: int | None
     wait_s: float = 30.0
     busy_status: int = 503
+
+
+class Slots(Protocol):
+    """The slots of one upstream, as the router uses them."""
+
+    name: str
+    policy: SlotPolicy
+    waiting: dict[str, int]
+
+    def hold(self) -> AbstractAsyncContextManager[None]: ...
+
+
+def busy(policy: SlotPolicy) -> UpstreamBusy:
+    """What a call gets when no slot freed up within ``policy.wait_s``."""
+    return UpstreamBusy(
+        "The upstream service is at its concurrency limit; try again shortly.",
+        status=policy.busy_status,
+        retry_after_s=math.ceil(min(max(policy.wait_s, 1.0), 60.0)),
+    )
 
 
 @dataclass(slots=True)
@@ -64,11 +88,7 @@ class UpstreamSlots:
                 async with asyncio.timeout(self.policy.wait_s):
                     await semaphore.acquire()
             except TimeoutError:
-                raise UpstreamBusy(
-                    "The upstream service is at its concurrency limit; try again shortly.",
-                    status=self.policy.busy_status,
-                    retry_after_s=math.ceil(min(max(self.policy.wait_s, 1.0), 60.0)),
-                ) from None
+                raise busy(self.policy) from None
             finally:
                 self.waiting[source] -= 1
         else:

@@ -43,3 +43,52 @@ async def test_cache_ttl_and_invalidation(tmp_path: Path) -> None:
             await replica.authenticate(key2)
     finally:
         await engine.dispose()
+
+
+async def test_a_change_heard_from_another_node_drops_the_key_at_once(tmp_path: Path) -> None:
+    """What the cluster bus delivers (app/cluster/bus.py): a key id, or None after a reconnect."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
+    await upgrade_head(engine)
+    try:
+        sessions = create_sessionmaker(engine)
+        replica = KeyService(sessions, ["gpt-image-1"], pepper=PEPPER, cache_ttl_s=300)
+        other = KeyService(sessions, ["gpt-image-1"], pepper=PEPPER)
+        first, key1 = await replica.create(ApiKeyCreateRequest(name="one"))
+        second, key2 = await replica.create(ApiKeyCreateRequest(name="two"))
+        for key in (key1, key2):
+            await replica.authenticate(key)
+        await other.revoke(first.id)
+        await other.revoke(second.id)
+        assert (await replica.authenticate(key1)).key_id == first.id  # cached, TTL 300 s
+
+        replica._invalidated(first.id)
+        with pytest.raises(AuthenticationError):
+            await replica.authenticate(key1)
+        assert (await replica.authenticate(key2)).key_id == second.id  # only that key was dropped
+        replica._invalidated(None)  # messages may have been lost: everything goes
+        with pytest.raises(AuthenticationError):
+            await replica.authenticate(key2)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_read_overtaken_by_an_invalidation_is_not_cached(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}")
+    await upgrade_head(engine)
+    try:
+        sessions = create_sessionmaker(engine)
+        replica = KeyService(sessions, ["gpt-image-1"], pepper=PEPPER, cache_ttl_s=300)
+        public, key = await replica.create(ApiKeyCreateRequest(name="raced"))
+        real_sessions = replica._sessions
+
+        def sessions_then_invalidate() -> object:
+            # The row is read, then (before it is cached) a change to the key is heard.
+            replica._invalidated(public.id)
+            return real_sessions()
+
+        replica._sessions = sessions_then_invalidate  # type: ignore[assignment]
+        await replica.authenticate(key)
+        replica._sessions = real_sessions
+        assert replica._cache == {}
+    finally:
+        await engine.dispose()

@@ -191,7 +191,7 @@ class FakeOpenAI:
         with self._cond:
             return sum(1 for r in self._requests if path is None or r.path == path)
 
-    def wait_for_count(self, n: int, path: str | None = None, timeout: float = 5.0) -> bool:
+    def wait_for_count(self, n: int, path: str | None = None, timeout: float = 30.0) -> bool:
         """Block until at least `n` requests (to `path`) were recorded; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self.count(path) >= n, timeout)
@@ -202,7 +202,7 @@ class FakeOpenAI:
         with self._cond:
             return self._stream_disconnects
 
-    def wait_for_stream_disconnects(self, n: int = 1, timeout: float = 5.0) -> bool:
+    def wait_for_stream_disconnects(self, n: int = 1, timeout: float = 30.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._stream_disconnects >= n, timeout)
 

@@ -87,6 +87,7 @@ class FakeOpenAI:
         self.api_key = api_key
         self._cond = threading.Condition()  # guards every recorded/queued thing below
         self._stopping = threading.Event()
+        self._slow_bodies_go = threading.Event()  # see `send_slow_bodies`
         self._requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._files: dict[str, bytes] = {}
@@ -104,6 +105,7 @@ class FakeOpenAI:
             self._files.clear()
             self._stream_disconnects = 0
             self._max_in_flight = self._in_flight
+        self._slow_bodies_go.clear()
         self.always_fail: Fault | None = None
         self.random_faults: list[Fault] = []
         self.fault_rate = 0.0
@@ -315,6 +317,11 @@ class FakeOpenAI:
             finally:
                 waiter.cancel()
 
+    def send_slow_bodies(self) -> None:
+        """Let every `slow_body` answer (waiting now or later) send its body at once, before its delay
+        is up: a test gives a long delay and ends it at the moment it chooses."""
+        self._slow_bodies_go.set()
+
     # -- faults ---------------------------------------------------------------------------------------
 
     def enqueue_fault(self, *faults: Fault) -> None:
@@ -439,6 +446,7 @@ class FakeOpenAI:
                     self._stopping,
                     answering,
                     delivered,
+                    self._slow_bodies_go,
                 )
             if cut.kind == "stream_cut":
                 return truncated_response(bytes(response.body), response.status_code, self._stopping)

@@ -321,7 +321,8 @@ def test_delay_does_not_block_other_requests(
     # The delay outlasts any test; it ends when its client hangs up (no clock in the assertions).
     fake.enqueue_fault(Fault.delay(300, path=GEN))
     slow = http_client.HTTPConnection(fake.server.host, fake.server.port, timeout=30)
-    slow.request("POST", GEN, body=b'{"model": "gpt-image-1", "prompt": "x"}', headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    slow.request("POST", GEN, body=b'{"model": "gpt-image-1", "prompt": "x"}', headers=headers)
     assert fake.wait_for_count(1, GEN)
     assert http.get("/v1/models").status_code == 200
     assert fake.in_flight == 1  # answered while the delayed request was still being worked on

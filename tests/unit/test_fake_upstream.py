@@ -241,7 +241,7 @@ def test_stream_client_disconnect_is_recorded(fake: FakeOpenAI, client: openai.O
     with stream:
         first = next(iter(stream))
         assert first.type == "image_generation.partial_image"
-    assert fake.wait_for_stream_disconnects(1, timeout=5)
+    assert fake.wait_for_stream_disconnects(1, timeout=30)
     assert fake.stream_disconnects == 1
 
 

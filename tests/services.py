@@ -27,7 +27,7 @@ def unavailable(what: str, exc: BaseException) -> None:
 async def _pg(sql: str) -> None:
     import asyncpg
 
-    connection = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    connection = await asyncpg.connect(PG_ADMIN_DSN, timeout=30)  # bounds a failure only
     try:
         await connection.execute(sql)
     finally:
@@ -52,7 +52,7 @@ def fresh_postgres_database() -> Iterator[str]:
 def require_redis() -> str:
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=10)
     try:
         client.ping()
     except Exception as exc:

@@ -45,8 +45,10 @@ def browser() -> Iterator[Any]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Retrying assertions wait as long as the pages' own actions (a loaded CI box is slow).
+    expect.set_options(timeout=15_000)
     with sync_playwright() as playwright:
         # launch() gives every run a fresh temporary profile (user-data-dir) of its own.
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.conftest import (
     query,
     start_gateway,
 )
+from tests.fakes.leaving_client import post_then_hang_up
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.services import fresh_postgres_database
 
@@ -106,17 +108,19 @@ def test_failures_and_disconnects_cost_nothing_but_partials(metered: Gateway, up
     assert httpx.post(metered.url + GEN, json=BODY, headers=headers, timeout=30).status_code == 500
     assert spent(metered, key_id) == (0, 0)
 
-    # A non-streaming client that gives up while the upstream works: the call is cancelled.
-    upstream.enqueue_fault(Fault.delay(3.0))
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(metered.url + GEN, json=BODY, headers=headers, timeout=0.5)
+    # A non-streaming client that gives up while the upstream works: the call is cancelled (the
+    # upstream's delay ends when the gateway hangs up on it).
+    upstream.enqueue_fault(Fault.delay(300))
+    calls = upstream.count(GEN)
+    post_then_hang_up(metered.url, GEN, BODY, headers, when=lambda: upstream.wait_for_count(calls + 1, GEN))
     rows = wait_for_rows(metered, key_id, 2)
     assert rows[-1]["status"] == "cancelled"
     assert spent(metered, key_id) == (0, 0)
 
     # A streaming client that leaves after the first partial: no image completed, but the upstream
     # made (and OpenAI bills) that partial image: 100 image output tokens, marked as an estimate.
-    upstream.stream_delay_s = 2.0
+    upstream.step_streams()  # the second partial waits for a step that never comes
+    upstream.allow_events(1)
     with (
         httpx.Client(timeout=30) as client,
         client.stream(
@@ -140,7 +144,7 @@ def test_failures_and_disconnects_cost_nothing_but_partials(metered: Gateway, up
 def wait_for_rows(gw: Gateway, key_id: str, count: int) -> list[dict[str, Any]]:
     import time
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         rows = [r for r in gw.ledger() if r["key_id"] == key_id]
         if len(rows) >= count or time.monotonic() > deadline:
@@ -152,15 +156,21 @@ def test_completed_request_is_billed_once_when_the_client_leaves_during_settleme
     metered: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     original = LedgerService.settle
+    settling, left = threading.Event(), threading.Event()
 
     async def slow_settle(self: LedgerService, *args: Any, **kwargs: Any) -> None:
-        await asyncio.sleep(1.0)  # the client hangs up while the charge is being written
+        settling.set()
+        await asyncio.to_thread(left.wait, 60)  # the client hangs up while the charge is being written
+        for _ in range(100):  # loop turns (no clock) for the gateway to read the hang-up
+            await asyncio.sleep(0)
         await original(self, *args, **kwargs)
 
     monkeypatch.setattr(LedgerService, "settle", slow_settle)
     key, key_id = metered.create_key(name="leaves")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(metered.url + GEN, json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=0.5)
+    post_then_hang_up(
+        metered.url, GEN, BODY, {"Authorization": f"Bearer {key}"}, when=lambda: settling.wait(60)
+    )
+    left.set()
     rows = wait_for_rows(metered, key_id, 1)
     assert [r["status"] for r in rows] == ["succeeded"]
     assert spent(metered, key_id) == (COST, 0)

@@ -31,7 +31,7 @@ EDIT = "/v1/images/edits"
 TEXT_IN, IMAGE_IN, IMAGE_OUT = 5, 10, 40
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -49,7 +49,7 @@ def wait_task(gw: Gateway, key: str, task_id: str) -> dict[str, Any]:
         body = httpx.get(gw.url + f"/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}).json()
         return body if body["status"] in ("succeeded", "failed") else None
 
-    task = wait_for(done, timeout=20)
+    task = wait_for(done, timeout=60)
     assert task, f"task {task_id} never finished"
     return task
 
@@ -115,18 +115,21 @@ def test_client_leaving_while_url_images_are_stored_is_still_billed(
     gateway_with: Callable[..., Gateway], upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gw = gateway_with(fake_upstream_config(upstream))
-    storing = threading.Event()
+    storing, left = threading.Event(), threading.Event()
     original = service_module.store_images
 
     async def slow_store(*args: Any, **kwargs: Any) -> Any:
         storing.set()
-        await asyncio.sleep(1.0)  # the client gives up while the answer is being stored
+        await asyncio.to_thread(left.wait, 60)  # the client gives up while the answer is being stored
+        for _ in range(100):  # loop turns (no clock) for the gateway to read the hang-up
+            await asyncio.sleep(0)
         return await original(*args, **kwargs)
 
     monkeypatch.setattr(service_module, "store_images", slow_store)
     key, key_id = gw.create_key(name="leaves-during-store")
     body = {"model": "gpt-image-1", "prompt": "x", "n": 10, "response_format": "url", "quality": "low"}
     leave_when(gw.url, key, body, storing.is_set)
+    left.set()
     rows = wait_for(lambda: rows_of(gw, key_id))
     assert [r["status"] for r in rows] == ["succeeded"]
     assert rows[0]["images"] == 10 and int(rows[0]["cost_micros"]) > 0
@@ -135,20 +138,22 @@ def test_client_leaving_while_url_images_are_stored_is_still_billed(
 
 
 def test_client_leaving_while_the_upstream_body_arrives_is_still_billed(
-    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gw = gateway_with(fake_upstream_config(upstream))
     key, key_id = gw.create_key(name="leaves-during-body")
-    upstream.enqueue_fault(Fault.slow_body(4.0))  # 200 headers at once, the body 4 s later
-    # Leave once the headers are out (and a moment for the gateway to have read them).
-    answered_at: list[float] = []
+    # 200 headers at once, the body when the test says (the delay only bounds a failing test).
+    upstream.enqueue_fault(Fault.slow_body(120))
+    # Leave once the gateway has read the headers (its request path marks the call answered).
+    answered = threading.Event()
+    original = service_module.answered_scope
 
-    def answered() -> bool:
-        if upstream.slow_answers and not answered_at:
-            answered_at.append(time.monotonic())
-        return bool(answered_at) and time.monotonic() - answered_at[0] > 1.0
+    def also_signal(callback: Callable[[], None]) -> Any:
+        return original(lambda: (callback(), answered.set()))
 
-    leave_when(gw.url, key, {"model": "gpt-image-1", "prompt": "x"}, answered)
+    monkeypatch.setattr(service_module, "answered_scope", also_signal)
+    leave_when(gw.url, key, {"model": "gpt-image-1", "prompt": "x"}, answered.is_set)
+    upstream.send_slow_bodies()
     rows = wait_for(lambda: rows_of(gw, key_id))
     assert [r["status"] for r in rows] == ["succeeded"]
     usage = upstream.usage

@@ -141,7 +141,9 @@ def test_an_unreadable_poll_answer_is_polled_again(gw: Gateway, bfl: FakeBFL) ->
 def test_a_job_that_never_finishes_times_out_without_resubmitting(
     gateway_with: Callable[..., Gateway], bfl: FakeBFL
 ) -> None:
-    gw = gateway_with(flux_upstream(bfl, poll_budget_s=0.3), flux_upstream(bfl, "flux-b", priority=1))
+    # A job that never finishes, so the budget can be short; 2 s leaves room for a few polls on a
+    # loaded box (each a round trip), where 0.3 s did not.
+    gw = gateway_with(flux_upstream(bfl, poll_budget_s=2), flux_upstream(bfl, "flux-b", priority=1))
     bfl.enqueue(Outcome("never", path="/v1/flux"))
     key, key_id = gw.create_key()
     with pytest.raises(openai.APIStatusError) as caught:

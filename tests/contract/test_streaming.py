@@ -79,17 +79,19 @@ def test_streamed_n3_is_billed_as_the_sum_of_completed_usages(gateway: Gateway, 
 
 
 def test_events_are_relayed_as_they_arrive(gateway: Gateway, upstream: FakeOpenAI) -> None:
-    """The upstream pauses between its partial and its completed event; a buffering relay would
-    deliver both together at the end. Compare the gaps of one run, not absolute times."""
-    upstream.stream_delay_s = 1.5
-    arrivals: list[tuple[str, float]] = []
+    """The upstream sends its completed event only once the client has the partial one; a
+    buffering relay would hold the partial until the end (here: until the step gate gives up)."""
+    upstream.step_streams(timeout_s=30)
+    upstream.allow_events(1)
+    arrivals: list[tuple[str, int]] = []  # each event, with how many events the upstream had sent
     for event in gateway.client().images.generate(
         model="gpt-image-1", prompt="x", stream=True, partial_images=1
     ):
-        arrivals.append((event.type, time.monotonic()))
-    (partial, t_partial), (done, t_done) = arrivals
+        arrivals.append((event.type, upstream.events_sent))
+        upstream.allow_events(1)
+    (partial, sent_then), (done, _) = arrivals
     assert partial.endswith("partial_image") and done.endswith("completed")
-    assert t_done - t_partial > 0.5 * upstream.stream_delay_s
+    assert sent_then == 1  # the partial reached the client before the upstream sent the rest
 
 
 def test_upstream_dropping_mid_stream_gives_an_error_event(gateway: Gateway, upstream: FakeOpenAI) -> None:
@@ -151,7 +153,8 @@ def test_error_before_any_event_is_a_plain_http_error(gateway: Gateway, upstream
 def test_client_disconnect_closes_the_upstream_and_is_recorded(
     gateway: Gateway, upstream: FakeOpenAI
 ) -> None:
-    upstream.stream_delay_s = 3.0
+    upstream.step_streams()  # the second partial waits for a step that never comes
+    upstream.allow_events(1)
     key, key_id = gateway.create_key(name="leaver")
     with (
         httpx.Client(timeout=30) as client,
@@ -165,8 +168,8 @@ def test_client_disconnect_closes_the_upstream_and_is_recorded(
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break  # got the first partial: hang up
-    assert upstream.wait_for_stream_disconnects(1, timeout=5.0), "the upstream connection was left open"
-    deadline = time.monotonic() + 5
+    assert upstream.wait_for_stream_disconnects(1, timeout=30), "the upstream connection was left open"
+    deadline = time.monotonic() + 30
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline and not rows:
         rows = [r for r in gateway.ledger() if r["key_id"] == key_id]
@@ -178,15 +181,27 @@ def test_client_disconnect_closes_the_upstream_and_is_recorded(
 
 def test_keepalive_comments_while_the_upstream_is_silent(gateway_with: Any, upstream: FakeOpenAI) -> None:
     gw = gateway_with(fake_upstream_config(upstream), server={"sse_ping_s": 0.2})
-    upstream.stream_delay_s = 1.5
+    # The upstream stays silent after its first event until the client has seen a keep-alive (or,
+    # were there none, until the step gate gives up and the assertion below fails).
+    upstream.step_streams(timeout_s=30)
+    upstream.allow_events(1)
     key, _ = gw.create_key()
-    body = httpx.post(
+    lines: list[str] = []
+    with httpx.stream(
+        "POST",
         gw.url + GEN,
         json={"model": "gpt-image-1", "prompt": "x", "stream": True, "partial_images": 1},
         headers={"Authorization": f"Bearer {key}"},
-        timeout=30,
-    ).text
-    lines = body.splitlines()
+        timeout=60,
+    ) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if (
+                line.startswith(":")
+                and upstream.events_sent == 1
+                and any(x.startswith("data:") for x in lines)
+            ):
+                upstream.allow_events(1)
     first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
     last_data = max(i for i, line in enumerate(lines) if line.startswith("data:"))
     assert any(line.startswith(":") for line in lines[first_data:last_data])

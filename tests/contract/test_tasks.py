@@ -186,7 +186,9 @@ def test_idempotency_key_gives_one_task_and_one_charge(gateway: Gateway, upstrea
     assert first.json()["id"] == second.json()["id"]
     client = gateway.client(key)
     assert poll(client, first.json()["id"])["status"] == "succeeded"
-    time.sleep(0.2)
+    # One task row is all there is to run (nothing else can call the upstream later), and it ran once.
+    tasks = gateway.query(f"SELECT id, attempts FROM tasks WHERE key_id = '{key_id}'")
+    assert [(t["id"], t["attempts"]) for t in tasks] == [(first.json()["id"], 1)]
     assert [r.json["prompt"] for r in upstream.requests if r.json].count("once") == 1
     rows = [r for r in gateway.ledger() if r["key_id"] == key_id]
     assert len(rows) == 1

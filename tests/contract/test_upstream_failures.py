@@ -43,7 +43,7 @@ def test_connect_error_is_502(gateway_with: Any) -> None:
 
 def test_timeout_is_504(gateway_with: Any, upstream: FakeOpenAI) -> None:
     gw = gateway_with(fake_upstream_config(upstream, timeout_s=0.5), retry=NO_RETRY)
-    upstream.enqueue_fault(Fault(kind="delay", delay_s=3.0))
+    upstream.enqueue_fault(Fault.hang())  # a stall that never ends: no margin for a slow box to eat
     with pytest.raises(openai.APIStatusError) as caught:
         gw.client().images.generate(model="gpt-image-1", prompt="x")
     assert caught.value.status_code == 504

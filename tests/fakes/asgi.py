@@ -144,9 +144,11 @@ def slow_response(
     stopping: threading.Event,
     on_headers: Callable[[], None] | None = None,
     on_body: Callable[[], None] | None = None,
+    go: threading.Event | None = None,
 ) -> Response:
-    """Send the headers at once and the whole `body` `delay_s` later (a client may leave meanwhile);
-    `on_headers` is called once the headers are out, `on_body` once the body is (the client stayed)."""
+    """Send the headers at once and the whole `body` `delay_s` later, or as soon as `go` is set (a
+    client may leave meanwhile); `on_headers` is called once the headers are out, `on_body` once the
+    body is (the client stayed)."""
 
     async def run(scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -156,8 +158,13 @@ def slow_response(
         if on_headers is not None:
             on_headers()
         async with ClientWatch(scope, receive, stopping) as watch:
-            if await watch.sleep(delay_s):
-                return
+            deadline = asyncio.get_running_loop().time() + delay_s
+            while go is None or not go.is_set():
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                if await watch.sleep(min(remaining, 0.05)):
+                    return
         await send({"type": "http.response.body", "body": body[1:], "more_body": False})
         if on_body is not None:
             on_body()

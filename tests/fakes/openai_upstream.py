@@ -87,6 +87,7 @@ class FakeOpenAI:
         self.api_key = api_key
         self._cond = threading.Condition()  # guards every recorded/queued thing below
         self._stopping = threading.Event()
+        self._slow_bodies_go = threading.Event()  # see `send_slow_bodies`
         self._requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._files: dict[str, bytes] = {}
@@ -104,6 +105,7 @@ class FakeOpenAI:
             self._files.clear()
             self._stream_disconnects = 0
             self._max_in_flight = self._in_flight
+        self._slow_bodies_go.clear()
         self.always_fail: Fault | None = None
         self.random_faults: list[Fault] = []
         self.fault_rate = 0.0
@@ -193,7 +195,7 @@ class FakeOpenAI:
         with self._cond:
             return sum(1 for r in self._requests if path is None or r.path == path)
 
-    def wait_for_count(self, n: int, path: str | None = None, timeout: float = 5.0) -> bool:
+    def wait_for_count(self, n: int, path: str | None = None, timeout: float = 30.0) -> bool:
         """Block until at least `n` requests (to `path`) were recorded; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self.count(path) >= n, timeout)
@@ -204,7 +206,7 @@ class FakeOpenAI:
         with self._cond:
             return self._stream_disconnects
 
-    def wait_for_stream_disconnects(self, n: int = 1, timeout: float = 5.0) -> bool:
+    def wait_for_stream_disconnects(self, n: int = 1, timeout: float = 30.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._stream_disconnects >= n, timeout)
 
@@ -316,6 +318,11 @@ class FakeOpenAI:
                     await asyncio.wait({waiter}, timeout=0.05)
             finally:
                 waiter.cancel()
+
+    def send_slow_bodies(self) -> None:
+        """Let every `slow_body` answer (waiting now or later) send its body at once, before its delay
+        is up: a test gives a long delay and ends it at the moment it chooses."""
+        self._slow_bodies_go.set()
 
     # -- faults ---------------------------------------------------------------------------------------
 
@@ -441,6 +448,7 @@ class FakeOpenAI:
                     self._stopping,
                     answering,
                     delivered,
+                    self._slow_bodies_go,
                 )
             if cut.kind == "stream_cut":
                 return truncated_response(bytes(response.body), response.status_code, self._stopping)

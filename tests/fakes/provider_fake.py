@@ -104,7 +104,7 @@ class ProviderFake:
     def count(self, path_part: str) -> int:
         return sum(1 for r in self.requests if path_part in r.path)
 
-    def wait_for_count(self, n: int, path_part: str, timeout: float = 10.0) -> bool:
+    def wait_for_count(self, n: int, path_part: str, timeout: float = 30.0) -> bool:
         with self._lock:
             return self._lock.wait_for(
                 lambda: sum(1 for r in self._requests if path_part in r.path) >= n, timeout

@@ -80,7 +80,7 @@ class FakeClock:
 
 @pytest.fixture
 async def redis_url() -> str:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=10)
     try:
         await client.ping()
     except (RedisError, OSError) as exc:

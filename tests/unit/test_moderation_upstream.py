@@ -167,7 +167,7 @@ async def test_images_are_skipped_when_the_key_is_off_or_images_are_not_moderate
     assert upstream.count(MODERATIONS) == 0
 
 
-@pytest.mark.parametrize("fault", [Fault.delay(3.0, path=MODERATIONS), Fault.hang(path=MODERATIONS)])
+@pytest.mark.parametrize("fault", [Fault.delay(300, path=MODERATIONS), Fault.hang(path=MODERATIONS)])
 async def test_timeout_fails_open_when_configured(
     upstream: FakeOpenAI, make_service: Factory, fault: Fault, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -180,7 +180,7 @@ async def test_timeout_fails_open_when_configured(
     assert upstream.url not in caplog.text and upstream.api_key not in caplog.text
 
 
-@pytest.mark.parametrize("fault", [Fault.delay(3.0, path=MODERATIONS), Fault.hang(path=MODERATIONS)])
+@pytest.mark.parametrize("fault", [Fault.delay(300, path=MODERATIONS), Fault.hang(path=MODERATIONS)])
 async def test_timeout_fails_closed_when_configured(
     upstream: FakeOpenAI, make_service: Factory, fault: Fault, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -195,11 +195,11 @@ async def test_timeout_fails_closed_when_configured(
 
 
 async def test_image_timeout_follows_the_policy_too(upstream: FakeOpenAI, make_service: Factory) -> None:
-    upstream.enqueue_fault(Fault.delay(3.0, path=MODERATIONS))
+    upstream.enqueue_fault(Fault.delay(300, path=MODERATIONS))
     opened = await make_service(timeout_s=0.3, fail_open=True)
     outcome = await check_images(opened, [png()])
     assert not outcome.blocked and outcome.verdict.degraded
-    upstream.enqueue_fault(Fault.delay(3.0, path=MODERATIONS))
+    upstream.enqueue_fault(Fault.delay(300, path=MODERATIONS))
     closed = await make_service(timeout_s=0.3, fail_open=False)
     with pytest.raises(ModerationUnavailableError):
         await check_images(closed, [png()])

@@ -340,13 +340,36 @@ async def test_stream_relays_events_split_anywhere(provider_for: Build) -> None:
 
 
 async def test_stream_not_cut_by_total_time_only_by_silence(provider_for: Build) -> None:
-    """The read timeout bounds the wait for each chunk, never the whole stream (httpx's semantics)."""
-    chunks = sse(*[("image_generation.partial_image", PARTIAL)] * 5, ("image_generation.completed", DONE))
-    h = await provider_for(sse_response(chunks, pause_s=0.15), timeout_s=0.5)
-    events = [e async for e in h.provider.stream(make_job(), upstream_model="gpt-image-1")]
-    assert len(events) == 6  # 0.75 s in all
+    """The read timeout bounds the wait for each chunk, never the whole stream (httpx's semantics).
 
-    h = await provider_for(sse_response(chunks[:1], then_hang=True), timeout_s=0.3)
+    The upstream sends an event every 20 ms (1/75 of the read timeout, so a loaded CI box cannot
+    stretch a gap to the bound) until the stream has run longer than the timeout itself."""
+    timeout_s = 1.5
+    partial, done = sse(("image_generation.partial_image", PARTIAL), ("image_generation.completed", DONE))
+    sent: list[float] = []
+
+    async def paced(request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        sent.append(loop.time())
+        while loop.time() - sent[0] <= timeout_s * 1.3:
+            await response.write(partial)
+            sent.append(loop.time())
+            await asyncio.sleep(0.02)
+        await response.write(done)
+        await response.write_eof()
+        return response
+
+    h = await provider_for(paced, timeout_s=timeout_s)
+    events = [e async for e in h.provider.stream(make_job(), upstream_model="gpt-image-1")]
+    assert len(events) == len(sent)  # every partial, then the completed event
+    assert events[-1].type == "image_generation.completed"
+    assert sent[-1] - sent[0] > timeout_s  # the stream outlived the read timeout
+
+    # A stall that never ends is cut by the same bound (the first event is not: it came at once).
+    chunks = sse(("image_generation.partial_image", PARTIAL))
+    h = await provider_for(sse_response(chunks, then_hang=True), timeout_s=timeout_s)
     stream = h.provider.stream(make_job(), upstream_model="gpt-image-1")
     assert (await anext(stream)).type == "image_generation.partial_image"
     with pytest.raises(UpstreamTimeout):
@@ -400,7 +423,7 @@ async def test_leaving_a_stream_early_closes_the_connection(provider_for: Build)
     stream = h.provider.stream(make_job(), upstream_model="gpt-image-1")
     assert (await anext(stream)).type == "image_generation.partial_image"
     await stream.aclose()
-    for _ in range(100):
+    for _ in range(1000):
         if h.upstream.client_gone:
             break
         await asyncio.sleep(0.01)

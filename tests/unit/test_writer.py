@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, event, text
 
 from app.db.engine import create_engine
 from app.db.writer import SqliteWriter, WouldBlock, Writer, create_writer
@@ -56,11 +57,20 @@ async def test_a_held_lock_sends_the_write_to_the_thread_which_waits_for_it(
     other.execute("INSERT INTO t VALUES (10)")
     with pytest.raises(WouldBlock):
         made.run_now(insert(2))
+    # The writer thread's connection reports each statement as it starts: BEGIN IMMEDIATE starting
+    # while `other` holds the lock means the thread is now waiting for it.
+    begun = threading.Event()
+    assert isinstance(made, SqliteWriter)
+
+    def trace(dbapi: sqlite3.Connection, _: object) -> None:
+        dbapi.set_trace_callback(lambda sql: begun.set() if sql == "BEGIN IMMEDIATE" else None)
+
+    event.listen(made._waiting, "connect", trace)
     pending = asyncio.ensure_future(made.run(insert(3)))
-    await asyncio.sleep(0.2)
-    assert not pending.done()  # waiting on the lock, off the event loop
+    assert await asyncio.to_thread(begun.wait, 30)  # the loop ran meanwhile: the wait is off it
+    assert not pending.done()  # waiting on the lock, not refused (then this would be an error)
     other.execute("COMMIT")
-    assert await asyncio.wait_for(pending, 10) == 3
+    assert await asyncio.wait_for(pending, 30) == 3
     assert rows(path) == [3, 10]
     # The refused inline attempt left its connection clean.
     assert made.run_now(insert(4)) == 4

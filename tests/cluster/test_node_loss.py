@@ -57,9 +57,12 @@ def node_config(
         upstream,
         data_dir,
         db_url,
-        # Dead holds (a submission cut by the API node's kill) go 2 s after they were taken; a dead
-        # worker's lease lapses after 2 s.
-        billing={"hold_ttl_s": 2, "reconcile_every_s": 0.25},
+        # Dead holds (a submission cut by the API node's kill) go 5 s after they were taken (the
+        # shortest TTL the config takes: longer than a request can live with these deadlines); a
+        # dead worker's lease lapses after 2 s.
+        billing={"hold_ttl_s": 5, "reconcile_every_s": 0.25},
+        server={"body_deadline_s": 1, "shutdown_grace_s": 0},
+        retry={"initial_delay_s": 0.01, "max_delay_s": 0.05, "deadline_s": 1},
         tasks={"workers": workers, "lease_s": 2, "poll_s": 0.1},
         webhooks={"initial_backoff_s": 0.1, "max_backoff_s": 0.5, "poll_s": 0.05},
         # What every node of a cluster shares (README: production shape): a key made on one node

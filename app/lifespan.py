@@ -48,6 +48,23 @@ from app.webhooks.sender import WebhookSender
 log = logging.getLogger(__name__)
 
 
+def configured_secrets(settings: Settings) -> tuple[str, ...]:
+    """The gateway's own secrets, scrubbed from every upstream message (upstream keys are added by
+    the registry)."""
+    found = [resolve_admin_key(settings)]
+    storage = settings.storage
+    for secret in (
+        settings.security.key_pepper,
+        settings.metrics.token,
+        storage.signing_key,
+        storage.access_key_id,
+        storage.secret_access_key,
+    ):
+        if secret is not None:
+            found.append(secret.get_secret_value())
+    return tuple(found)
+
+
 def resolve_admin_key(settings: Settings) -> str:
     """The configured admin key, or the one generated once under the data directory."""
     if settings.admin_key is not None:
@@ -90,7 +107,7 @@ async def open_state(
     async with AsyncExitStack() as stack:
         engine = create_engine(settings.database.url, echo=settings.database.echo)
         _close_at_exit(stack, "database engine", engine.dispose)
-        registry = ProviderRegistry.build(settings.upstreams, catalog)
+        registry = ProviderRegistry.build(settings.upstreams, catalog, secrets=configured_secrets(settings))
         _close_at_exit(stack, "upstream registry", registry.aclose)
         limiter: RateLimiter | None = None
 

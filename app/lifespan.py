@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
+from app.console.throttle import open_throttle
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
@@ -377,8 +378,11 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContex
         async with (
             open_state(settings, app.state.metrics, app.state.tracing) as state,
             _background(state),
+            open_throttle(settings.redis.url) as throttle,
         ):
             app.state.gateway = state
+            # The console's sign-in throttle (app/console/throttle.py): on Redis when configured.
+            app.state.signin_throttle = throttle
             # Everything built so far (app, catalog, classifier, pools) lives as long as the
             # process: out of the collector's sight, full collections stop re-scanning it, which
             # under load showed up as tens of milliseconds at the p99. Requests free almost all

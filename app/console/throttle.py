@@ -163,7 +163,7 @@ class SignInThrottle:
     ) -> None:
         self._store = store
         self.policy = policy or ThrottlePolicy()
-        self._clock = clock
+        self.clock = clock
 
     @staticmethod
     def subjects(address: str | None, key: str) -> list[str]:
@@ -174,11 +174,11 @@ class SignInThrottle:
 
     async def wait_s(self, subjects: Sequence[str]) -> int:
         """Whole seconds until these subjects may try again; 0 when they may now."""
-        left = await self._store.locked_until(subjects) - self._clock()
+        left = await self._store.locked_until(subjects) - self.clock()
         return math.ceil(left) if left > 0 else 0
 
     async def failed(self, subjects: Sequence[str]) -> None:
-        now = self._clock()
+        now = self.clock()
         for subject in subjects:
             await self._store.fail(subject, now=now, policy=self.policy)
 

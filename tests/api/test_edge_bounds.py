@@ -55,7 +55,9 @@ def console(gw: Gateway) -> httpx.Client:
         {"to": "2026-02-30"},
     ],
 )
-def test_console_dates_out_of_range_are_a_400(console: httpx.Client, page: str, params: dict[str, str]) -> None:
+def test_console_dates_out_of_range_are_a_400(
+    console: httpx.Client, page: str, params: dict[str, str]
+) -> None:
     response = console.get(page, params=params)
     assert response.status_code == 400, response.text[:300]
     assert "between 1970-01-01 and 9998-12-31" in response.text or "YYYY-MM-DD" in response.text
@@ -205,7 +207,9 @@ def test_a_500_leaves_the_keep_alive_connection_usable(gw: Gateway, monkeypatch:
     cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
     host, port = gw.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
-        first = _exchange(conn, f"GET /console/overview HTTP/1.1\r\nHost: gw\r\nCookie: {cookie}\r\n\r\n".encode())
+        first = _exchange(
+            conn, f"GET /console/overview HTTP/1.1\r\nHost: gw\r\nCookie: {cookie}\r\n\r\n".encode()
+        )
         assert first.startswith(b"HTTP/1.1 500")
         assert b'"type":"api_error"' in first and b"RuntimeError" not in first
         # The same connection answers the next request.
@@ -213,8 +217,14 @@ def test_a_500_leaves_the_keep_alive_connection_usable(gw: Gateway, monkeypatch:
         assert second.startswith(b"HTTP/1.1 200")
 
 
-def test_out_of_range_and_nul_never_reach_a_500_in_the_log(gw: Gateway, console: httpx.Client, caplog: Any) -> None:
+def test_out_of_range_and_nul_never_reach_a_500_in_the_log(
+    gw: Gateway, console: httpx.Client, caplog: Any
+) -> None:
     with caplog.at_level("ERROR"):
-        for path in ["/console/usage?to=9999-12-31", "/console/requests?model=%00", "/console/overview?from=0001-01-01"]:
+        for path in [
+            "/console/usage?to=9999-12-31",
+            "/console/requests?model=%00",
+            "/console/overview?from=0001-01-01",
+        ]:
             assert console.get(path).status_code == 400
     assert "unhandled error" not in caplog.text

@@ -128,7 +128,11 @@ def test_an_installed_wheel_serves_with_no_config_from_an_empty_directory(tmp_pa
     )
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {"PYTHONPATH": str(target), "GATEWAY_CONFIG": "", "GATEWAY_ADMIN_KEY": "sk-admin-wheel-0123456789abcdef0123456789"}
+    env = {
+        "PYTHONPATH": str(target),
+        "GATEWAY_CONFIG": "",
+        "GATEWAY_ADMIN_KEY": "sk-admin-wheel-0123456789abcdef0123456789",
+    }
     where = subprocess.run(
         [sys.executable, "-c", "import app; print(app.__file__)"],
         cwd=empty,

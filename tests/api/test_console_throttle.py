@@ -20,7 +20,9 @@ class Clock:
 def test_wrong_sign_ins_are_throttled_then_the_owner_gets_back_in(gateway_with: object) -> None:
     gw: Gateway = gateway_with(LOCAL_UPSTREAM)  # type: ignore[operator]
     clock = Clock()
-    gw.server.app.state.signin_throttle.clock = clock
+    throttle = getattr(gw.server.app.state, "signin_throttle", None)
+    if throttle is not None:  # (absent on 9a64885, where the 7th attempt below signed in)
+        throttle.clock = clock
     client = gw.closing(httpx.Client(base_url=gw.url, follow_redirects=False, timeout=30))
     wrong = "sk-admin-test-" + "x" * 30
     for _ in range(6):

@@ -31,7 +31,11 @@ LOCAL: dict[str, Any] = {"name": "local", "kind": "local", "models": ["*"]}
 class PageHandler(SimpleHTTPRequestHandler):
     """The test page, and the SDK package under /openai/."""
 
-    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript", ".js": "text/javascript"}
+    extensions_map = {
+        **SimpleHTTPRequestHandler.extensions_map,
+        ".mjs": "text/javascript",
+        ".js": "text/javascript",
+    }
 
     def translate_path(self, path: str) -> str:
         clean = path.split("?", 1)[0]

@@ -90,13 +90,26 @@ def gw(gateway_with: Callable[..., Gateway]) -> Iterator[Gateway]:
 
 def test_the_sdk_sends_what_the_issue_names(sdk_headers: set[str]) -> None:
     # A sanity check on the recording: the families a browser must be allowed to send.
-    assert {"x-stainless-lang", "x-stainless-os", "x-stainless-retry-count", "x-stainless-timeout"} <= sdk_headers
+    assert {
+        "x-stainless-lang",
+        "x-stainless-os",
+        "x-stainless-retry-count",
+        "x-stainless-timeout",
+    } <= sdk_headers
     assert {"openai-organization", "openai-project", "authorization", "content-type"} <= sdk_headers
 
 
 def test_a_preflight_with_the_node_sdks_headers_is_allowed(gw: Gateway, sdk_headers: set[str]) -> None:
     # Every header a browser would ask about: the SDK's, minus the ones fetch never preflights.
-    simple = {"host", "connection", "content-length", "accept-encoding", "user-agent", "accept", "accept-language"}
+    simple = {
+        "host",
+        "connection",
+        "content-length",
+        "accept-encoding",
+        "user-agent",
+        "accept",
+        "accept-language",
+    }
     # Plus what a client adds itself (an Idempotency-Key, a beta flag, its own request id).
     extra = {"idempotency-key", "openai-beta", "x-request-id", "x-stainless-helper-method"}
     asked = sorted((sdk_headers - simple) | extra)

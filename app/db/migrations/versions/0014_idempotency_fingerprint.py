@@ -20,13 +20,15 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.add_column(sa.Column("idempotency_fingerprint", sa.String(64), nullable=True))
-    if op.get_bind().dialect.name == "postgresql":
-        # SQLite does not enforce a VARCHAR's length; PostgreSQL refused keys over 200 characters.
-        op.alter_column("tasks", "idempotency_key", type_=sa.String(255), existing_type=sa.String(200))
+        # PostgreSQL refused keys over 200 characters (SQLite does not enforce the length).
+        batch_op.alter_column(
+            "idempotency_key", type_=sa.String(255), existing_type=sa.String(200), existing_nullable=True
+        )
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.alter_column("tasks", "idempotency_key", type_=sa.String(200), existing_type=sa.String(255))
     with op.batch_alter_table("tasks", schema=None) as batch_op:
+        batch_op.alter_column(
+            "idempotency_key", type_=sa.String(200), existing_type=sa.String(255), existing_nullable=True
+        )
         batch_op.drop_column("idempotency_fingerprint")

@@ -361,3 +361,18 @@ class UpstreamRejected(UpstreamError):
         body = super().to_body()
         body["error"].update(self.details)
         return body
+
+
+class IdempotencyKeyReusedError(InvalidRequestError):
+    """An ``Idempotency-Key`` already used with a different request (the IETF draft's 422)."""
+
+    status_code = 422
+    default_code = "idempotency_key_reused"
+
+
+class IdempotencyConflictError(GatewayError):
+    """The first request with this ``Idempotency-Key`` is still being submitted (409; retry)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "idempotency_key_in_use"

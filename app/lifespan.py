@@ -18,6 +18,7 @@ from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
 from app.cluster.bus import ClusterBus
+from app.console.throttle import open_throttle
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
@@ -50,6 +51,23 @@ from app.webhooks.outbox import Outbox
 from app.webhooks.sender import WebhookSender
 
 log = logging.getLogger(__name__)
+
+
+def configured_secrets(settings: Settings) -> tuple[str, ...]:
+    """The gateway's own secrets, scrubbed from every upstream message (upstream keys are added by
+    the registry)."""
+    found = [resolve_admin_key(settings)]
+    storage = settings.storage
+    for secret in (
+        settings.security.key_pepper,
+        settings.metrics.token,
+        storage.signing_key,
+        storage.access_key_id,
+        storage.secret_access_key,
+    ):
+        if secret is not None:
+            found.append(secret.get_secret_value())
+    return tuple(found)
 
 
 def resolve_admin_key(settings: Settings) -> str:
@@ -94,7 +112,7 @@ async def open_state(
     async with AsyncExitStack() as stack:
         engine = create_engine(settings.database.url, echo=settings.database.echo)
         _close_at_exit(stack, "database engine", engine.dispose)
-        registry = ProviderRegistry.build(settings.upstreams, catalog)
+        registry = ProviderRegistry.build(settings.upstreams, catalog, secrets=configured_secrets(settings))
         _close_at_exit(stack, "upstream registry", registry.aclose)
         limiter: RateLimiter | None = None
 
@@ -395,8 +413,11 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContex
         async with (
             open_state(settings, app.state.metrics, app.state.tracing) as state,
             _background(state),
+            open_throttle(settings.redis.url) as throttle,
         ):
             app.state.gateway = state
+            # The console's sign-in throttle (app/console/throttle.py): on Redis when configured.
+            app.state.signin_throttle = throttle
             # Everything built so far (app, catalog, classifier, pools) lives as long as the
             # process: out of the collector's sight, full collections stop re-scanning it, which
             # under load showed up as tens of milliseconds at the p99. Requests free almost all

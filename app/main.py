@@ -10,7 +10,13 @@ from app.api import build_api_router
 from app.api.console import install_console
 from app.api.errors import install_error_handlers
 from app.api.metrics import MetricsMiddleware, build_metrics_router
-from app.api.middleware import AdminGuardMiddleware, BodyGuardMiddleware, RequestContextMiddleware
+from app.api.middleware import (
+    AdminGuardMiddleware,
+    BodyGuardMiddleware,
+    ContainErrorsMiddleware,
+    InputGuardMiddleware,
+    RequestContextMiddleware,
+)
 from app.api.openapi import install_openapi
 from app.lifespan import make_lifespan
 from app.metrics import Metrics
@@ -24,6 +30,11 @@ EXPOSED_HEADERS = [
     "retry-after-ms",
     "x-should-retry",
     "location",
+    # A model's lifecycle (RFC 8594, RFC 9745) and what served the request.
+    "sunset",
+    "deprecation",
+    "x-gateway-model",
+    "x-gateway-upstream",
     *(
         f"x-ratelimit-{what}-{kind}"
         for what in ("limit", "remaining", "reset")
@@ -53,6 +64,8 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> FastAPI
     install_error_handlers(app)
     install_openapi(app)
     # Pure ASGI middleware (never BaseHTTPMiddleware), so streamed responses pass through untouched.
+    # Innermost: an unexpected error becomes a complete 500 and the connection stays usable.
+    app.add_middleware(ContainErrorsMiddleware)
     app.add_middleware(
         BodyGuardMiddleware,
         max_bytes=settings.server.max_json_body_bytes,
@@ -65,12 +78,16 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> FastAPI
             CORSMiddleware,
             allow_origins=settings.server.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["authorization", "content-type", "idempotency-key", "openai-organization"],
+            # The headers a preflight asks for are reflected: the official SDKs send a growing
+            # family (x-stainless-*, openai-project, openai-beta, …) and a listed set goes stale.
+            allow_headers=["*"],
             # Everything a client acts on: its charge, its limits and when to retry.
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )
     app.add_middleware(AdminGuardMiddleware)
+    # Before routing and the admin guard: what no store can keep is a 400 on every database.
+    app.add_middleware(InputGuardMiddleware)
     app.add_middleware(RequestContextMiddleware, upstream_header=settings.server.upstream_header)
     # Outermost, so refusals made by the middleware above (413) are counted too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)

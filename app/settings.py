@@ -334,8 +334,13 @@ class Settings(BaseSettings):
         if value in ("", None):
             return None
         text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        if is_placeholder(text) or len(text) < 16:
-            raise ValueError("admin_key must be at least 16 characters and not a placeholder")
+        if is_placeholder(text) or len(text) < 32:
+            # A console sign-in is a guess at it: 32 characters (generated keys have more) keep
+            # guessing hopeless, throttled or not.
+            raise ValueError(
+                "admin_key (GATEWAY_ADMIN_KEY) must be at least 32 characters and not a placeholder; "
+                "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         return value
 
     @model_validator(mode="after")

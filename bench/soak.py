@@ -30,7 +30,7 @@ from bench.gateway_process import GatewayProcess, gateway_config, rss_kib
 from bench.servers import Cpus, start_upstream
 from bench.traffic import Outcome, Traffic, create_key, summary
 
-ADMIN_KEY = "sk-soak-admin-0123456789abcdef"
+ADMIN_KEY = "sk-soak-admin-0123456789abcdef0123456789"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

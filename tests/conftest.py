@@ -22,7 +22,7 @@ from tests.fakes.server import ThreadedServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_FILE = str(ROOT / "app" / "defaults" / "models.yaml")
-ADMIN_KEY = "sk-admin-test-0123456789abcdef"
+ADMIN_KEY = "sk-admin-test-0123456789abcdef0123456789"
 UPSTREAM_KEY = "sk-upstream-test"
 ALL_MODELS = ["gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini", "dall-e-3", "dall-e-2"]
 

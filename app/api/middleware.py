@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids and access logs, body size and time limits, the admin guard.
+"""Pure ASGI middleware: request ids and access logs, body size and time limits, the admin guard,
+input that no store can keep (NUL bytes, over-long idempotency keys), and contained 500s.
 
 Pure ASGI rather than BaseHTTPMiddleware, so streamed responses are relayed chunk by chunk.
 """
@@ -7,15 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ADMIN_MARK, is_admin_key, parse_bearer
 from app.api.errors import error_response
-from app.errors import AuthenticationError, PayloadTooLargeError, RequestTimeoutError
+from app.errors import (
+    AuthenticationError,
+    InternalServerError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 from app.keys import INVALID_KEY_MESSAGE
 from app.logging import set_request_id
 
@@ -201,3 +210,112 @@ class AdminGuardMiddleware:
             await self.app(scope, receive, send)
             return
         await error_response(AuthenticationError(INVALID_KEY_MESSAGE))(scope, receive, send)
+
+
+# The longest Idempotency-Key kept (the tasks table's column holds 255).
+MAX_IDEMPOTENCY_KEY = 255
+# A NUL in a JSON string is written as an escape: ``\u0000`` after an even run of backslashes
+# (an odd run escapes the backslash itself, and the text is a literal "\u0000").
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_FORM_NUL = re.compile(rb"%00")
+# Bodies that carry files, where a zero byte is data (multipart text fields: the form parser's).
+_BINARY = ("multipart/", "image/", "application/octet-stream")
+# How much of the previous chunk is kept to find an escape cut by a chunk boundary.
+_CARRY = 64
+_NUL_MESSAGE = "The request contains a NUL character (\\u0000), which no field accepts."
+
+
+class InputGuardMiddleware:
+    """Refuses at the edge what no store can keep, as a 400 on every database alike.
+
+    PostgreSQL rejects a NUL character in text, so a NUL in a query filter, a key name or a console
+    form would fail deep in a query (a 500 on PostgreSQL, a 200 on SQLite). A NUL is refused in the
+    path, the query string, the headers, and JSON or form bodies (multipart uploads carry binary
+    files; their text fields are checked by the form parser's limits). An ``Idempotency-Key``
+    longer than the 255 characters a task row keeps is a 400 as well.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = _refused(scope)
+        if error is not None:
+            await error_response(error)(scope, receive, send)
+            return
+        content_type = (_header(scope, b"content-type") or "").lower()
+        if content_type.startswith(_BINARY):
+            await self.app(scope, receive, send)
+            return
+        # A form's NUL is "%00"; anything else is read as JSON (some clients send it as text/plain).
+        form = content_type.startswith("application/x-www-form-urlencoded")
+        pattern = _FORM_NUL if form else _JSON_NUL
+        tail = b""
+
+        async def checked_receive() -> Message:
+            nonlocal tail
+            message = await receive()
+            if message["type"] == "http.request":
+                window = tail + message.get("body", b"")
+                if pattern.search(window) or b"\x00" in window:
+                    raise InvalidRequestError(_NUL_MESSAGE, code="invalid_value")
+                tail = window[-_CARRY:]
+            return message
+
+        await self.app(scope, checked_receive, send)
+
+
+def _refused(scope: Scope) -> InvalidRequestError | None:
+    path = scope.get("raw_path") or str(scope.get("path", "")).encode()
+    query = scope.get("query_string", b"")
+    if b"\x00" in unquote_to_bytes(path) or b"\x00" in unquote_to_bytes(query):
+        return InvalidRequestError(_NUL_MESSAGE, code="invalid_value")
+    for name, value in scope.get("headers", []):
+        if b"\x00" in value:
+            return InvalidRequestError(_NUL_MESSAGE, code="invalid_value")
+        if name == b"idempotency-key" and len(value) > MAX_IDEMPOTENCY_KEY:
+            return InvalidRequestError(
+                f"The Idempotency-Key header is longer than {MAX_IDEMPOTENCY_KEY} characters.",
+                param="Idempotency-Key",
+                code="invalid_value",
+            )
+    return None
+
+
+class ContainErrorsMiddleware:
+    """Answers an unexpected exception with the OpenAI-shaped 500 here, and keeps it from uvicorn.
+
+    Starlette's ``ServerErrorMiddleware`` sends its 500 and then re-raises, and uvicorn closes the
+    connection of any request whose app raised after the response started: the client's next
+    request on that keep-alive connection is reset. Caught here (innermost), the 500 is a complete
+    answer and the connection stays usable. An error after the response started still propagates:
+    the answer is cut, and only closing the connection tells the client so.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            # The traceback goes to the log (with the request id); the client gets no internals.
+            log.error("unhandled error", exc_info=exc)
+            error = InternalServerError("The gateway had an error while processing your request.")
+            await error_response(error)(scope, receive, send)

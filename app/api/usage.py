@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import AdminDep, CallerDep, StateDep
-from app.billing.reports import UsageFilter, usage_report
-from app.errors import InvalidRequestError
+from app.billing.reports import UsageFilter, parse_moment, usage_report
 from app.state import AppState
 
 router = APIRouter(tags=["usage"])
-
-
-def _moment(value: str | None, param: str) -> datetime | None:
-    """Unix seconds or ISO 8601 (a date alone means its midnight UTC)."""
-    if value is None or value == "":
-        return None
-    try:
-        if value.isdigit():
-            return datetime.fromtimestamp(int(value), UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        # In UTC now: a moment near the calendar's ends can overflow the conversion (9999-12-31
-        # at -01:00 is in year 10000), which would otherwise fail where it is stored or compared.
-        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except (ValueError, OverflowError, OSError):
-        raise InvalidRequestError(
-            f"Invalid '{param}': expected unix seconds or an ISO 8601 date-time.", param=param
-        ) from None
 
 
 async def _report(
@@ -45,7 +26,9 @@ async def _report(
 ) -> Response:
     report = await usage_report(
         state.sessions,
-        where=UsageFilter(key_id=key_id, model=model, start=_moment(start, "from"), end=_moment(end, "to")),
+        where=UsageFilter(
+            key_id=key_id, model=model, start=parse_moment(start, "from"), end=parse_moment(end, "to")
+        ),
         group_by=group_by,
         price_unit=state.settings.price_unit,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, case, func, select
@@ -13,8 +13,55 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.tables import LedgerEntry
 from app.domain.money import format_micros
+from app.errors import InvalidRequestError
 
-GroupBy = Literal["day", "model", "key"]
+GroupBy = Literal["day", "month", "model", "key"]
+# The moments a report may name: the ledger holds nothing before 1970, and a bound near year 9999
+# overflows as soon as a day is added to it (the console's inclusive ``to``) or a zone applied.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)  # exclusive
+_RANGE_TEXT = "between 1970-01-01 and 9998-12-31"
+
+
+def parse_moment(value: str | None, param: str) -> datetime | None:
+    """Unix seconds or ISO 8601 (a date alone means its midnight UTC), in range, or a 400.
+
+    The one parser of a report bound, shared by the usage API and the console.
+    """
+    if value is None or value == "":
+        return None
+    try:
+        if value.isdigit():
+            if len(value) > 12:
+                raise ValueError(value)
+            moment = datetime.fromtimestamp(int(value), UTC)
+        else:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            # In UTC now: a moment near the calendar's ends can overflow the conversion (9999-12-31
+            # at -01:00 is in year 10000), which would otherwise fail where it is stored or compared.
+            moment = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidRequestError(
+            f"Invalid '{param}': expected unix seconds or an ISO 8601 date-time {_RANGE_TEXT}.", param=param
+        ) from None
+    if not EARLIEST <= moment < LATEST:
+        raise InvalidRequestError(f"Invalid '{param}': dates must be {_RANGE_TEXT}.", param=param)
+    return moment
+
+
+def parse_day(value: str | None, param: str) -> date | None:
+    """An ISO 8601 day (``YYYY-MM-DD``) in range, or a 400; None when absent."""
+    if value is None or value == "":
+        return None
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(f"Invalid '{param}': expected a date as YYYY-MM-DD.", param=param) from None
+    if not EARLIEST.date() <= day < LATEST.date():
+        raise InvalidRequestError(f"Invalid '{param}': dates must be {_RANGE_TEXT}.", param=param)
+    return day
+
+
 COLUMNS = (
     "requests",
     "images",
@@ -103,10 +150,13 @@ def _group_column(group_by: GroupBy, dialect: str) -> ColumnElement[Any]:
         return LedgerEntry.model.expression
     if group_by == "key":
         return LedgerEntry.key_id.expression
+    month = group_by == "month"
     if dialect == "postgresql":
-        return func.to_char(func.timezone("UTC", LedgerEntry.created_at), "YYYY-MM-DD")
+        return func.to_char(
+            func.timezone("UTC", LedgerEntry.created_at), "YYYY-MM" if month else "YYYY-MM-DD"
+        )
     # SQLite stores the UTC datetime as text "YYYY-MM-DD HH:MM:SS…".
-    return func.substr(LedgerEntry.created_at, 1, 10)
+    return func.substr(LedgerEntry.created_at, 1, 7 if month else 10)
 
 
 async def usage_report(

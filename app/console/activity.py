@@ -13,6 +13,7 @@ from app.billing.reports import ActivityRow, GroupBy, UsageFilter, activity, act
 from app.db.tables import utcnow
 
 DAY = timedelta(days=1)
+MAX_CACHED_RANGE = timedelta(days=367)
 
 
 @dataclass(slots=True)
@@ -95,7 +96,14 @@ class ActivityCache:
         self, sessions: async_sessionmaker[AsyncSession], *, where: UsageFilter, group_by: GroupBy
     ) -> list[ActivityRow]:
         start, end = where.start, where.end
-        if start is None or end is None or start.timetz().replace(tzinfo=None) != time(0):
+        # Only ranges of whole days, and at most a year of them: the cells are per day, and a
+        # longer range would only walk and evict the cache (the console draws it by month).
+        if (
+            start is None
+            or end is None
+            or start.timetz().replace(tzinfo=None) != time(0)
+            or end - start > MAX_CACHED_RANGE
+        ):
             return await activity(sessions, where=where, group_by=group_by)
         now = self._clock()
         closed_until = datetime.combine((now - self._grace).date(), time(0), tzinfo=start.tzinfo)

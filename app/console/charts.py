@@ -45,10 +45,11 @@ def bar_chart(
     unit: str,
     fmt: Formatter = plain,
     chart_id: str,
+    axis: str = "day (UTC)",
     width: int = 640,
     height: int = 240,
 ) -> str:
-    """Vertical bars, one per point (a day), with a y axis in ``unit``."""
+    """Vertical bars, one per point (a day or a month), with a y axis in ``unit``."""
     left, right, top, bottom = 78, 12, 28, 46
     plot_w, plot_h = width - left - right, height - top - bottom
     parts = _open(chart_id, title, unit, width, height, len(points))
@@ -92,7 +93,7 @@ def bar_chart(
     )
     parts.append(
         f'<text class="axis-title" x="{left + plot_w / 2:.1f}" y="{height - 6}" '
-        'text-anchor="middle">day (UTC)</text>'
+        f'text-anchor="middle">{escape(axis)}</text>'
     )
     return "".join([*parts, "</svg>"])
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     """An async engine; for SQLite, the file's folder is created and WAL mode turned on."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo}
+    # hide_parameters: a failed statement's error (logged with its traceback) never carries the
+    # values it was given, a prompt or a key's hash among them; ``echo`` logs statements only.
+    kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
@@ -26,9 +29,36 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     else:
         kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
     engine = create_async_engine(url, **kwargs)
+    event.listen(engine.sync_engine, "handle_error", summarize_error)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", sqlite_pragmas)
     return engine
+
+
+# A value quoted after a colon: "invalid input syntax for type integer: \"<the value>\"".
+_QUOTED_VALUE = re.compile(r"(:\s*)(\"[^\"]*\"|'[^']*')")
+
+
+def summarize_error(context: ExceptionContext) -> None:
+    """Strips the values out of a database error before anything logs it.
+
+    PostgreSQL's driver error carries a DETAIL ("Failing row contains (…, <the prompt>, …)",
+    "Key (key_hash)=(<hash>) already exists") and some messages quote the offending value. The
+    driver's own exception is cut from the chain (a logged traceback would print it), and what
+    is left names the error and its constraint, never a value. Exception classes are unchanged,
+    so an ``IntegrityError`` is still caught as one.
+    """
+    original = context.original_exception
+    message = str(original)
+    summary = _QUOTED_VALUE.sub(r'\1"[redacted]"', message.split("\n", 1)[0])
+    original.args = (summary,)
+    wrapped = context.sqlalchemy_exception
+    if wrapped is not None and wrapped.args and isinstance(wrapped.args[0], str):
+        # Its message was formatted from the driver's before this hook ran.
+        wrapped.args = (wrapped.args[0].replace(message, summary), *wrapped.args[1:])
+    original.__cause__ = None
+    original.__context__ = None
+    original.__suppress_context__ = True
 
 
 def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

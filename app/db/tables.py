@@ -176,7 +176,10 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(20))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     response_format: Mapped[str] = mapped_column(String(20))
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # SHA-256 of the request first submitted with ``idempotency_key``: a reuse with another
+    # request is refused (422) instead of answered with this task.
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
     hold_id: Mapped[str | None] = mapped_column(String(40))
     hold_period: Mapped[str | None] = mapped_column(String(7))
     hold_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

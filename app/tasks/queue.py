@@ -42,7 +42,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db.batch import Batcher
 from app.db.tables import Task, utcnow
 from app.db.writer import Writer
-from app.errors import RateLimitError, error_body
+from app.errors import GatewayError, RateLimitError, error_body
+from app.tasks.idempotency import reused_error
 from app.tasks.statements import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, Statements
 from app.webhooks.endpoints import enabled_endpoints
 
@@ -68,6 +69,16 @@ class NewTask:
     # The key's enabled webhook endpoints get the task's events, read in the insert's transaction
     # (a request that named its endpoints has them in ``spec`` already).
     default_webhooks: bool = False
+    # SHA-256 of the request (``tasks.service.fingerprint``), kept with the idempotency key.
+    idempotency_fingerprint: str | None = None
+
+
+def reused(print_: str | None, existing: Task) -> GatewayError | None:
+    """The 422 when a request (its fingerprint) reuses ``existing``'s idempotency key."""
+    known = existing.idempotency_fingerprint
+    if known is None or print_ is None or known == print_:
+        return None
+    return reused_error()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +105,7 @@ def _row(task: NewTask, endpoints: list[str] | None, now: datetime) -> dict[str,
         spec=spec,
         response_format=task.response_format,
         idempotency_key=task.idempotency_key,
+        idempotency_fingerprint=task.idempotency_fingerprint,
         hold_id=task.hold_id,
         hold_period=task.hold_period,
         hold_micros=task.hold_micros,
@@ -156,6 +168,9 @@ class TaskQueue:
             existing = await self._by_idempotency(task.key_id, task.idempotency_key)
             if existing is None:
                 raise
+            refused = reused(task.idempotency_fingerprint, existing)
+            if refused is not None:
+                raise refused from None
             return existing, False
 
     @property
@@ -186,11 +201,10 @@ class TaskQueue:
         for item in items:
             task = item.task
             idem = (task.key_id, task.idempotency_key) if task.idempotency_key is not None else None
-            if idem is not None and idem in existing:
-                outcomes.append((existing[idem], False))
-                continue
-            if idem is not None and idem in first:
-                outcomes.append((first[idem], False))  # the same key twice in one batch
+            earlier = existing.get(idem) or first.get(idem) if idem is not None else None
+            if earlier is not None:  # submitted before, or the same key twice in one batch
+                refused = reused(task.idempotency_fingerprint, earlier)
+                outcomes.append(refused if refused is not None else (earlier, False))
                 continue
             if item.max_queued is not None:
                 if waiting.get(task.key_id, 0) >= item.max_queued:

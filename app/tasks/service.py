@@ -31,9 +31,10 @@ from app.images.service import Admission, Draft, ImageService, InputLimits, Resu
 from app.images.settlement import CostHook, shielded
 from app.keys import Caller, KeyService
 from app.storage import ImageStore, InputStore
+from app.tasks.idempotency import InFlight, fingerprint
 from app.tasks.inputs import TaskInputs, job_spec
 from app.tasks.progress import ProgressRecorder, preview_names, progress_of, render_progress, run_streamed
-from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id
+from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id, reused
 from app.upstream.slots import CALL_SOURCE
 from app.webhooks.endpoints import WebhookEndpoints
 from app.webhooks.outbox import Outbox
@@ -77,6 +78,7 @@ class TaskService:
         self._settings = settings
         # Set on submit so an in-process worker starts at once instead of at its next poll.
         self.wakeup = asyncio.Event()
+        self._in_flight = InFlight()
         # Tasks this process is running now (for /metrics).
         self.running = 0
 
@@ -92,10 +94,28 @@ class TaskService:
     ) -> tuple[Task, dict[str, str]]:
         """Admit a request and queue it; a repeated idempotency key returns the first task,
         uncharged and not admitted again."""
-        if idempotency_key is not None:
+        if idempotency_key is None:
+            return await self._submit(caller, draft, None, None, form, webhooks, validated)
+        print_ = await asyncio.to_thread(fingerprint, draft, webhooks)
+        with self._in_flight.hold(caller.key_id, idempotency_key, print_):
             existing = await self.queue.find(caller.key_id, idempotency_key)
             if existing is not None:
+                refused = reused(print_, existing)
+                if refused is not None:
+                    raise refused
                 return existing, {}
+            return await self._submit(caller, draft, idempotency_key, print_, form, webhooks, validated)
+
+    async def _submit(
+        self,
+        caller: Caller,
+        draft: Draft,
+        idempotency_key: str | None,
+        print_: str | None,
+        form: UploadForm | None,
+        webhooks: list[str] | None,
+        validated: Callable[[ImageJob], None] | None,
+    ) -> tuple[Task, dict[str, str]]:
         # Named endpoints must be the key's own (400 otherwise), checked before anything is held;
         # without a name the key's enabled ones are read in the insert's transaction instead,
         # where they cost one query per batch of submissions rather than one per request.
@@ -112,6 +132,7 @@ class TaskService:
                 caller=caller,
                 admission=admission,
                 idempotency_key=idempotency_key,
+                print_=print_,
                 form=form,
                 chosen=chosen,
                 default_webhooks=webhooks is None and self._endpoints is not None,
@@ -125,6 +146,7 @@ class TaskService:
         caller: Caller,
         admission: Admission,
         idempotency_key: str | None,
+        print_: str | None,
         form: UploadForm | None,
         chosen: list[str],
         default_webhooks: bool,
@@ -148,6 +170,7 @@ class TaskService:
                     spec=spec,
                     response_format=job.response_format,
                     idempotency_key=idempotency_key,
+                    idempotency_fingerprint=print_,
                     hold_id=hold.id,
                     hold_period=hold.period,
                     hold_micros=hold.amount_micros,

@@ -45,6 +45,19 @@ _URL_RE = re.compile(r"https?://[^\s\"'<>()\[\]{}]+", re.IGNORECASE)
 # fragment of a key still identifies it. Not inside a word (`task-1`, `disk-full`).
 # A dot belongs to the token only when more of it follows (`sk-...3456`), not a sentence's full stop.
 _API_KEY_RE = re.compile(r"(?<![A-Za-z0-9])sk-(?:[A-Za-z0-9_\-*…•]|\.(?=[A-Za-z0-9_\-*.…•]))*")
+# Other providers' key shapes, each as a whole or as a masked fragment: Google's ``AIza…`` keys
+# (Gemini, Imagen), Standard Webhooks' ``whsec_…`` secrets, Azure's 32 hex characters and BFL's
+# UUID keys (Stability's are ``sk-``), and any token with a mask in it (``abcd****wxyz``, ``ab…yz``).
+_KEY_SHAPES = (
+    re.compile(r"(?<![A-Za-z0-9])(?:AIza|whsec_)(?:[A-Za-z0-9_\-+/=*…•]|\.(?=[A-Za-z0-9_\-*.…•]))*"),
+    re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32}(?![A-Za-z0-9])"),
+    re.compile(r"(?<![A-Za-z0-9-])[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}(?![A-Za-z0-9-])"),
+    re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9_\-]{2,}(?:\*{2,}|…|•+|\.{3})[A-Za-z0-9_\-]{2,}(?![A-Za-z0-9])"),
+)
+# A run of this many characters of a configured secret identifies it, wherever it appears.
+_FRAGMENT = 8
+_MASKS = re.compile(r"\*+|…|•+|\.{3,}")
+_TOKEN = re.compile(r"[A-Za-z0-9_\-+/=.*…•]{4,}")
 
 
 @contextmanager
@@ -76,11 +89,32 @@ def sanitize(message: str, *, secrets: Sequence[str]) -> str:
     # URLs first, so that a secret that is part of a URL takes the whole URL with it.
     message = _URL_RE.sub("[redacted-url]", message)
     message = _API_KEY_RE.sub("sk-***", message)
+    for shape in _KEY_SHAPES:
+        message = shape.sub("[redacted]", message)
     # Longest first: the host is a substring of the base URL, and removing it first would
     # leave the rest of the URL behind.
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+    unique = sorted({s for s in secrets if s}, key=len, reverse=True)
+    for secret in unique:
         message = re.sub(re.escape(secret), "[redacted]", message, flags=re.IGNORECASE)
+    keys = [s.lower() for s in unique if len(s) >= _FRAGMENT and "/" not in s and "." not in s]
+    if keys:
+        message = _TOKEN.sub(
+            lambda m: "[redacted]" if _is_fragment(m.group(0).lower(), keys) else m.group(0), message
+        )
     return message
+
+
+def _is_fragment(token: str, keys: Sequence[str]) -> bool:
+    """Whether ``token`` shows part of a secret: ``_FRAGMENT`` characters of it in a row, or a
+    masked token (``abcd****wxyz``) whose visible parts of four or more characters are in it."""
+    pieces = [p for p in _MASKS.split(token) if p]
+    masked = len(pieces) > 1 or _MASKS.search(token) is not None
+    for key in keys:
+        if any(token[i : i + _FRAGMENT] in key for i in range(len(token) - _FRAGMENT + 1)):
+            return True
+        if masked and any(len(p) >= 4 and p in key for p in pieces):
+            return True
+    return False
 
 
 def upstream_secrets(base_url: str, api_key: str | None) -> tuple[str, ...]:

@@ -75,7 +75,11 @@ class ProviderRegistry:
             await provider.aclose()
 
     @classmethod
-    def build(cls, upstreams: Sequence[UpstreamSettings], catalog: Catalog) -> ProviderRegistry:
+    def build(
+        cls, upstreams: Sequence[UpstreamSettings], catalog: Catalog, *, secrets: Sequence[str] = ()
+    ) -> ProviderRegistry:
+        """``secrets``: the gateway's other configured secrets (admin key, …), scrubbed from every
+        upstream's messages as every upstream's key is, in part or whole."""
         routes: dict[str, list[Route]] = {name: [] for name in catalog.names()}
         # Which routes are the built-in renderer's, and for which models it may stand in.
         local_routes: dict[str, list[tuple[Route, UpstreamSettings]]] = {}
@@ -127,6 +131,8 @@ class ProviderRegistry:
                 if upstream.kind == "local":
                     local_routes.setdefault(model, []).append((route, upstream))
         _no_silent_stand_in(routes, local_routes)
+        keys = [u.api_key.get_secret_value() for u in upstreams if u.api_key is not None]
+        _scrub_everywhere(providers, (*keys, *secrets))
         return cls(routes, providers, limits, policies)
 
 
@@ -212,3 +218,13 @@ def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
 
         return native_provider(upstream)
     raise ValueError(f"upstream '{upstream.name}': kind '{upstream.kind}' is not available yet")
+
+
+def _scrub_everywhere(providers: Sequence[ImageProvider], secrets: Sequence[str]) -> None:
+    """Each provider scrubs its own key, base URL and host; this adds every configured secret, so
+    an upstream that echoes another's key (a shared proxy, a copied config) cannot leak it."""
+    extra = tuple(s for s in secrets if s)
+    for provider in providers:
+        own = getattr(provider, "_secrets", None)
+        if isinstance(own, tuple):
+            setattr(provider, "_secrets", tuple(dict.fromkeys((*own, *extra))))  # noqa: B010

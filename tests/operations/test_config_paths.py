@@ -82,11 +82,11 @@ def test_serve_with_a_config_elsewhere_started_from_root(tmp_path: Path) -> None
         "upstreams": [{"name": "local", "kind": "local"}],
     }
     gateway = GatewayProcess(
-        config, etc, cwd=Path("/"), env={"GATEWAY_ADMIN_KEY": "sk-admin-paths-0123456789"}
+        config, etc, cwd=Path("/"), env={"GATEWAY_ADMIN_KEY": "sk-admin-paths-0123456789abcdef0123456789"}
     )
     try:
         gateway.wait_ready()
-        _generate(gateway.url, "sk-admin-paths-0123456789")
+        _generate(gateway.url, "sk-admin-paths-0123456789abcdef0123456789")
     finally:
         assert gateway.stop() == 0, gateway.logs()
     assert (etc / "state" / "gateway.db").is_file()
@@ -128,7 +128,11 @@ def test_an_installed_wheel_serves_with_no_config_from_an_empty_directory(tmp_pa
     )
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {"PYTHONPATH": str(target), "GATEWAY_CONFIG": "", "GATEWAY_ADMIN_KEY": "sk-admin-wheel-0123456789"}
+    env = {
+        "PYTHONPATH": str(target),
+        "GATEWAY_CONFIG": "",
+        "GATEWAY_ADMIN_KEY": "sk-admin-wheel-0123456789abcdef0123456789",
+    }
     where = subprocess.run(
         [sys.executable, "-c", "import app; print(app.__file__)"],
         cwd=empty,
@@ -141,7 +145,7 @@ def test_an_installed_wheel_serves_with_no_config_from_an_empty_directory(tmp_pa
     gateway = GatewayProcess(None, tmp_path, cwd=empty, env=env)
     try:
         gateway.wait_ready()
-        _generate(gateway.url, "sk-admin-wheel-0123456789")
+        _generate(gateway.url, "sk-admin-wheel-0123456789abcdef0123456789")
     finally:
         assert gateway.stop() == 0, gateway.logs()
     assert (empty / "data" / "gateway.db").is_file()

@@ -25,7 +25,7 @@ def test_yaml_file_with_env_interpolation_and_overrides(
     config = tmp_path / "gw.yaml"
     config.write_text(
         """
-admin_key: ${TEST_ADMIN:-a-long-enough-admin-key}
+admin_key: ${TEST_ADMIN:-a-long-enough-admin-key-for-the-gateway}
 database: {url: "sqlite+aiosqlite:///./x.db"}
 upstreams:
   - name: openai
@@ -42,7 +42,7 @@ upstreams:
     assert settings.database.url == "postgresql+asyncpg://u@h/db"
     assert settings.server.port == 9999
     assert settings.admin_key is not None
-    assert settings.admin_key.get_secret_value() == "a-long-enough-admin-key"
+    assert settings.admin_key.get_secret_value() == "a-long-enough-admin-key-for-the-gateway"
     openai_up, local_up = settings.upstreams
     assert openai_up.api_key is None and not openai_up.active
     assert local_up.active

@@ -19,6 +19,7 @@ from app.api.console.web import (
 )
 from app.api.deps import StateDep, is_admin_key
 from app.console.sessions import SessionStore
+from app.console.throttle import SignInThrottle
 from app.errors import AuthenticationError
 
 router = APIRouter()
@@ -45,6 +46,15 @@ async def login(request: Request, state: StateDep) -> Response:
         raise ConsoleDenied(403, "Sign-in must come from the console's own page.")
     form = await request.form()
     key = str(form.get("api_key") or "").strip()
+    throttle: SignInThrottle = request.app.state.signin_throttle
+    subjects = throttle.subjects(request.client.host if request.client else None, key)
+    # Checked before the key: while locked even the right key waits, or guessing would go on.
+    wait = await throttle.wait_s(subjects)
+    if wait:
+        message = f"Too many failed sign-ins. Try again in {wait} seconds."
+        refused = render(request, "login.html", {"error": message}, status=429)
+        refused.headers["retry-after"] = str(wait)
+        return refused
     store: SessionStore = session_store(state)
     if key and is_admin_key(key, state.admin_key):
         token, _ = await store.open("operator", None)
@@ -53,10 +63,12 @@ async def login(request: Request, state: StateDep) -> Response:
         try:
             caller = await state.keys.authenticate(key)
         except AuthenticationError as exc:
+            await throttle.failed(subjects)
             # The key's status is told (as the API does), never the key.
             return render(request, "login.html", {"error": exc.message}, status=401)
         token, _ = await store.open("tenant", caller.key_id)
         target = "/console/usage"
+    await throttle.succeeded(subjects)
     response = redirect(target)
     set_session_cookie(request, response, token, state.settings.console.session_ttl_s)
     return response

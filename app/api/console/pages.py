@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -14,7 +15,7 @@ from app.api.admin_upstreams import upstream_rows
 from app.api.console.web import PAGE_HEADERS, ConsoleDenied, OperatorDep, ViewerDep, render
 from app.api.deps import StateDep
 from app.api.usage import _report
-from app.billing.reports import ActivityRow, UsageFilter
+from app.billing.reports import EARLIEST, ActivityRow, UsageFilter, activity, parse_day
 from app.console import charts
 from app.console.activity import ActivityCache, Totals, by_group, total
 from app.console.queries import (
@@ -27,7 +28,7 @@ from app.console.queries import (
 )
 from app.console.sessions import Viewer
 from app.domain.money import format_micros
-from app.errors import NotFoundError
+from app.errors import InvalidRequestError, NotFoundError
 from app.state import AppState
 from app.storage import check_name
 
@@ -42,23 +43,61 @@ def _cost(micros: float) -> str:
     return format_micros(int(micros))
 
 
-def _day_range(start: str | None, end: str | None, *, default_days: int) -> tuple[date, date]:
-    """The range a page shows, as inclusive UTC days; bad or reversed input falls back."""
-    today = datetime.now(UTC).date()
+# A chart draws at most a year of daily bars; a longer range is drawn by month, and one longer
+# than MAX_RANGE_DAYS is refused before any work (each bar is a point the page builds and sends).
+MAX_DAILY_DAYS = 366
+MAX_RANGE_DAYS = 366 * 50
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The inclusive UTC days a page shows and the bucket its charts use."""
+
+    first: date
+    last: date
+
+    @property
+    def bucket(self) -> Literal["day", "month"]:
+        return "day" if (self.last - self.first).days < MAX_DAILY_DAYS else "month"
+
+    def labels(self) -> list[str]:
+        if self.bucket == "day":
+            return [
+                (self.first + timedelta(days=i)).isoformat() for i in range((self.last - self.first).days + 1)
+            ]
+        months = (self.last.year - self.first.year) * 12 + self.last.month - self.first.month + 1
+        start = self.first.year * 12 + self.first.month - 1
+        return [f"{(start + i) // 12:04d}-{(start + i) % 12 + 1:02d}" for i in range(months)]
+
+
+def _span(start: str | None, end: str | None, *, default_days: int) -> Span:
+    """The range a page shows; an unreadable, out-of-range or too long range is a 400."""
     try:
-        last = date.fromisoformat(end) if end else today
-        first = date.fromisoformat(start) if start else last - timedelta(days=default_days - 1)
-    except ValueError:
-        first, last = today - timedelta(days=default_days - 1), today
+        last = parse_day(end, "to") or datetime.now(UTC).date()
+        first = parse_day(start, "from") or max(EARLIEST.date(), last - timedelta(days=default_days - 1))
+    except InvalidRequestError as exc:
+        raise ConsoleDenied(400, exc.message) from None
     if first > last:
         first, last = last, first
-    return first, last
+    if (last - first).days >= MAX_RANGE_DAYS:
+        raise ConsoleDenied(
+            400, f"The range is too long: at most {MAX_RANGE_DAYS // 366} years (drawn by month past a year)."
+        )
+    return Span(first, last)
 
 
-def _bounds(first: date, last: date) -> tuple[datetime, datetime]:
+def _bounds(span: Span) -> tuple[datetime, datetime]:
+    first, last = span.first, span.last
     start = datetime(first.year, first.month, first.day, tzinfo=UTC)
     end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
     return start, end
+
+
+async def _timeline(request: Request, state: AppState, where: UsageFilter, span: Span) -> list[ActivityRow]:
+    """Rows per chart bucket: days through the per-day cache, months straight from the ledger."""
+    if span.bucket == "day":
+        return await _activity(request).rows(state.sessions, where=where, group_by="day")
+    return await activity(state.sessions, where=where, group_by="month")
 
 
 def _activity(request: Request) -> ActivityCache:
@@ -71,11 +110,13 @@ def _scope(viewer: Viewer, key_id: str | None) -> str | None:
     return viewer.key_id if not viewer.is_operator else (key_id or None)
 
 
-def _day_charts(state: AppState, days_rows: list[ActivityRow], first: date, last: date) -> list[str]:
-    """Requests, images, spend, error rate and latency per day (days without traffic show 0)."""
+def _day_charts(state: AppState, days_rows: list[ActivityRow], span: Span) -> list[str]:
+    """Requests, images, spend, error rate and latency per day or month (empty buckets show 0)."""
     by_day = by_group(days_rows)
-    days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+    days = span.labels()
     unit = state.settings.price_unit
+    per = span.bucket
+    axis = f"{per} (UTC)"
 
     def series(pick: Callable[[Totals], float]) -> list[tuple[str, float]]:
         return [(d, pick(by_day[d]) if d in by_day else 0.0) for d in days]
@@ -83,33 +124,41 @@ def _day_charts(state: AppState, days_rows: list[ActivityRow], first: date, last
     return [
         charts.bar_chart(
             series(lambda t: t.requests),
-            title="Requests per day",
+            title=f"Requests per {per}",
             unit="requests",
             chart_id="requests-by-day",
+            axis=axis,
         ),
         charts.bar_chart(
-            series(lambda t: t.images), title="Images per day", unit="images", chart_id="images-by-day"
+            series(lambda t: t.images),
+            title=f"Images per {per}",
+            unit="images",
+            chart_id="images-by-day",
+            axis=axis,
         ),
         charts.bar_chart(
             series(lambda t: t.cost_micros),
-            title="Spend per day",
+            title=f"Spend per {per}",
             unit=unit,
             fmt=_cost,
             chart_id="spend-by-day",
+            axis=axis,
         ),
         charts.bar_chart(
             series(lambda t: t.error_rate * 100),
-            title="Error rate per day",
+            title=f"Error rate per {per}",
             unit="% of requests",
             fmt=lambda v: f"{v:.1f}",
             chart_id="errors-by-day",
+            axis=axis,
         ),
         charts.bar_chart(
             series(lambda t: t.latency_avg_ms),
-            title="Mean latency per day",
+            title=f"Mean latency per {per}",
             unit="ms",
             fmt=lambda v: f"{v:,.0f}",
             chart_id="latency-by-day",
+            axis=axis,
         ),
     ]
 
@@ -122,18 +171,16 @@ async def overview(
     start: Annotated[str | None, Query(alias="from")] = None,
     to: Text = None,
 ) -> Response:
-    first, last = _day_range(start, to, default_days=14)
-    begin, end = _bounds(first, last)
+    span = _span(start, to, default_days=14)
+    begin, end = _bounds(span)
     # One grouped query over the range feeds the cards and every chart.
-    cells = await _activity(request).rows(
-        state.sessions, where=UsageFilter(start=begin, end=end), group_by="day"
-    )
+    cells = await _timeline(request, state, UsageFilter(start=begin, end=end), span)
     context = {
         "viewer": viewer,
         "totals": total(cells),
-        "charts": _day_charts(state, cells, first, last),
-        "first": first.isoformat(),
-        "last": last.isoformat(),
+        "charts": _day_charts(state, cells, span),
+        "first": span.first.isoformat(),
+        "last": span.last.isoformat(),
         "queue_depth": await state.tasks.queue.depth(),
         "upstreams": upstream_rows(state),
     }
@@ -150,13 +197,13 @@ async def usage(
     key_id: Text = None,
     model: Text = None,
 ) -> Response:
-    first, last = _day_range(start, to, default_days=30)
-    begin, end = _bounds(first, last)
+    span = _span(start, to, default_days=30)
+    begin, end = _bounds(span)
     scope = _scope(viewer, key_id)
     where = UsageFilter(key_id=scope, model=model or None, start=begin, end=end)
     unit = state.settings.price_unit
-    cells = await _activity(request).rows(state.sessions, where=where, group_by="day")
-    day_charts = _day_charts(state, cells, first, last)
+    cells = await _timeline(request, state, where, span)
+    day_charts = _day_charts(state, cells, span)
     by_model = by_group(await _activity(request).rows(state.sessions, where=where, group_by="model"))
     chart_list = [
         day_charts[2],
@@ -184,8 +231,8 @@ async def usage(
     context = {
         "totals": total(cells),
         "charts": chart_list,
-        "first": first.isoformat(),
-        "last": last.isoformat(),
+        "first": span.first.isoformat(),
+        "last": span.last.isoformat(),
         "key_id": scope or "",
         "model": model or "",
         "models": state.catalog.names(),

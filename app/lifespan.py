@@ -19,8 +19,10 @@ from app.billing.limits import RateLimiter
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
+from app.db.readiness import Readiness
 from app.db.writer import create_writer
 from app.domain.catalog import Catalog
+from app.drain import DrainOnSigterm
 from app.images.intake.sweep import SweepPolicy, sweep_forever
 from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
@@ -214,6 +216,8 @@ async def open_state(
                     metrics.set_upstream_waiting(upstream=upstream, source=source, count=count)
 
         metrics.on_scrape(refresh_gauges)
+        readiness = Readiness(engine, settings.redis.url)
+        _close_at_exit(stack, "readiness probe", readiness.aclose)
         yield AppState(
             settings=settings,
             engine=engine,
@@ -232,6 +236,7 @@ async def open_state(
             moderation_log=ModerationLog(sessions),
             webhooks=webhooks,
             outbox=outbox,
+            readiness=readiness,
         )
 
 
@@ -380,6 +385,11 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContex
                     }
                 },
             )
-            yield
+            # SIGTERM: /readyz turns 503 first, the node serves on for drain_delay_s, then drains.
+            restore = DrainOnSigterm(state.readiness, delay_s=settings.server.drain_delay_s).install()
+            try:
+                yield
+            finally:
+                restore()
 
     return lifespan

@@ -123,6 +123,10 @@ class ServerSettings(_Section):
     # On SIGTERM: stop accepting, let requests and streams in flight finish for this long, then
     # cut what is left (its holds are released, nothing unfinished is charged).
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # On SIGTERM, /readyz turns 503 at once and the node keeps serving this long before it starts
+    # the drain above, so the load balancer takes it out of rotation first (app/drain.py). Keep it
+    # above the balancer's probe period times its failure threshold.
+    drain_delay_s: float = Field(default=5.0, ge=0, le=600)
     # How long an idle client connection is kept open. Longer than clients' own idle expiry (httpx,
     # and so the OpenAI SDK, drop theirs after 5 s; uvicorn's default is also 5 s): when the server
     # closes first, a client can send its next request on a connection being closed and get a

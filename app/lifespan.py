@@ -62,7 +62,7 @@ def resolve_admin_key(settings: Settings) -> str:
 async def prepare(settings: Settings) -> None:
     """One-time start-up work done before any worker starts: schema and admin key."""
     if _is_sqlite(settings):
-        engine = create_engine(settings.database.url)
+        engine = create_engine(settings.database.url, pool=settings.database.pool())
         try:
             await upgrade_head(engine)
         finally:
@@ -90,7 +90,10 @@ async def open_state(
     catalog = Catalog.from_file(settings.models_file)
     metrics.set_models(catalog.names())
     async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database.url, echo=settings.database.echo)
+        engine = create_engine(
+            settings.database.url, echo=settings.database.echo, pool=settings.database.pool()
+        )
+        _log_capacity(settings)
         _close_at_exit(stack, "database engine", engine.dispose)
         registry = ProviderRegistry.build(settings.upstreams, catalog)
         _close_at_exit(stack, "upstream registry", registry.aclose)
@@ -107,7 +110,7 @@ async def open_state(
         if _is_sqlite(settings):
             await upgrade_head(engine)
         sessions = create_sessionmaker(engine)
-        writer = create_writer(engine)
+        writer = create_writer(engine, retry_s=settings.database.retry_s)
         _close_at_exit(stack, "database writer", writer.aclose)
         store = build_store(
             settings.storage, signing_secret=resolve_signing_secret(settings.storage, settings.data_dir)
@@ -124,7 +127,7 @@ async def open_state(
             fail_open=settings.rate_limits.fail_open,
         )
         if settings.redis.url is None and settings.server.workers > 1:
-            log.warning("rate limits are per worker process: set redis.url to share them")
+            warn_per_process_limits(f"server.workers is {settings.server.workers}")
         router = Router(
             registry,
             policy=RetryPolicy(**settings.retry.model_dump()),
@@ -237,6 +240,46 @@ async def open_state(
             webhooks=webhooks,
             outbox=outbox,
             readiness=readiness,
+        )
+
+
+PER_PROCESS_LIMITS = (
+    "per-key rate limits (rpm, images per minute, concurrent requests)",
+    "each upstream's max_concurrency",
+    "circuit-breaker state",
+    "the API-key cache (a revoked key may work for security.key_cache_ttl_s more elsewhere)",
+)
+
+
+def warn_per_process_limits(why: str) -> None:
+    """Several processes and no Redis: say at start which limits each process keeps for itself."""
+    log.warning(
+        "redis.url is not set and this gateway runs as several processes (%s): these limits are "
+        "kept per process, so the cluster allows that many times more: %s. Set redis.url to "
+        "share them.",
+        why,
+        "; ".join(PER_PROCESS_LIMITS),
+        extra={"fields": {"per_process_limits": list(PER_PROCESS_LIMITS)}},
+    )
+
+
+def _log_capacity(settings: Settings) -> None:
+    """Say at start what this process may open, and which limits stay inside it (SPEC §10)."""
+    if not _is_sqlite(settings):
+        most = settings.database.pool().most
+        log.info(
+            "database pool: this process opens up to pool_size + max_overflow connections; every "
+            "process of every node adds as many, and their total must stay under PostgreSQL's "
+            "max_connections (or go through PgBouncer: database.pgbouncer)",
+            extra={
+                "fields": {
+                    "pool_size": settings.database.pool_size,
+                    "max_overflow": settings.database.max_overflow,
+                    "per_process": most,
+                    "per_node": most * settings.server.workers,
+                    "pgbouncer": settings.database.pgbouncer,
+                }
+            },
         )
 
 

@@ -18,12 +18,13 @@ from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
+from app.db.leases import Leases
 from app.db.migrate import upgrade_head
 from app.db.readiness import Readiness
 from app.db.writer import create_writer
 from app.domain.catalog import Catalog
 from app.drain import DrainOnSigterm
-from app.images.intake.sweep import SweepPolicy, sweep_forever
+from app.images.intake.sweep import SweepPolicy, sweep
 from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
 from app.keys import KeyService
@@ -34,10 +35,11 @@ from app.moderation.audit import ModerationLog
 from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
-from app.storage import build_store, purge_periodically, resolve_signing_secret
+from app.storage import build_store, purge_expired, resolve_signing_secret
+from app.tasks.housekeeping import Chore, Housekeeper
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
-from app.tasks.worker import purge_forever, work
+from app.tasks.worker import work, worker_name
 from app.tracing import Tracing
 from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
@@ -296,23 +298,54 @@ def _close_at_exit(stack: AsyncExitStack, name: str, close: Callable[[], Awaitab
     stack.push_async_callback(guarded)
 
 
-async def _reconcile_forever(state: AppState) -> None:
-    """Release holds left by requests whose process died (SPEC §5: a failure releases it all)."""
-    while True:
-        try:
-            released = await state.ledger.release_expired()
-            if released:
-                log.warning("released stale holds", extra={"fields": {"count": released}})
-        except Exception:
-            log.exception("hold reconciliation failed; retrying later")
-        # The same housekeeping tick gives memory freed since the last one back (app/memory.py).
-        await asyncio.to_thread(release_free_memory)
-        await asyncio.sleep(state.settings.billing.reconcile_every_s)
+def housekeeper(state: AppState) -> Housekeeper:
+    """This node's housekeeping (app/tasks/housekeeping.py), the same for ``serve`` and
+    ``python -m app worker``: chores over shared state once per cluster under a lease, chores over
+    this node's disk and memory on every node."""
+    settings = state.settings
+    storage = settings.storage
+    policy = SweepPolicy(
+        spool_root=state.uploads.spool_root,
+        inputs_root=state.tasks.inputs_root,
+        spool_age_s=settings.uploads.orphan_age_s,
+        inputs_age_s=settings.tasks.inputs_orphan_age_s,
+    )
+
+    async def reconcile() -> int:
+        # Holds left by requests whose process died (SPEC §5: a failure releases it all).
+        released = await state.ledger.release_expired()
+        if released:
+            log.warning("released stale holds", extra={"fields": {"count": released}})
+        return released
+
+    async def purge_images() -> int:
+        return await purge_expired(state.store, retention_s=storage.retention_s)
+
+    async def sweep_orphans() -> int:
+        swept = await sweep(policy, state.tasks.queue.activity)
+        if swept.spools or swept.inputs:
+            log.warning(
+                "removed orphaned upload folders",
+                extra={"fields": {"spools": swept.spools, "task_inputs": swept.inputs}},
+            )
+        return swept.spools + swept.inputs
+
+    async def give_back_memory() -> None:
+        await asyncio.to_thread(release_free_memory)  # app/memory.py
+
+    chores = [
+        Chore("task-purge", storage.purge_interval_s, state.tasks.purge),
+        Chore("hold-reconcile", settings.billing.reconcile_every_s, reconcile),
+        # A local image store is this node's own disk; an object store is the cluster's.
+        Chore("image-purge", storage.purge_interval_s, purge_images, cluster_wide=storage.kind != "local"),
+        Chore("orphan-sweep", settings.uploads.sweep_interval_s, sweep_orphans, cluster_wide=False),
+        Chore("memory-release", settings.billing.reconcile_every_s, give_back_memory, cluster_wide=False),
+    ]
+    return Housekeeper(Leases(state.tasks.queue.writer, holder=worker_name()), chores)
 
 
 @asynccontextmanager
 async def _background(state: AppState) -> AsyncIterator[None]:
-    storage = state.settings.storage
     hooks = state.settings.webhooks
     stop = asyncio.Event()
     config = state.settings.tasks
@@ -330,33 +363,11 @@ async def _background(state: AppState) -> AsyncIterator[None]:
         for i in range(config.workers)
     ]
     tasks = [
-        asyncio.create_task(
-            purge_forever(state.tasks, interval_s=storage.purge_interval_s), name="task-purge"
-        ),
-        asyncio.create_task(_reconcile_forever(state), name="reconciler"),
+        asyncio.create_task(housekeeper(state).run_forever(), name="housekeeping"),
         *(
             [asyncio.create_task(webhook_sender(state).run_forever(), name="webhooks")]
             if hooks.enabled
             else []
-        ),
-        asyncio.create_task(
-            purge_periodically(
-                state.store, retention_s=storage.retention_s, interval_s=storage.purge_interval_s
-            ),
-            name="image-purge",
-        ),
-        asyncio.create_task(
-            sweep_forever(
-                SweepPolicy(
-                    spool_root=state.uploads.spool_root,
-                    inputs_root=state.tasks.inputs_root,
-                    spool_age_s=state.settings.uploads.orphan_age_s,
-                    inputs_age_s=state.settings.tasks.inputs_orphan_age_s,
-                ),
-                state.tasks.queue.activity,
-                interval_s=state.settings.uploads.sweep_interval_s,
-            ),
-            name="orphan-sweep",
         ),
     ]
     try:

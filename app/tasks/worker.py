@@ -131,14 +131,3 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-async def purge_forever(tasks: TaskService, *, interval_s: float) -> None:
-    while True:
-        try:
-            purged = await tasks.purge()
-            if purged:
-                log.info("purged finished tasks", extra={"fields": {"count": purged}})
-        except Exception:
-            log.exception("task purge failed; retrying later")
-        await asyncio.sleep(interval_s)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from app.db.leases import Leases
+from app.db.transient import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,11 @@ class Housekeeper:
         try:
             if chore.cluster_wide and not await self._leases.take(chore.name, chore.lease):
                 return False
-        except Exception:
-            log.exception(
-                "housekeeping lease unavailable; trying later", extra={"fields": {"chore": chore.name}}
-            )
+        except Exception as exc:
+            if is_transient(exc):
+                log.warning("housekeeping lease unavailable: database busy; trying later")
+            else:
+                log.exception("housekeeping lease unavailable", extra={"fields": {"chore": chore.name}})
             return False
         try:
             result = await chore.run()

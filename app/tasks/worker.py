@@ -109,9 +109,9 @@ async def keep_leases(tasks: TaskService, worker: str, running: dict[str, asynci
         if not ids:
             continue
         try:
-            # Retried until the next round is due: a busy database must not let a live worker's
-            # leases lapse (another worker would then take its tasks for interrupted ones).
-            with patient(interval):
+            # Retried until shortly before the lease would lapse: a busy database must not let a
+            # live worker's leases go (another worker would take its tasks for interrupted ones).
+            with patient(2 * interval - 1):
                 kept = await tasks.queue.renew_all(worker, ids)
         except Exception:
             log.exception("task lease renewal failed; retrying")

@@ -33,8 +33,10 @@ from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.reliability.harness import gateway_config
 from tests.services import PG_ADMIN_DSN, fresh_postgres_database
 
-# The gateways' role may hold this many connections; each process's pool may open 4 (2 + 2).
-CONNECTION_LIMIT = 3
+# The gateways' role may hold this many connections; each process's pool may open 4 (2 kept + 2
+# overflow), 8 together. The kept ones fit (README: Σ pool_size ≤ max_connections, so no process
+# starves for good); the overflow does not, so the gateways meet "too many connections".
+CONNECTION_LIMIT = 5
 TASKS = 24
 SYNC = 12
 GEN = "/v1/images/generations"
@@ -93,6 +95,7 @@ def test_pools_above_the_connection_limit_fail_nothing(
             # One pepper for both nodes (a key made on one works on the other); no key cache, so
             # every request reads its key: more pressure.
             security={"key_cache_ttl_s": 0, "key_pepper": PEPPER},
+            server={"drain_delay_s": 0},
         )
         nodes.append(GatewayProcess(config, tmp_path).wait_ready())
     try:

@@ -77,7 +77,8 @@ def is_transient(error: BaseException) -> bool:
         code = sqlstate(current)
         if code is not None and (code in _CODES or code[:2] in _CLASSES):
             return True
-        if isinstance(current, sqlite3.OperationalError) and "locked" in str(current):
+        driver = getattr(current, "orig", current)
+        if isinstance(driver, sqlite3.OperationalError) and "locked" in str(driver):
             return True
         if isinstance(current, ConnectionError | TimeoutError) or type(current).__name__ in (
             "ConnectionDoesNotExistError",

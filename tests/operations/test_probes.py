@@ -49,6 +49,9 @@ def refused(url: str) -> bool:
         httpx.get(url + "/healthz", timeout=30)
     except httpx.ConnectError:
         return True
+    except httpx.TransportError:
+        # Accepted just as the listener closed, then reset: closing, not closed yet; ask again.
+        return False
     return False
 
 

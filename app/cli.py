@@ -59,7 +59,7 @@ def add_usage_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 @asynccontextmanager
 async def _key_service(settings: Settings) -> AsyncIterator[KeyService]:
-    engine = create_engine(settings.database.url)
+    engine = create_engine(settings.database.url, pool=settings.database.pool())
     # With Redis, a change made here reaches every node's key cache at once (only published to).
     bus = ClusterBus(settings.redis.url, prefix=settings.redis.prefix) if settings.redis.url else None
     try:
@@ -124,7 +124,7 @@ def run_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_migrate(settings: Settings) -> int:
     async def migrate() -> None:
-        engine = create_engine(settings.database.url)
+        engine = create_engine(settings.database.url, pool=settings.database.pool())
         try:
             await upgrade_head(engine)
         finally:
@@ -149,7 +149,7 @@ def _moment(value: str | None, option: str) -> datetime | None:
 
 def run_usage(settings: Settings, args: argparse.Namespace) -> int:
     async def report() -> str:
-        engine = create_engine(settings.database.url)
+        engine = create_engine(settings.database.url, pool=settings.database.pool())
         try:
             await upgrade_head(engine)
             result = await usage_report(

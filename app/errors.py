@@ -40,6 +40,8 @@ exception handlers and the ASGI middleware (``app/api/errors.py``), the SSE ``er
         │                              model did not answer: retryable, nothing found wrong)
         ├── UpstreamTimeout            504 upstream_timeout
         └── UpstreamRejected           the upstream's own status, type and code, message sanitised
+    ServiceUnavailableError            503 api_error service_unavailable (retry-after): the
+                                       gateway's database is out of reach for now (a GatewayError)
 
 Domain code raises these and never an HTTP framework exception, so use-cases stay framework-free.
 """
@@ -376,3 +378,16 @@ class IdempotencyConflictError(GatewayError):
     status_code = 409
     error_type = "invalid_request_error"
     default_code = "idempotency_key_in_use"
+
+
+class ServiceUnavailableError(GatewayError):
+    """503 api_error service_unavailable, with ``retry-after``: the gateway's own database could
+    not be reached in time (too many clients, a restart, a dropped connection; app/db/transient.py).
+    Nothing was charged for the request; trying again shortly is expected to work."""
+
+    status_code = 503
+    default_code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.headers["retry-after"] = str(max(1, retry_after_s))

@@ -21,10 +21,13 @@ from app.cluster.bus import ClusterBus
 from app.console.throttle import open_throttle
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
+from app.db.leases import Leases
 from app.db.migrate import upgrade_head
+from app.db.readiness import Readiness
 from app.db.writer import create_writer
 from app.domain.catalog import Catalog
-from app.images.intake.sweep import SweepPolicy, sweep_forever
+from app.drain import DrainOnSigterm
+from app.images.intake.sweep import SweepPolicy, sweep
 from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
 from app.keys import KeyService
@@ -35,10 +38,11 @@ from app.moderation.audit import ModerationLog
 from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
-from app.storage import build_input_store, build_store, purge_periodically, resolve_signing_secret
+from app.storage import build_input_store, build_store, purge_expired, resolve_signing_secret
+from app.tasks.housekeeping import Chore, Housekeeper
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
-from app.tasks.worker import purge_forever, work
+from app.tasks.worker import work, worker_name
 from app.tracing import Tracing
 from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
@@ -82,7 +86,7 @@ def resolve_admin_key(settings: Settings) -> str:
 async def prepare(settings: Settings) -> None:
     """One-time start-up work done before any worker starts: schema and admin key."""
     if _is_sqlite(settings):
-        engine = create_engine(settings.database.url)
+        engine = create_engine(settings.database.url, pool=settings.database.pool())
         try:
             await upgrade_head(engine)
         finally:
@@ -110,7 +114,10 @@ async def open_state(
     catalog = Catalog.from_file(settings.models_file)
     metrics.set_models(catalog.names())
     async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database.url, echo=settings.database.echo)
+        engine = create_engine(
+            settings.database.url, echo=settings.database.echo, pool=settings.database.pool()
+        )
+        _log_capacity(settings)
         _close_at_exit(stack, "database engine", engine.dispose)
         registry = ProviderRegistry.build(settings.upstreams, catalog, secrets=configured_secrets(settings))
         _close_at_exit(stack, "upstream registry", registry.aclose)
@@ -127,7 +134,7 @@ async def open_state(
         if _is_sqlite(settings):
             await upgrade_head(engine)
         sessions = create_sessionmaker(engine)
-        writer = create_writer(engine)
+        writer = create_writer(engine, retry_s=settings.database.retry_s)
         _close_at_exit(stack, "database writer", writer.aclose)
         store = build_store(
             settings.storage, signing_secret=resolve_signing_secret(settings.storage, settings.data_dir)
@@ -149,7 +156,7 @@ async def open_state(
             fail_open=settings.rate_limits.fail_open,
         )
         if settings.redis.url is None and settings.server.workers > 1:
-            log.warning("rate limits are per worker process: set redis.url to share them")
+            warn_per_process_limits(f"server.workers is {settings.server.workers}")
         # With Redis, upstream slots, breakers and the key cache are shared by every node (README,
         # "Many nodes"); without it each process keeps its own.
         bus = ClusterBus(settings.redis.url, prefix=settings.redis.prefix) if settings.redis.url else None
@@ -260,6 +267,8 @@ async def open_state(
                     metrics.set_upstream_waiting(upstream=upstream, source=source, count=count)
 
         metrics.on_scrape(refresh_gauges)
+        readiness = Readiness(engine, settings.redis.url)
+        _close_at_exit(stack, "readiness probe", readiness.aclose)
         yield AppState(
             settings=settings,
             engine=engine,
@@ -278,6 +287,47 @@ async def open_state(
             moderation_log=ModerationLog(sessions),
             webhooks=webhooks,
             outbox=outbox,
+            readiness=readiness,
+        )
+
+
+PER_PROCESS_LIMITS = (
+    "per-key rate limits (rpm, images per minute, concurrent requests)",
+    "each upstream's max_concurrency",
+    "circuit-breaker state",
+    "the API-key cache (a revoked key may work for security.key_cache_ttl_s more elsewhere)",
+)
+
+
+def warn_per_process_limits(why: str) -> None:
+    """Several processes and no Redis: say at start which limits each process keeps for itself."""
+    log.warning(
+        "redis.url is not set and this gateway runs as several processes (%s): these limits are "
+        "kept per process, so the cluster allows that many times more: %s. Set redis.url to "
+        "share them.",
+        why,
+        "; ".join(PER_PROCESS_LIMITS),
+        extra={"fields": {"per_process_limits": list(PER_PROCESS_LIMITS)}},
+    )
+
+
+def _log_capacity(settings: Settings) -> None:
+    """Say at start what this process may open, and which limits stay inside it (SPEC §10)."""
+    if not _is_sqlite(settings):
+        most = settings.database.pool().most
+        log.info(
+            "database pool: this process opens up to pool_size + max_overflow connections; every "
+            "process of every node adds as many, and their total must stay under PostgreSQL's "
+            "max_connections (or go through PgBouncer: database.pgbouncer)",
+            extra={
+                "fields": {
+                    "pool_size": settings.database.pool_size,
+                    "max_overflow": settings.database.max_overflow,
+                    "per_process": most,
+                    "per_node": most * settings.server.workers,
+                    "pgbouncer": settings.database.pgbouncer,
+                }
+            },
         )
 
 
@@ -294,29 +344,66 @@ def _close_at_exit(stack: AsyncExitStack, name: str, close: Callable[[], Awaitab
     stack.push_async_callback(guarded)
 
 
-async def _reconcile_forever(state: AppState) -> None:
-    """Release holds left by requests whose process died (SPEC §5: a failure releases it all)."""
-    while True:
-        try:
-            # Journaled settlements first: a hold they settle is charged, not just released.
-            replayed = await state.ledger.replay_journal()
-            if replayed:
-                log.warning("wrote journaled settlements", extra={"fields": {"count": replayed}})
-            # This process's live holds are pushed back before any expired one is taken.
-            await state.ledger.renew_live()
-            released = await state.ledger.release_expired()
-            if released:
-                log.warning("released stale holds", extra={"fields": {"count": released}})
-        except Exception:
-            log.exception("hold reconciliation failed; retrying later")
-        # The same housekeeping tick gives memory freed since the last one back (app/memory.py).
-        await asyncio.to_thread(release_free_memory)
-        await asyncio.sleep(state.settings.billing.reconcile_every_s)
+def housekeeper(state: AppState) -> Housekeeper:
+    """This node's housekeeping (app/tasks/housekeeping.py), the same for ``serve`` and
+    ``python -m app worker``: chores over shared state once per cluster under a lease, chores over
+    this node's disk and memory on every node."""
+    settings = state.settings
+    storage = settings.storage
+    policy = SweepPolicy(
+        spool_root=state.uploads.spool_root,
+        inputs_root=state.tasks.inputs_root,
+        spool_age_s=settings.uploads.orphan_age_s,
+        inputs_age_s=settings.tasks.inputs_orphan_age_s,
+        # The object store's task inputs: the same rule as the folders (app/images/intake/sweep.py).
+        objects=state.tasks.input_store.objects,
+    )
+
+    async def keep_own_holds() -> int:
+        # This node's own: settlements its database refused (journaled on its disk) are written
+        # first, so a hold they settle is charged, not released; then the holds of its live
+        # requests are pushed back, before any node's reconciler may take an expired one.
+        replayed = await state.ledger.replay_journal()
+        if replayed:
+            log.warning("wrote journaled settlements", extra={"fields": {"count": replayed}})
+        return replayed + await state.ledger.renew_live()
+
+    async def reconcile() -> int:
+        # Holds left by requests whose process died (SPEC §5: a failure releases it all).
+        released = await state.ledger.release_expired()
+        if released:
+            log.warning("released stale holds", extra={"fields": {"count": released}})
+        return released
+
+    async def purge_images() -> int:
+        return await purge_expired(state.store, retention_s=storage.retention_s)
+
+    async def sweep_orphans() -> int:
+        swept = await sweep(policy, state.tasks.queue.activity)
+        if swept.spools or swept.inputs:
+            log.warning(
+                "removed orphaned upload folders",
+                extra={"fields": {"spools": swept.spools, "task_inputs": swept.inputs}},
+            )
+        return swept.spools + swept.inputs
+
+    async def give_back_memory() -> None:
+        await asyncio.to_thread(release_free_memory)  # app/memory.py
+
+    chores = [
+        Chore("task-purge", storage.purge_interval_s, state.tasks.purge),
+        Chore("hold-renew", settings.billing.reconcile_every_s, keep_own_holds, cluster_wide=False),
+        Chore("hold-reconcile", settings.billing.reconcile_every_s, reconcile),
+        # A local image store is this node's own disk; an object store is the cluster's.
+        Chore("image-purge", storage.purge_interval_s, purge_images, cluster_wide=storage.kind != "local"),
+        Chore("orphan-sweep", settings.uploads.sweep_interval_s, sweep_orphans, cluster_wide=False),
+        Chore("memory-release", settings.billing.reconcile_every_s, give_back_memory, cluster_wide=False),
+    ]
+    return Housekeeper(Leases(state.tasks.queue.writer, holder=worker_name()), chores)
 
 
 @asynccontextmanager
 async def _background(state: AppState) -> AsyncIterator[None]:
-    storage = state.settings.storage
     hooks = state.settings.webhooks
     stop = asyncio.Event()
     config = state.settings.tasks
@@ -334,34 +421,11 @@ async def _background(state: AppState) -> AsyncIterator[None]:
         for i in range(config.workers)
     ]
     tasks = [
-        asyncio.create_task(
-            purge_forever(state.tasks, interval_s=storage.purge_interval_s), name="task-purge"
-        ),
-        asyncio.create_task(_reconcile_forever(state), name="reconciler"),
+        asyncio.create_task(housekeeper(state).run_forever(), name="housekeeping"),
         *(
             [asyncio.create_task(webhook_sender(state).run_forever(), name="webhooks")]
             if hooks.enabled
             else []
-        ),
-        asyncio.create_task(
-            purge_periodically(
-                state.store, retention_s=storage.retention_s, interval_s=storage.purge_interval_s
-            ),
-            name="image-purge",
-        ),
-        asyncio.create_task(
-            sweep_forever(
-                SweepPolicy(
-                    spool_root=state.uploads.spool_root,
-                    inputs_root=state.tasks.inputs_root,
-                    spool_age_s=state.settings.uploads.orphan_age_s,
-                    inputs_age_s=state.settings.tasks.inputs_orphan_age_s,
-                    objects=state.tasks.input_store.objects,
-                ),
-                state.tasks.queue.activity,
-                interval_s=state.settings.uploads.sweep_interval_s,
-            ),
-            name="orphan-sweep",
         ),
     ]
     try:
@@ -436,6 +500,11 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContex
                     }
                 },
             )
-            yield
+            # SIGTERM: /readyz turns 503 first, the node serves on for drain_delay_s, then drains.
+            restore = DrainOnSigterm(state.readiness, delay_s=settings.server.drain_delay_s).install()
+            try:
+                yield
+            finally:
+                restore()
 
     return lifespan

@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
+from app.db.engine import PoolConfig
 from app.moderation.config import ModerationSettings
 from app.security import ensure_key_pepper, is_placeholder
 from app.storage.config import StorageSettings
@@ -78,6 +79,27 @@ class DatabaseSettings(_Section):
         return "" if value is None else value
 
     echo: bool = False
+    # PostgreSQL connections per process: pool_size kept open, up to max_overflow more under load.
+    # Every process of every node opens up to their sum, so the cluster's total (nodes × processes
+    # × (pool_size + max_overflow)) must stay under PostgreSQL's max_connections, or go through
+    # PgBouncer (README "Production shape"). The gateway logs its share at start.
+    pool_size: int = Field(default=10, ge=1, le=500)
+    max_overflow: int = Field(default=20, ge=0, le=500)
+    # How long a request waits for a pooled connection when all are in use.
+    pool_timeout_s: float = Field(default=30.0, gt=0)
+    # How long a client's request waits out a transient database error (too many clients, a
+    # dropped connection) before it is answered 503 with retry-after; tasks wait until it passes.
+    retry_s: float = Field(default=10.0, ge=0)
+    # The URL points at PgBouncer in transaction mode: asyncpg keeps no prepared statements.
+    pgbouncer: bool = False
+
+    def pool(self) -> PoolConfig:
+        return PoolConfig(
+            size=self.pool_size,
+            overflow=self.max_overflow,
+            timeout_s=self.pool_timeout_s,
+            pgbouncer=self.pgbouncer,
+        )
 
 
 class RedisSettings(_Section):
@@ -130,6 +152,10 @@ class ServerSettings(_Section):
     # On SIGTERM: stop accepting, let requests and streams in flight finish for this long, then
     # cut what is left (its holds are released, nothing unfinished is charged).
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # On SIGTERM, /readyz turns 503 at once and the node keeps serving this long before it starts
+    # the drain above, so the load balancer takes it out of rotation first (app/drain.py). Keep it
+    # above the balancer's probe period times its failure threshold.
+    drain_delay_s: float = Field(default=5.0, ge=0, le=600)
     # How long an idle client connection is kept open. Longer than clients' own idle expiry (httpx,
     # and so the OpenAI SDK, drop theirs after 5 s; uvicorn's default is also 5 s): when the server
     # closes first, a client can send its next request on a connection being closed and get a

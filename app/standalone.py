@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from app.lifespan import open_state, prepare, webhook_sender
+from app.lifespan import housekeeper, open_state, prepare, warn_per_process_limits, webhook_sender
 from app.settings import Settings
 from app.tasks.worker import work
 
@@ -26,11 +26,17 @@ def run_workers(settings: Settings, *, concurrency: int | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         async with open_state(settings) as state:
             log.info("standalone worker running", extra={"fields": {"concurrency": limit}})
+            if settings.redis.url is None:
+                # A worker of its own is a second process beside `serve`, at least.
+                warn_per_process_limits("python -m app worker runs beside the API")
             sender = (
                 asyncio.create_task(webhook_sender(state).run_forever())
                 if settings.webhooks.enabled
                 else None
             )
+            # The same housekeeping as `serve` (purges, hold reconciliation, the orphan sweep), so a
+            # cluster of workers alone stays clean; each shared chore runs on one node at a time.
+            chores = asyncio.create_task(housekeeper(state).run_forever(), name="housekeeping")
             try:
                 await work(
                     state.tasks,
@@ -40,9 +46,10 @@ def run_workers(settings: Settings, *, concurrency: int | None = None) -> int:
                     batch=settings.tasks.claim_batch,
                 )
             finally:
-                if sender is not None:
-                    sender.cancel()
-                    await asyncio.gather(sender, return_exceptions=True)
+                background = [chores, *([sender] if sender is not None else [])]
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
 
     asyncio.run(main())
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.billing.ledger import LedgerService
+from app.db.readiness import Readiness
 from app.domain.catalog import Catalog
 from app.images.intake.spool import UploadLimits
 from app.images.service import ImageService, InputLimits
@@ -68,3 +69,5 @@ class AppState:
     moderation_log: ModerationLog
     webhooks: WebhookEndpoints
     outbox: Outbox
+    # What /readyz reports (the database, Redis, and whether this node is draining).
+    readiness: Readiness

@@ -84,6 +84,9 @@ def gateway_config(
         "upstreams": [{**upstream, "timeout_s": 2, "connect_timeout_s": 2}],
         "retry": {"initial_delay_s": 0.01, "max_delay_s": 0.05},
         "tasks": {"workers": 2, "poll_s": 0.1},
+        # No load balancer to leave on SIGTERM: drain at once (tests/operations/test_probes.py
+        # sets its own delay).
+        "server": {"drain_delay_s": 0},
     }
     config.update(extra)
     return config

@@ -16,12 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from app.db.transient import is_transient
 from app.errors import (
     GatewayError,
     InternalServerError,
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
+    ServiceUnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(_: Request, exc: Exception) -> Response:
+    if is_transient(exc):
+        # The database is saturated or restarting: not the gateway's bug, and worth a retry.
+        log.warning("database unavailable; answered 503 (%s)", type(exc).__name__)
+        return error_response(
+            ServiceUnavailableError("The service is temporarily unavailable. Please retry shortly.")
+        )
     # The traceback goes to the log (with the request id); the client gets no internals.
     log.error("unhandled error", exc_info=exc)
     return error_response(InternalServerError("The gateway had an error while processing your request."))

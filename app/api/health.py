@@ -1,11 +1,8 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes (SPEC §9): what Kubernetes and load balancers take them to mean."""
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter
-from sqlalchemy import text
 from starlette.responses import JSONResponse
 
 from app.api.deps import StateDep
@@ -21,18 +18,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONResponse:
-    """Ready: the database answers and at least one upstream is reachable."""
-    try:
-        async with state.engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-        database = "ok"
-    except Exception:  # any failure means "not ready"; the reason is for the log, not the probe
-        database = "unavailable"
-    providers = state.registry.providers()
-    results = await asyncio.gather(*(p.probe() for p in providers))
-    upstreams = {p.name: ("ok" if ok else "unreachable") for p, ok in zip(providers, results, strict=True)}
-    ready = database == "ok" and any(results)
+    """Ready: this node can serve. The database answers, Redis answers where it is configured,
+    and the node is not draining after SIGTERM. Upstreams are never probed here: an upstream's
+    outage is every node's, and its state is on /admin/upstreams and in metrics
+    (app/db/readiness.py). Every check is bounded, so this answers within about a second."""
+    ready, checks = await state.readiness.check()
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "database": database, "upstreams": upstreams},
-        status_code=200 if ready else 503,
+        {"status": "ready" if ready else "not_ready", **checks}, status_code=200 if ready else 503
     )

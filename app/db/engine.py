@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
-def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """PostgreSQL connections one process may hold: ``size`` kept open, ``overflow`` more under
+    load (so ``size + overflow`` at most), waiting ``timeout_s`` for one when all are in use.
+    ``pgbouncer``: the URL points at PgBouncer in transaction mode, where a server connection
+    changes between transactions, so asyncpg must not keep prepared statements across them."""
+
+    size: int = 10
+    overflow: int = 20
+    timeout_s: float = 30.0
+    pgbouncer: bool = False
+
+    @property
+    def most(self) -> int:
+        return self.size + self.overflow
+
+
+def create_engine(url: str, *, echo: bool = False, pool: PoolConfig | None = None) -> AsyncEngine:
     """An async engine; for SQLite, the file's folder is created and WAL mode turned on."""
     parsed = make_url(url)
     # hide_parameters: a failed statement's error (logged with its traceback) never carries the
@@ -27,7 +46,18 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         # in the gateway instead, where waiting is cheap and fair.
         kwargs.update(pool_size=1, max_overflow=0, pool_timeout=60)
     else:
-        kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        pool = pool or PoolConfig()
+        kwargs.update(
+            pool_size=pool.size, max_overflow=pool.overflow, pool_timeout=pool.timeout_s, pool_pre_ping=True
+        )
+        if pool.pgbouncer and parsed.get_backend_name() == "postgresql":
+            # SQLAlchemy's documented settings for asyncpg behind PgBouncer: no statement caches,
+            # and unique names for the prepared statements asyncpg still makes per query.
+            kwargs["connect_args"] = {
+                "statement_cache_size": 0,
+                "prepared_statement_cache_size": 0,
+                "prepared_statement_name_func": _statement_name,
+            }
     engine = create_async_engine(url, **kwargs)
     event.listen(engine.sync_engine, "handle_error", summarize_error)
     if parsed.get_backend_name() == "sqlite":
@@ -59,6 +89,10 @@ def summarize_error(context: ExceptionContext) -> None:
     original.__cause__ = None
     original.__context__ = None
     original.__suppress_context__ = True
+
+
+def _statement_name() -> str:
+    return f"__asyncpg_{uuid4()}__"
 
 
 def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -302,3 +302,14 @@ class RequestThumbnail(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class Lease(Base):
+    """Who runs a cluster-wide chore (app/db/leases.py): one row per chore, held until
+    ``expires_at`` and renewed by its holder; anyone may take it once it has lapsed."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(120))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

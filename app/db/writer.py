@@ -30,6 +30,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.engine import sqlite_pragmas
+from app.db.transient import is_transient, retrying, rolled_back
 
 T = TypeVar("T")
 Work = Callable[[Connection], T]
@@ -151,27 +152,50 @@ class SqliteWriter:
 
 
 class AsyncWriter:
-    """Any other database: the async engine's pool, one connection per transaction."""
+    """Any other database: the async engine's pool, one connection per transaction.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    A transient error (no connection to be had, a dropped connection, a serialization failure:
+    app/db/transient.py) runs the whole transaction again after a backoff, for as long as the
+    context's patience allows (``retry_s`` by default). Never when the connection dropped during
+    COMMIT: whether that transaction landed is unknown, so it is not written a second time."""
+
+    def __init__(self, engine: AsyncEngine, *, retry_s: float = 10.0) -> None:
         self._engine = engine
         self.dialect = engine.dialect.name
+        self._retry_s = retry_s
 
     def run_now(self, work: Work[T]) -> T:  # noqa: ARG002
         raise WouldBlock  # every statement is network I/O
 
     async def run(self, work: Work[T]) -> T:
-        async with self._engine.begin() as connection:
-            return await connection.run_sync(work)
+        ran = False
+
+        def tracked(connection: Connection) -> T:
+            nonlocal ran
+            result = work(connection)
+            ran = True
+            return result
+
+        async def attempt() -> T:
+            nonlocal ran
+            ran = False
+            async with self._engine.begin() as connection:
+                return await connection.run_sync(tracked)
+
+        def retryable(error: BaseException) -> bool:
+            return is_transient(error) and (not ran or rolled_back(error))
+
+        return await retrying(attempt, what="write", usual_s=self._retry_s, retryable=retryable)
 
     async def aclose(self) -> None:
         """The engine belongs to the caller, which disposes of it."""
 
 
-def create_writer(engine: AsyncEngine) -> Writer:
-    """The writer for ``engine``'s database (SQLite gets synchronous connections of its own)."""
+def create_writer(engine: AsyncEngine, *, retry_s: float = 10.0) -> Writer:
+    """The writer for ``engine``'s database (SQLite gets synchronous connections of its own);
+    ``retry_s``: how long a write waits out transient errors by default (app/db/transient.py)."""
     if engine.url.get_backend_name() != "sqlite":
-        return AsyncWriter(engine)
+        return AsyncWriter(engine, retry_s=retry_s)
     return SqliteWriter(_sqlite(engine, busy_timeout_s=30), _sqlite(engine, busy_timeout_s=0))
 
 

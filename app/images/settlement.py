@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
 from app.billing.pricing import PARTIAL_IMAGE_OUTPUT_TOKENS, request_cost
 from app.billing.svg import SvgCharge
+from app.db.transient import patient
 from app.domain.jobs import ImageJob, TokenUsage
 from app.domain.money import apply_multiplier
 from app.keys import Caller
@@ -158,8 +159,11 @@ _PENDING: set[asyncio.Future[Any]] = set()
 
 
 def background(operation: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-    """Run ``operation`` as a task that the caller's cancellation does not reach."""
-    task = asyncio.ensure_future(operation)
+    """Run ``operation`` as a task that the caller's cancellation does not reach. A money movement
+    must land, so it also waits out a busy or restarting database for as long as that lasts
+    (app/db/transient.py), rather than giving up after ``database.retry_s`` as a request would."""
+    with patient(None):
+        task = asyncio.ensure_future(operation)
     _PENDING.add(task)
     task.add_done_callback(_PENDING.discard)
     return task

@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 
 from app.billing.ledger import Hold, SettlementAbandoned
 from app.db.tables import Task
+from app.db.transient import retrying
 from app.domain.jobs import ImageJob
 from app.errors import GatewayError
 from app.images.delivery import image_names, render_images, store_images
@@ -265,7 +266,9 @@ class TaskService:
             await self._after(task)
             return
         try:
-            caller = await self._keys.caller_for(task.key_id)
+            # Nothing has reached the upstream yet: a database that is busy or restarting is
+            # waited out (the lease is renewed meanwhile), never turned into a failed task.
+            caller = await retrying(lambda: self._keys.caller_for(task.key_id), what="task start")
             job = await self._inputs.restore(task, caller)
             if not resuming and not await self.queue.mark_dispatched(task.id, worker):
                 return  # the lease was lost meanwhile: the new owner decides

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
 import socket
 
 from app.db.tables import Task
+from app.db.transient import is_transient, patience, patient
 from app.tasks.service import TaskService
 
 log = logging.getLogger(__name__)
@@ -37,13 +39,19 @@ async def work(
 ) -> None:
     """One pool until ``stop`` is set; the tasks in hand are finished first."""
     name = name or worker_name()
+    patient_context = contextvars.copy_context()
+    patient_context.run(patience.set, None)
     running: dict[str, asyncio.Task[None]] = {}
     freed = asyncio.Event()
     keeper = asyncio.create_task(keep_leases(tasks, name, running), name=f"leases-{name}")
     log.info("task worker started", extra={"fields": {"worker": name, "concurrency": concurrency}})
 
     def start(task: Task) -> None:
-        job = asyncio.create_task(tasks.run_claimed(task, name), name=f"task-{task.id}")
+        # A running task waits out transient database errors for as long as they last: its worker
+        # lives, so it must neither fail nor lose its lease over them (app/db/transient.py).
+        job = asyncio.create_task(
+            tasks.run_claimed(task, name), name=f"task-{task.id}", context=patient_context
+        )
         running[task.id] = job
 
         def done(_: asyncio.Task[None], task_id: str = task.id) -> None:
@@ -63,9 +71,12 @@ async def work(
             if wanted > 0:
                 try:
                     claimed = await tasks.claim(name, wanted)
-                except Exception:
+                except Exception as exc:
                     # The database hiccuped (or similar): back off rather than spin.
-                    log.exception("task claim failed; retrying")
+                    if is_transient(exc):
+                        log.warning("task claim failed: database busy or unreachable; retrying")
+                    else:
+                        log.exception("task claim failed; retrying")
                 for task in claimed:
                     start(task)
                 if claimed and len(claimed) == wanted:
@@ -98,7 +109,10 @@ async def keep_leases(tasks: TaskService, worker: str, running: dict[str, asynci
         if not ids:
             continue
         try:
-            kept = await tasks.queue.renew_all(worker, ids)
+            # Retried until shortly before the lease would lapse: a busy database must not let a
+            # live worker's leases go (another worker would take its tasks for interrupted ones).
+            with patient(2 * interval - 1):
+                kept = await tasks.queue.renew_all(worker, ids)
         except Exception:
             log.exception("task lease renewal failed; retrying")
             continue
@@ -117,14 +131,3 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-async def purge_forever(tasks: TaskService, *, interval_s: float) -> None:
-    while True:
-        try:
-            purged = await tasks.purge()
-            if purged:
-                log.info("purged finished tasks", extra={"fields": {"count": purged}})
-        except Exception:
-            log.exception("task purge failed; retrying later")
-        await asyncio.sleep(interval_s)

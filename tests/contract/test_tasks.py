@@ -245,7 +245,7 @@ def test_finished_tasks_past_retention_are_purged_with_their_images(
     # Batches of two, so the purge has to go round its loop to reach the fourth expired task.
     monkeypatch.setattr("app.tasks.service.PURGE_BATCH", 2)
     gw = gateway_with(fake_upstream_config(upstream), storage={"purge_interval_s": 1})
-    caplog.set_level(logging.INFO, logger="app.tasks.worker")
+    caplog.set_level(logging.INFO, logger="app.tasks.housekeeping")
     client = gw.client()
     ids = [
         client.images.with_raw_response.generate(
@@ -263,13 +263,17 @@ def test_finished_tasks_past_retention_are_purged_with_their_images(
     # The purge logs once it has gone round its whole loop (rows, then their images, batch by
     # batch): wait for that line, not for the rows, which go before their images do.
     def purges() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.getMessage() == "purged finished tasks"]
+        return [
+            r
+            for r in caplog.records
+            if r.getMessage() == "housekeeping" and getattr(r, "fields", {}).get("chore") == "task-purge"
+        ]
 
     deadline = time.monotonic() + 30
     while not purges() and time.monotonic() < deadline:
         time.sleep(0.05)
     # One pass saw all four: a pass that queried before the UPDATE found none and did not log.
-    assert [r.fields for r in purges()] == [{"count": 4}]
+    assert [r.fields for r in purges()] == [{"chore": "task-purge", "count": 4}]
     assert [row["id"] for row in gw.query("SELECT id FROM tasks")] == [kept]
     for task_id in expired:
         with pytest.raises(openai.NotFoundError):

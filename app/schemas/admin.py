@@ -14,8 +14,9 @@ ModerationPolicy = Literal["default", "strict", "off"]
 # Amounts in the price unit, as a JSON number or a decimal string; exact to 1e-6 (micro-units).
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Multiplier = Annotated[Decimal, Field(gt=0, le=1000, decimal_places=6)]
-# Stored in 32-bit integer columns (SQLite's and PostgreSQL's INTEGER).
-Limit = Annotated[int, Field(ge=1, le=2**31 - 1)]
+# Stored in 32-bit integer columns (SQLite's and PostgreSQL's INTEGER). Strict: a JSON `true` is not
+# the limit 1 (the schema says integer, and the fuzzer holds the API to it).
+Limit = Annotated[int, Field(ge=1, le=2**31 - 1, strict=True)]
 
 
 def _in_utc(value: datetime) -> datetime:

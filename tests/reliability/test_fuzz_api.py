@@ -132,12 +132,20 @@ def test_admin_routes_refuse_a_tenant_key(operation: Any, gateway: Gateway, tena
     def run(case: Any) -> None:
         response = case.call(base_url=gateway.url, headers={"Authorization": f"Bearer {tenant}"})
         check_error_shape(response)
+        if refused_at_the_edge(response):
+            return
         assert response.status_code in (401, 403), (response.status_code, response.text[:300])
 
     run()
 
 
 PUBLIC = ("/healthz", "/readyz", "/v1/files/images/{name}")
+
+
+def refused_at_the_edge(response: Any) -> bool:
+    """A NUL anywhere in a request is refused before authentication (InputGuardMiddleware): no
+    route, key lookup or admin check ever sees it. That is a refusal too, just an earlier one."""
+    return response.status_code == 400 and "NUL character" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=label)
@@ -148,7 +156,7 @@ def test_every_route_refuses_a_wrong_key(operation: Any, gateway: Gateway) -> No
         response = case.call(base_url=gateway.url, headers={"Authorization": f"Bearer {key}"})
         assert response.status_code < 500
         check_error_shape(response)
-        if operation.path not in PUBLIC:
+        if operation.path not in PUBLIC and not refused_at_the_edge(response):
             assert response.status_code == 401, (response.status_code, response.text[:300])
             assert response.json()["error"]["code"] == "invalid_api_key"
 

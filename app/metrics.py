@@ -150,6 +150,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.interrupted_cost = Counter(
+            "gateway_interrupted_operator_cost_micros",
+            "Possible upstream cost of tasks cut off by their worker's death (never charged; the "
+            "reservations of those calls, an upper bound).",
+            ["model"],
+            registry=r,
+        )
         self.moderation_blocks = Counter(
             "gateway_moderation_blocks",
             "Requests blocked by moderation, once per category.",
@@ -254,6 +261,10 @@ class Metrics:
         model_label = self.model_label(model)
         self.overruns.labels(model_label).inc()
         self.overrun_cost.labels(model_label).inc(max(micros, 0))
+
+    def observe_interrupted(self, *, model: str | None, micros: int) -> None:
+        """A task interrupted after dispatch: what its upstream call may have cost the operator."""
+        self.interrupted_cost.labels(self.model_label(model)).inc(max(micros, 0))
 
     def observe_moderation_block(self, *, categories: Iterable[str] | str, stage: str) -> None:
         """One blocked request, counted once under each category it was blocked for."""

@@ -82,7 +82,7 @@ class LedgerRecord:
     model: str
     upstream: str | None
     endpoint: str
-    status: str  # succeeded | failed | cancelled
+    status: str  # succeeded | failed | cancelled | interrupted
     images: int
     usage: TokenUsage | None
     cost_micros: int
@@ -92,6 +92,8 @@ class LedgerRecord:
     # What the request's hold reserved, and how much the charge went beyond it (an overrun).
     reserved_micros: int = 0
     overrun_micros: int = 0
+    # What an interrupted task's upstream call may have cost the operator (never the tenant).
+    operator_cost_micros: int = 0
     # SVG output: the author's tokens and cost (already part of cost_micros).
     svg: SvgCharge | None = None
 
@@ -131,6 +133,7 @@ ENTRY_COLUMNS = (
     "usage",
     "reserved_micros",
     "overrun_micros",
+    "operator_cost_micros",
     "created_at",
     "svg_model",
     "svg_input_tokens",
@@ -570,6 +573,7 @@ def _entry(record: LedgerRecord) -> dict[str, Any]:
         usage=dict(record.raw_usage) if record.raw_usage else None,
         reserved_micros=record.reserved_micros,
         overrun_micros=record.overrun_micros,
+        operator_cost_micros=record.operator_cost_micros,
         created_at=utcnow(),
         svg_model=record.svg.model if record.svg else None,
         svg_input_tokens=record.svg.input_tokens if record.svg else 0,

@@ -75,6 +75,8 @@ COLUMNS = (
     "svg_reasoning_tokens",
     "svg_cost_micros",
     "cost_micros",
+    # What interrupted tasks' upstream calls may have cost the operator (never charged).
+    "operator_cost_micros",
 )
 # The summed ledger column of each report column after "requests" (a count).
 _SUMMED = COLUMNS[1:]
@@ -102,6 +104,7 @@ class UsageRow:
     svg_reasoning_tokens: int
     svg_cost_micros: int
     cost_micros: int
+    operator_cost_micros: int
 
     def as_dict(self, group_by: str | None) -> dict[str, Any]:
         row: dict[str, Any] = {group_by: self.group} if group_by else {}

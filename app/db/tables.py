@@ -123,7 +123,7 @@ class LedgerEntry(Base):
     model: Mapped[str] = mapped_column(String(100))
     upstream: Mapped[str | None] = mapped_column(String(100))
     endpoint: Mapped[str] = mapped_column(String(20))
-    # succeeded | failed | cancelled
+    # succeeded | failed | cancelled | interrupted
     status: Mapped[str] = mapped_column(String(20))
     images: Mapped[int] = mapped_column(Integer, default=0)
     text_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -140,6 +140,10 @@ class LedgerEntry(Base):
     # worst case the gateway reserved; README "Metering and billing").
     reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     overrun_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # A task cut off by its worker's death after its upstream call was dispatched costs the
+    # tenant nothing (status ``interrupted``), but the upstream may have done and billed the
+    # work: this is that possible cost, the request's reservation (an upper bound, estimated).
+    operator_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # SVG output: the author model's own tokens (`svg_usage`) and their cost, which is part of
     # cost_micros and recorded apart from the image's.

@@ -82,6 +82,32 @@ class Settlement:
         self._ledger = ledger
         self._metrics = metrics
 
+    async def interrupted(
+        self, *, request_id: str, key_id: str, model: str, endpoint: str, hold: Hold, also: CostHook
+    ) -> None:
+        """A task whose worker died after dispatching its upstream call: the tenant pays nothing
+        (its hold is released), but the upstream may have done and billed the work. The row says
+        so: status ``interrupted``, cost 0, and ``operator_cost_micros`` the request's reservation,
+        the most that call can have cost (marked estimated: whether it was billed is unknown).
+        ``also`` records the task's failure in the same transaction, so the row is written once."""
+        record = LedgerRecord(
+            request_id=request_id,
+            key_id=key_id,
+            model=model,
+            upstream=None,  # which upstream the dead worker had chosen was never recorded
+            endpoint=endpoint,
+            status="interrupted",
+            images=0,
+            usage=TokenUsage(estimated=True),
+            cost_micros=0,
+            latency_ms=0,
+            error_code="task_interrupted",
+            reserved_micros=hold.amount_micros,
+            operator_cost_micros=hold.amount_micros,
+        )
+        await shielded(self._ledger.settle(hold, record, also=lambda c: also(c, 0)))
+        self._metrics.observe_interrupted(model=model, micros=hold.amount_micros)
+
     async def settle(self, outcome: UpstreamOutcome, *, also: CostHook | None = None) -> Settled:
         """Price ``outcome``, write its ledger row, charge it and release its hold, atomically and
         shielded from the caller's cancellation. ``also`` runs in the same transaction (a task

@@ -262,7 +262,7 @@ class TaskService:
                 "charged. Submit it again.",
                 code="task_interrupted",
             )
-            await self._fail(task, worker, error.to_body()["error"], hold)
+            await self._interrupted(task, worker, error.to_body()["error"], hold)
             await self._after(task)
             return
         try:
@@ -346,6 +346,30 @@ class TaskService:
             return record
 
         return failed
+
+    async def _interrupted(self, task: Task, worker: str, error: dict[str, Any], hold: Hold) -> None:
+        """Fail a task cut off after dispatch, uncharged, with its possible operator cost on the
+        ledger (``Settlement.interrupted``); the row and the failure commit together, so a worker
+        that dies here too leaves both to the next one, never one of them twice."""
+        outbox = self._outbox
+
+        def record(c: Connection, cost: int) -> bool:
+            done = self.queue.finish_in(c, task.id, worker, status=FAILED, error=error, cost_micros=cost)
+            if done and outbox is not None:
+                outbox.enqueue_in(c, task, status=FAILED, error=error)
+            return done
+
+        try:
+            await self._images.settlement.interrupted(
+                request_id=task.request_id,
+                key_id=task.key_id,
+                model=task.model,
+                endpoint=task.endpoint,
+                hold=hold,
+                also=record,
+            )
+        except SettlementAbandoned:
+            return  # the lease was lost meanwhile: the new owner decides
 
     async def _fail(self, task: Task, worker: str, error: dict[str, Any], hold: Hold) -> None:
         # The request path has already settled or released the hold for upstream failures; a

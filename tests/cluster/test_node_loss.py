@@ -239,6 +239,21 @@ def test_node_loss_under_load_loses_nothing(
         }
         succeeded = {t["request_id"]: int(t["cost_micros"]) for t in tasks if t["status"] == "succeeded"}
         assert billed == succeeded
+        # What the node losses may have cost the operator: one row per interrupted task, free to
+        # the tenant, carrying its reservation as the upper bound, and summed by /admin/usage.
+        rows = query(
+            db_url,
+            "SELECT request_id, cost_micros, operator_cost_micros, reserved_micros, estimated "
+            "FROM ledger_entries WHERE status = 'interrupted'",
+        )
+        interrupted = {t["request_id"] for t in tasks if t["status"] == "failed"}
+        assert {r["request_id"] for r in rows} == interrupted
+        assert all(int(r["cost_micros"]) == 0 and r["estimated"] for r in rows)
+        assert all(int(r["operator_cost_micros"]) == int(r["reserved_micros"]) > 0 for r in rows)
+        report = httpx.get(
+            api_a.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
+        ).json()
+        assert report["totals"]["operator_cost_micros"] == sum(int(r["operator_cost_micros"]) for r in rows)
 
         # Each ended task's event arrived, and all deliveries of one event share one webhook-id.
         ended = {t["id"]: t["status"] for t in tasks}

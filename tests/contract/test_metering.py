@@ -243,6 +243,7 @@ def test_usage_reports_match_the_ledger(metered: Gateway, upstream: FakeOpenAI) 
             "svg_reasoning_tokens": sum(int(r["svg_reasoning_tokens"]) for r in selected),
             "svg_cost_micros": sum(int(r["svg_cost_micros"]) for r in selected),
             "cost_micros": sum(int(r["cost_micros"]) for r in selected),
+            "operator_cost_micros": sum(int(r["operator_cost_micros"]) for r in selected),
         }
 
     def report(**params: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from bench.traffic import create_key
 from tests.conftest import ADMIN_KEY, migrate
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.reliability.harness import gateway_config
-from tests.services import fresh_postgres_database
+from tests.services import fresh_postgres_database, unavailable
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 GEN = "/v1/images/generations"
@@ -37,7 +37,7 @@ GEN = "/v1/images/generations"
 @pytest.fixture
 def pgbouncer() -> Iterator[int]:
     if not Path(PGBOUNCER).exists():
-        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+        unavailable("pgbouncer", FileNotFoundError(PGBOUNCER))  # CI fails: .ci/run installs it
     port = reserve_port()
     # Outside pytest's private tmp tree, which the postgres user (below) cannot enter.
     folder = Path(tempfile.mkdtemp(prefix="gw-pgbouncer-"))

@@ -329,6 +329,24 @@ def _log_capacity(settings: Settings) -> None:
                 }
             },
         )
+        # A shared database means other nodes may share it; a secret generated into this node's
+        # own data_dir would make their keys and links fail here (and this node's fail there).
+        unshared = [
+            name
+            for name, configured in (
+                ("security.key_pepper", settings.security.key_pepper is not None),
+                ("storage.signing_key", settings.storage.signing_key is not None),
+            )
+            if not configured
+        ]
+        if unshared:
+            log.warning(
+                "%s not set: generated into this node's data_dir, so keys made (or links signed) on "
+                "another node sharing this database will not verify here. Set them from one secret "
+                "on every node (README: Production shape).",
+                " and ".join(unshared),
+                extra={"fields": {"generated_per_node": unshared}},
+            )
 
 
 def _close_at_exit(stack: AsyncExitStack, name: str, close: Callable[[], Awaitable[object]]) -> None:

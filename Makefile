@@ -68,6 +68,12 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# One node against 2 API nodes + 2 workers on PostgreSQL, Redis and S3 (issue 24); rewrites its
+# block of BENCHMARKS.md.
+.PHONY: bench-cluster
+bench-cluster: $(STAMP)
+	$(BIN)/python -m bench.cluster --write
+
 # Console page latency at 10,000 ledger rows (issue 18); rewrites its block of BENCHMARKS.md.
 bench-console: $(STAMP)
 	$(BIN)/python -m bench.console

@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI  # noqa: TID251 - the lifespan hook's type
 from sqlalchemy.engine import make_url
 
+from app.batches.files import FileLimits, FileService
+from app.batches.service import BatchLimits, BatchService
 from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
@@ -33,9 +35,10 @@ from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
 from app.storage import build_store, purge_periodically, resolve_signing_secret
+from app.storage.blobs import blob_store_for
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
-from app.tasks.worker import purge_forever, work
+from app.tasks.worker import purge_forever, work, worker_name
 from app.tracing import Tracing
 from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
@@ -202,6 +205,29 @@ async def open_state(
                 retention_s=settings.storage.retention_s,
             ),
         )
+        # Issue 27: OpenAI's Files and Batch APIs (app/batches/).
+        files = FileService(
+            sessions,
+            blob_store_for(store),
+            FileLimits(
+                max_bytes=settings.files.max_bytes,
+                max_lines=settings.files.max_lines,
+                retention_s=settings.files.retention_s,
+            ),
+        )
+        batches = BatchService(
+            sessions=sessions,
+            files=files,
+            tasks=tasks,
+            images=images,
+            keys=keys,
+            limits=BatchLimits(
+                max_lines_in_flight=settings.batches.max_batch_lines_in_flight,
+                lease_s=settings.batches.lease_s,
+                max_validation_errors=settings.batches.max_validation_errors,
+            ),
+            spool_root=uploads.spool_root,
+        )
         queue_depth = tasks.queue.depth
 
         async def refresh_gauges() -> None:
@@ -232,6 +258,8 @@ async def open_state(
             moderation_log=ModerationLog(sessions),
             webhooks=webhooks,
             outbox=outbox,
+            files=files,
+            batches=batches,
         )
 
 
@@ -262,6 +290,16 @@ async def _reconcile_forever(state: AppState) -> None:
         await asyncio.sleep(state.settings.billing.reconcile_every_s)
 
 
+async def _purge_files_forever(state: AppState) -> None:
+    """Delete batch files past ``files.retention_s``."""
+    while True:
+        try:
+            await state.files.purge_expired()
+        except Exception:
+            log.exception("file purge failed; retrying later")
+        await asyncio.sleep(state.settings.files.purge_interval_s)
+
+
 @asynccontextmanager
 async def _background(state: AppState) -> AsyncIterator[None]:
     storage = state.settings.storage
@@ -281,7 +319,16 @@ async def _background(state: AppState) -> AsyncIterator[None]:
         )
         for i in range(config.workers)
     ]
+    # Batches advance in every serving process (each batch is leased to one at a time); their
+    # lines run as tasks wherever task workers run.
+    workers.append(
+        asyncio.create_task(
+            state.batches.run_forever(stop, worker=worker_name(), poll_s=state.settings.batches.poll_s),
+            name="batches",
+        )
+    )
     tasks = [
+        asyncio.create_task(_purge_files_forever(state), name="file-purge"),
         asyncio.create_task(
             purge_forever(state.tasks, interval_s=storage.purge_interval_s), name="task-purge"
         ),

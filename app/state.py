@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.batches.files import FileService
+from app.batches.service import BatchService
 from app.billing.ledger import LedgerService
 from app.domain.catalog import Catalog
 from app.images.intake.spool import UploadLimits
@@ -68,3 +70,5 @@ class AppState:
     moderation_log: ModerationLog
     webhooks: WebhookEndpoints
     outbox: Outbox
+    files: FileService
+    batches: BatchService

@@ -62,6 +62,11 @@ class S3ImageStore:
             else self._client
         )
 
+    @property
+    def client(self) -> S3Client:
+        """The bucket's client, shared with the blob store beside it (app/storage/blobs.py)."""
+        return self._client
+
     def key_for(self, name: str) -> str:
         return self.prefix + check_name(name)
 

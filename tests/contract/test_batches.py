@@ -1,0 +1,278 @@
+"""OpenAI's Files and Batch APIs for images, through the official SDK (issue 27, SPEC §11)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from bench.books import ledger_violations
+from tests.conftest import Gateway, fake_upstream_config
+from tests.fakes.openai_upstream import FakeOpenAI
+
+GEN = "/v1/images/generations"
+BLOCKED = "a dismembered corpse"  # blocked by the default moderation level
+FAST = {"tasks": {"poll_s": 0.05}, "batches": {"poll_s": 0.05}}
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+
+
+def line(custom_id: str, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": GEN, "body": body}
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, timeout: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled") or time.monotonic() > deadline:
+            return batch
+        time.sleep(0.05)
+
+
+def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(text) for text in client.files.content(file_id).text.splitlines() if text]
+
+
+@pytest.fixture
+def gw(gateway_with: Callable[..., Gateway], upstream: FakeOpenAI) -> Gateway:
+    return gateway_with(fake_upstream_config(upstream), **FAST)
+
+
+def test_files_round_trip_and_belong_to_their_key(gw: Gateway) -> None:
+    client, other = gw.client(), gw.client()
+    content = jsonl([line("a", model="gpt-image-1", prompt="x")] * 3)
+    created = client.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+    assert created.object == "file" and created.purpose == "batch" and created.status == "processed"
+    assert created.bytes == len(content) and created.filename == "in.jsonl"
+    assert created.expires_at is not None and created.expires_at > created.created_at
+    assert client.files.retrieve(created.id).id == created.id
+    assert [f.id for f in client.files.list()] == [created.id]
+    assert client.files.content(created.id).content == content
+    # Another key sees none of it.
+    assert list(other.files.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.delete(created.id)
+    deleted = client.files.delete(created.id)
+    assert deleted.deleted and deleted.id == created.id
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(created.id)
+    # Other purposes are a clear 400.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("x.jsonl", io.BytesIO(content)), purpose="fine-tune")
+    assert caught.value.body["param"] == "purpose" and "batch" in caught.value.body["message"]  # type: ignore[index]
+    # The signed image links under /v1/files/images/ are still their own route (no bearer key).
+    assert httpx.get(gw.url + "/v1/files/images/img_" + "0" * 32 + ".png").status_code in (403, 404)
+    missing = httpx.get(gw.url + "/v1/files/images/content")
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "No such image."
+
+
+def test_file_limits_refuse_while_arriving(
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI
+) -> None:
+    gw = gateway_with(fake_upstream_config(upstream), files={"max_bytes": 2048, "max_lines": 5})
+    client = gw.client()
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.files.create(file=("big.jsonl", io.BytesIO(b"x" * 4096)), purpose="batch")
+    assert too_big.value.status_code == 413
+    with pytest.raises(openai.APIStatusError) as too_long:
+        client.files.create(file=("long.jsonl", io.BytesIO(b"{}\n" * 6)), purpose="batch")
+    assert too_long.value.status_code == 413 and "lines" in str(too_long.value)
+    # Exactly at the line limit, with no final newline, is fine.
+    assert client.files.create(file=("ok.jsonl", io.BytesIO(b"{}\n" * 4 + b"{}")), purpose="batch")
+    assert not list((gw.data_dir / "spool").iterdir())
+
+
+def test_a_broken_file_fails_in_validating_with_line_numbers(gw: Gateway) -> None:
+    key, key_id = gw.create_key(quota="100")
+    client = gw.client(key)
+    broken = jsonl(
+        [
+            line("ok-1", model="gpt-image-1", prompt="a"),
+            b"{not json",
+            line("ok-1", model="gpt-image-1", prompt="dup"),
+            {**line("edit", model="gpt-image-1", prompt="e"), "url": "/v1/images/edits"},
+            {**line("get", model="gpt-image-1", prompt="g"), "method": "GET"},
+            {"custom_id": "nobody", "method": "POST", "url": GEN},
+        ]
+    )
+    source = client.files.create(file=("broken.jsonl", io.BytesIO(broken)), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h")
+    assert batch.status == "validating" and batch.object == "batch"
+    batch = wait_for(client, batch.id)
+    assert batch.status == "failed" and batch.failed_at is not None
+    assert batch.errors is not None and batch.errors.data is not None
+    found = [(e.line, e.code) for e in batch.errors.data]
+    assert found == [
+        (2, "invalid_json_line"),
+        (3, "duplicate_custom_id"),
+        (4, "invalid_url"),
+        (5, "invalid_method"),
+        (6, "invalid_body"),
+    ]
+    assert batch.output_file_id is None and batch.error_file_id is None
+    # Nothing was reserved, charged or queued.
+    assert gw.key_row(key_id)["reserved_micros"] == 0 and gw.key_row(key_id)["spent_micros"] == 0
+    assert gw.query(f"SELECT * FROM ledger_entries WHERE key_id = '{key_id}'") == []
+    assert gw.query(f"SELECT * FROM tasks WHERE key_id = '{key_id}'") == []
+
+
+def test_create_refuses_bad_parameters(gw: Gateway) -> None:
+    client, other = gw.client(), gw.client()
+    source = client.files.create(
+        file=("x.jsonl", io.BytesIO(jsonl([line("a", prompt="x")]))), purpose="batch"
+    )
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="48h")  # type: ignore[arg-type]
+    with pytest.raises(openai.NotFoundError):
+        other.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=source.id, endpoint=GEN, completion_window="24h", metadata={"job": "nightly"}
+    )
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    assert batch.metadata == {"job": "nightly"}
+
+
+def test_mixed_generation_batch_end_to_end(gw: Gateway, upstream: FakeOpenAI) -> None:
+    key, key_id = gw.create_key()
+    client = gw.client(key)
+    lines: list[dict[str, Any]] = []
+    models = [("gpt-image-1", "1024x1024"), ("gpt-image-1-mini", "1536x1024"), ("dall-e-3", "1024x1792")]
+    for i in range(60):
+        model, size = models[i % 3]
+        n = 2 if model != "dall-e-3" and i % 5 == 0 else 1
+        fmt = "url" if i % 4 == 0 else "b64_json"
+        lines.append(
+            line(f"gen-{i}", model=model, prompt=f"product shot {i}", size=size, n=n, response_format=fmt)
+        )
+    invalid = {"gen-bad-size": {"model": "gpt-image-1", "prompt": "x", "size": "3x3"}}
+    invalid["gen-no-prompt"] = {"model": "gpt-image-1"}
+    invalid["gen-blocked"] = {"model": "gpt-image-1", "prompt": BLOCKED}
+    for custom_id, body in invalid.items():
+        lines.append(line(custom_id, **body))
+    source = client.files.create(file=("shots.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    created = client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h")
+    batch = wait_for(client, created.id)
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
+        63,
+        60,
+        3,
+    )
+    assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+    assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
+    outputs = read_jsonl(client, batch.output_file_id)
+    errors = read_jsonl(client, batch.error_file_id)
+    assert sorted(o["custom_id"] for o in outputs) == sorted(f"gen-{i}" for i in range(60))
+    for out in outputs:
+        i = int(out["custom_id"].split("-")[1])
+        assert out["error"] is None and out["response"]["status_code"] == 200
+        data = out["response"]["body"]["data"]
+        expected_n = 2 if models[i % 3][0] != "dall-e-3" and i % 5 == 0 else 1
+        assert len(data) == expected_n
+        if i % 4 == 0:
+            assert data[0]["url"].startswith("http") and httpx.get(data[0]["url"]).status_code == 200
+        else:
+            assert base64.b64decode(data[0]["b64_json"]).startswith(b"\x89PNG")
+    by_id = {e["custom_id"]: e for e in errors}
+    assert set(by_id) == set(invalid)
+    assert by_id["gen-bad-size"]["response"]["status_code"] == 400
+    assert by_id["gen-no-prompt"]["response"]["body"]["error"]["param"] == "prompt"
+    assert by_id["gen-blocked"]["response"]["body"]["error"]["code"] == "moderation_blocked"
+    # Every line went upstream once; the ledger holds exactly one row per completed line.
+    assert len(upstream.requests) == 60
+    rows = gw.query(f"SELECT request_id, cost_micros FROM ledger_entries WHERE key_id = '{key_id}'")
+    assert sorted(r["request_id"] for r in rows) == sorted(f"{batch.id}-{n + 1}" for n in range(60))
+    assert batch.model_extra is not None
+    assert batch.model_extra["cost_micros"] == sum(int(r["cost_micros"]) for r in rows)
+    # The books balance (per-row token prices are bench.books' gpt-image-1 rates, so the per-row
+    # check runs in the single-model quota test below; here the sums and holds).
+    problems = ledger_violations(gw.settings.database.url, [key_id], None)
+    assert [p for p in problems if not p.startswith("ledger row ")] == []
+    assert gw.key_row(key_id)["spent_micros"] == sum(int(r["cost_micros"]) for r in rows)
+    # The listing pages by cursor.
+    assert [b.id for b in client.batches.list(limit=1)] == [batch.id]
+
+
+def test_lines_reserve_when_admitted_and_overflow_fails_with_insufficient_quota(
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI
+) -> None:
+    gw = gateway_with(
+        fake_upstream_config(upstream),
+        tasks=FAST["tasks"],
+        batches={"poll_s": 0.05, "max_batch_lines_in_flight": 2},
+    )
+    # A quota that fits a few worst cases, far less than the whole file's.
+    key, key_id = gw.create_key(quota="0.5")
+    client = gw.client(key)
+    lines = [
+        line(f"l{i}", model="gpt-image-1", prompt=f"p{i}", size="1024x1024", quality="high")
+        for i in range(12)
+    ]
+    source = client.files.create(file=("q.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = wait_for(
+        client, client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h").id
+    )
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None
+    done, failed = batch.request_counts.completed, batch.request_counts.failed
+    assert done + failed == 12 and done >= 1 and failed >= 1, batch.request_counts
+    errors = read_jsonl(client, batch.error_file_id)
+    assert {e["response"]["body"]["error"]["code"] for e in errors} == {"insufficient_quota"}
+    assert all(e["response"]["status_code"] == 429 for e in errors)
+    assert len(read_jsonl(client, batch.output_file_id)) == done == len(upstream.requests)
+    row = gw.key_row(key_id)
+    assert row["reserved_micros"] == 0
+    assert ledger_violations(gw.settings.database.url, [key_id], None) == []
+
+
+def test_cancel_stops_queued_lines_and_releases_their_holds(
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI
+) -> None:
+    # No task workers: lines are admitted and queued but none runs, so cancel finds them queued.
+    gw = gateway_with(fake_upstream_config(upstream), tasks={"workers": 0}, batches={"poll_s": 0.05})
+    key, key_id = gw.create_key(quota="100")
+    client = gw.client(key)
+    lines = [line(f"c{i}", model="gpt-image-1", prompt=f"p{i}") for i in range(5)]
+    source = client.files.create(file=("c.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h")
+    deadline = time.monotonic() + 60
+    while len(gw.query(f"SELECT id FROM tasks WHERE key_id = '{key_id}'")) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert gw.key_row(key_id)["reserved_micros"] > 0
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at
+    batch = wait_for(client, batch.id)
+    assert batch.status == "cancelled" and batch.cancelled_at
+    assert batch.output_file_id is None
+    errors = read_jsonl(client, batch.error_file_id)
+    assert sorted(e["custom_id"] for e in errors) == [f"c{i}" for i in range(5)]
+    assert all(e["response"] is None and e["error"]["code"] == "batch_cancelled" for e in errors)
+    statuses = gw.query(f"SELECT status FROM tasks WHERE key_id = '{key_id}'")
+    assert {row["status"] for row in statuses} == {"failed"}
+    assert gw.key_row(key_id)["reserved_micros"] == 0 and gw.key_row(key_id)["spent_micros"] == 0
+    assert upstream.requests == []
+    with pytest.raises(openai.NotFoundError):
+        client.batches.cancel("batch_missing")

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.batches.files import FileService
 from app.batches.lines import ENDPOINTS, parsed_lines, validate_file
 from app.billing.ledger import Hold
-from app.db.tables import Batch, BatchLine, Task, utcnow
+from app.db.tables import Batch, BatchLine, LedgerEntry, Task, utcnow
 from app.errors import GatewayError, InvalidRequestError, NotFoundError, RateLimitError
 from app.images.requests import GenerationDraft
 from app.images.service import ImageService
@@ -481,6 +481,15 @@ class BatchService:
             await session.execute(
                 update(Batch).where(Batch.id == row.id).values(cost_micros=Batch.cost_micros + cost)
             )
+            # The lines' ledger rows (written when their tasks settled) carry the batch's id.
+            await session.execute(
+                update(LedgerEntry)
+                .where(
+                    LedgerEntry.key_id == row.key_id,
+                    LedgerEntry.request_id.in_([f"{row.id}-{number}" for number, *_ in done]),
+                )
+                .values(batch_id=row.id)
+            )
         await self._recount(row.id)
         return True
 
@@ -628,29 +637,31 @@ class BatchService:
                 await asyncio.to_thread(path.unlink)
 
     async def _output_line(self, row: Batch, line: BatchLine) -> dict[str, Any]:
+        """One line of the output or error file, in OpenAI's batch output shape: ``response`` is the
+        request's answer (status, request id, body), ``error`` the batch's own (expired, cancelled)."""
         request_id = f"{row.id}-{line.line}"
-        base = {"id": f"batch_req_{row.id[6:]}_{line.line}", "custom_id": line.custom_id}
+        response: dict[str, Any] | None = None
+        error: dict[str, Any] | None = None
         if line.state == OK and line.task_id is not None:
             view = await self._tasks.render(line.task_id, base_url=row.base_url)
             if view is not None and "result" in view:
-                return {
-                    **base,
-                    "response": {"status_code": 200, "request_id": request_id, "body": view["result"]},
-                    "error": None,
-                }
-            error = {"code": "result_gone", "message": "The result was purged before the batch ended."}
-            return {**base, "response": None, "error": error}
-        if line.status_code is None:
-            # Not a request's answer but the batch's (cancelled, expired).
-            return {**base, "response": None, "error": line.error}
-        return {
-            **base,
-            "response": {
+                response = {"status_code": 200, "request_id": request_id, "body": view["result"]}
+            else:
+                error = {"code": "result_gone", "message": "The result was purged before the batch ended."}
+        elif line.status_code is None:
+            error = line.error
+        else:
+            # The request's own OpenAI error object, as a single request would have answered it.
+            response = {
                 "status_code": line.status_code,
                 "request_id": request_id,
-                "body": {"error": line.error},
-            },
-            "error": None,
+                "body": dict(error=line.error),
+            }
+        return {
+            "id": f"batch_req_{row.id[6:]}_{line.line}",
+            "custom_id": line.custom_id,
+            "response": response,
+            "error": error,
         }
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db.tables import LedgerEntry
 from app.domain.money import format_micros
 
-GroupBy = Literal["day", "model", "key"]
+GroupBy = Literal["day", "model", "key", "batch"]
 COLUMNS = (
     "requests",
     "images",
@@ -103,6 +103,8 @@ def _group_column(group_by: GroupBy, dialect: str) -> ColumnElement[Any]:
         return LedgerEntry.model.expression
     if group_by == "key":
         return LedgerEntry.key_id.expression
+    if group_by == "batch":  # requests outside any batch form the null group
+        return LedgerEntry.batch_id.expression
     if dialect == "postgresql":
         return func.to_char(func.timezone("UTC", LedgerEntry.created_at), "YYYY-MM-DD")
     # SQLite stores the UTC datetime as text "YYYY-MM-DD HH:MM:SS…".

@@ -114,6 +114,7 @@ class LedgerEntry(Base):
     __table_args__ = (
         Index("ix_ledger_key_created", "key_id", "created_at"),
         Index("ix_ledger_created", "created_at"),
+        Index("ix_ledger_batch", "batch_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -147,6 +148,9 @@ class LedgerEntry(Base):
     svg_output_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     svg_reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     svg_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The batch this request was a line of (issue 27): set by the batch runner once the line's task
+    # finished, so /admin/usage can group by batch. None for requests outside a batch.
+    batch_id: Mapped[str | None] = mapped_column(String(40))
 
 
 class Task(Base):

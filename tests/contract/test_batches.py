@@ -211,6 +211,10 @@ def test_mixed_generation_batch_end_to_end(gw: Gateway, upstream: FakeOpenAI) ->
     problems = ledger_violations(gw.settings.database.url, [key_id], None)
     assert [p for p in problems if not p.startswith("ledger row ")] == []
     assert gw.key_row(key_id)["spent_micros"] == sum(int(r["cost_micros"]) for r in rows)
+    # Each line's ledger row carries the batch id: /admin/usage groups by it.
+    usage = gw.admin("GET", "/admin/usage", params={"key_id": key_id, "group_by": "batch"}).json()
+    (group,) = usage["data"]
+    assert group["batch"] == batch.id and group["requests"] == 60
     # The listing pages by cursor.
     assert [b.id for b in client.batches.list(limit=1)] == [batch.id]
 

@@ -78,9 +78,15 @@ def upgrade() -> None:
         sa.Column("error", sa.JSON(), nullable=True),
     )
     op.create_index("ix_batch_lines_state", "batch_lines", ["batch_id", "state", "line"])
+    with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("batch_id", sa.String(40), nullable=True))
+        batch_op.create_index("ix_ledger_batch", ["batch_id"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
+        batch_op.drop_index("ix_ledger_batch")
+        batch_op.drop_column("batch_id")
     op.drop_table("batch_lines")
     op.drop_table("batches")
     op.drop_table("files")

@@ -227,6 +227,7 @@ async def open_state(
                 max_validation_errors=settings.batches.max_validation_errors,
             ),
             spool_root=uploads.spool_root,
+            input_limits=uploads.inputs,
         )
         queue_depth = tasks.queue.depth
 

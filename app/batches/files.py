@@ -26,7 +26,8 @@ from app.storage.blobs import BlobStore, new_blob_name
 
 log = logging.getLogger(__name__)
 
-UPLOAD_PURPOSES = ("batch",)
+# batch: JSONL input files; vision and user_data: images that edit lines name by file id.
+UPLOAD_PURPOSES = ("batch", "vision", "user_data")
 KNOWN_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 
@@ -73,8 +74,8 @@ class FileService:
             )
         if purpose not in UPLOAD_PURPOSES:
             raise InvalidRequestError(
-                f"This gateway keeps files for the Batch API only: purpose must be 'batch', not "
-                f"'{purpose[:64]}'.",
+                f"This gateway keeps files for the Batch API only: purpose must be 'batch' (or "
+                f"'vision' / 'user_data' for the images of edit lines), not '{purpose[:64]}'.",
                 param="purpose",
                 code="invalid_value",
             )

@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-ENDPOINTS = ("/v1/images/generations",)
+GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
+ENDPOINTS = (GENERATIONS, EDITS)
 MAX_CUSTOM_ID = 512
 
 

@@ -37,12 +37,13 @@ import orjson
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.batches.edits import spool_edit
 from app.batches.files import FileService
-from app.batches.lines import ENDPOINTS, parsed_lines, validate_file
+from app.batches.lines import ENDPOINTS, GENERATIONS, parsed_lines, validate_file
 from app.billing.ledger import Hold
 from app.db.tables import Batch, BatchLine, LedgerEntry, Task, utcnow
 from app.errors import GatewayError, InvalidRequestError, NotFoundError, RateLimitError
-from app.images.requests import GenerationDraft
+from app.images.requests import EditDraft, GenerationDraft, InputLimits
 from app.images.service import ImageService
 from app.keys import Caller, KeyService
 from app.tasks.queue import FAILED, QUEUED, SUCCEEDED
@@ -139,6 +140,7 @@ class BatchService:
         keys: KeyService,
         limits: BatchLimits,
         spool_root: Path,
+        input_limits: InputLimits,
     ) -> None:
         self._sessions = sessions
         self._files = files
@@ -147,6 +149,7 @@ class BatchService:
         self._keys = keys
         self._limits = limits
         self._spool_root = spool_root
+        self._input_limits = input_limits
         self.wakeup = asyncio.Event()
 
     # ----- the API -------------------------------------------------------------------------------
@@ -401,14 +404,8 @@ class BatchService:
             return bool(lines)
         moved = False
         for line in lines:
-            draft = GenerationDraft(payload=line.body, request_id=f"{row.id}-{line.line}")
             try:
-                task, _ = await self._tasks.submit(
-                    caller=caller,
-                    draft=draft,
-                    idempotency_key=f"batch:{row.id}:{line.line}",
-                    webhooks=[NO_WEBHOOK],
-                )
+                task = await self._admit(row, line, caller)
             except RateLimitError:
                 break  # a per-minute limit or a full queue: the line waits for a later round
             except GatewayError as exc:
@@ -423,6 +420,29 @@ class BatchService:
                 )
             moved = True
         return moved
+
+    async def _admit(self, row: Batch, line: BatchLine, caller: Caller) -> Task:
+        """Admit one line as a task: the gateway's one admission path, as its endpoint's request."""
+        request_id = f"{row.id}-{line.line}"
+        idempotency_key = f"batch:{row.id}:{line.line}"
+        if row.endpoint == GENERATIONS:
+            draft = GenerationDraft(payload=line.body, request_id=request_id)
+            task, _ = await self._tasks.submit(
+                caller=caller, draft=draft, idempotency_key=idempotency_key, webhooks=[NO_WEBHOOK]
+            )
+            return task
+        existing = await self._tasks.queue.find(caller.key_id, idempotency_key)
+        if existing is not None:  # admitted before a crash: never twice
+            return existing
+        form = await spool_edit(line.body, key_id=row.key_id, files=self._files, spool_root=self._spool_root)
+        try:
+            edit = EditDraft(form=form, request_id=request_id, limits=self._input_limits)
+            task, _ = await self._tasks.submit(
+                caller=caller, draft=edit, idempotency_key=idempotency_key, form=form, webhooks=[NO_WEBHOOK]
+            )
+            return task
+        finally:
+            await asyncio.to_thread(form.cleanup)
 
     async def _in_flight(self, key_id: str) -> int:
         async with self._sessions() as session:

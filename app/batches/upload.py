@@ -120,7 +120,8 @@ class _Parser:
             if piece:
                 upload.lines += piece.count(b"\n")
                 upload.ends_with_newline = piece.endswith(b"\n")
-            if upload.lines > self.max_lines:
+            # Lines bound a JSONL batch file, not an image (the SDK sends `purpose` first).
+            if upload.lines > self.max_lines and upload.fields.get("purpose", "batch") == "batch":
                 raise PayloadTooLargeError(
                     f"The file has more than the limit of {self.max_lines} lines.", param="file"
                 )
@@ -187,7 +188,7 @@ async def receive_file(
             )
         if upload.bytes and not upload.ends_with_newline:
             upload.lines += 1  # the last line needs no newline
-            if upload.lines > max_lines:
+            if upload.lines > max_lines and upload.fields.get("purpose", "batch") == "batch":
                 raise PayloadTooLargeError(
                     f"The file has more than the limit of {max_lines} lines.", param="file"
                 )

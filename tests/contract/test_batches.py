@@ -15,9 +15,11 @@ import pytest
 
 from bench.books import ledger_violations
 from tests.conftest import Gateway, fake_upstream_config
+from tests.fakes import image_files as files
 from tests.fakes.openai_upstream import FakeOpenAI
 
 GEN = "/v1/images/generations"
+EDITS = "/v1/images/edits"
 BLOCKED = "a dismembered corpse"  # blocked by the default moderation level
 FAST = {"tasks": {"poll_s": 0.05}, "batches": {"poll_s": 0.05}}
 
@@ -280,3 +282,73 @@ def test_cancel_stops_queued_lines_and_releases_their_holds(
     assert upstream.requests == []
     with pytest.raises(openai.NotFoundError):
         client.batches.cancel("batch_missing")
+
+
+def test_edit_lines_take_images_by_file_id(gw: Gateway, upstream: FakeOpenAI) -> None:
+    key, key_id = gw.create_key()
+    client, other = gw.client(key), gw.client()
+    photo = files.png(128, 128)
+    mask = files.png(128, 128, mode="RGBA")
+    shot = client.files.create(file=("shot.png", io.BytesIO(photo)), purpose="vision")
+    matte = client.files.create(file=("mask.png", io.BytesIO(mask)), purpose="vision")
+    foreign = other.files.create(file=("theirs.png", io.BytesIO(photo)), purpose="vision")
+    lines = [
+        {
+            "custom_id": f"edit-{i}",
+            "method": "POST",
+            "url": EDITS,
+            "body": {
+                "model": "gpt-image-1",
+                "prompt": f"on a white table {i}",
+                "images": [{"file_id": shot.id}] * (2 if i % 2 else 1),
+                **({"mask": {"file_id": matte.id}} if i % 5 == 0 else {}),
+                "size": "1024x1024",
+            },
+        }
+        for i in range(20)
+    ]
+    lines.append(
+        {
+            "custom_id": "by-url",
+            "method": "POST",
+            "url": EDITS,
+            "body": {
+                "model": "gpt-image-1",
+                "prompt": "x",
+                "images": [{"image_url": "http://10.0.0.1/a.png"}],
+            },
+        }
+    )
+    lines.append(
+        {
+            "custom_id": "not-mine",
+            "method": "POST",
+            "url": EDITS,
+            "body": {"model": "gpt-image-1", "prompt": "x", "images": [{"file_id": foreign.id}]},
+        }
+    )
+    source = client.files.create(file=("edits.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = wait_for(
+        client, client.batches.create(input_file_id=source.id, endpoint=EDITS, completion_window="24h").id
+    )
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (20, 2)
+    outputs = {o["custom_id"]: o for o in read_jsonl(client, batch.output_file_id)}
+    assert set(outputs) == {f"edit-{i}" for i in range(20)}
+    assert all(
+        base64.b64decode(o["response"]["body"]["data"][0]["b64_json"])[:4] == b"\x89PNG"
+        for o in outputs.values()
+    )
+    edits = [r for r in upstream.requests if r.path.endswith("/images/edits")]
+    assert len(edits) == 20
+    images = [[f for f in r.files if f.field != "mask"] for r in edits]
+    assert sorted(len(sent) for sent in images) == [1] * 10 + [2] * 10
+    assert all(f.data == photo for sent in images for f in sent)
+    assert sum(1 for r in edits if r.files_for("mask")) == 4
+    errors = {e["custom_id"]: e for e in read_jsonl(client, batch.error_file_id)}
+    assert errors["by-url"]["response"]["status_code"] == 400
+    assert "does not fetch" in errors["by-url"]["response"]["body"]["error"]["message"]
+    assert errors["not-mine"]["response"]["status_code"] == 404
+    assert gw.key_row(key_id)["reserved_micros"] == 0
+    assert not list((gw.data_dir / "spool").iterdir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -352,3 +353,49 @@ def test_edit_lines_take_images_by_file_id(gw: Gateway, upstream: FakeOpenAI) ->
     assert errors["not-mine"]["response"]["status_code"] == 404
     assert gw.key_row(key_id)["reserved_micros"] == 0
     assert not list((gw.data_dir / "spool").iterdir())
+
+
+def test_a_large_batch_delays_another_keys_task_by_at_most_one_claim(
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI
+) -> None:
+    """Counted, not timed: with no task workers the batch's 200 lines wait in the queue; another
+    key's single async task is then leased by the very next claim of two (the queue ranks each
+    key's runnable tasks and takes rank 1 of every key first). A claim of ONE task takes the oldest
+    rank-1 task, key A's: see the report of issue 27 on single-slot claims."""
+    gw = gateway_with(
+        fake_upstream_config(upstream),
+        tasks={"workers": 0},
+        batches={"poll_s": 0.05, "max_batch_lines_in_flight": 200},
+    )
+    key_a, id_a = gw.create_key(name="batch")
+    client_a = gw.client(key_a)
+    lines = [line(f"a{i}", model="gpt-image-1", prompt=f"p{i}") for i in range(200)]
+    source = client_a.files.create(file=("a.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    client_a.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h")
+    deadline = time.monotonic() + 120
+    while len(gw.query(f"SELECT id FROM tasks WHERE key_id = '{id_a}'")) < 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    key_b, id_b = gw.create_key(name="interactive")
+    submitted = gw.client(key_b).images.with_raw_response.generate(
+        model="gpt-image-1", prompt="now", extra_query={"async": "true"}
+    )
+    task_b = submitted.http_response.json()["id"]
+
+    async def claims() -> list[str]:
+        from app.db.engine import create_engine, create_sessionmaker
+        from app.db.writer import create_writer
+        from app.tasks.queue import TaskQueue
+
+        engine = create_engine(gw.settings.database.url)
+        writer = create_writer(engine)
+        try:
+            queue = TaskQueue(create_sessionmaker(engine), writer, lease_s=60)
+            return [task.id for task in await queue.claim_batch("counting-worker", 2)]
+        finally:
+            await writer.aclose()
+            await engine.dispose()
+
+    leased = asyncio.run(claims())
+    assert len(leased) == 2 and task_b in leased, leased
+    assert len(gw.query(f"SELECT id FROM tasks WHERE key_id = '{id_b}'")) == 1

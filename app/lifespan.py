@@ -228,6 +228,8 @@ async def open_state(
             ),
             spool_root=uploads.spool_root,
             input_limits=uploads.inputs,
+            outbox=outbox,
+            endpoints=webhooks,
         )
         queue_depth = tasks.queue.depth
 
@@ -387,6 +389,8 @@ def webhook_sender(state: AppState) -> WebhookSender:
     base_url = public_base_url(state.settings)
 
     async def render(task_id: str) -> dict[str, Any] | None:
+        if task_id.startswith("batch_"):  # batch.* events (app/batches/service.py)
+            return await state.batches.render(task_id)
         return await state.tasks.render(task_id, base_url=base_url)
 
     sender = WebhookSender(

@@ -48,7 +48,8 @@ from app.images.service import ImageService
 from app.keys import Caller, KeyService
 from app.tasks.queue import FAILED, QUEUED, SUCCEEDED
 from app.tasks.service import TaskService
-from app.webhooks.endpoints import NO_WEBHOOK
+from app.webhooks.endpoints import NO_WEBHOOK, WebhookEndpoints
+from app.webhooks.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class BatchService:
         limits: BatchLimits,
         spool_root: Path,
         input_limits: InputLimits,
+        outbox: Outbox | None = None,
+        endpoints: WebhookEndpoints | None = None,
     ) -> None:
         self._sessions = sessions
         self._files = files
@@ -150,6 +153,8 @@ class BatchService:
         self._limits = limits
         self._spool_root = spool_root
         self._input_limits = input_limits
+        self._outbox = outbox
+        self._endpoints = endpoints
         self.wakeup = asyncio.Event()
 
     # ----- the API -------------------------------------------------------------------------------
@@ -325,8 +330,9 @@ class BatchService:
             self._files.content(source), row.endpoint, max_errors=self._limits.max_validation_errors
         )
         if checked.error_count:
+            hooks = await self._hook_endpoints(row)
             async with self._sessions() as session, session.begin():
-                await session.execute(
+                failed = await session.execute(
                     update(Batch)
                     .where(Batch.id == row.id, Batch.status == "validating")
                     .values(
@@ -335,6 +341,8 @@ class BatchService:
                         errors={"object": "list", "data": checked.errors},
                     )
                 )
+                await self._event_in(session, row, "failed", failed.rowcount, hooks)  # type: ignore[attr-defined]
+            self._tasks.on_events()
             return
         async with self._sessions() as session, session.begin():
             # A validation cut short by a crash left some rows: start over.
@@ -584,6 +592,7 @@ class BatchService:
         output = await self._write_file(row, ok=True)
         errors = await self._write_file(row, ok=False)
         stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final]
+        hooks = await self._hook_endpoints(row)
         async with self._sessions() as session, session.begin():
             result = await session.execute(
                 update(Batch)
@@ -597,6 +606,7 @@ class BatchService:
                     **{stamp: utcnow()},
                 )
             )
+            await self._event_in(session, row, final, result.rowcount, hooks)  # type: ignore[attr-defined]
         if not result.rowcount:  # type: ignore[attr-defined]
             # Another process finished it first: drop this copy's files.
             for file_id in (output, errors):
@@ -605,6 +615,40 @@ class BatchService:
                         await self._files.delete(file_id, row.key_id)
         else:
             await self._recount(row.id)
+            self._tasks.on_events()
+
+    async def _hook_endpoints(self, row: Batch) -> list[str]:
+        """The key's enabled webhook endpoints, read before the transaction that ends the batch
+        (on SQLite a second connection inside it would wait for the one it holds)."""
+        if self._endpoints is None:
+            return []
+        return await self._endpoints.choose(row.key_id, None)
+
+    async def _event_in(
+        self, session: AsyncSession, row: Batch, status: str, changed: int, endpoints: list[str]
+    ) -> None:
+        """Queue ``batch.<status>`` for ``endpoints`` in the transaction that ends the batch (only
+        when it did end it here: never twice)."""
+        if not changed or self._outbox is None or not endpoints:
+            return
+        outbox = self._outbox
+        snapshot = {"id": row.id, "object": "batch", "status": status}
+        await session.run_sync(
+            lambda sync: outbox.enqueue_event_in(
+                sync.connection(),
+                key_id=row.key_id,
+                subject_id=row.id,
+                event_type=f"batch.{status}",
+                snapshot=snapshot,
+                endpoints=endpoints,
+            )
+        )
+
+    async def render(self, batch_id: str) -> dict[str, Any] | None:
+        """The batch object for a webhook event; None when it is gone."""
+        async with self._sessions() as session:
+            row = await session.get(Batch, batch_id)
+        return batch_object(row) if row is not None else None
 
     async def _write_file(self, row: Batch, *, ok: bool) -> str | None:
         """Stream the output (or error) lines to a temporary file, page by page, then store it."""

@@ -18,6 +18,7 @@ from bench.books import ledger_violations
 from tests.conftest import Gateway, fake_upstream_config
 from tests.fakes import image_files as files
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.webhook_receiver import WebhookReceiver
 
 GEN = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -399,3 +400,48 @@ def test_a_large_batch_delays_another_keys_task_by_at_most_one_claim(
     leased = asyncio.run(claims())
     assert len(leased) == 2 and task_b in leased, leased
     assert len(gw.query(f"SELECT id FROM tasks WHERE key_id = '{id_b}'")) == 1
+
+
+def test_batch_webhooks_through_the_outbox(
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI
+) -> None:
+    """batch.completed and batch.failed, signed (Standard Webhooks); the lines send no task events."""
+    receiver = WebhookReceiver().start()
+    try:
+        gw = gateway_with(
+            fake_upstream_config(upstream),
+            **FAST,
+            webhooks={"initial_backoff_s": 0.1, "max_backoff_s": 0.5, "poll_s": 0.05},
+        )
+        key, key_id = gw.create_key(name="hooked")
+        created = gw.admin("POST", f"/admin/keys/{key_id}/webhooks", json={"url": receiver.url})
+        assert created.status_code == 201, created.text
+        receiver.secret = created.json()["secret"]
+        client = gw.client(key)
+        good = client.files.create(
+            file=(
+                "g.jsonl",
+                io.BytesIO(jsonl([line(f"g{i}", model="gpt-image-1", prompt="x") for i in range(3)])),
+            ),
+            purpose="batch",
+        )
+        done = wait_for(
+            client, client.batches.create(input_file_id=good.id, endpoint=GEN, completion_window="24h").id
+        )
+        assert done.status == "completed"
+        (first,) = receiver.wait_for(1)
+        assert first.verified and first.event["type"] == "batch.completed"
+        assert first.event["data"]["id"] == done.id and first.event["data"]["status"] == "completed"
+        assert first.event["data"]["output_file_id"] == done.output_file_id
+        bad = client.files.create(file=("b.jsonl", io.BytesIO(b"nope\n")), purpose="batch")
+        failed = wait_for(
+            client, client.batches.create(input_file_id=bad.id, endpoint=GEN, completion_window="24h").id
+        )
+        assert failed.status == "failed"
+        second = receiver.wait_for(2)[1]
+        assert second.verified and second.event["type"] == "batch.failed"
+        assert second.event["data"]["id"] == failed.id
+        types = [r.event["type"] for r in receiver.received]
+        assert types == ["batch.completed", "batch.failed"], types
+    finally:
+        receiver.stop()

@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,9 +17,10 @@ import openai
 import pytest
 
 from bench.books import ledger_violations
-from tests.conftest import Gateway, fake_upstream_config
+from bench.gateway_process import GatewayProcess, gateway_config
+from tests.conftest import ADMIN_KEY, Gateway, fake_upstream_config, query
 from tests.fakes import image_files as files
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.webhook_receiver import WebhookReceiver
 
 GEN = "/v1/images/generations"
@@ -449,3 +451,73 @@ def test_batch_webhooks_through_the_outbox(
         assert types == ["batch.completed", "batch.failed"], types
     finally:
         receiver.stop()
+
+
+def test_a_killed_gateway_ends_every_line_exactly_once(upstream: FakeOpenAI, tmp_path: Path) -> None:
+    """SIGKILL mid-batch, restart: the batch completes, each line is in exactly one of the output and
+    error files, nothing is sent upstream twice, and the books balance."""
+    upstream.always_fail = Fault.delay(0.3)
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}"
+    config = gateway_config(
+        fake_upstream_config(upstream, timeout_s=30),
+        tmp_path / "data",
+        db_url,
+        admin_key=ADMIN_KEY,
+        tasks={"workers": 2, "poll_s": 0.05, "lease_s": 2},
+        batches={"poll_s": 0.05, "lease_s": 2, "max_batch_lines_in_flight": 8},
+    )
+    first = GatewayProcess(config, tmp_path).wait_ready()
+    created = httpx.post(
+        first.url + "/admin/keys", json={"name": "crash"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ).json()
+    key, key_id = created["key"], created["id"]
+    count = 40
+    content = jsonl([line(f"k{i}", model="gpt-image-1", prompt=f"crash {i}") for i in range(count)])
+    with openai.OpenAI(base_url=first.url + "/v1", api_key=key, max_retries=0) as client:
+        source = client.files.create(file=("k.jsonl", io.BytesIO(content)), purpose="batch")
+        batch_id = client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h").id
+    deadline = time.monotonic() + 60
+    while query(db_url, "SELECT COUNT(*) AS n FROM tasks WHERE status = 'succeeded'")[0]["n"] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.kill()
+    states = query(
+        db_url, f"SELECT state, COUNT(*) AS n FROM batch_lines WHERE batch_id = '{batch_id}' GROUP BY state"
+    )
+    assert any(row["state"] in ("pending", "queued") for row in states), states
+
+    second = GatewayProcess(config, tmp_path).wait_ready()
+    try:
+        with openai.OpenAI(base_url=second.url + "/v1", api_key=key, max_retries=0) as client:
+            batch = wait_for(client, batch_id)
+            assert batch.status == "completed", batch
+            outputs = read_jsonl(client, batch.output_file_id)
+            errors = read_jsonl(client, batch.error_file_id)
+    finally:
+        second.stop()
+    ended = [o["custom_id"] for o in outputs] + [e["custom_id"] for e in errors]
+    assert sorted(ended) == sorted(f"k{i}" for i in range(count))  # each exactly once
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (len(outputs), len(errors))
+    # A line cut off in flight by the kill fails uncharged (task_interrupted), never runs twice.
+    assert {e["response"]["body"]["error"]["code"] for e in errors} <= {"task_interrupted"}
+    prompts = [r.json["prompt"] for r in upstream.requests if r.json and r.path == GEN]
+    delivered = len(prompts) - sum(1 for path, _ in upstream.abandoned if path == GEN)
+    # An answer the fake sent just as the process died is not charged: that line failed
+    # (task_interrupted), so answers delivered = lines completed + at most the interrupted ones.
+    assert len(outputs) <= delivered <= len(outputs) + len(errors)
+    assert len(set(prompts)) == len(prompts)  # no line sent upstream twice
+    billed = query(
+        db_url, f"SELECT request_id FROM ledger_entries WHERE key_id = '{key_id}' AND status = 'succeeded'"
+    )
+    assert len(billed) == len(outputs)
+    # A hold taken by the admission the kill interrupted (before its task was written) has no task:
+    # the reconciler gives it back at billing.hold_ttl_s, as for any request whose process died.
+    # Admission is one line at a time, so there is at most one.
+    stranded = query(
+        db_url,
+        f"SELECT id FROM reservations WHERE key_id = '{key_id}' "
+        "AND request_id NOT IN (SELECT request_id FROM tasks)",
+    )
+    assert len(stranded) <= 1
+    assert ledger_violations(db_url, [key_id], None, tolerated_holds=[h["id"] for h in stranded]) == []

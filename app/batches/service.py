@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ from app.batches.lines import ENDPOINTS, GENERATIONS, parsed_lines, validate_fil
 from app.billing.ledger import Hold
 from app.db.tables import Batch, BatchLine, LedgerEntry, Task, utcnow
 from app.errors import GatewayError, InvalidRequestError, NotFoundError, RateLimitError
+from app.images.intake.spool import SPOOL_PREFIX
 from app.images.requests import EditDraft, GenerationDraft, InputLimits
 from app.images.service import ImageService
 from app.keys import Caller, KeyService
@@ -653,9 +654,10 @@ class BatchService:
     async def _write_file(self, row: Batch, *, ok: bool) -> str | None:
         """Stream the output (or error) lines to a temporary file, page by page, then store it."""
         await asyncio.to_thread(self._spool_root.mkdir, parents=True, exist_ok=True)
-        fd, name = await asyncio.to_thread(tempfile.mkstemp, prefix="upload-batch-", dir=self._spool_root)
-        path = Path(name)
-        handle = os.fdopen(fd, "wb")
+        # A spool folder like an upload's: the orphan sweep removes it if this process dies here.
+        folder = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=SPOOL_PREFIX, dir=self._spool_root))
+        path = folder / "file.jsonl"
+        handle = await asyncio.to_thread(path.open, "wb")
         written = lines = 0
         try:
             after = 0
@@ -697,8 +699,7 @@ class BatchService:
             return stored.id
         finally:
             handle.close()
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(path.unlink)
+            await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def _output_line(self, row: Batch, line: BatchLine) -> dict[str, Any]:
         """One line of the output or error file, in OpenAI's batch output shape: ``response`` is the

@@ -521,3 +521,32 @@ def test_a_killed_gateway_ends_every_line_exactly_once(upstream: FakeOpenAI, tmp
     )
     assert len(stranded) <= 1
     assert ledger_violations(db_url, [key_id], None, tolerated_holds=[h["id"] for h in stranded]) == []
+
+
+def test_expiry_ends_the_lines_not_yet_running(
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI
+) -> None:
+    """At expires_at the lines still waiting end as batch_expired and their holds go back."""
+    gw = gateway_with(
+        fake_upstream_config(upstream),
+        tasks={"workers": 0},
+        batches={"poll_s": 0.05, "max_batch_lines_in_flight": 3},
+    )
+    key, key_id = gw.create_key(quota="100")
+    client = gw.client(key)
+    lines = [line(f"x{i}", model="gpt-image-1", prompt=f"p{i}") for i in range(6)]
+    source = client.files.create(file=("x.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h")
+    assert batch.expires_at == batch.created_at + 24 * 3600
+    deadline = time.monotonic() + 60
+    while len(gw.query(f"SELECT id FROM tasks WHERE key_id = '{key_id}'")) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # The completion window passes (the row's deadline moved, not the clock: nothing sleeps).
+    gw.query(f"UPDATE batches SET expires_at = '2000-01-01 00:00:00.000000' WHERE id = '{batch.id}'")
+    batch = wait_for(client, batch.id)
+    assert batch.status == "expired" and batch.expired_at
+    errors = read_jsonl(client, batch.error_file_id)
+    assert sorted(e["custom_id"] for e in errors) == [f"x{i}" for i in range(6)]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert gw.key_row(key_id)["reserved_micros"] == 0 and upstream.requests == []

@@ -18,10 +18,11 @@ import pytest
 
 from bench.books import ledger_violations
 from bench.gateway_process import GatewayProcess, gateway_config
-from tests.conftest import ADMIN_KEY, Gateway, fake_upstream_config, query
+from tests.conftest import ADMIN_KEY, Gateway, fake_upstream_config, migrate, query
 from tests.fakes import image_files as files
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.webhook_receiver import WebhookReceiver
+from tests.services import fresh_postgres_database
 
 GEN = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -550,3 +551,40 @@ def test_expiry_ends_the_lines_not_yet_running(
     assert sorted(e["custom_id"] for e in errors) == [f"x{i}" for i in range(6)]
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     assert gw.key_row(key_id)["reserved_micros"] == 0 and upstream.requests == []
+
+
+def test_a_batch_on_postgresql_with_two_nodes(
+    gateway_with: Callable[..., Gateway], upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Two gateways on one PostgreSQL database: the batch is leased to one at a time, its lines run
+    on both nodes' workers, and it completes once with one ledger row per line."""
+    with fresh_postgres_database() as db_url:
+        migrate(db_url)
+        # What the nodes share: the database, the key pepper and the store (one directory here;
+        # a bucket in production).
+        shared = {
+            "database": {"url": db_url},
+            "security": {"key_pepper": "batch-test-pepper-" + "x" * 32},
+            "storage": {"path": str(tmp_path / "shared-store")},
+            **FAST,
+        }
+        first = gateway_with(fake_upstream_config(upstream), **shared)
+        second = gateway_with(fake_upstream_config(upstream), **shared)
+        key, key_id = first.create_key()
+        lines = [line(f"pg{i}", model="gpt-image-1", prompt=f"p{i}", n=1 + i % 2) for i in range(30)]
+        lines.append(line("pg-bad", model="gpt-image-1", prompt="x", size="9x9"))
+        client = first.client(key)
+        source = client.files.create(file=("pg.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = wait_for(
+            second.client(key),
+            client.batches.create(input_file_id=source.id, endpoint=GEN, completion_window="24h").id,
+        )
+        assert batch.status == "completed", batch
+        assert batch.request_counts is not None
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (30, 1)
+        outputs = read_jsonl(client, batch.output_file_id)
+        assert sorted(o["custom_id"] for o in outputs) == sorted(f"pg{i}" for i in range(30))
+        assert len(upstream.requests) == 30
+        assert ledger_violations(db_url, [key_id], None) == []
+        rows = query(db_url, f"SELECT batch_id FROM ledger_entries WHERE key_id = '{key_id}'")
+        assert [r["batch_id"] for r in rows] == [batch.id] * 30

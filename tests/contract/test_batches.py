@@ -21,6 +21,7 @@ from bench.gateway_process import GatewayProcess, gateway_config
 from tests.conftest import ADMIN_KEY, Gateway, fake_upstream_config, migrate, query
 from tests.fakes import image_files as files
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
+from tests.fakes.s3_server import FakeS3
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.services import fresh_postgres_database
 
@@ -588,3 +589,33 @@ def test_a_batch_on_postgresql_with_two_nodes(
         assert ledger_violations(db_url, [key_id], None) == []
         rows = query(db_url, f"SELECT batch_id FROM ledger_entries WHERE key_id = '{key_id}'")
         assert [r["batch_id"] for r in rows] == [batch.id] * 30
+
+
+def test_files_and_a_batch_on_an_s3_store(gateway_with: Callable[..., Gateway], upstream: FakeOpenAI) -> None:
+    """Blobs live in the bucket beside the images (multipart upload for large files), read back in
+    chunks; the batch's output file goes there too."""
+    with FakeS3() as s3:
+        storage = s3.settings(bucket="gateway-images").model_dump(mode="json")
+        for secret in ("access_key_id", "secret_access_key"):
+            storage[secret] = getattr(s3.settings(), secret).get_secret_value()
+        gw = gateway_with(fake_upstream_config(upstream), storage=storage, **FAST)
+        client = gw.client()
+        # Larger than boto3's 8 MiB multipart threshold.
+        padding = "x" * 1000
+        big = jsonl([line(f"s{i}", model="gpt-image-1", prompt=f"p{i}", user=padding) for i in range(9000)])
+        assert len(big) > 8 * 1024 * 1024
+        stored = client.files.create(file=("big.jsonl", io.BytesIO(big)), purpose="batch")
+        assert client.files.content(stored.id).content == big
+        client.files.delete(stored.id)
+        small = client.files.create(
+            file=(
+                "s.jsonl",
+                io.BytesIO(jsonl([line(f"s{i}", model="gpt-image-1", prompt="p") for i in range(3)])),
+            ),
+            purpose="batch",
+        )
+        batch = wait_for(
+            client, client.batches.create(input_file_id=small.id, endpoint=GEN, completion_window="24h").id
+        )
+        assert batch.status == "completed", batch
+        assert len(read_jsonl(client, batch.output_file_id)) == 3

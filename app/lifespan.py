@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI  # noqa: TID251 - the lifespan hook's type
 from sqlalchemy.engine import make_url
 
+from app.batches.files import FileLimits, FileService
+from app.batches.service import BatchLimits, BatchService
 from app.billing.journal import SettlementJournal
 from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
@@ -39,6 +41,7 @@ from app.security import ensure_admin_key
 from app.settings import Settings
 from app.state import AppState, UploadPolicy
 from app.storage import build_input_store, build_store, purge_expired, resolve_signing_secret
+from app.storage.blobs import blob_store_for
 from app.tasks.housekeeping import Chore, Housekeeper
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
@@ -255,6 +258,32 @@ async def open_state(
                 retention_s=settings.storage.retention_s,
             ),
         )
+        # Issue 27: OpenAI's Files and Batch APIs (app/batches/).
+        files = FileService(
+            sessions,
+            blob_store_for(store),
+            FileLimits(
+                max_bytes=settings.files.max_bytes,
+                max_lines=settings.files.max_lines,
+                retention_s=settings.files.retention_s,
+            ),
+        )
+        batches = BatchService(
+            sessions=sessions,
+            files=files,
+            tasks=tasks,
+            images=images,
+            keys=keys,
+            limits=BatchLimits(
+                max_lines_in_flight=settings.batches.max_batch_lines_in_flight,
+                lease_s=settings.batches.lease_s,
+                max_validation_errors=settings.batches.max_validation_errors,
+            ),
+            spool_root=uploads.spool_root,
+            input_limits=uploads.inputs,
+            outbox=outbox,
+            endpoints=webhooks,
+        )
         queue_depth = tasks.queue.depth
 
         async def refresh_gauges() -> None:
@@ -288,6 +317,8 @@ async def open_state(
             webhooks=webhooks,
             outbox=outbox,
             readiness=readiness,
+            files=files,
+            batches=batches,
         )
 
 
@@ -416,6 +447,8 @@ def housekeeper(state: AppState) -> Housekeeper:
         Chore("image-purge", storage.purge_interval_s, purge_images, cluster_wide=storage.kind != "local"),
         Chore("orphan-sweep", settings.uploads.sweep_interval_s, sweep_orphans, cluster_wide=False),
         Chore("memory-release", settings.billing.reconcile_every_s, give_back_memory, cluster_wide=False),
+        # Batch files past files.retention_s: rows and blobs in the shared database and store.
+        Chore("file-purge", settings.files.purge_interval_s, state.files.purge_expired),
     ]
     return Housekeeper(Leases(state.tasks.queue.writer, holder=worker_name()), chores)
 
@@ -438,6 +471,14 @@ async def _background(state: AppState) -> AsyncIterator[None]:
         )
         for i in range(config.workers)
     ]
+    # Batches advance in every serving process (each batch is leased to one at a time); their
+    # lines run as tasks wherever task workers run.
+    workers.append(
+        asyncio.create_task(
+            state.batches.run_forever(stop, worker=worker_name(), poll_s=state.settings.batches.poll_s),
+            name="batches",
+        )
+    )
     tasks = [
         asyncio.create_task(housekeeper(state).run_forever(), name="housekeeping"),
         *(
@@ -474,6 +515,8 @@ def webhook_sender(state: AppState) -> WebhookSender:
     base_url = public_base_url(state.settings)
 
     async def render(task_id: str) -> dict[str, Any] | None:
+        if task_id.startswith("batch_"):  # batch.* events (app/batches/service.py)
+            return await state.batches.render(task_id)
         return await state.tasks.render(task_id, base_url=base_url)
 
     sender = WebhookSender(

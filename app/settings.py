@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
+from app.batches.config import BatchSettings, FileSettings
 from app.db.engine import PoolConfig
 from app.moderation.config import ModerationSettings
 from app.security import ensure_key_pepper, is_placeholder
@@ -344,6 +345,8 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    files: FileSettings = Field(default_factory=FileSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name="local", kind="local")]

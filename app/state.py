@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.batches.files import FileService
+from app.batches.service import BatchService
 from app.billing.ledger import LedgerService
 from app.db.readiness import Readiness
 from app.domain.catalog import Catalog
@@ -71,3 +73,5 @@ class AppState:
     outbox: Outbox
     # What /readyz reports (the database, Redis, and whether this node is draining).
     readiness: Readiness
+    files: FileService
+    batches: BatchService

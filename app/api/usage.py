@@ -21,7 +21,7 @@ async def _report(
     model: str | None,
     start: str | None,
     end: str | None,
-    group_by: Literal["day", "model", "key"] | None,
+    group_by: Literal["day", "model", "key", "batch"] | None,
     output: Literal["json", "csv"],
 ) -> Response:
     report = await usage_report(
@@ -48,7 +48,7 @@ async def admin_usage(
     model: str | None = None,
     start: From = None,
     to: str | None = None,
-    group_by: Literal["day", "model", "key"] | None = None,
+    group_by: Literal["day", "model", "key", "batch"] | None = None,
     output: Format = "json",
 ) -> Response:
     return await _report(

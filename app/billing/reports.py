@@ -15,7 +15,7 @@ from app.db.tables import LedgerEntry
 from app.domain.money import format_micros
 from app.errors import InvalidRequestError
 
-GroupBy = Literal["day", "month", "model", "key"]
+GroupBy = Literal["day", "month", "model", "key", "batch"]
 # The moments a report may name: the ledger holds nothing before 1970, and a bound near year 9999
 # overflows as soon as a day is added to it (the console's inclusive ``to``) or a zone applied.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -153,6 +153,8 @@ def _group_column(group_by: GroupBy, dialect: str) -> ColumnElement[Any]:
         return LedgerEntry.model.expression
     if group_by == "key":
         return LedgerEntry.key_id.expression
+    if group_by == "batch":  # requests outside any batch form the null group
+        return LedgerEntry.batch_id.expression
     month = group_by == "month"
     if dialect == "postgresql":
         return func.to_char(

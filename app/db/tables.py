@@ -115,6 +115,7 @@ class LedgerEntry(Base):
     __table_args__ = (
         Index("ix_ledger_key_created", "key_id", "created_at"),
         Index("ix_ledger_created", "created_at"),
+        Index("ix_ledger_batch", "batch_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -152,6 +153,9 @@ class LedgerEntry(Base):
     svg_output_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     svg_reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     svg_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The batch this request was a line of (issue 27): set by the batch runner once the line's task
+    # finished, so /admin/usage can group by batch. None for requests outside a batch.
+    batch_id: Mapped[str | None] = mapped_column(String(40))
 
 
 class Task(Base):
@@ -317,3 +321,83 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(120))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class StoredFile(Base):
+    """A file uploaded through ``POST /v1/files`` (or written by a batch): its bytes live in the
+    object store under ``blob``; this row is its metadata and its owner."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_key_created", "key_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(40))
+    # batch (uploaded) | batch_output (written by a batch: its output and error files)
+    purpose: Mapped[str] = mapped_column(String(20))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    blob: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Batch(Base):
+    """A batch of image requests (OpenAI's Batch API): its state, counts and files."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_key_created", "key_id", "created_at"),
+        Index("ix_batches_status", "status", "lease_until"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(40))
+    endpoint: Mapped[str] = mapped_column(String(40))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(10))
+    # validating | in_progress | finalizing | completed | failed | expired | cancelling | cancelled
+    status: Mapped[str] = mapped_column(String(20))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    completed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Where the creating client reached the gateway: the base of the output file's image links.
+    base_url: Mapped[str] = mapped_column(String(300))
+    # The process advancing the batch, and until when (another takes over once it lapses).
+    worker: Mapped[str | None] = mapped_column(String(80))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class BatchLine(Base):
+    """One line of a batch: its request, the task that runs it, and how it ended.
+
+    ``state``: pending (not yet admitted) | queued (a task runs it: ``task_id``) | ok | error.
+    A line that ended without a task (refused at admission, expired, cancelled) keeps its answer
+    in ``error`` (status code and OpenAI error body).
+    """
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (Index("ix_batch_lines_state", "batch_id", "state", "line"),)
+
+    batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(10))
+    task_id: Mapped[str | None] = mapped_column(String(40))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

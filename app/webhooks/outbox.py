@@ -113,6 +113,43 @@ class Outbox:
         )
         return len(endpoints)
 
+    def enqueue_event_in(
+        self,
+        c: Connection,
+        *,
+        key_id: str,
+        subject_id: str,
+        event_type: str,
+        snapshot: dict[str, Any],
+        endpoints: Sequence[str],
+    ) -> int:
+        """Queue an event that is not a task's (a batch's: ``batch.completed``, …) for ``endpoints``,
+        inside the caller's transaction. ``subject_id`` takes the delivery's task id column: the
+        sender's render function tells the subjects apart by their id prefix."""
+        if not endpoints:
+            return 0
+        now = self._now()
+        c.execute(
+            insert(WebhookDelivery),
+            [
+                dict(
+                    id="msg_" + secrets.token_hex(12),
+                    endpoint_id=endpoint,
+                    key_id=key_id,
+                    task_id=subject_id,
+                    event_type=event_type,
+                    snapshot=snapshot,
+                    status=PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    give_up_at=now + self.retry_period,
+                    created_at=now,
+                )
+                for endpoint in endpoints
+            ],
+        )
+        return len(endpoints)
+
     async def claim_due(self, limit: int) -> list[WebhookDelivery]:
         """Lease up to ``limit`` deliveries that are due: pushed ``send_lease_s`` ahead, so another
         process does not send them meanwhile, and due again if this one dies mid-send."""

@@ -131,7 +131,9 @@ def test_links_are_signed_and_expire(gateway: Gateway, upstream: FakeOpenAI) -> 
     assert fetch(other_name).status_code in (403, 404)
     for traversal in ("..%2F..%2Fgateway.db", "%2e%2e%2fadmin_key", "..", "img_../../admin_key"):
         response = httpx.get(f"{url.scheme}://{url.netloc}/v1/files/images/{traversal}?{urlencode(params)}")
-        assert response.status_code in (403, 404), traversal
+        # ".." is resolved by the client to /v1/files/: the Files API's listing (issue 27), which
+        # wants a key (401). Nothing reaches a file outside the store either way.
+        assert response.status_code in ((403, 404, 401) if traversal == ".." else (403, 404)), traversal
         assert b"sk-" not in response.content
     assert httpx.get(base).status_code == 403
 

@@ -15,6 +15,14 @@ Read before writing it (public documentation, read not copied):
   https://docs.bfl.ai/flux_models/flux_1_1_pro
 - Kontext image editing (input_image base64, aspect_ratio 3:7 to 7:3, output_format jpeg/png,
   safety_tolerance, seed): https://docs.bfl.ai/kontext/kontext_image_editing
+- FLUX.2 [pro] / [flex] (``POST /v1/flux-2-pro``, ``/v1/flux-2-flex``; width/height from 64,
+  up to 4 MP; ``input_image`` … ``input_image_8``; ``safety_tolerance`` 0–5; [flex] ``steps``
+  1–50 and ``guidance`` 1.5–10): https://docs.bfl.ai/flux_2/flux2_text_to_image and the API
+  reference pages "Generate or edit an image with FLUX.2 [pro]" / "[flex]"
+  (https://docs.bfl.ml/api-reference/models/generate-or-edit-an-image-with-flux2-%5Bpro%5D.md).
+  Inferred, not read: width/height in multiples of 16 (the fake enforces it; the reference only
+  states the minimum), that an edit without width/height keeps the first input's size, and
+  [pro]'s 8-image limit (read for [flex]).
 - Errors and get_result response types (Ready, Pending, Request Moderated, Content Moderated,
   Task not found, Error; HTTP 402 / 403 / 422 / 429 / 5xx): https://docs.bfl.ai/api_integration/errors
 
@@ -24,8 +32,12 @@ Translation:
   ``size=auto`` sends none, so Kontext keeps the input's ratio). The answer's ``size`` is read
   from the downloaded image.
 - ``n`` → ``n`` jobs, submitted one after the other, polled together.
-- Edits (Kontext models): the first image as ``input_image`` (base64), further ones as
-  ``input_image_2``… up to the catalog's ``max_images``. No masks (refused by the catalog).
+- Edits (Kontext and FLUX.2 models): the first image as ``input_image`` (base64), further ones
+  as ``input_image_2``… up to the catalog's ``max_images``. No masks (refused by the catalog).
+  A FLUX.2 edit at ``size=auto`` sends no width/height: the output keeps the first input's size.
+- Errors: BFL's 422 (``{"detail": [{"msg"}]}``, a value its schema refuses) is the client's 400
+  ``invalid_request_error`` (``native.rejected``); the catalog's ``params`` rules catch the known
+  fields before any call, so a 422 means a rule the catalog does not know yet.
 - ``output_format``: FLUX makes jpeg and png; webp, and jpeg at an asked ``output_compression``,
   are re-encoded by the gateway.
 
@@ -304,8 +316,10 @@ def request_body(job: ImageJob) -> dict[str, Any]:
         return body
     dims = parse_size(job.size)
     if spec.dimensions is not None:
-        width, height = spec.dimensions.fit(*(dims or (1024, 1024)))
-        body.update(width=width, height=height)
+        # An edit at size=auto sends none: FLUX.2 then keeps the first input image's size.
+        if dims is not None or job.endpoint != "edits":
+            width, height = spec.dimensions.fit(*(dims or (1024, 1024)))
+            body.update(width=width, height=height)
     elif spec.aspect_ratios and not (dims is None and job.endpoint == "edits"):
         body["aspect_ratio"] = nearest_ratio(job.size, spec.aspect_ratios, spec.default_ratio)
     body.update(spec.mapped_params(job.forward))

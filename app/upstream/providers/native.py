@@ -12,7 +12,11 @@ pieces every such translation needs:
   OpenAI error becomes (status kept, message scrubbed of keys, URLs and hosts, ``retry-after``
   read), so retry, failover and the breaker treat every provider alike. A 404 (model or route
   unknown) and a 402 (the operator's account cannot pay) are the configuration's fault, not the
-  client's: they become 502 ``upstream_error`` and fail over.
+  client's: they become 502 ``upstream_error`` and fail over. A 4xx OpenAI never answers (BFL's
+  422 validation error, 405, 413, 415, …) is the request's fault all the same: it reaches the
+  client as OpenAI's 400 ``invalid_request_error``, the only shape its SDKs know for it.
+- ``prompt_rejected``: an answer that says the prompt itself produced no image (Gemini's
+  ``NO_IMAGE``): 400, so it is neither retried on another upstream nor charged.
 - ``moderation_blocked``: the 400 ``moderation_blocked`` a provider's safety refusal becomes.
 - ``nearest_ratio`` / ``nearest_tier``: an OpenAI ``size`` to the provider's nearest aspect ratio
   and resolution tier.
@@ -186,6 +190,23 @@ def moderation_blocked(
     )
 
 
+def prompt_rejected(message: str, reason: str) -> UpstreamRejected:
+    """The provider made no image because of what the prompt asks: the client's answer (400), the
+    same on every upstream, so not retried, and not charged (nothing was produced)."""
+    return UpstreamRejected(
+        400,
+        message,
+        error_type="image_generation_user_error",
+        param="prompt",
+        code="image_generation_failed",
+        details={"reason": reason.lower()},
+    )
+
+
+# The 4xx statuses an OpenAI client knows (openai-python's status-to-class table): others are 400.
+OPENAI_4XX = frozenset({400, 401, 403, 404, 408, 409, 429})
+
+
 def rejected(
     status: int,
     message: str | None,
@@ -200,6 +221,9 @@ def rejected(
     if status == 402:
         return UpstreamError(NO_CREDIT)
     error: dict[str, Any] = {"message": message or None, "code": code}
+    if 400 <= status < 500 and status not in OPENAI_4XX:
+        status = 400
+        error.update(type="invalid_request_error", code=code or "invalid_value")
     if status == 429:
         error.update(type="rate_limit_error", code="rate_limit_exceeded")
     return rejected_from_response(status, orjson.dumps({"error": error}), headers, secrets=secrets)
@@ -238,6 +262,9 @@ async def in_parallel(n: int, call: Callable[[int], Awaitable[list[T]]]) -> list
         return images
     for error in errors:
         if isinstance(error, UpstreamRejected) and error.code == "moderation_blocked":
+            raise error
+    for error in errors:  # then another answer about the prompt (prompt_rejected)
+        if isinstance(error, UpstreamRejected) and error.error_type == "image_generation_user_error":
             raise error
     raise errors[0] if errors else UpstreamError(NO_IMAGE)
 

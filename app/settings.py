@@ -36,7 +36,7 @@ from app.moderation.config import ModerationSettings
 from app.security import ensure_key_pepper, is_placeholder
 from app.storage.config import StorageSettings
 from app.tracing import TracingSettings
-from app.upstream.config import UpstreamSettings
+from app.upstream.config import UpstreamSettings, default_upstreams
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 # The shipped catalog and moderation policy travel inside the package, so an installed gateway
@@ -314,9 +314,7 @@ class Settings(BaseSettings):
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
-    upstreams: list[UpstreamSettings] = Field(
-        default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
-    )
+    upstreams: list[UpstreamSettings] = Field(default_factory=default_upstreams)
 
     @field_validator("models_file", mode="before")
     @classmethod

@@ -41,8 +41,9 @@ Translation:
 - ``output_format``: FLUX makes jpeg and png; webp, and jpeg at an asked ``output_compression``,
   are re-encoded by the gateway.
 
-Polling: every ``poll_interval_s``, growing ×1.5 up to ``poll_max_interval_s``, until the job is
-``Ready`` or ``poll_budget_s`` has passed. A poll or download that fails in transit (connection,
+Polling (``polling.PollingMixin``, shared with other submit/poll providers): every
+``poll_interval_s``, growing ×1.5 up to ``poll_max_interval_s``, until the job is ``Ready`` or
+``poll_budget_s`` has passed. A poll or download that fails in transit (connection,
 429, 5xx) or a poll answer that does not parse is tried again within the budget: once a job is
 submitted, going back to the router (which would submit it again) is never the answer. The budget
 exhausted → 504 ``upstream_timeout`` (``UpstreamJobTimeout``, not retried). ``Request Moderated`` /
@@ -77,7 +78,9 @@ from yarl import URL
 
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
-from app.errors import GatewayError, UpstreamError, UpstreamJobTimeout, UpstreamRejected
+from app.errors import GatewayError, UpstreamError
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     MAX_IMAGE_BYTES,
@@ -92,6 +95,7 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
+from app.upstream.providers.polling import PollingMixin
 
 DEFAULT_BASE_URL = "https://api.bfl.ai"
 DEFAULT_POLLING_HOSTS = ("api.bfl.ai", "*.bfl.ai")
@@ -100,7 +104,6 @@ NATIVE_FORMATS = ("jpeg", "png")
 FAILED = frozenset({"Error", "Failed", "Task not found"})
 UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 JOB_FAILED = "The upstream service failed to generate the image."
-NOT_FINISHED = "The upstream service did not finish the image within the polling budget."
 
 
 def host_allowed(url: URL, patterns: Sequence[str]) -> bool:
@@ -121,7 +124,7 @@ def host_allowed(url: URL, patterns: Sequence[str]) -> bool:
     return False
 
 
-class FluxProvider(NativeProvider):
+class FluxProvider(PollingMixin, NativeProvider):
     """An ``ImageProvider`` over the FLUX API (one per configured upstream)."""
 
     def __init__(
@@ -137,13 +140,15 @@ class FluxProvider(NativeProvider):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._init_polling(
+            poll_budget_s=poll_budget_s,
+            poll_interval_s=poll_interval_s,
+            poll_max_interval_s=poll_max_interval_s,
+            sleep=sleep,
+            clock=clock,
+        )
         self._polling_hosts = tuple(polling_hosts)
         self._delivery_hosts = tuple(delivery_hosts)
-        self._budget_s = poll_budget_s
-        self._interval_s = poll_interval_s
-        self._max_interval_s = max(poll_max_interval_s, poll_interval_s)
-        self._sleep = sleep
-        self._clock = clock
         self._origin = URL(self._base_url).origin()
         self._plain_http_ok = self._origin.scheme == "http"
 
@@ -165,7 +170,7 @@ class FluxProvider(NativeProvider):
             refs = [await self._submit(url, body, job) for _ in range(job.n)]
             if job.on_submitted is not None:
                 await job.on_submitted({"upstream": self.name, "jobs": refs})
-        deadline = self._clock() + self._budget_s
+        deadline = self._poll_deadline()
 
         async def finish(index: int) -> list[Produced]:
             image = await self._await_image(refs[index], job, deadline)
@@ -201,8 +206,8 @@ class FluxProvider(NativeProvider):
     async def _await_image(self, ref: Mapping[str, str], job: ImageJob, deadline: float) -> Produced:
         """Poll one job until it is Ready and download its image (rules in the module doc)."""
         polling_url = self._trusted_polling_url(ref.get("polling_url", ""))
-        delay = self._interval_s
-        while True:
+
+        async def step() -> Produced | None:
             answer = await self._transient_ok(
                 partial(self._send, "GET", polling_url, request_id=job.request_id)
             )
@@ -210,33 +215,16 @@ class FluxProvider(NativeProvider):
             if status == "Ready":
                 sample = self._trusted_sample(json_object(answer[0]))
                 image: Produced | None = await self._transient_ok(partial(self._download, sample, job))
-                if image is not None:
-                    return image
-            elif status == "Request Moderated":
+                return image
+            if status == "Request Moderated":
                 raise moderation_blocked("input")
-            elif status == "Content Moderated":
+            if status == "Content Moderated":
                 raise moderation_blocked("output")
-            elif status in FAILED:
+            if status in FAILED:
                 raise UpstreamError(JOB_FAILED)
-            # Pending, or an answer that did not parse: the job is still the one to wait for.
-            if self._clock() + delay > deadline:
-                raise UpstreamJobTimeout(NOT_FINISHED)
-            await self._sleep(delay)
-            delay = min(delay * 1.5, self._max_interval_s)
+            return None  # Pending, or an answer that did not parse: still the job to wait for
 
-    async def _transient_ok(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """``call()``'s result, or None when it failed in a way the next poll may not (connection,
-        timeout, 408/409/429, 5xx); other failures are raised."""
-        try:
-            return await call()
-        except UpstreamRejected as exc:
-            if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
-                return None
-            raise
-        except UpstreamError as exc:
-            if exc.code in ("upstream_unavailable", "upstream_timeout"):
-                return None
-            raise
+        return await self._poll_until(step, deadline)
 
     async def _download(self, url: URL, job: ImageJob) -> Produced:
         raw, _ = await self._send(
@@ -333,3 +321,20 @@ def _read_inputs(job: ImageJob) -> dict[str, str]:
         name = "input_image" if index == 0 else f"input_image_{index + 1}"
         fields[name] = base64.b64encode(image.path.read_bytes()).decode()
     return fields
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return FluxProvider(
+        base_url=upstream.base_url or DEFAULT_BASE_URL,
+        polling_hosts=upstream.polling_hosts if upstream.polling_hosts is not None else DEFAULT_POLLING_HOSTS,
+        delivery_hosts=(
+            upstream.delivery_hosts if upstream.delivery_hosts is not None else DEFAULT_DELIVERY_HOSTS
+        ),
+        poll_budget_s=upstream.poll_budget_s,
+        poll_interval_s=upstream.poll_interval_s,
+        poll_max_interval_s=upstream.poll_max_interval_s,
+        **common_options(upstream),
+    )
+
+
+register_kind(ProviderKind(name="bfl", build=_build))

@@ -62,6 +62,8 @@ import orjson
 
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage
 from app.errors import GatewayError, UpstreamError
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     NO_IMAGE,
@@ -243,3 +245,10 @@ def _by_modality(details: Any) -> dict[str, int]:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return GeminiProvider(base_url=upstream.base_url or DEFAULT_BASE_URL, **common_options(upstream))
+
+
+register_kind(ProviderKind(name="gemini", build=_build))

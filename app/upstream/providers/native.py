@@ -5,9 +5,9 @@ OpenAI-shaped settings into the provider's request, and the provider's answer in
 ``ImagesResponse`` the gateway relays, meters and stores like any other. This module holds the
 pieces every such translation needs:
 
-- ``NativeProvider``: one pooled aiohttp session per upstream, each call inside
-  ``map_aiohttp_errors`` (transport trouble becomes ``app.errors`` upstream errors), the stream
-  contract through completed events, the ``/readyz`` probe.
+- ``NativeProvider``: one ``Transport`` per upstream (``app.upstream.transport``: the pooled
+  session, timeouts, signing hook, error mapping and scrubbing), the stream contract through
+  completed events, the ``/readyz`` probe.
 - ``rejected``: a provider's error answer as the same ``UpstreamRejected`` / ``UpstreamError`` an
   OpenAI error becomes (status kept, message scrubbed of keys, URLs and hosts, ``retry-after``
   read), so retry, failover and the breaker treat every provider alike. A 404 (model or route
@@ -46,9 +46,8 @@ from PIL import Image, UnidentifiedImageError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
-from app.upstream.base import mark_answered
-from app.upstream.client import PROBE_TIMEOUT, LazySession, client_timeout
-from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
+from app.upstream.errors import INVALID_RESPONSE, rejected_from_response
+from app.upstream.transport import RequestSigner, Transport
 
 NOT_CONFIGURED = "The upstream service is not configured to serve this model."
 NO_CREDIT = "The upstream account cannot pay for this request."
@@ -285,19 +284,25 @@ class NativeProvider(ABC):
         connect_timeout_s: float = 10.0,
         max_connections: int | None = None,
         session: aiohttp.ClientSession | None = None,
+        sign: RequestSigner | None = None,
     ) -> None:
         self.name = name
-        self._base_url = base_url.rstrip("/")
-        self._api_key = api_key or None
-        self._secrets: tuple[str, ...] = upstream_secrets(self._base_url, api_key)
-        self._timeout_s = timeout_s
-        self._timeout = client_timeout(timeout_s, connect_timeout_s)
-        self._http = LazySession(
-            self._timeout,
+        self._transport = Transport(
+            name=name,
+            base_url=base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
             max_connections=max_connections,
-            what=f"upstream provider {name!r}",
             session=session,
+            sign=sign,
         )
+        self._base_url = self._transport.base_url
+        self._api_key = api_key or None
+
+    @property
+    def _secrets(self) -> tuple[str, ...]:
+        return self._transport.secrets
 
     @abstractmethod
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult: ...
@@ -315,21 +320,10 @@ class NativeProvider(ABC):
 
     async def probe(self) -> bool:
         """Reachability: any HTTP answer from the base URL will do, even 401 or 404."""
-        try:
-            async with self._http.get().get(
-                self._base_url,
-                headers=self._auth(),
-                timeout=PROBE_TIMEOUT,
-                allow_redirects=False,
-                proxy=self._http.proxy(self._base_url),
-            ) as response:
-                await response.read()
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-        return True
+        return await self._transport.probe(self._base_url, self._auth())
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # -- for subclasses -----------------------------------------------------------------------------
 
@@ -360,20 +354,7 @@ class NativeProvider(ABC):
         if json_body is not None:
             headers["content-type"] = "application/json"
             data = orjson.dumps(json_body)
-        with map_aiohttp_errors(secrets=self._secrets):
-            async with self._http.get().request(
-                method, url, data=data, headers=headers, allow_redirects=False, proxy=self._http.proxy(url)
-            ) as response:
-                if max_bytes is not None and (response.content_length or 0) > max_bytes:
-                    raise UpstreamError(INVALID_RESPONSE)
-                if 200 <= response.status < 300:
-                    # The upstream has done (and billed) the work: a client leaving while the
-                    # body arrives no longer cancels the call, which is settled instead.
-                    mark_answered()
-                raw = await response.read()
-                status, answer_headers = response.status, response.headers
-        if max_bytes is not None and len(raw) > max_bytes:
-            raise UpstreamError(INVALID_RESPONSE)
-        if not 200 <= status < 300:
-            raise self._error(status, raw, answer_headers)
-        return raw, answer_headers
+        answer = await self._transport.call(method, url, headers=headers, data=data, max_bytes=max_bytes)
+        if not answer.ok:
+            raise self._error(answer.status, answer.body, answer.headers)
+        return answer.body, answer.headers

@@ -14,9 +14,9 @@ from app.domain.catalog import Catalog, CatalogError
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage
 from app.domain.provider_spec import DimensionRule, ProviderSpec, ProviderSpecError, unmapped_fields
 from app.images.validation import build_job, parse_generate_request
-from app.upstream.providers.bfl import host_allowed
 from app.upstream.providers.gemini import usage_of
 from app.upstream.providers.native import nearest_ratio, nearest_tier
+from app.upstream.providers.polling import host_allowed
 from app.upstream.registry import ProviderRegistry, Route
 from app.upstream.router import Router
 from tests.conftest import MODELS_FILE

@@ -95,7 +95,7 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
-from app.upstream.providers.polling import PollingMixin
+from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed
 
 DEFAULT_BASE_URL = "https://api.bfl.ai"
 DEFAULT_POLLING_HOSTS = ("api.bfl.ai", "*.bfl.ai")
@@ -104,24 +104,6 @@ NATIVE_FORMATS = ("jpeg", "png")
 FAILED = frozenset({"Error", "Failed", "Task not found"})
 UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 JOB_FAILED = "The upstream service failed to generate the image."
-
-
-def host_allowed(url: URL, patterns: Sequence[str]) -> bool:
-    """Whether ``url``'s host (and port, where a pattern names one) matches a pattern:
-    ``host``, ``host:port`` or ``*.domain`` (subdomains only)."""
-    host = (url.host or "").lower().rstrip(".")
-    if not host:
-        return False
-    for pattern in patterns:
-        name, _, port = pattern.lower().partition(":")
-        if port and (not port.isdigit() or url.port != int(port)):
-            continue
-        if name.startswith("*."):
-            if host.endswith(name[1:]) and host != name[2:]:
-                return True
-        elif host == name:
-            return True
-    return False
 
 
 class FluxProvider(PollingMixin, NativeProvider):
@@ -233,7 +215,7 @@ class FluxProvider(PollingMixin, NativeProvider):
         return produced(raw)
 
     def _trusted_polling_url(self, value: str) -> str:
-        url = _url(value)
+        url = absolute_url(value)
         same_origin = url.origin() == self._origin
         if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
@@ -244,7 +226,7 @@ class FluxProvider(PollingMixin, NativeProvider):
         sample = result.get("sample") if isinstance(result, Mapping) else None
         if not isinstance(sample, str) or not sample:
             raise UpstreamError(INVALID_RESPONSE)
-        url = _url(sample)
+        url = absolute_url(sample)
         if not (self._scheme_ok(url) and host_allowed(url, self._delivery_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
         return url
@@ -281,16 +263,6 @@ def _status(raw: bytes) -> str | None:
     except UpstreamError:
         return None
     return status if isinstance(status, str) else None
-
-
-def _url(value: str) -> URL:
-    try:
-        url = URL(value)
-    except (TypeError, ValueError) as exc:
-        raise UpstreamError(INVALID_RESPONSE) from exc
-    if not url.is_absolute():
-        raise UpstreamError(INVALID_RESPONSE)
-    return url
 
 
 def request_body(job: ImageJob) -> dict[str, Any]:

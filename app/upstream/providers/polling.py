@@ -10,6 +10,10 @@ upstream; submitting it again elsewhere would pay twice). ``step`` raises what e
 ``call()``'s result, or None for a failure in transit (connection, timeout, 408/409/429, 5xx): once
 a job is submitted, going back to the router, which would submit it again, is never the answer.
 
+``host_allowed`` / ``absolute_url``: such providers name the URLs to poll and to download from,
+and the gateway never trusts an upstream to name an arbitrary URL (it would fetch it from inside
+the operator's network): each URL is checked against the upstream's allowed hosts.
+
 Clock and sleep are injected, so tests count polls instead of waiting on the wall clock.
 """
 
@@ -17,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from yarl import URL
+
 from app.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
+from app.upstream.errors import INVALID_RESPONSE
 
 T = TypeVar("T")
 NOT_FINISHED = "The upstream service did not finish the image within the polling budget."
@@ -78,3 +85,31 @@ class PollingMixin:
             if exc.code in ("upstream_unavailable", "upstream_timeout"):
                 return None
             raise
+
+
+def host_allowed(url: URL, patterns: Sequence[str]) -> bool:
+    """Whether ``url``'s host (and port, where a pattern names one) matches a pattern:
+    ``host``, ``host:port`` or ``*.domain`` (subdomains only)."""
+    host = (url.host or "").lower().rstrip(".")
+    if not host:
+        return False
+    for pattern in patterns:
+        name, _, port = pattern.lower().partition(":")
+        if port and (not port.isdigit() or url.port != int(port)):
+            continue
+        if name.startswith("*."):
+            if host.endswith(name[1:]) and host != name[2:]:
+                return True
+        elif host == name:
+            return True
+    return False
+
+
+def absolute_url(value: str) -> URL:
+    try:
+        url = URL(value)
+    except (TypeError, ValueError) as exc:
+        raise UpstreamError(INVALID_RESPONSE) from exc
+    if not url.is_absolute():
+        raise UpstreamError(INVALID_RESPONSE)
+    return url

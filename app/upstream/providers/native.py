@@ -345,11 +345,13 @@ class NativeProvider(ABC):
         form: aiohttp.FormData | aiohttp.MultipartWriter | None = None,
         auth: bool = True,
         max_bytes: int | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> tuple[bytes, Mapping[str, str]]:
         """One HTTP call; a 2xx answer's body and headers, anything else raised as ``_error``."""
         headers = {"accept": "application/json", "x-request-id": request_id}
         if auth:
             headers.update(self._auth())
+        headers.update(extra_headers or {})
         data: Any = form
         if json_body is not None:
             headers["content-type"] = "application/json"

@@ -38,7 +38,7 @@ from app.moderation.config import ModerationSettings
 from app.security import ensure_key_pepper, is_placeholder
 from app.storage.config import StorageSettings
 from app.tracing import TracingSettings
-from app.upstream.config import UpstreamSettings
+from app.upstream.config import UpstreamSettings, default_upstreams
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 # The shipped catalog and moderation policy travel inside the package, so an installed gateway
@@ -348,9 +348,7 @@ class Settings(BaseSettings):
     files: FileSettings = Field(default_factory=FileSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
-    upstreams: list[UpstreamSettings] = Field(
-        default_factory=lambda: [UpstreamSettings(name="local", kind="local")]
-    )
+    upstreams: list[UpstreamSettings] = Field(default_factory=default_upstreams)
 
     @field_validator("models_file", mode="before")
     @classmethod

@@ -24,7 +24,7 @@ from app.domain.provider_spec import ProviderSpec, ProviderSpecError
 
 Family = Literal["gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability"]
 FAMILIES: tuple[str, ...] = ("gpt-image", "dall-e-2", "dall-e-3", "gemini", "imagen", "flux", "stability")
-LifecycleState = Literal["active", "deprecated", "retired"]
+LifecycleState = Literal["active", "legacy", "deprecated", "retired"]
 RESPONSE_FORMATS = ("url", "b64_json")
 
 
@@ -96,6 +96,9 @@ class EditCaps:
     formats: tuple[str, ...]
     mask: bool
     square_only: bool = False
+    # All images of one request together (Gemini's inline data shares one 20 MB request); None:
+    # only the per-image bound.
+    max_total_bytes: int | None = None
     # Whether the edited area must be marked (a mask, or transparent pixels in the first image):
     # an inpainting upstream has nothing to repaint otherwise. Checked with the inputs' headers,
     # before anything is reserved.
@@ -154,6 +157,9 @@ class ModelCapabilities:
     # Lifecycle as OpenAI published it: retired from 00:00 UTC of `retired_at`.
     retired_at: dt.date | None = None
     replacement: str | None = None
+    # The provider lists the model as legacy (superseded, still served, no retirement date yet):
+    # shown as ``state: legacy`` in ``/v1/models``, with its ``replacement``.
+    legacy: bool = False
     # Set on an alias (a dated snapshot): the entry whose rules it shares.
     alias_of: str | None = None
     aliases: tuple[str, ...] = ()
@@ -180,7 +186,7 @@ class ModelCapabilities:
         """``retired`` from the retirement instant on, ``deprecated`` while one is scheduled."""
         retires = self.retires
         if retires is None:
-            return "active"
+            return "legacy" if self.legacy else "active"
         return "retired" if now >= retires else "deprecated"
 
     def retirement_message(self) -> str:
@@ -330,6 +336,9 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
         edit = EditCaps(
             max_images=int(edit_spec.get("max_images", 1)),
             max_image_bytes=int(edit_spec.get("max_image_bytes", 4 * 1024 * 1024)),
+            max_total_bytes=(
+                int(edit_spec["max_total_bytes"]) if edit_spec.get("max_total_bytes") is not None else None
+            ),
             formats=tuple(edit_spec.get("formats", ["png"])),
             mask=bool(edit_spec.get("mask", True)),
             square_only=bool(edit_spec.get("square_only", False)),
@@ -386,6 +395,7 @@ def _build(name: str, spec: Any) -> ModelCapabilities:
         default_response_format=default_response_format,
         retired_at=retired_at,
         replacement=str(spec["replacement"]) if spec.get("replacement") else None,
+        legacy=bool(spec.get("legacy", False)),
         aliases=tuple(str(a) for a in spec.get("aliases") or ()),
     )
 

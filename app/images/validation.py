@@ -182,7 +182,9 @@ def check_unsupported(fields: Mapping[str, Any], caps: ModelCapabilities) -> Non
 def check_unmapped(fields: Mapping[str, Any], caps: ModelCapabilities) -> None:
     """A provider model (Gemini, FLUX, …) has nowhere to forward a field its adapter does not
     translate: unless its catalog entry maps it (``provider.params``), it is a 400, never silently
-    dropped. ``false`` and ``null`` mean "off", which every model supports."""
+    dropped. ``false`` and ``null`` mean "off", which every model supports. A mapped field the
+    catalog gives a rule (``ParamRule``) must also hold a value the provider takes: a 400 here,
+    before any reservation or call, rather than the provider's own 4xx after one."""
     unmapped = unmapped_fields(
         (k for k, v in fields.items() if v is not None and v is not False), caps.provider
     )
@@ -192,6 +194,20 @@ def check_unmapped(fields: Mapping[str, Any], caps: ModelCapabilities) -> None:
             param=unmapped[0],
             code="unsupported_parameter",
         )
+    spec = caps.provider
+    if spec is None:
+        return
+    for name in sorted(spec.param_rules):
+        value = fields.get(name)
+        if value is None:
+            continue
+        _, reason = spec.parse_param(name, value)
+        if reason is not None:
+            raise InvalidRequestError(
+                f"Invalid '{name}': {reason} for the model '{caps.name}', got {str(value)[:100]!r}.",
+                param=name,
+                code="invalid_value",
+            )
 
 
 def check_size(size: str, caps: ModelCapabilities) -> None:

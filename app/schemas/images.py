@@ -77,7 +77,7 @@ class ModelObject(BaseModel):
     object: str = "model"
     created: int
     owned_by: str
-    # active | deprecated (a retirement is scheduled) | retired
+    # active | legacy (superseded, still served) | deprecated (a retirement is scheduled) | retired
     state: str = "active"
     retired_at: str | None = None
     replacement: str | None = None

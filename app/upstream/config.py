@@ -2,15 +2,106 @@
 
 It lives with the upstream package, as ``storage/config.py`` and ``moderation/config.py`` do with
 theirs, so that the adapters read their own section without importing the settings root above them.
+
+The upstream kinds: each adapter module registers its kind once, here (``register_kind``), and
+nothing else in the gateway names it. A kind says how to build its adapter from an upstream's
+settings and how the registry treats it: which catalog models ``"*"`` stands for (``catalog``:
+the models whose ``provider.kind`` is this kind; ``unclaimed``: the models no provider claims, for
+OpenAI-compatible kinds; ``all``: every model), whether it needs a ``base_url`` or a key, whether
+it follows OpenAI's retirements, and whether it is the built-in stand-in. ``UpstreamSettings``
+checks a configured ``kind`` against this table, ``registry.py`` reads its rules, and the
+catalog's ``provider.kind`` names the kind that serves a model: adding a provider is its module,
+its catalog entries and its tests.
+
+The table is filled by importing every module of ``app.upstream.providers`` (``provider_kinds``):
+the list of kinds is not written anywhere, it is what the package holds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import importlib
+import pkgutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from app.security import is_placeholder
+
+if TYPE_CHECKING:
+    from app.upstream.base import ImageProvider
+
+
+Serves = Literal["catalog", "unclaimed", "all"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKind:
+    """One upstream kind and the rules the registry applies to it."""
+
+    name: str
+    build: Callable[[UpstreamSettings], ImageProvider]
+    serves: Serves = "catalog"
+    base_url_required: bool = False
+    # Whether an upstream of this kind works without an api_key (the in-process renderer).
+    keyless: bool = False
+    # Whether it stops serving a model on OpenAI's retirement date unless configured otherwise.
+    follows_retirements: bool = False
+    # The built-in stand-in: serves a model beside real upstreams only where ``fallback_for`` says.
+    stand_in: bool = False
+    # Configured when the operator configures no upstream at all.
+    default: bool = False
+
+
+_KINDS: dict[str, ProviderKind] = {}
+_lock = threading.RLock()
+_loaded = False
+
+
+def register_kind(kind: ProviderKind) -> ProviderKind:
+    """Called once by the adapter module that implements ``kind``."""
+    existing = _KINDS.get(kind.name)
+    if existing is not None and existing is not kind:
+        raise ValueError(f"upstream kind {kind.name!r} is registered twice")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def provider_kinds() -> dict[str, ProviderKind]:
+    """Every registered kind, after importing every adapter module once."""
+    global _loaded
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                # By name, as a plugin table is filled: the adapters import this module (to
+                # register), so this one must not import them back statically.
+                package = importlib.import_module(f"{__package__}.providers")
+                for module in pkgutil.iter_modules(package.__path__):
+                    importlib.import_module(f"{package.__name__}.{module.name}")
+                _loaded = True
+    return dict(_KINDS)
+
+
+def provider_kind(name: str) -> ProviderKind:
+    """The registered kind ``name``; ValueError naming the known ones otherwise."""
+    kinds = provider_kinds()
+    kind = kinds.get(name)
+    if kind is None:
+        raise ValueError(f"unknown upstream kind {name!r}: one of {', '.join(sorted(kinds))}")
+    return kind
+
+
+def common_options(upstream: UpstreamSettings) -> dict[str, Any]:
+    """The constructor options every HTTP adapter takes (name, key, timeouts, pool size)."""
+    return {
+        "name": upstream.name,
+        "api_key": upstream.api_key.get_secret_value() if upstream.api_key else None,
+        "timeout_s": upstream.timeout_s,
+        "connect_timeout_s": upstream.connect_timeout_s,
+        "max_connections": upstream.max_concurrency,
+    }
 
 
 class UpstreamModelSettings(BaseModel):
@@ -28,8 +119,8 @@ class UpstreamSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    # gemini | imagen | bfl | stability: image providers with their own wire formats (issue 19).
-    kind: Literal["openai", "azure", "local", "gemini", "imagen", "bfl", "stability"]
+    # One of the kinds the adapter modules register (``app.upstream.kinds``), checked below.
+    kind: str = Field(min_length=1)
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_version: str | None = None
@@ -73,14 +164,22 @@ class UpstreamSettings(BaseModel):
     def _empty_key_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        provider_kind(value)  # ValueError naming the known kinds
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> UpstreamSettings:
-        if self.kind in ("openai", "azure") and not self.base_url:
+        kind = provider_kind(self.kind)
+        if kind.base_url_required and not self.base_url:
             raise ValueError(f"upstream '{self.name}': base_url is required for kind {self.kind}")
         if self.api_key is not None and is_placeholder(self.api_key.get_secret_value()):
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
-        if self.fallback_for and self.kind != "local":
-            raise ValueError(f"upstream '{self.name}': fallback_for is only for kind local")
+        if self.fallback_for and not kind.stand_in:
+            stand_ins = ", ".join(sorted(k.name for k in provider_kinds().values() if k.stand_in))
+            raise ValueError(f"upstream '{self.name}': fallback_for is only for kind {stand_ins}")
         return self
 
     def stands_in_for(self, model: str) -> bool:
@@ -91,14 +190,14 @@ class UpstreamSettings(BaseModel):
     def follows_openai_retirements(self) -> bool:
         if self.follows_retirements is not None:
             return self.follows_retirements
-        return self.kind in ("openai", "azure")
+        return provider_kind(self.kind).follows_retirements
 
     @property
     def active(self) -> bool:
         """Remote upstreams without a key are skipped, so a default config works with no account."""
         if not self.enabled:
             return False
-        return self.kind == "local" or self.api_key is not None
+        return provider_kind(self.kind).keyless or self.api_key is not None
 
     def model_map(self, catalog_names: list[str]) -> dict[str, str]:
         """Public model name → name sent upstream, with ``*`` expanded to the catalog."""
@@ -111,3 +210,9 @@ class UpstreamSettings(BaseModel):
             else:
                 mapping[entry.name] = entry.upstream_model or entry.name
         return mapping
+
+
+def default_upstreams() -> list[UpstreamSettings]:
+    """The upstreams of a configuration that names none: each default kind (the built-in renderer),
+    named after itself."""
+    return [UpstreamSettings(name=k.name, kind=k.name) for k in provider_kinds().values() if k.default]

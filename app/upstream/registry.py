@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 from app.domain.catalog import Catalog
 from app.upstream.base import ImageProvider
-from app.upstream.config import UpstreamSettings
-from app.upstream.providers.local import LocalProvider
-from app.upstream.providers.openai_compat import OpenAICompatProvider
+from app.upstream.config import UpstreamSettings, provider_kind, provider_kinds
 from app.upstream.slots import SlotPolicy
 
 log = logging.getLogger(__name__)
@@ -81,6 +79,7 @@ class ProviderRegistry:
         """``secrets``: the gateway's other configured secrets (admin key, …), scrubbed from every
         upstream's messages as every upstream's key is, in part or whole."""
         routes: dict[str, list[Route]] = {name: [] for name in catalog.names()}
+        _check_catalog_kinds(catalog)
         # Which routes are the built-in renderer's, and for which models it may stand in.
         local_routes: dict[str, list[tuple[Route, UpstreamSettings]]] = {}
         providers: list[ImageProvider] = []
@@ -93,7 +92,8 @@ class ProviderRegistry:
                     extra={"fields": {"upstream": upstream.name}},
                 )
                 continue
-            provider = _make_provider(upstream)
+            kind = provider_kind(upstream.kind)
+            provider = kind.build(upstream)
             providers.append(provider)
             limits[upstream.name] = upstream.max_concurrency
             policies[upstream.name] = SlotPolicy(
@@ -110,7 +110,7 @@ class ProviderRegistry:
                     continue
                 caps = catalog.get(model)
                 spec = caps.provider if caps is not None else None
-                if upstream.kind in NATIVE_KINDS:
+                if kind.serves == "catalog":
                     if spec is None or spec.kind != upstream.kind:
                         log.warning(
                             "upstream lists a model of another provider; ignored",
@@ -128,7 +128,7 @@ class ProviderRegistry:
                     follows_retirements=upstream.follows_openai_retirements,
                 )
                 routes[model].append(route)
-                if upstream.kind == "local":
+                if kind.stand_in:
                     local_routes.setdefault(model, []).append((route, upstream))
         _no_silent_stand_in(routes, local_routes)
         keys = [u.api_key.get_secret_value() for u in upstreams if u.api_key is not None]
@@ -151,21 +151,18 @@ def _no_silent_stand_in(
         routes[model] = [route for route in routes[model] if id(route) not in dropped]
 
 
-# Upstream kinds with their own wire formats; each serves the catalog models whose
-# `provider.kind` is the same.
-NATIVE_KINDS = ("gemini", "imagen", "bfl", "stability")
-
-
 def _servable(upstream: UpstreamSettings, catalog: Catalog) -> list[str]:
-    """What ``"*"`` stands for on this upstream: every model for ``local``; a provider's own models
-    for its kind; the models of no other provider for OpenAI-compatible kinds."""
-    if upstream.kind == "local":
+    """What ``"*"`` stands for on this upstream (``ProviderKind.serves``): every model for the
+    stand-in; a provider's own models for its kind; the models of no provider for
+    OpenAI-compatible kinds."""
+    serves = provider_kind(upstream.kind).serves
+    if serves == "all":
         return catalog.names()
     names = []
     for name in catalog.names():
         caps = catalog.get(name)
         kind = caps.provider.kind if caps is not None and caps.provider is not None else None
-        if kind == upstream.kind or (kind is None and upstream.kind not in NATIVE_KINDS):
+        if kind == upstream.kind or (kind is None and serves == "unclaimed"):
             names.append(name)
     return names
 
@@ -183,41 +180,18 @@ def _with_aliases(mapping: dict[str, str], catalog: Catalog) -> dict[str, str]:
     return full
 
 
-def _make_provider(upstream: UpstreamSettings) -> ImageProvider:
-    if upstream.kind == "local":
-        return LocalProvider(upstream.name, stream_pace_s=upstream.stream_pace_s)
-    if upstream.kind == "openai":
-        return OpenAICompatProvider(
-            name=upstream.name,
-            base_url=upstream.base_url or "",
-            api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
-            timeout_s=upstream.timeout_s,
-            connect_timeout_s=upstream.connect_timeout_s,
-            max_connections=upstream.max_concurrency,
-        )
-    if upstream.kind == "azure":
-        from app.upstream.providers.azure import AzureOpenAIProvider
-
-        return AzureOpenAIProvider(
-            name=upstream.name,
-            base_url=upstream.base_url or "",
-            api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
-            api_version=upstream.api_version,
-            # Deployment names other than the public ones are internal and scrubbed from messages.
-            deployments=[
-                m.upstream_model
-                for m in upstream.models
-                if not isinstance(m, str) and m.upstream_model and m.upstream_model != m.name
-            ],
-            timeout_s=upstream.timeout_s,
-            connect_timeout_s=upstream.connect_timeout_s,
-            max_connections=upstream.max_concurrency,
-        )
-    if upstream.kind in NATIVE_KINDS:
-        from app.upstream.providers.factory import native_provider
-
-        return native_provider(upstream)
-    raise ValueError(f"upstream '{upstream.name}': kind '{upstream.kind}' is not available yet")
+def _check_catalog_kinds(catalog: Catalog) -> None:
+    """A catalog model whose ``provider.kind`` no adapter registers could never be served: refused
+    at startup, naming the field, rather than left as a model that is silently missing. (The
+    catalog sits below the adapters and cannot know their kinds; this is where both meet.)"""
+    known = provider_kinds()
+    for name in catalog.names():
+        caps = catalog.get(name)
+        if caps is not None and caps.provider is not None and caps.provider.kind not in known:
+            raise ValueError(
+                f"models.{name}.provider.kind: {caps.provider.kind!r} is not an upstream kind "
+                f"(one of {', '.join(sorted(known))})"
+            )
 
 
 def _scrub_everywhere(providers: Sequence[ImageProvider], secrets: Sequence[str]) -> None:

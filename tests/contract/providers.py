@@ -67,8 +67,15 @@ def books_violations(gw: Gateway, key_ids: list[str]) -> list[str]:
             caps = catalog.get(row["model"])
             assert caps is not None
             if caps.prices.per_image:
-                (price,) = {p for table in caps.prices.per_image.values() for p in table.values()}
-                expected = int(row["images"]) * price
+                # Priced by size (FLUX.2, fal): the row does not keep the size, so the cost must be
+                # the images at one of the table's prices.
+                prices_by_size = {p for table in caps.prices.per_image.values() for p in table.values()}
+                costs = {int(row["images"]) * price for price in prices_by_size}
+                if int(row["cost_micros"]) not in costs:
+                    problems.append(
+                        f"{row['model']} row {row['request_id']}: {row['cost_micros']} not in {costs}"
+                    )
+                continue
             else:
                 prices = caps.prices
                 per_kind = {

@@ -9,15 +9,23 @@ ever), ``request_moderated``, ``content_moderated``, ``job_error`` (status Error
 ``poll_malformed`` (the first poll answers garbage), ``foreign_polling`` (a polling_url on another
 host), ``foreign_sample`` (Ready, with a sample URL
 on a host nobody allowed). ``hold`` keeps every job Pending until it is set False.
+
+Submissions are validated as BFL's OpenAPI schema does, with its 422 ``{"detail": [{"loc", "msg",
+"type"}]}``: ``safety_tolerance`` 0–6 (FLUX.1) or 0–5 (FLUX.2), FLUX.2's width/height multiples of
+16 from 64, at most ``input_image_8``. A FLUX.2 edit without width/height keeps the first input
+image's size.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
 from starlette.responses import Response
 
 from tests.fakes.images import render_image
@@ -80,6 +88,14 @@ class FakeBFL(ProviderFake):
 
     def _submit(self, recorded: Recorded, outcome: Outcome | None) -> Response:
         body: dict[str, Any] = recorded.json or {}
+        model = recorded.path.rsplit("/", 1)[-1]
+        problems = _invalid(model, body)
+        if problems:
+            detail = [{"loc": ["body", f], "msg": m, "type": "value_error"} for f, m in problems]
+            return json_answer({"detail": detail}, 422)
+        if "width" not in body and model.startswith("flux-2") and "input_image" in body:
+            with Image.open(io.BytesIO(base64.b64decode(body["input_image"]))) as first:
+                body = {**body, "width": first.width, "height": first.height}
         if "width" in body:
             width, height = int(body["width"]), int(body["height"])
         else:
@@ -121,3 +137,22 @@ class FakeBFL(ProviderFake):
         sample = FOREIGN_SAMPLE if job.kind == "foreign_sample" else f"{self.url}/delivery/{job.id}.{job.fmt}"
         result = {"sample": sample, "prompt": "…", "seed": 1, "start_time": 0, "end_time": 1, "duration": 1}
         return json_answer({"id": job.id, "status": "Ready", "result": result})
+
+
+def _invalid(model: str, body: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(field, message)`` for each value BFL's schema refuses."""
+    flux2 = model.startswith("flux-2")
+    problems: list[tuple[str, str]] = []
+    tolerance = body.get("safety_tolerance")
+    top = 5 if flux2 else 6
+    if tolerance is not None and (not isinstance(tolerance, int) or not 0 <= tolerance <= top):
+        problems.append(("safety_tolerance", f"Input should be less than or equal to {top}"))
+    if flux2:
+        for edge in ("width", "height"):
+            value = body.get(edge)
+            if value is not None and (value < 64 or value % 16):
+                problems.append((edge, "Input should be a multiple of 16, at least 64"))
+    limit = 8 if flux2 else 4
+    extra = [k for k in body if k.startswith("input_image_") and int(k.rsplit("_", 1)[1]) > limit]
+    problems.extend((k, "Extra inputs are not permitted") for k in extra)
+    return problems

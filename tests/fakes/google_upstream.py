@@ -4,7 +4,7 @@ wire format: ``POST /v1beta/models/{model}:generateContent`` and ``…:predict``
 Images are real PNGs at the size the asked aspect ratio and tier produce (``dims``). Scripted
 outcomes (``Outcome.kind``) beyond ``status`` / ``malformed``:
 - Gemini: ``block`` (promptFeedback.blockReason = detail), ``finish`` (a candidate ending with
-  finishReason = detail and no image), ``no_image`` (STOP with text only);
+  finishReason = detail and no image, e.g. NO_IMAGE), ``no_image`` (STOP with text only);
 - Imagen: ``filtered`` (detail = how many of the asked images come back filtered), ``empty``
   (``{}``, what the API answers when every image was filtered).
 """
@@ -25,6 +25,11 @@ PROMPT_TEXT_TOKENS = 12
 INPUT_IMAGE_TOKENS = 258
 IMAGE_TOKENS = {"1K": 1290, "2K": 1290, "4K": 2000}
 TEXT_OUT_TOKENS = 7
+
+
+# Reference images per request (Google's image-generation guide: 3 for 2.5 Flash, 14 for 3 Pro).
+MAX_INPUT_IMAGES = {"gemini-2.5-flash-image": 3, "gemini-3-pro-image-preview": 14}
+PERSON_GENERATION = ("dont_allow", "allow_adult", "allow_all")
 
 
 def dims(ratio: str, tier: str = "1K") -> tuple[int, int]:
@@ -60,6 +65,10 @@ class FakeGoogle(ProviderFake):
         body: dict[str, Any] = recorded.json or {}
         parts = body["contents"][0]["parts"]
         inputs = [p for p in parts if "inlineData" in p]
+        model = recorded.path.rsplit("/", 1)[-1].split(":")[0]
+        if len(inputs) > MAX_INPUT_IMAGES.get(model, 3):
+            error = {"code": 400, "message": "Too many input images.", "status": "INVALID_ARGUMENT"}
+            return json_answer({"error": error}, 400)
         usage = {
             "promptTokenCount": PROMPT_TEXT_TOKENS + INPUT_IMAGE_TOKENS * len(inputs),
             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": PROMPT_TEXT_TOKENS}]
@@ -97,6 +106,9 @@ class FakeGoogle(ProviderFake):
         if outcome is not None and outcome.kind == "empty":
             return json_answer({})
         parameters: dict[str, Any] = (recorded.json or {}).get("parameters", {})
+        if parameters.get("personGeneration", "allow_adult") not in PERSON_GENERATION:
+            error = {"code": 400, "message": "Invalid personGeneration.", "status": "INVALID_ARGUMENT"}
+            return json_answer({"error": error}, 400)
         count = int(parameters.get("sampleCount", 4))
         filtered = int(outcome.detail) if outcome is not None and outcome.kind == "filtered" else 0
         width, height = dims(parameters.get("aspectRatio", "1:1"), parameters.get("imageSize", "1K"))

@@ -248,3 +248,19 @@ def test_byte_limits_per_model_and_for_the_mask_are_413(put: Callable[..., Path]
     with pytest.raises(PayloadTooLargeError) as caught:
         edit_inputs(put, [f.png(8, 8)], f.padded_png(5 * 1024 * 1024), GPT_EDIT)
     assert caught.value.param == "mask"
+
+
+def test_images_over_the_models_total_are_413_each_under_its_own_bound(put: Callable[..., Path]) -> None:
+    """Gemini's inline images share one request: each may pass alone, not all together."""
+    one = f.png(64, 64)
+    caps = EditCaps(
+        max_images=14,
+        max_image_bytes=len(one),
+        formats=("png",),
+        mask=False,
+        max_total_bytes=2 * len(one),
+    )
+    assert len(inspect_edit_inputs([put(one), put(one)], None, caps=caps).images) == 2
+    with pytest.raises(PayloadTooLargeError) as caught:
+        inspect_edit_inputs([put(one), put(one), put(one)], None, caps=caps)
+    assert caught.value.param == "image" and "together" in caught.value.message

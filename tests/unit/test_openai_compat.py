@@ -722,9 +722,9 @@ async def test_own_session_made_lazily_configured_and_closed(tmp_path: Path) -> 
             timeout_s=5,
             max_connections=3,
         )
-        assert provider._http.made is None  # built outside any loop is fine: made on first use
+        assert provider._transport._http.made is None  # built outside any loop is fine: made on first use
         await provider.generate(make_job(), upstream_model="gpt-image-1")
-        session = provider._http.made
+        session = provider._transport._http.made
         assert session is not None
         assert session.timeout == client_timeout(5, 10.0)
         assert session.auto_decompress

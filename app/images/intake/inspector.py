@@ -365,6 +365,13 @@ def inspect_edit_inputs(
             param="image",
             code="too_many_images",
         )
+    total = sum(path.stat().st_size for path in images)
+    if caps.max_total_bytes is not None and total > caps.max_total_bytes:
+        raise PayloadTooLargeError(
+            f"The images are too large together: this model accepts at most {caps.max_total_bytes} "
+            "bytes of images per request.",
+            param="image",
+        )
     infos: list[ImageInfo] = []
     for path in images:
         if path.stat().st_size > caps.max_image_bytes:

@@ -37,11 +37,12 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from app.domain.jobs import ProviderEvent
 from app.errors import UpstreamError, UpstreamRejected
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import rejected_from_response
 from app.upstream.providers.openai_compat import OpenAICompatProvider
 
@@ -96,7 +97,7 @@ class AzureOpenAIProvider(OpenAICompatProvider):
         host = URL(self._base_url).host or ""
         # The resource name (first label of *.openai.azure.com) identifies the customer's account.
         resource = host.split(".", 1)[0] if host.endswith(_AZURE_HOST_SUFFIX) else ""
-        self._secrets = (*self._secrets, *(s for s in (resource, *deployments) if s))
+        self._transport.scrub_also([resource, *deployments])
 
     def _url(self, path: str) -> str:
         """``{endpoint}/openai{path}?api-version=…``; also what ``probe`` calls (``/openai/models``)."""
@@ -113,7 +114,7 @@ class AzureOpenAIProvider(OpenAICompatProvider):
             headers["api-key"] = self._api_key
         return headers
 
-    def _raise_for_status(self, status: int, body: bytes, headers: CIMultiDictProxy[str]) -> None:
+    def _raise_for_status(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         if 200 <= status < 300:
             return
         rejected = rejected_from_response(
@@ -247,3 +248,24 @@ def parse_duration(value: str | None) -> float | None:
             return None
         seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
     return seconds if math.isfinite(seconds) and 0 <= seconds < 1e9 else None
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return AzureOpenAIProvider(
+        base_url=upstream.base_url or "",
+        api_version=upstream.api_version,
+        # Deployment names other than the public ones are internal and scrubbed from messages.
+        deployments=[
+            m.upstream_model
+            for m in upstream.models
+            if not isinstance(m, str) and m.upstream_model and m.upstream_model != m.name
+        ],
+        **common_options(upstream),
+    )
+
+
+register_kind(
+    ProviderKind(
+        name="azure", build=_build, serves="unclaimed", base_url_required=True, follows_retirements=True
+    )
+)

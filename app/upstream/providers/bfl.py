@@ -15,6 +15,14 @@ Read before writing it (public documentation, read not copied):
   https://docs.bfl.ai/flux_models/flux_1_1_pro
 - Kontext image editing (input_image base64, aspect_ratio 3:7 to 7:3, output_format jpeg/png,
   safety_tolerance, seed): https://docs.bfl.ai/kontext/kontext_image_editing
+- FLUX.2 [pro] / [flex] (``POST /v1/flux-2-pro``, ``/v1/flux-2-flex``; width/height from 64,
+  up to 4 MP; ``input_image`` … ``input_image_8``; ``safety_tolerance`` 0–5; [flex] ``steps``
+  1–50 and ``guidance`` 1.5–10): https://docs.bfl.ai/flux_2/flux2_text_to_image and the API
+  reference pages "Generate or edit an image with FLUX.2 [pro]" / "[flex]"
+  (https://docs.bfl.ml/api-reference/models/generate-or-edit-an-image-with-flux2-%5Bpro%5D.md).
+  Inferred, not read: width/height in multiples of 16 (the fake enforces it; the reference only
+  states the minimum), that an edit without width/height keeps the first input's size, and
+  [pro]'s 8-image limit (read for [flex]).
 - Errors and get_result response types (Ready, Pending, Request Moderated, Content Moderated,
   Task not found, Error; HTTP 402 / 403 / 422 / 429 / 5xx): https://docs.bfl.ai/api_integration/errors
 
@@ -24,13 +32,18 @@ Translation:
   ``size=auto`` sends none, so Kontext keeps the input's ratio). The answer's ``size`` is read
   from the downloaded image.
 - ``n`` → ``n`` jobs, submitted one after the other, polled together.
-- Edits (Kontext models): the first image as ``input_image`` (base64), further ones as
-  ``input_image_2``… up to the catalog's ``max_images``. No masks (refused by the catalog).
+- Edits (Kontext and FLUX.2 models): the first image as ``input_image`` (base64), further ones
+  as ``input_image_2``… up to the catalog's ``max_images``. No masks (refused by the catalog).
+  A FLUX.2 edit at ``size=auto`` sends no width/height: the output keeps the first input's size.
+- Errors: BFL's 422 (``{"detail": [{"msg"}]}``, a value its schema refuses) is the client's 400
+  ``invalid_request_error`` (``native.rejected``); the catalog's ``params`` rules catch the known
+  fields before any call, so a 422 means a rule the catalog does not know yet.
 - ``output_format``: FLUX makes jpeg and png; webp, and jpeg at an asked ``output_compression``,
   are re-encoded by the gateway.
 
-Polling: every ``poll_interval_s``, growing ×1.5 up to ``poll_max_interval_s``, until the job is
-``Ready`` or ``poll_budget_s`` has passed. A poll or download that fails in transit (connection,
+Polling (``polling.PollingMixin``, shared with other submit/poll providers): every
+``poll_interval_s``, growing ×1.5 up to ``poll_max_interval_s``, until the job is ``Ready`` or
+``poll_budget_s`` has passed. A poll or download that fails in transit (connection,
 429, 5xx) or a poll answer that does not parse is tried again within the budget: once a job is
 submitted, going back to the router (which would submit it again) is never the answer. The budget
 exhausted → 504 ``upstream_timeout`` (``UpstreamJobTimeout``, not retried). ``Request Moderated`` /
@@ -65,7 +78,9 @@ from yarl import URL
 
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
-from app.errors import GatewayError, UpstreamError, UpstreamJobTimeout, UpstreamRejected
+from app.errors import GatewayError, UpstreamError
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     MAX_IMAGE_BYTES,
@@ -80,6 +95,7 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
+from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed
 
 DEFAULT_BASE_URL = "https://api.bfl.ai"
 DEFAULT_POLLING_HOSTS = ("api.bfl.ai", "*.bfl.ai")
@@ -88,28 +104,9 @@ NATIVE_FORMATS = ("jpeg", "png")
 FAILED = frozenset({"Error", "Failed", "Task not found"})
 UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 JOB_FAILED = "The upstream service failed to generate the image."
-NOT_FINISHED = "The upstream service did not finish the image within the polling budget."
 
 
-def host_allowed(url: URL, patterns: Sequence[str]) -> bool:
-    """Whether ``url``'s host (and port, where a pattern names one) matches a pattern:
-    ``host``, ``host:port`` or ``*.domain`` (subdomains only)."""
-    host = (url.host or "").lower().rstrip(".")
-    if not host:
-        return False
-    for pattern in patterns:
-        name, _, port = pattern.lower().partition(":")
-        if port and (not port.isdigit() or url.port != int(port)):
-            continue
-        if name.startswith("*."):
-            if host.endswith(name[1:]) and host != name[2:]:
-                return True
-        elif host == name:
-            return True
-    return False
-
-
-class FluxProvider(NativeProvider):
+class FluxProvider(PollingMixin, NativeProvider):
     """An ``ImageProvider`` over the FLUX API (one per configured upstream)."""
 
     def __init__(
@@ -125,13 +122,15 @@ class FluxProvider(NativeProvider):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._init_polling(
+            poll_budget_s=poll_budget_s,
+            poll_interval_s=poll_interval_s,
+            poll_max_interval_s=poll_max_interval_s,
+            sleep=sleep,
+            clock=clock,
+        )
         self._polling_hosts = tuple(polling_hosts)
         self._delivery_hosts = tuple(delivery_hosts)
-        self._budget_s = poll_budget_s
-        self._interval_s = poll_interval_s
-        self._max_interval_s = max(poll_max_interval_s, poll_interval_s)
-        self._sleep = sleep
-        self._clock = clock
         self._origin = URL(self._base_url).origin()
         self._plain_http_ok = self._origin.scheme == "http"
 
@@ -153,7 +152,7 @@ class FluxProvider(NativeProvider):
             refs = [await self._submit(url, body, job) for _ in range(job.n)]
             if job.on_submitted is not None:
                 await job.on_submitted({"upstream": self.name, "jobs": refs})
-        deadline = self._clock() + self._budget_s
+        deadline = self._poll_deadline()
 
         async def finish(index: int) -> list[Produced]:
             image = await self._await_image(refs[index], job, deadline)
@@ -189,8 +188,8 @@ class FluxProvider(NativeProvider):
     async def _await_image(self, ref: Mapping[str, str], job: ImageJob, deadline: float) -> Produced:
         """Poll one job until it is Ready and download its image (rules in the module doc)."""
         polling_url = self._trusted_polling_url(ref.get("polling_url", ""))
-        delay = self._interval_s
-        while True:
+
+        async def step() -> Produced | None:
             answer = await self._transient_ok(
                 partial(self._send, "GET", polling_url, request_id=job.request_id)
             )
@@ -198,33 +197,16 @@ class FluxProvider(NativeProvider):
             if status == "Ready":
                 sample = self._trusted_sample(json_object(answer[0]))
                 image: Produced | None = await self._transient_ok(partial(self._download, sample, job))
-                if image is not None:
-                    return image
-            elif status == "Request Moderated":
+                return image
+            if status == "Request Moderated":
                 raise moderation_blocked("input")
-            elif status == "Content Moderated":
+            if status == "Content Moderated":
                 raise moderation_blocked("output")
-            elif status in FAILED:
+            if status in FAILED:
                 raise UpstreamError(JOB_FAILED)
-            # Pending, or an answer that did not parse: the job is still the one to wait for.
-            if self._clock() + delay > deadline:
-                raise UpstreamJobTimeout(NOT_FINISHED)
-            await self._sleep(delay)
-            delay = min(delay * 1.5, self._max_interval_s)
+            return None  # Pending, or an answer that did not parse: still the job to wait for
 
-    async def _transient_ok(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """``call()``'s result, or None when it failed in a way the next poll may not (connection,
-        timeout, 408/409/429, 5xx); other failures are raised."""
-        try:
-            return await call()
-        except UpstreamRejected as exc:
-            if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
-                return None
-            raise
-        except UpstreamError as exc:
-            if exc.code in ("upstream_unavailable", "upstream_timeout"):
-                return None
-            raise
+        return await self._poll_until(step, deadline)
 
     async def _download(self, url: URL, job: ImageJob) -> Produced:
         raw, _ = await self._send(
@@ -233,7 +215,7 @@ class FluxProvider(NativeProvider):
         return produced(raw)
 
     def _trusted_polling_url(self, value: str) -> str:
-        url = _url(value)
+        url = absolute_url(value)
         same_origin = url.origin() == self._origin
         if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
@@ -244,7 +226,7 @@ class FluxProvider(NativeProvider):
         sample = result.get("sample") if isinstance(result, Mapping) else None
         if not isinstance(sample, str) or not sample:
             raise UpstreamError(INVALID_RESPONSE)
-        url = _url(sample)
+        url = absolute_url(sample)
         if not (self._scheme_ok(url) and host_allowed(url, self._delivery_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
         return url
@@ -283,16 +265,6 @@ def _status(raw: bytes) -> str | None:
     return status if isinstance(status, str) else None
 
 
-def _url(value: str) -> URL:
-    try:
-        url = URL(value)
-    except (TypeError, ValueError) as exc:
-        raise UpstreamError(INVALID_RESPONSE) from exc
-    if not url.is_absolute():
-        raise UpstreamError(INVALID_RESPONSE)
-    return url
-
-
 def request_body(job: ImageJob) -> dict[str, Any]:
     """The submission's JSON for one image of ``job`` (without the edit's input images)."""
     spec = job.caps.provider
@@ -304,8 +276,10 @@ def request_body(job: ImageJob) -> dict[str, Any]:
         return body
     dims = parse_size(job.size)
     if spec.dimensions is not None:
-        width, height = spec.dimensions.fit(*(dims or (1024, 1024)))
-        body.update(width=width, height=height)
+        # An edit at size=auto sends none: FLUX.2 then keeps the first input image's size.
+        if dims is not None or job.endpoint != "edits":
+            width, height = spec.dimensions.fit(*(dims or (1024, 1024)))
+            body.update(width=width, height=height)
     elif spec.aspect_ratios and not (dims is None and job.endpoint == "edits"):
         body["aspect_ratio"] = nearest_ratio(job.size, spec.aspect_ratios, spec.default_ratio)
     body.update(spec.mapped_params(job.forward))
@@ -319,3 +293,20 @@ def _read_inputs(job: ImageJob) -> dict[str, str]:
         name = "input_image" if index == 0 else f"input_image_{index + 1}"
         fields[name] = base64.b64encode(image.path.read_bytes()).decode()
     return fields
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return FluxProvider(
+        base_url=upstream.base_url or DEFAULT_BASE_URL,
+        polling_hosts=upstream.polling_hosts if upstream.polling_hosts is not None else DEFAULT_POLLING_HOSTS,
+        delivery_hosts=(
+            upstream.delivery_hosts if upstream.delivery_hosts is not None else DEFAULT_DELIVERY_HOSTS
+        ),
+        poll_budget_s=upstream.poll_budget_s,
+        poll_interval_s=upstream.poll_interval_s,
+        poll_max_interval_s=upstream.poll_max_interval_s,
+        **common_options(upstream),
+    )
+
+
+register_kind(ProviderKind(name="bfl", build=_build))

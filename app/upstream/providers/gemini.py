@@ -15,6 +15,10 @@ Read before writing it (public documentation, read not copied):
   and promptFeedback.blockReason: the Vertex AI BlockedReason / PromptFeedback references,
   https://cloud.google.com/vertex-ai/generative-ai/docs/reference/nodejs/latest/vertexai/blockedreason
   and a promptFeedback / usageMetadata answer quoted in https://github.com/vercel/ai/issues/4235
+- FinishReason ``NO_IMAGE`` / ``IMAGE_OTHER`` and ``finishMessage`` ("You will not be charged"):
+  the google-genai FinishReason enum (https://googleapis.github.io/kotlin-genai/…/-finish-reason/)
+  and an answer quoted in https://docs.apiyi.com/faq/gemini-image-other.md; that Google does not
+  bill NO_IMAGE is inferred from the same finishMessage, not read in Google's own pages.
 - Aspect ratios and resolution tiers of the image models (1K only for 2.5 Flash; 1K/2K/4K for
   3 Pro), and per-modality usage: Google's image-generation guide
   (https://ai.google.dev/gemini-api/docs/image-generation), read through the summaries of it at
@@ -34,8 +38,14 @@ Translation:
   ``promptTokensDetails``, output tokens by ``candidatesTokensDetails`` (IMAGE → image output,
   TEXT and ``thoughtsTokenCount`` → text output). Summed over parallel calls: token-priced.
 - ``promptFeedback.blockReason`` (input) and a candidate's ``finishReason`` SAFETY, IMAGE_SAFETY,
-  PROHIBITED_CONTENT, … (output) → 400 ``moderation_blocked``, not charged. A candidate that
-  ends without an image for another reason is an unusable answer (502, retried elsewhere).
+  PROHIBITED_CONTENT, … (output) → 400 ``moderation_blocked``, not charged. ``NO_IMAGE`` and
+  ``IMAGE_OTHER`` (the model made no image for this prompt, or could not show the one it made;
+  the answer's ``finishMessage`` says the request is not charged) → 400
+  ``image_generation_failed`` (``prompt_rejected``): a property of the prompt, so not retried on
+  another upstream, not charged. A candidate that ends without an image for another reason (STOP
+  with text only, OTHER) is an unusable answer (502, retried elsewhere).
+- Gemini 3 Pro takes up to 14 reference images (the catalog's ``max_images``); inline data shares
+  the 20 MB request (``max_total_bytes``).
 - Google's error bodies ``{"error": {code, message, status}}`` keep their HTTP status; the message
   is scrubbed like any upstream's.
 """
@@ -52,6 +62,8 @@ import orjson
 
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage
 from app.errors import GatewayError, UpstreamError
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     NO_IMAGE,
@@ -66,6 +78,7 @@ from app.upstream.providers.native import (
     nearest_ratio,
     nearest_tier,
     produced,
+    prompt_rejected,
     rejected,
 )
 
@@ -83,6 +96,9 @@ SAFETY_REASONS = frozenset(
         "IMAGE_RECITATION",
     }
 )
+# Finish reasons that say this prompt yields no image: the client's answer, on any upstream.
+PROMPT_REASONS = frozenset({"NO_IMAGE", "IMAGE_OTHER"})
+PROMPT_NO_IMAGE = "The model did not generate an image for this prompt. Try rephrasing the prompt."
 
 
 class GeminiProvider(NativeProvider):
@@ -187,6 +203,9 @@ def parse_answer(raw: bytes) -> tuple[list[Produced], TokenUsage]:
         blocked = [r for r in reasons if r in SAFETY_REASONS]
         if blocked:
             raise moderation_blocked("output", categories=[r.lower() for r in blocked])
+        for reason in reasons:
+            if reason in PROMPT_REASONS:
+                raise prompt_rejected(PROMPT_NO_IMAGE, reason)
         raise UpstreamError(NO_IMAGE)
     return images, usage_of(answer.get("usageMetadata"))
 
@@ -226,3 +245,10 @@ def _by_modality(details: Any) -> dict[str, int]:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return GeminiProvider(base_url=upstream.base_url or DEFAULT_BASE_URL, **common_options(upstream))
+
+
+register_kind(ProviderKind(name="gemini", build=_build))

@@ -40,6 +40,8 @@ from urllib.parse import quote
 
 from app.domain.jobs import ImageJob, ImageResult
 from app.errors import UpstreamError
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.gemini import DEFAULT_BASE_URL, GeminiProvider
 from app.upstream.providers.native import (
@@ -103,3 +105,10 @@ def parse_answer(raw: bytes) -> list[Produced]:
         # The reason is Google's prose (it may quote policy codes): not relayed as categories.
         raise moderation_blocked("output")
     return images
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return ImagenProvider(base_url=upstream.base_url or DEFAULT_BASE_URL, **common_options(upstream))
+
+
+register_kind(ProviderKind(name="imagen", build=_build))

@@ -31,6 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
 from app.errors import UpstreamRejected
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.providers.local_edit import edit_size, paint_edit
 from app.upstream.providers.local_formats import encode_gif, render_svg, svg_usage
 
@@ -342,3 +344,12 @@ class LocalProvider:
 
     async def aclose(self) -> None:
         """Nothing to release: there is no connection pool."""
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return LocalProvider(upstream.name, stream_pace_s=upstream.stream_pace_s)
+
+
+register_kind(
+    ProviderKind(name="local", build=_build, serves="all", keyless=True, stand_in=True, default=True)
+)

@@ -5,14 +5,18 @@ OpenAI-shaped settings into the provider's request, and the provider's answer in
 ``ImagesResponse`` the gateway relays, meters and stores like any other. This module holds the
 pieces every such translation needs:
 
-- ``NativeProvider``: one pooled aiohttp session per upstream, each call inside
-  ``map_aiohttp_errors`` (transport trouble becomes ``app.errors`` upstream errors), the stream
-  contract through completed events, the ``/readyz`` probe.
+- ``NativeProvider``: one ``Transport`` per upstream (``app.upstream.transport``: the pooled
+  session, timeouts, signing hook, error mapping and scrubbing), the stream contract through
+  completed events, the ``/readyz`` probe.
 - ``rejected``: a provider's error answer as the same ``UpstreamRejected`` / ``UpstreamError`` an
   OpenAI error becomes (status kept, message scrubbed of keys, URLs and hosts, ``retry-after``
   read), so retry, failover and the breaker treat every provider alike. A 404 (model or route
   unknown) and a 402 (the operator's account cannot pay) are the configuration's fault, not the
-  client's: they become 502 ``upstream_error`` and fail over.
+  client's: they become 502 ``upstream_error`` and fail over. A 4xx OpenAI never answers (BFL's
+  422 validation error, 405, 413, 415, …) is the request's fault all the same: it reaches the
+  client as OpenAI's 400 ``invalid_request_error``, the only shape its SDKs know for it.
+- ``prompt_rejected``: an answer that says the prompt itself produced no image (Gemini's
+  ``NO_IMAGE``): 400, so it is neither retried on another upstream nor charged.
 - ``moderation_blocked``: the 400 ``moderation_blocked`` a provider's safety refusal becomes.
 - ``nearest_ratio`` / ``nearest_tier``: an OpenAI ``size`` to the provider's nearest aspect ratio
   and resolution tier.
@@ -42,9 +46,8 @@ from PIL import Image, UnidentifiedImageError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
-from app.upstream.base import mark_answered
-from app.upstream.client import PROBE_TIMEOUT, LazySession, client_timeout
-from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
+from app.upstream.errors import INVALID_RESPONSE, rejected_from_response
+from app.upstream.transport import RequestSigner, Transport
 
 NOT_CONFIGURED = "The upstream service is not configured to serve this model."
 NO_CREDIT = "The upstream account cannot pay for this request."
@@ -186,6 +189,23 @@ def moderation_blocked(
     )
 
 
+def prompt_rejected(message: str, reason: str) -> UpstreamRejected:
+    """The provider made no image because of what the prompt asks: the client's answer (400), the
+    same on every upstream, so not retried, and not charged (nothing was produced)."""
+    return UpstreamRejected(
+        400,
+        message,
+        error_type="image_generation_user_error",
+        param="prompt",
+        code="image_generation_failed",
+        details={"reason": reason.lower()},
+    )
+
+
+# The 4xx statuses an OpenAI client knows (openai-python's status-to-class table): others are 400.
+OPENAI_4XX = frozenset({400, 401, 403, 404, 408, 409, 429})
+
+
 def rejected(
     status: int,
     message: str | None,
@@ -200,6 +220,9 @@ def rejected(
     if status == 402:
         return UpstreamError(NO_CREDIT)
     error: dict[str, Any] = {"message": message or None, "code": code}
+    if 400 <= status < 500 and status not in OPENAI_4XX:
+        status = 400
+        error.update(type="invalid_request_error", code=code or "invalid_value")
     if status == 429:
         error.update(type="rate_limit_error", code="rate_limit_exceeded")
     return rejected_from_response(status, orjson.dumps({"error": error}), headers, secrets=secrets)
@@ -239,6 +262,9 @@ async def in_parallel(n: int, call: Callable[[int], Awaitable[list[T]]]) -> list
     for error in errors:
         if isinstance(error, UpstreamRejected) and error.code == "moderation_blocked":
             raise error
+    for error in errors:  # then another answer about the prompt (prompt_rejected)
+        if isinstance(error, UpstreamRejected) and error.error_type == "image_generation_user_error":
+            raise error
     raise errors[0] if errors else UpstreamError(NO_IMAGE)
 
 
@@ -258,19 +284,25 @@ class NativeProvider(ABC):
         connect_timeout_s: float = 10.0,
         max_connections: int | None = None,
         session: aiohttp.ClientSession | None = None,
+        sign: RequestSigner | None = None,
     ) -> None:
         self.name = name
-        self._base_url = base_url.rstrip("/")
-        self._api_key = api_key or None
-        self._secrets: tuple[str, ...] = upstream_secrets(self._base_url, api_key)
-        self._timeout_s = timeout_s
-        self._timeout = client_timeout(timeout_s, connect_timeout_s)
-        self._http = LazySession(
-            self._timeout,
+        self._transport = Transport(
+            name=name,
+            base_url=base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
             max_connections=max_connections,
-            what=f"upstream provider {name!r}",
             session=session,
+            sign=sign,
         )
+        self._base_url = self._transport.base_url
+        self._api_key = api_key or None
+
+    @property
+    def _secrets(self) -> tuple[str, ...]:
+        return self._transport.secrets
 
     @abstractmethod
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult: ...
@@ -288,21 +320,10 @@ class NativeProvider(ABC):
 
     async def probe(self) -> bool:
         """Reachability: any HTTP answer from the base URL will do, even 401 or 404."""
-        try:
-            async with self._http.get().get(
-                self._base_url,
-                headers=self._auth(),
-                timeout=PROBE_TIMEOUT,
-                allow_redirects=False,
-                proxy=self._http.proxy(self._base_url),
-            ) as response:
-                await response.read()
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-        return True
+        return await self._transport.probe(self._base_url, self._auth())
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # -- for subclasses -----------------------------------------------------------------------------
 
@@ -324,29 +345,18 @@ class NativeProvider(ABC):
         form: aiohttp.FormData | aiohttp.MultipartWriter | None = None,
         auth: bool = True,
         max_bytes: int | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> tuple[bytes, Mapping[str, str]]:
         """One HTTP call; a 2xx answer's body and headers, anything else raised as ``_error``."""
         headers = {"accept": "application/json", "x-request-id": request_id}
         if auth:
             headers.update(self._auth())
+        headers.update(extra_headers or {})
         data: Any = form
         if json_body is not None:
             headers["content-type"] = "application/json"
             data = orjson.dumps(json_body)
-        with map_aiohttp_errors(secrets=self._secrets):
-            async with self._http.get().request(
-                method, url, data=data, headers=headers, allow_redirects=False, proxy=self._http.proxy(url)
-            ) as response:
-                if max_bytes is not None and (response.content_length or 0) > max_bytes:
-                    raise UpstreamError(INVALID_RESPONSE)
-                if 200 <= response.status < 300:
-                    # The upstream has done (and billed) the work: a client leaving while the
-                    # body arrives no longer cancels the call, which is settled instead.
-                    mark_answered()
-                raw = await response.read()
-                status, answer_headers = response.status, response.headers
-        if max_bytes is not None and len(raw) > max_bytes:
-            raise UpstreamError(INVALID_RESPONSE)
-        if not 200 <= status < 300:
-            raise self._error(status, raw, answer_headers)
-        return raw, answer_headers
+        answer = await self._transport.call(method, url, headers=headers, data=data, max_bytes=max_bytes)
+        if not answer.ok:
+            raise self._error(answer.status, answer.body, answer.headers)
+        return answer.body, answer.headers

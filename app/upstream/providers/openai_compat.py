@@ -4,27 +4,28 @@ The job already knows its upstream body (``ImageJob.upstream_body``); this modul
 it posts that body, turns a failure into an ``app.errors`` upstream error and hands a success back
 as the bytes it came in, so images are never decoded or re-encoded on the way through.
 
-Its sessions come from ``app.upstream.client``, the gateway's one outbound HTTP stack (aiohttp).
+Its calls go through ``app.upstream.transport`` (the pooled session, timeouts, error mapping and
+scrubbing every adapter shares), on ``app.upstream.client``, the gateway's one outbound HTTP stack.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import ExitStack
 from typing import Any
 
 import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import UpstreamError
-from app.upstream.base import mark_answered
-from app.upstream.client import PROBE_TIMEOUT, LazySession, client_timeout
-from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response, upstream_secrets
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
+from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response
 from app.upstream.multipart import edit_form
 from app.upstream.skeleton import summarize
 from app.upstream.sse_decode import iter_sse
+from app.upstream.transport import Transport
 
 Body = bytes | aiohttp.MultipartWriter
 
@@ -50,19 +51,22 @@ class OpenAICompatProvider:
         provider makes its own on first use, since a session belongs to the loop it was made in and
         providers are often built before the loop runs."""
         self.name = name
-        self._base_url = base_url.rstrip("/")
-        self._api_key = api_key or None
-        # Everything that identifies the upstream is scrubbed from relayed messages (SPEC §1.4).
-        self._secrets = upstream_secrets(base_url, api_key)
-        self._timeout_s = timeout_s
-        self._timeout = client_timeout(timeout_s, connect_timeout_s)
-        self._http = LazySession(
-            self._timeout,
+        self._transport = Transport(
+            name=name,
+            base_url=base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
             max_connections=max_connections,
-            what=f"upstream provider {name!r}",
             session=session,
         )
-        self._proxy = self._http.proxy(self._base_url)
+        self._base_url = self._transport.base_url
+        self._api_key = api_key or None
+        self._timeout_s = timeout_s
+
+    @property
+    def _secrets(self) -> tuple[str, ...]:
+        return self._transport.secrets
 
     async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
         """POST ``/images/generations`` and return the upstream's ImagesResponse as is."""
@@ -75,17 +79,11 @@ class OpenAICompatProvider:
     async def _send_whole(self, job: ImageJob, upstream_model: str) -> ImageResult:
         with ExitStack() as files:
             url, headers, body = self._build(job, upstream_model, files, stream=False)
-            with map_aiohttp_errors(secrets=self._secrets):
-                # The body is read inside: the connection goes back to the pool (and the multipart
-                # writer stops reading the files) before the files close.
-                async with self._http.get().post(
-                    url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
-                ) as response:
-                    if 200 <= response.status < 300:
-                        mark_answered()
-                    raw = await response.read()
-        self._raise_for_status(response.status, raw, response.headers)
-        return self._image_result(raw)
+            # The body is read inside: the connection goes back to the pool (and the multipart
+            # writer stops reading the files) before the files close.
+            answer = await self._transport.call("POST", url, headers=headers, data=body)
+        self._raise_for_status(answer.status, answer.body, answer.headers)
+        return self._image_result(answer.body)
 
     async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
         """POST with ``stream: true`` and yield each SSE event as it arrives.
@@ -96,10 +94,7 @@ class OpenAICompatProvider:
         """
         with ExitStack() as files:
             url, headers, body = self._build(job, upstream_model, files, stream=True)
-            with map_aiohttp_errors(secrets=self._secrets):
-                response = await self._http.get().post(
-                    url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
-                )
+            response = await self._transport.open("POST", url, headers=headers, data=body)
             try:
                 if not 200 <= response.status < 300:
                     with map_aiohttp_errors(secrets=self._secrets):
@@ -163,22 +158,11 @@ class OpenAICompatProvider:
 
     async def probe(self) -> bool:
         """Reachability: any HTTP answer from ``/models`` will do, even 401 or 404."""
-        try:
-            async with self._http.get().get(
-                self._url("/models"),
-                headers=self._headers(request_id="probe"),
-                timeout=PROBE_TIMEOUT,
-                allow_redirects=False,
-                proxy=self._proxy,
-            ) as response:
-                await response.read()
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-        return True
+        return await self._transport.probe(self._url("/models"), self._headers(request_id="probe"))
 
     async def aclose(self) -> None:
         """Close the connection pool, unless it was injected (its owner closes it)."""
-        await self._http.aclose()
+        await self._transport.aclose()
 
     def _url(self, path: str) -> str:
         return f"{self._base_url}{path}"
@@ -195,7 +179,7 @@ class OpenAICompatProvider:
             headers["authorization"] = f"Bearer {self._api_key}"
         return headers
 
-    def _raise_for_status(self, status: int, body: bytes, headers: CIMultiDictProxy[str]) -> None:
+    def _raise_for_status(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         """Raise the sanitised ``UpstreamRejected`` for anything but a 2xx (3xx are not followed)."""
         if not 200 <= status < 300:
             raise rejected_from_response(status, body, headers, secrets=self._secrets)
@@ -217,3 +201,14 @@ class OpenAICompatProvider:
             raw=raw,
             image_count=answer.count,
         )
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return OpenAICompatProvider(base_url=upstream.base_url or "", **common_options(upstream))
+
+
+register_kind(
+    ProviderKind(
+        name="openai", build=_build, serves="unclaimed", base_url_required=True, follows_retirements=True
+    )
+)

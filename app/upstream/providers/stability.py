@@ -49,6 +49,8 @@ from PIL import Image
 
 from app.domain.jobs import ImageJob, ImageResult
 from app.errors import GatewayError, InvalidRequestError, UpstreamError
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.multipart import form_value
 from app.upstream.providers.native import (
@@ -182,3 +184,10 @@ def parse_answer(raw: bytes) -> Produced:
     if reason not in (None, "SUCCESS"):
         raise UpstreamError(INVALID_RESPONSE)
     return produced(decode_b64(answer.get("image")))
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return StabilityProvider(base_url=upstream.base_url or DEFAULT_BASE_URL, **common_options(upstream))
+
+
+register_kind(ProviderKind(name="stability", build=_build))

@@ -1,0 +1,224 @@
+"""Adapter for fal.ai's queue API: submit a request, poll its status, read its result, download
+the images.
+
+    POST {base_url}/{model_id}                 Authorization: Key <key>   base_url default
+      {"prompt", "image_size": {"width", "height"}, "num_images", "output_format", …}  DEFAULT_BASE_URL
+      → {"request_id", "status_url", "response_url", "cancel_url"}
+    GET {status_url}                           → {"status": "IN_QUEUE" | "IN_PROGRESS" | "COMPLETED"}
+    GET {response_url}                         → {"images": [{"url", "width", "height",
+                                                  "content_type"}], "has_nsfw_concepts": [bool], …}
+                                                 or the model's error status and {"detail": …}
+    GET {images[i].url}                        (no key: a public CDN URL on fal.media)
+
+Read before writing it (public documentation, read not copied):
+- The queue API (submit to queue.fal.run, request lifecycle IN_QUEUE → IN_PROGRESS → COMPLETED,
+  status and result URLs, ``Authorization: Key``): https://docs.fal.ai/documentation/model-apis/
+  inference/queue and its OpenAPI description,
+  https://fal.ai/docs/api-reference/inference-api/openapi/queue.json
+- The status endpoint (``GET …/requests/{id}/status``): https://fal.ai/docs/inference-api/queue/status.md
+Inferred, not read: the FLUX [dev] and Stable Diffusion 3.5 Large input fields (``image_size`` as
+``{width, height}``, ``num_images`` 1–4, ``output_format`` jpeg/png, ``seed``,
+``enable_safety_checker``) and output (``images[].url``, ``has_nsfw_concepts``) come from the
+models' published schemas as summarised by third-party guides (e.g. apidog's FLUX 2 API guide);
+that a failed request answers its ``response_url`` with the model's error status (422 with
+``{"detail": […]}`` for a validation error) is inferred from the queue page; pixel sizes in
+multiples of 8 are an assumption the catalog can tighten.
+
+Translation:
+- ``size`` → ``image_size: {width, height}`` from the catalog's ``dimensions`` (the ratio kept).
+- ``n`` → ``num_images`` in one request (one submission, one poll loop).
+- ``output_format``: jpeg and png are made by fal; webp is re-encoded by the gateway.
+- Moderation: an image whose ``has_nsfw_concepts`` entry is true is fal's safety checker's
+  refusal (the image is blanked): it is dropped and not charged; all of them → 400
+  ``moderation_blocked`` (output).
+- Errors: a submission's or result's 4xx/5xx goes through ``native.rejected`` (429/5xx fail over
+  before the submission is accepted; 422 → 400 ``invalid_request_error``).
+Polling, budget and trust are ``polling.PollingMixin``'s and BFL's rules: the key only goes to
+URLs on ``base_url``'s origin or ``polling_hosts``; images only come from ``delivery_hosts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+from yarl import URL
+
+from app.domain.catalog import parse_size
+from app.domain.jobs import ImageJob, ImageResult
+from app.errors import UpstreamError
+from app.upstream.base import ImageProvider
+from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
+from app.upstream.errors import INVALID_RESPONSE
+from app.upstream.providers.native import (
+    MAX_IMAGE_BYTES,
+    NativeProvider,
+    Produced,
+    deliver,
+    images_response,
+    json_object,
+    moderation_blocked,
+    produced,
+    rejected,
+)
+from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed
+
+DEFAULT_BASE_URL = "https://queue.fal.run"
+DEFAULT_POLLING_HOSTS = ("queue.fal.run",)
+DEFAULT_DELIVERY_HOSTS = ("fal.media", "*.fal.media")
+NATIVE_FORMATS = ("jpeg", "png")
+UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
+
+
+class FalProvider(PollingMixin, NativeProvider):
+    """An ``ImageProvider`` over fal.ai's queue (one per configured upstream)."""
+
+    def __init__(
+        self,
+        *,
+        polling_hosts: Sequence[str] = DEFAULT_POLLING_HOSTS,
+        delivery_hosts: Sequence[str] = DEFAULT_DELIVERY_HOSTS,
+        poll_budget_s: float = 300.0,
+        poll_interval_s: float = 0.5,
+        poll_max_interval_s: float = 5.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._init_polling(
+            poll_budget_s=poll_budget_s,
+            poll_interval_s=poll_interval_s,
+            poll_max_interval_s=poll_max_interval_s,
+            sleep=sleep,
+            clock=clock,
+        )
+        self._polling_hosts = tuple(polling_hosts)
+        self._delivery_hosts = tuple(delivery_hosts)
+        self._origin = URL(self._base_url).origin()
+        self._plain_http_ok = self._origin.scheme == "http"
+
+    def _auth(self) -> dict[str, str]:
+        return {"authorization": f"Key {self._api_key}"} if self._api_key else {}
+
+    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+        # The model id is a path ("fal-ai/flux/dev"): its slashes are the route, not escaped.
+        url = f"{self._base_url}/{upstream_model.strip('/')}"
+        raw, _ = await self._send("POST", url, request_id=job.request_id, json_body=request_body(job))
+        submitted = json_object(raw)
+        status_url, response_url = submitted.get("status_url"), submitted.get("response_url")
+        if not isinstance(status_url, str) or not isinstance(response_url, str):
+            raise UpstreamError(INVALID_RESPONSE)
+        status_url, response_url = self._trusted(status_url), self._trusted(response_url)
+
+        async def step() -> bytes | None:
+            answer = await self._transient_ok(
+                partial(self._send, "GET", status_url, request_id=job.request_id)
+            )
+            if answer is None or _status(answer[0]) != "COMPLETED":
+                return None  # queued, running, or an answer that did not parse
+            result: tuple[bytes, Any] | None = await self._transient_ok(
+                partial(self._send, "GET", response_url, request_id=job.request_id)
+            )
+            return result[0] if result is not None else None
+
+        result = json_object(await self._poll_until(step, self._poll_deadline()))
+        images = [await deliver(image, job) for image in await self._images(result, job)]
+        return images_response(images)
+
+    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:  # noqa: ARG002
+        # The catalog gives fal models no edit rule, so admission refuses edits before this.
+        raise UpstreamError("This upstream does not serve image edits.")
+
+    async def _images(self, result: Mapping[str, Any], job: ImageJob) -> list[Produced]:
+        listed = result.get("images")
+        if not isinstance(listed, list) or not listed:
+            raise UpstreamError(INVALID_RESPONSE)
+        flags = result.get("has_nsfw_concepts")
+        nsfw = flags if isinstance(flags, list) else []
+        kept = [item for i, item in enumerate(listed) if not (i < len(nsfw) and nsfw[i] is True)]
+        if not kept:
+            raise moderation_blocked("output")
+        urls = []
+        for item in kept:
+            if not isinstance(item, Mapping) or not isinstance(item.get("url"), str):
+                raise UpstreamError(INVALID_RESPONSE)
+            url = absolute_url(item["url"])
+            if not (self._scheme_ok(url) and host_allowed(url, self._delivery_hosts)):
+                raise UpstreamError(UNTRUSTED_URL)
+            urls.append(url)
+        return await asyncio.gather(*(self._download(url, job) for url in urls))
+
+    async def _download(self, url: URL, job: ImageJob) -> Produced:
+        download = partial(
+            self._send, "GET", str(url), request_id=job.request_id, auth=False, max_bytes=MAX_IMAGE_BYTES
+        )
+        # The images are made (and billed): a download that fails in transit is tried again.
+        answer = await self._poll_until(partial(self._transient_ok, download), self._poll_deadline())
+        return produced(answer[0])
+
+    def _trusted(self, value: str) -> str:
+        url = absolute_url(value)
+        same_origin = url.origin() == self._origin
+        if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
+            raise UpstreamError(UNTRUSTED_URL)
+        return str(url)
+
+    def _scheme_ok(self, url: URL) -> bool:
+        return url.scheme == "https" or (url.scheme == "http" and self._plain_http_ok)
+
+    def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
+        """fal's errors: ``{"detail": "text"}`` or a validation list ``{"detail": [{"msg"}]}``."""
+        try:
+            detail = json_object(raw).get("detail")
+        except UpstreamError:
+            detail = None
+        if isinstance(detail, list):
+            detail = "; ".join(str(d.get("msg")) for d in detail if isinstance(d, Mapping)) or None
+        message = detail if isinstance(detail, str) else None
+        return rejected(status, message, headers, secrets=self._secrets)
+
+
+def _status(raw: bytes) -> str | None:
+    try:
+        status = json_object(raw).get("status")
+    except UpstreamError:
+        return None
+    return status if isinstance(status, str) else None
+
+
+def request_body(job: ImageJob) -> dict[str, Any]:
+    """The submission's JSON for ``job`` (all ``n`` images in one request)."""
+    spec = job.caps.provider
+    body: dict[str, Any] = {
+        "prompt": job.prompt,
+        "num_images": job.n,
+        "output_format": job.output_format if job.output_format in NATIVE_FORMATS else "png",
+        "enable_safety_checker": True,
+    }
+    if spec is not None:
+        if spec.dimensions is not None:
+            width, height = spec.dimensions.fit(*(parse_size(job.size) or (1024, 1024)))
+            body["image_size"] = {"width": width, "height": height}
+        body.update(spec.mapped_params(job.forward))
+    return body
+
+
+def _build(upstream: UpstreamSettings) -> ImageProvider:
+    return FalProvider(
+        base_url=upstream.base_url or DEFAULT_BASE_URL,
+        polling_hosts=upstream.polling_hosts if upstream.polling_hosts is not None else DEFAULT_POLLING_HOSTS,
+        delivery_hosts=(
+            upstream.delivery_hosts if upstream.delivery_hosts is not None else DEFAULT_DELIVERY_HOSTS
+        ),
+        poll_budget_s=upstream.poll_budget_s,
+        poll_interval_s=upstream.poll_interval_s,
+        poll_max_interval_s=upstream.poll_max_interval_s,
+        **common_options(upstream),
+    )
+
+
+register_kind(ProviderKind(name="fal", build=_build))

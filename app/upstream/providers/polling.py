@@ -1,0 +1,115 @@
+"""What submit/poll/download providers share (BFL today; fal.ai's queue, Replicate's predictions
+tomorrow): wait for a submitted job within a budget, backing off, and ride out the failures a
+later poll may not meet.
+
+``PollingMixin._poll_until(step, deadline)`` calls ``step()`` every ``poll_interval_s``, growing
+×1.5 up to ``poll_max_interval_s``, until it returns a result (not None) or the next wait would pass
+``deadline`` (→ 504 ``UpstreamJobTimeout``, not retried: the job may still finish, and be billed,
+upstream; submitting it again elsewhere would pay twice). ``step`` raises what ends the job
+(moderated, failed) and returns None while it is still running. ``_transient_ok(call)`` is
+``call()``'s result, or None for a failure in transit (connection, timeout, 408/409/429, 5xx): once
+a job is submitted, going back to the router, which would submit it again, is never the answer.
+
+``host_allowed`` / ``absolute_url``: such providers name the URLs to poll and to download from,
+and the gateway never trusts an upstream to name an arbitrary URL (it would fetch it from inside
+the operator's network): each URL is checked against the upstream's allowed hosts.
+
+Clock and sleep are injected, so tests count polls instead of waiting on the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from yarl import URL
+
+from app.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
+from app.upstream.errors import INVALID_RESPONSE
+
+T = TypeVar("T")
+NOT_FINISHED = "The upstream service did not finish the image within the polling budget."
+
+
+class PollingMixin:
+    """Mixed into a provider class; ``_init_polling`` is called from its ``__init__``."""
+
+    _budget_s: float
+    _interval_s: float
+    _max_interval_s: float
+    _sleep: Callable[[float], Awaitable[None]]
+    _clock: Callable[[], float]
+
+    def _init_polling(
+        self,
+        *,
+        poll_budget_s: float = 300.0,
+        poll_interval_s: float = 0.5,
+        poll_max_interval_s: float = 5.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._budget_s = poll_budget_s
+        self._interval_s = poll_interval_s
+        self._max_interval_s = max(poll_max_interval_s, poll_interval_s)
+        self._sleep = sleep
+        self._clock = clock
+
+    def _poll_deadline(self) -> float:
+        """When the polling of jobs submitted now must end."""
+        return self._clock() + self._budget_s
+
+    async def _poll_until(self, step: Callable[[], Awaitable[T | None]], deadline: float) -> T:
+        """``step()``'s first result that is not None (rules in the module doc)."""
+        delay = self._interval_s
+        while True:
+            result = await step()
+            if result is not None:
+                return result
+            if self._clock() + delay > deadline:
+                raise UpstreamJobTimeout(NOT_FINISHED)
+            await self._sleep(delay)
+            delay = min(delay * 1.5, self._max_interval_s)
+
+    async def _transient_ok(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()``'s result, or None when it failed in a way the next poll may not."""
+        try:
+            return await call()
+        except UpstreamRejected as exc:
+            if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
+                return None
+            raise
+        except UpstreamError as exc:
+            if exc.code in ("upstream_unavailable", "upstream_timeout"):
+                return None
+            raise
+
+
+def host_allowed(url: URL, patterns: Sequence[str]) -> bool:
+    """Whether ``url``'s host (and port, where a pattern names one) matches a pattern:
+    ``host``, ``host:port`` or ``*.domain`` (subdomains only)."""
+    host = (url.host or "").lower().rstrip(".")
+    if not host:
+        return False
+    for pattern in patterns:
+        name, _, port = pattern.lower().partition(":")
+        if port and (not port.isdigit() or url.port != int(port)):
+            continue
+        if name.startswith("*."):
+            if host.endswith(name[1:]) and host != name[2:]:
+                return True
+        elif host == name:
+            return True
+    return False
+
+
+def absolute_url(value: str) -> URL:
+    try:
+        url = URL(value)
+    except (TypeError, ValueError) as exc:
+        raise UpstreamError(INVALID_RESPONSE) from exc
+    if not url.is_absolute():
+        raise UpstreamError(INVALID_RESPONSE)
+    return url

@@ -7,6 +7,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
 from app.cluster.bus import ClusterBus
+from app.console.requestlog import RequestLog
 from app.console.throttle import open_throttle
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
@@ -260,6 +262,19 @@ async def open_state(
                     metrics.set_upstream_waiting(upstream=upstream, source=source, count=count)
 
         metrics.on_scrape(refresh_gauges)
+        request_log = (
+            RequestLog(
+                engine,
+                capacity=settings.console.request_log_queue,
+                store_prompts=settings.moderation.store_prompts,
+                on_drop=metrics.request_log_dropped.inc,
+            )
+            if settings.console.request_log
+            else None
+        )
+        if request_log is not None:
+            # Entries still queued at shutdown are written before the engine closes.
+            _close_at_exit(stack, "request log", request_log.flush)
         yield AppState(
             settings=settings,
             engine=engine,
@@ -278,6 +293,7 @@ async def open_state(
             moderation_log=ModerationLog(sessions),
             webhooks=webhooks,
             outbox=outbox,
+            request_log=request_log,
         )
 
 
@@ -362,6 +378,19 @@ async def _background(state: AppState) -> AsyncIterator[None]:
                 interval_s=state.settings.uploads.sweep_interval_s,
             ),
             name="orphan-sweep",
+        ),
+        *(
+            [
+                asyncio.create_task(
+                    state.request_log.run_forever(
+                        retention=timedelta(days=state.settings.console.request_log_retention_days),
+                        purge_every_s=storage.purge_interval_s,
+                    ),
+                    name="request-log",
+                )
+            ]
+            if state.request_log is not None
+            else []
         ),
     ]
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.billing.ledger import LedgerService
+from app.console.requestlog import RequestLog
 from app.domain.catalog import Catalog
 from app.images.intake.spool import UploadLimits
 from app.images.service import ImageService, InputLimits
@@ -68,3 +69,5 @@ class AppState:
     moderation_log: ModerationLog
     webhooks: WebhookEndpoints
     outbox: Outbox
+    # Every /v1 request for the console (None: console.request_log off).
+    request_log: RequestLog | None = None

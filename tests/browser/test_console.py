@@ -385,3 +385,37 @@ def test_playground_shows_the_apis_errors_beside_their_field_and_edits_with_a_ma
         == f"{entry['cost_micros'] // 1_000_000}.{entry['cost_micros'] % 1_000_000:06d}"
     )
     assert page.console_errors == []
+
+
+def test_a_refused_request_is_found_by_searching_its_error_text(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = console_gateway.create_key(name="refused-tenant")
+    with pytest.raises(openai.BadRequestError) as refused:
+        console_gateway.client(secret).images.generate(model="gpt-image-1", prompt="a cat", size="13x17")
+    request_id = refused.value.response.headers["x-request-id"]
+    page = new_page()
+    sign_in(page, console_gateway)
+    page.get_by_role("navigation").get_by_role("link", name="Requests").click()
+    page.get_by_label("Search").fill("'13x17'")
+    page.keyboard.press("Enter")
+    row = page.locator(f'tr[data-request-id="{request_id}"]')
+    expect(row).to_be_visible()
+    expect(page.locator("#requests tbody tr")).to_have_count(1)
+    # The key's name, its id on hover; the error, truncated with its whole text as the title.
+    expect(row.locator(".key-name")).to_have_text("refused-tenant")
+    expect(row.locator(".key-name")).to_have_attribute("title", key_id)
+    expect(row.locator("td.trunc")).to_have_attribute("title", re.compile("Invalid value: '13x17'"))
+    row.get_by_role("link", name=request_id).click()
+    expect(page.get_by_role("heading", name=re.compile("Request"))).to_contain_text(request_id)
+    expect(page.locator("#log-entry")).to_contain_text("13x17")
+    expect(page.get_by_text("No ledger row")).to_be_visible()
+
+    # The tenant finds their own refused request too, by the same search.
+    tenant = new_page()
+    sign_in(tenant, console_gateway, secret)
+    tenant.get_by_role("navigation").get_by_role("link", name="Requests").click()
+    tenant.get_by_label("Search").fill("13x17")
+    tenant.keyboard.press("Enter")
+    expect(tenant.locator(f'tr[data-request-id="{request_id}"]')).to_be_visible()
+    assert page.console_errors == [] and tenant.console_errors == []

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.tables import ApiKey, LedgerEntry, RequestLogEntry, RequestThumbnail, Task
+from app.db.tables import ApiKey, LedgerEntry, RequestLogEntry, RequestThumbnail, Task, WebhookDelivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,3 +260,23 @@ async def key_names(
     async with sessions() as session:
         rows = await session.execute(select(ApiKey.id, ApiKey.name).where(ApiKey.id.in_(wanted)))
         return {key_id: name for key_id, name in rows}
+
+
+async def task_deliveries(
+    sessions: async_sessionmaker[AsyncSession], task_id: str
+) -> Sequence[WebhookDelivery]:
+    """A task's webhook deliveries, oldest first (a task has a few: one per endpoint and event)."""
+    query = (
+        select(WebhookDelivery)
+        .where(WebhookDelivery.task_id == task_id)
+        .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        .limit(100)
+    )
+    async with sessions() as session:
+        return (await session.execute(query)).scalars().all()
+
+
+async def any_task(sessions: async_sessionmaker[AsyncSession], task_id: str) -> Task | None:
+    """A task by id, whoever's it is (the caller checks who may see it)."""
+    async with sessions() as session:
+        return await session.get(Task, task_id)

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.test_console import signed_in
+from tests.api.test_console import csrf_of, signed_in
 from tests.conftest import LOCAL_UPSTREAM, Gateway
 
 ALWAYS = "a dismembered corpse"
@@ -116,3 +116,39 @@ def test_a_tenant_sees_only_their_own_entries(gw: Gateway) -> None:
     assert tenant.get(f"/console/requests/{own_id}").status_code == 200
     exported = tenant.get("/console/requests.csv").text
     assert own_id in exported and other_id not in exported
+
+
+def test_task_pages_and_cancel_are_scoped_to_the_tenants_key(gateway_with: Any) -> None:
+    gw: Gateway = gateway_with(LOCAL_UPSTREAM, tasks={"workers": 0})
+    mine, _ = gw.create_key(name="tenant-a")
+    theirs, theirs_id = gw.create_key(name="tenant-b")
+
+    def queued(key: str) -> str:
+        raw = gw.client(key).images.with_raw_response.generate(
+            model="gpt-image-1", prompt="later", size="1024x1024", extra_query={"async": "true"}
+        )
+        task_id: str = raw.http_response.json()["id"]
+        return task_id
+
+    own_task, other_task = queued(mine), queued(theirs)
+    tenant = signed_in(gw, mine)
+    token = csrf_of(tenant, "/console/tasks")
+    origin = {"origin": gw.url}
+    assert tenant.get(f"/console/tasks/{other_task}").status_code == 404
+    refused = tenant.post(f"/console/tasks/{other_task}/cancel", data={"csrf_token": token}, headers=origin)
+    assert refused.status_code == 404
+    assert gw.query(f"SELECT status FROM tasks WHERE id = '{other_task}'") == [{"status": "queued"}]
+    assert gw.key_row(theirs_id)["reserved_micros"] > 0
+    # Without the CSRF token nothing happens either.
+    assert tenant.post(f"/console/tasks/{own_task}/cancel", headers=origin).status_code == 403
+    done = tenant.post(f"/console/tasks/{own_task}/cancel", data={"csrf_token": token}, headers=origin)
+    assert done.status_code == 303 and done.headers["location"].endswith("?cancelled=1")
+    assert gw.query(f"SELECT status FROM tasks WHERE id = '{own_task}'") == [{"status": "cancelled"}]
+    page = tenant.get(f"/console/tasks/{own_task}").text
+    assert "task_cancelled" in page and "Cancel task" not in page
+    # The operator may cancel any key's task.
+    operator = signed_in(gw)
+    token = csrf_of(operator, "/console/tasks")
+    done = operator.post(f"/console/tasks/{other_task}/cancel", data={"csrf_token": token}, headers=origin)
+    assert done.status_code == 303
+    assert gw.key_row(theirs_id)["reserved_micros"] == 0

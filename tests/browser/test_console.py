@@ -419,3 +419,46 @@ def test_a_refused_request_is_found_by_searching_its_error_text(
     tenant.keyboard.press("Enter")
     expect(tenant.locator(f'tr[data-request-id="{request_id}"]')).to_be_visible()
     assert page.console_errors == [] and tenant.console_errors == []
+
+
+@pytest.fixture
+def idle_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway without task workers: an async request stays queued until someone cancels it."""
+    from tests.browser.conftest import LOCAL_PACED
+    from tests.conftest import make_settings, start_gateway
+
+    gw = start_gateway(make_settings(tmp_path, [LOCAL_PACED], tasks={"workers": 0}), tmp_path)
+    yield gw
+    gw.close()
+
+
+def test_a_task_is_cancelled_from_its_page_and_its_hold_released(
+    idle_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = idle_gateway.create_key(name="task-owner", balance="5")
+    raw = idle_gateway.client(secret).images.with_raw_response.generate(
+        model="gpt-image-1", prompt="a queued harbour", size="1024x1024", extra_query={"async": "true"}
+    )
+    task_id = raw.http_response.json()["id"]
+    assert idle_gateway.key_row(key_id)["reserved_micros"] > 0
+    page = new_page()
+    sign_in(page, idle_gateway)
+    page.get_by_role("navigation").get_by_role("link", name="Tasks").click()
+    page.locator(f'tr[data-task-id="{task_id}"]').get_by_role("link", name=task_id).click()
+    expect(page.locator("#task-status")).to_have_text("queued")
+    expect(page.locator(".key-name")).to_have_text("task-owner")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Cancel task").click()
+    expect(page.locator("#task-status")).to_have_text("cancelled")
+    expect(page.get_by_role("status")).to_contain_text("hold was released")
+    expect(page.locator("#task-error")).to_contain_text("task_cancelled")
+    expect(page.locator("#no-ledger")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel task")).to_have_count(0)
+    # On the ledger: the hold is gone, nothing was spent, the balance is whole, no row was written.
+    row = idle_gateway.key_row(key_id)
+    assert (row["reserved_micros"], row["spent_micros"], row["balance_micros"]) == (0, 0, 5_000_000)
+    assert [r for r in idle_gateway.ledger() if r["key_id"] == key_id] == []
+    # The API agrees.
+    polled = idle_gateway.client(secret).get(f"/tasks/{task_id}", cast_to=object)  # type: ignore[call-overload]
+    assert polled["status"] == "cancelled"
+    assert page.console_errors == []

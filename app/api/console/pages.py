@@ -40,7 +40,7 @@ from app.storage import check_name
 
 router = APIRouter()
 PAGE_SIZE = 50
-TASK_STATUSES = ("queued", "in_progress", "succeeded", "failed")
+TASK_STATUSES = ("queued", "in_progress", "succeeded", "failed", "cancelled")
 Text = Annotated[str | None, Query(max_length=200)]
 
 

@@ -17,7 +17,15 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.tables import ApiKey, LedgerEntry, RequestLogEntry, RequestThumbnail, Task, WebhookDelivery
+from app.db.tables import (
+    ApiKey,
+    KeyPeriod,
+    LedgerEntry,
+    RequestLogEntry,
+    RequestThumbnail,
+    Task,
+    WebhookDelivery,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,3 +288,25 @@ async def any_task(sessions: async_sessionmaker[AsyncSession], task_id: str) -> 
     """A task by id, whoever's it is (the caller checks who may see it)."""
     async with sessions() as session:
         return await session.get(Task, task_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """What a signed-in tenant sees of their own key: who, how much is left, and the limits."""
+
+    key: ApiKey
+    month_spent_micros: int
+    month_reserved_micros: int
+
+
+async def account(sessions: async_sessionmaker[AsyncSession], key_id: str, period: str) -> Account | None:
+    async with sessions() as session:
+        key = await session.get(ApiKey, key_id)
+        if key is None:
+            return None
+        month = await session.get(KeyPeriod, (key_id, period))
+    return Account(
+        key=key,
+        month_spent_micros=month.spent_micros if month else 0,
+        month_reserved_micros=month.reserved_micros if month else 0,
+    )

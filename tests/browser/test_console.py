@@ -462,3 +462,33 @@ def test_a_task_is_cancelled_from_its_page_and_its_hold_released(
     polled = idle_gateway.client(secret).get(f"/tasks/{task_id}", cast_to=object)  # type: ignore[call-overload]
     assert polled["status"] == "cancelled"
     assert page.console_errors == []
+
+
+def test_a_tenant_sees_their_name_balance_and_limits_and_the_balance_moves(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    from app.domain.money import format_micros
+
+    secret, key_id = console_gateway.create_key(
+        name="acme-tenant", balance="10", quota="20", monthly_quota="8", rpm=30, models=["gpt-image-1"]
+    )
+    page = new_page()
+    sign_in(page, console_gateway, secret)
+    expect(page.locator("#account .key-name")).to_have_text("acme-tenant")
+    expect(page.locator("#account .key-name")).to_have_attribute("title", key_id)
+    expect(page.locator("#account-balance")).to_have_text(format_micros(10_000_000))
+    expect(page.locator("#account-limits")).to_contain_text("30")
+    expect(page.locator("#account-models")).to_have_text("gpt-image-1")
+    expect(page.locator("#quota-used")).to_have_attribute("value", "0")
+
+    console_gateway.client(secret).images.generate(
+        model="gpt-image-1", prompt="a moving balance", size="1024x1024", quality="low"
+    )
+    (charged,) = [r for r in console_gateway.ledger() if r["key_id"] == key_id]
+    assert charged["cost_micros"] > 0
+    page.reload()
+    expect(page.locator("#account-balance")).to_have_text(format_micros(10_000_000 - charged["cost_micros"]))
+    expect(page.locator("#account-spent")).to_have_text(format_micros(charged["cost_micros"]))
+    expect(page.locator("#account-month")).to_have_text(format_micros(charged["cost_micros"]))
+    expect(page.locator("#quota-used")).to_have_attribute("value", str(charged["cost_micros"]))
+    assert page.console_errors == []

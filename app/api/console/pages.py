@@ -18,11 +18,13 @@ from app.api.admin_upstreams import upstream_rows
 from app.api.console.web import PAGE_HEADERS, ConsoleDenied, OperatorDep, ViewerDep, render
 from app.api.deps import StateDep
 from app.api.usage import _report
+from app.billing.ledger import period_of
 from app.billing.reports import EARLIEST, ActivityRow, UsageFilter, activity, parse_day
 from app.console import charts
 from app.console.activity import ActivityCache, Totals, by_group, total
 from app.console.queries import (
     LogFilter,
+    account,
     key_names,
     log_entries,
     log_page,
@@ -233,7 +235,14 @@ async def usage(
                 chart_id="spend-by-key",
             )
         )
+    # A tenant's own key first: its name, what is left, the limits (issue 26's tenant view).
+    mine = (
+        await account(state.sessions, viewer.key_id, period_of(datetime.now(UTC)))
+        if not viewer.is_operator and viewer.key_id
+        else None
+    )
     context = {
+        "account": mine,
         "totals": total(cells),
         "charts": chart_list,
         "first": span.first.isoformat(),

@@ -152,3 +152,24 @@ def test_task_pages_and_cancel_are_scoped_to_the_tenants_key(gateway_with: Any) 
     done = operator.post(f"/console/tasks/{other_task}/cancel", data={"csrf_token": token}, headers=origin)
     assert done.status_code == 303
     assert gw.key_row(theirs_id)["reserved_micros"] == 0
+
+
+def test_the_operator_playground_asks_which_key_to_bill(gw: Gateway) -> None:
+    _, key_id = gw.create_key(name="newest")
+    operator = signed_in(gw)
+    page = operator.get("/console/playground").text
+    # No key chosen: nothing to run yet, and no key silently picked.
+    assert 'id="choose-key"' in page and 'id="playground"' not in page
+    assert re.search(r'<option value="" selected>', page)
+    assert f'<option value="{key_id}" selected' not in page
+    chosen = operator.get(f"/console/playground?as={key_id}").text
+    assert 'id="playground"' in chosen and f'<option value="{key_id}" selected' in chosen
+    # A post without a key is refused, never billed to a default.
+    token = csrf_of(operator, f"/console/playground?as={key_id}")
+    refused = operator.post(
+        "/console/playground/generations",
+        json={"model": "gpt-image-1", "prompt": "a cat"},
+        headers={"x-csrf-token": token},
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "key_id"
+    assert gw.ledger() == []

@@ -125,9 +125,13 @@ class RequestContextMiddleware:
             set_request_id(None)
 
 
+# Logged paths: the API, and the console's playground, which runs the API's own image path.
+_LOGGED = ("/v1/", "/console/playground/")
+
+
 def _request_log(scope: Scope) -> Any:
-    """The gateway's request log for a ``/v1`` request, or None (other paths, log off)."""
-    if not str(scope.get("path", "")).startswith("/v1/"):
+    """The gateway's request log for an image API request, or None (other paths, log off)."""
+    if not str(scope.get("path", "")).startswith(_LOGGED):
         return None
     app = scope.get("app")
     gateway = getattr(getattr(app, "state", None), "gateway", None)

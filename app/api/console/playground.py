@@ -116,7 +116,7 @@ async def generate(
 ) -> Response:
     check_csrf(request, viewer, None)
     caller = await acting_caller(state, viewer, acting_as)
-    request.state.key_id = caller.key_id
+    request.state.key_id, request.state.key_name = caller.key_id, caller.name
     return await generate_as(request, state, caller)
 
 
@@ -129,5 +129,5 @@ async def edit(
 ) -> Response:
     check_csrf(request, viewer, None)
     caller = await acting_caller(state, viewer, acting_as)
-    request.state.key_id = caller.key_id
+    request.state.key_id, request.state.key_name = caller.key_id, caller.name
     return await edit_as(request, state, caller)

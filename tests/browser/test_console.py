@@ -235,6 +235,9 @@ def test_a_tenant_cannot_open_admin_pages_or_another_keys_request(
     links = page.get_by_role("navigation").get_by_role("link").all_inner_texts()
     assert links == ["Usage", "Requests", "Tasks", "Playground"]
     assert my_id in page.locator(".who").inner_text()
+    # The header names the key; its id is on hover and beside it.
+    expect(page.locator(".who .key-name")).to_have_text("tenant-b")
+    expect(page.locator(".who .key-name")).to_have_attribute("title", my_id)
 
 
 class _Attacker:
@@ -444,7 +447,9 @@ def test_a_task_is_cancelled_from_its_page_and_its_hold_released(
     page = new_page()
     sign_in(page, idle_gateway)
     page.get_by_role("navigation").get_by_role("link", name="Tasks").click()
-    page.locator(f'tr[data-task-id="{task_id}"]').get_by_role("link", name=task_id).click()
+    task_row = page.locator(f'tr[data-task-id="{task_id}"]')
+    expect(task_row.locator(".key-name")).to_have_text("task-owner")
+    task_row.get_by_role("link", name=task_id).click()
     expect(page.locator("#task-status")).to_have_text("queued")
     expect(page.locator(".key-name")).to_have_text("task-owner")
     page.once("dialog", lambda dialog: dialog.accept())

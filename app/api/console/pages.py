@@ -537,11 +537,13 @@ async def tasks_page(
     page = await task_page(
         state.sessions, key_id=_scope(viewer, key_id), status=status, before=before, limit=PAGE_SIZE
     )
+    names = await key_names(state.sessions, [t.key_id for t in page.rows]) if viewer.is_operator else {}
     return render(
         request,
         "tasks.html",
         {
             "page": page,
+            "names": names,
             "depth": await state.tasks.queue.depth(),
             "key_id": _scope(viewer, key_id) or "",
             "status": status or "",

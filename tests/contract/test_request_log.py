@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from app.db.migrate import upgrade_head
 from tests.conftest import LOCAL_UPSTREAM, Gateway
 
 ALWAYS = "a dismembered corpse"  # blocked by moderation at every level
+REFUSED_BODY = b'{"error":{"message":"Invalid value: 100% wrong","type":"invalid_request_error","code":"x"}}'
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -142,6 +143,94 @@ def test_retention_purges_old_entries_in_chunks(tmp_path: Path, monkeypatch: pyt
 
             left = (await conn.execute(text("SELECT request_id FROM request_log"))).scalars().all()
         assert left == ["req_99"]
+        await engine.dispose()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+        return
+    from tests.services import fresh_postgres_database
+
+    with fresh_postgres_database() as url:
+        yield url
+
+
+def test_batches_search_and_keyset_pages_on_both_databases(database_url: str) -> None:
+    """The log's writes (with the ledger's tokens) and the console's reads, on SQLite and PostgreSQL."""
+    from sqlalchemy import insert
+
+    from app.console.queries import LogFilter, log_page
+    from app.db.engine import create_sessionmaker
+    from app.db.tables import ApiKey, LedgerEntry
+
+    async def run() -> None:
+        engine = create_engine(database_url)
+        await upgrade_head(engine)
+        sessions = create_sessionmaker(engine)
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(ApiKey),
+                [
+                    dict(
+                        id="key_a", name="Acme_Prod", key_hash="h" * 64, prefix="sk-gw-", moderation="default"
+                    )
+                ],
+            )
+            await conn.execute(
+                insert(LedgerEntry),
+                [
+                    dict(
+                        request_id="req_0",
+                        key_id="key_a",
+                        model="gpt-image-1",
+                        endpoint="generations",
+                        status="succeeded",
+                        text_input_tokens=7,
+                        image_output_tokens=100,
+                        cost_micros=4_035,
+                    )
+                ],
+            )
+        log = RequestLog(engine)
+        now = time.time()
+        for i in range(7):
+            refused = i % 2 == 1
+            log.record(
+                Seen(
+                    at=now + i,
+                    request_id=f"req_{i}",
+                    method="POST",
+                    route="/v1/images/generations",
+                    status=400 if refused else 200,
+                    latency_ms=i,
+                    key_id="key_a",
+                    key_name="Acme_Prod",
+                    model="gpt-image-1",
+                    prompt="a \ud800 lone surrogate" if i == 2 else f"prompt {i}",
+                    error_body=REFUSED_BODY if refused else None,
+                )
+            )
+        assert await log.flush() == 7
+        first = await log_page(sessions, LogFilter(), before=None, limit=3)
+        assert [r.request_id for r in first.rows] == ["req_6", "req_5", "req_4"]
+        assert first.next_before is not None
+        second = await log_page(sessions, LogFilter(), before=int(first.next_before), limit=3)
+        assert [r.request_id for r in second.rows] == ["req_3", "req_2", "req_1"]
+        (ok,) = (await log_page(sessions, LogFilter(q="req_0"), before=None, limit=10)).rows
+        assert (ok.tokens, ok.cost_micros, ok.status_class) == (107, 4_035, "ok")
+        # Search: error text with a literal %, any case; a key name with a literal _.
+        found = await log_page(sessions, LogFilter(q="100% WRONG"), before=None, limit=10)
+        assert [r.request_id for r in found.rows] == ["req_5", "req_3", "req_1"]
+        assert list((await log_page(sessions, LogFilter(q="100x"), before=None, limit=10)).rows) == []
+        by_name = await log_page(
+            sessions, LogFilter(q="acme_prod", status_class="4xx"), before=None, limit=10
+        )
+        assert len(by_name.rows) == 3
+        assert list((await log_page(sessions, LogFilter(q="acmeXprod"), before=None, limit=10)).rows) == []
         await engine.dispose()
 
     asyncio.run(run())

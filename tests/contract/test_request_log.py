@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -87,6 +88,9 @@ def test_admitted_and_refused_requests_are_logged_with_names_never_secrets(gatew
     assert key not in text and ok_key not in text and "sk-not-a-key" not in text
     # Only /v1 is logged: the admin calls above are not.
     assert all(row["route"].startswith("/v1/") for row in rows)
+    # Nothing was dropped, and /metrics says so (the counter an operator alerts on).
+    exposition = httpx.get(gw.url + "/metrics", timeout=30).text
+    assert "gateway_request_log_dropped_total 0.0" in exposition
 
 
 def test_prompts_are_kept_only_with_store_prompts(gateway_with: Any) -> None:
@@ -120,6 +124,19 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> Non
         assert (log.pending, log.dropped, len(dropped)) == (3, 2, 2)
         assert await log.flush() == 3
         assert (log.pending, log.written) == (0, 3)
+        await engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_a_failing_database_loses_the_batch_not_the_request(tmp_path: Path) -> None:
+    async def run() -> None:
+        # No migration: the table does not exist, so every write fails.
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+        log = RequestLog(engine)
+        log.record(_seen(1, time.time()))
+        assert await log.flush() == 0
+        assert (log.pending, log.written) == (0, 0)
         await engine.dispose()
 
     asyncio.run(run())

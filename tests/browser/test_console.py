@@ -497,3 +497,41 @@ def test_a_tenant_sees_their_name_balance_and_limits_and_the_balance_moves(
     expect(page.locator("#account-month")).to_have_text(format_micros(charged["cost_micros"]))
     expect(page.locator("#quota-used")).to_have_attribute("value", str(charged["cost_micros"]))
     assert page.console_errors == []
+
+
+def test_a_webhook_is_redelivered_from_its_tasks_page(idle_gateway: Gateway, new_page: Any) -> None:
+    from tests.fakes.webhook_receiver import WebhookReceiver
+
+    receiver = WebhookReceiver()
+    receiver.start()
+    try:
+        secret, key_id = idle_gateway.create_key(name="hooked-owner")
+        created = idle_gateway.admin("POST", f"/admin/keys/{key_id}/webhooks", json={"url": receiver.url})
+        receiver.secret = created.json()["secret"]
+        raw = idle_gateway.client(secret).images.with_raw_response.generate(
+            model="gpt-image-1", prompt="a hooked harbour", size="1024x1024", extra_query={"async": "true"}
+        )
+        task_id = raw.http_response.json()["id"]
+        page = new_page()
+        sign_in(page, idle_gateway)
+        page.goto(idle_gateway.url + f"/console/tasks/{task_id}")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Cancel task").click()
+        expect(page.locator("#task-status")).to_have_text("cancelled")
+        (first,) = receiver.wait_for(1)
+        assert first.verified and first.event["type"] == "image.task.cancelled"
+        page.reload()
+        row = page.locator("#deliveries tbody tr[data-delivery-id]")
+        expect(row).to_have_count(1)
+        expect(row.locator("td").nth(2)).to_have_text("delivered")
+        delivery_id = row.get_attribute("data-delivery-id")
+        assert delivery_id == first.headers["webhook-id"]
+        row.get_by_role("button", name=f"Redeliver {delivery_id}").click()
+        expect(page.get_by_role("status")).to_contain_text("being sent again")
+        second = receiver.wait_for(2)[1]
+        # The same event, the same webhook-id: receivers can tell it is a redelivery.
+        assert second.verified and second.headers["webhook-id"] == delivery_id
+        assert second.event["type"] == "image.task.cancelled"
+        assert page.console_errors == []
+    finally:
+        receiver.stop()

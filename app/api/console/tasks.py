@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.api.console.web import ConsoleDenied, ViewerDep, check_csrf, redirect, render
+from app.api.console.web import ConsoleDenied, OperatorDep, ViewerDep, check_csrf, redirect, render
 from app.api.deps import StateDep
 from app.api.images import public_base
 from app.console.queries import any_task, key_names, request_rows, task_deliveries
@@ -59,3 +59,18 @@ async def cancel_task(request: Request, task_id: str, viewer: ViewerDep, state: 
     after = await state.tasks.cancel(task.id, task.key_id)
     outcome = "1" if after is not None and after.status == "cancelled" else "0"
     return redirect(f"/console/tasks/{task.id}?cancelled={outcome}")
+
+
+@router.post("/tasks/{task_id}/deliveries/{delivery_id}/redeliver")
+async def redeliver(
+    request: Request, task_id: str, delivery_id: str, viewer: OperatorDep, state: StateDep
+) -> Response:
+    """The admin API's redeliver (same ``webhook-id``, a fresh retry period), for the operator."""
+    form = await request.form()
+    check_csrf(request, viewer, form.get("csrf_token"))
+    task = await _visible(state, viewer, task_id)
+    if delivery_id not in {d.id for d in await task_deliveries(state.sessions, task.id)}:
+        raise ConsoleDenied(404, "No such delivery for this task.")
+    await state.outbox.redeliver(delivery_id)
+    state.tasks.on_events()
+    return redirect(f"/console/tasks/{task.id}?redelivered={delivery_id}")

@@ -1,10 +1,10 @@
 """Read-only, paginated queries behind the console's list pages.
 
 Every list is a keyset page (``before`` = the last id seen) over an index, never OFFSET and never
-an unbounded read: with a key filter the ledger is walked on ``ix_ledger_key_created``, without one
-on ``ix_ledger_created``; tasks on ``ix_tasks_key_created`` / ``ix_tasks_created``. Filters on
-model, status or upstream are applied while walking the index, so a page stops after ``limit``
-matches (bench/console.py measures it at 10,000 rows).
+an unbounded read: the request log on ``ix_request_log_key_created`` with a key,
+``ix_request_log_class_created`` with a status class, else ``ix_request_log_created``; tasks on
+``ix_tasks_key_created`` / ``ix_tasks_created``. Other filters are applied while walking the index,
+so a page stops after ``limit`` matches.
 """
 
 from __future__ import annotations
@@ -27,15 +27,6 @@ from app.db.tables import (
     WebhookDelivery,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class LedgerFilter:
-    key_id: str | None = None
-    model: str | None = None
-    status: str | None = None
-    upstream: str | None = None
-
-
 T = TypeVar("T")
 
 
@@ -43,43 +34,6 @@ T = TypeVar("T")
 class Page(Generic[T]):
     rows: Sequence[T]
     next_before: int | str | None
-
-
-async def ledger_page(
-    sessions: async_sessionmaker[AsyncSession],
-    where: LedgerFilter,
-    *,
-    before: int | None,
-    limit: int,
-) -> Page[LedgerEntry]:
-    """Ledger rows newest first (by time, then id), ``limit`` at a time."""
-    conditions: list[ColumnElement[bool]] = []
-    for column, value in (
-        (LedgerEntry.key_id, where.key_id),
-        (LedgerEntry.model, where.model),
-        (LedgerEntry.status, where.status),
-        (LedgerEntry.upstream, where.upstream),
-    ):
-        if value:
-            conditions.append(column == value)
-    async with sessions() as session:
-        if before is not None:
-            anchor = await session.get(LedgerEntry, before)
-            if anchor is None:
-                return Page(rows=(), next_before=None)
-            # Written so the index range (created_at <= anchor) bounds the walk.
-            conditions.append(LedgerEntry.created_at <= anchor.created_at)
-            conditions.append(or_(LedgerEntry.created_at < anchor.created_at, LedgerEntry.id < anchor.id))
-        query = (
-            select(LedgerEntry)
-            .where(*conditions)
-            .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
-            .limit(limit + 1)
-        )
-        rows = (await session.execute(query)).scalars().all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(rows=rows, next_before=rows[-1].id if more and rows else None)
 
 
 async def request_rows(

@@ -7,6 +7,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
 from app.cluster.bus import ClusterBus
+from app.console.requestlog import RequestLog
 from app.console.throttle import open_throttle
 from app.console.thumbnails import Thumbnailer
 from app.db.engine import create_engine, create_sessionmaker
@@ -298,6 +300,19 @@ async def open_state(
         metrics.on_scrape(refresh_gauges)
         readiness = Readiness(engine, settings.redis.url)
         _close_at_exit(stack, "readiness probe", readiness.aclose)
+        request_log = (
+            RequestLog(
+                engine,
+                capacity=settings.console.request_log_queue,
+                store_prompts=settings.moderation.store_prompts,
+                on_drop=metrics.request_log_dropped.inc,
+            )
+            if settings.console.request_log
+            else None
+        )
+        if request_log is not None:
+            # Entries still queued at shutdown are written before the engine closes.
+            _close_at_exit(stack, "request log", request_log.flush)
         yield AppState(
             settings=settings,
             engine=engine,
@@ -319,6 +334,7 @@ async def open_state(
             readiness=readiness,
             files=files,
             batches=batches,
+            request_log=request_log,
         )
 
 
@@ -484,6 +500,19 @@ async def _background(state: AppState) -> AsyncIterator[None]:
         *(
             [asyncio.create_task(webhook_sender(state).run_forever(), name="webhooks")]
             if hooks.enabled
+            else []
+        ),
+        *(
+            [
+                asyncio.create_task(
+                    state.request_log.run_forever(
+                        retention=timedelta(days=state.settings.console.request_log_retention_days),
+                        purge_every_s=state.settings.storage.purge_interval_s,
+                    ),
+                    name="request-log",
+                )
+            ]
+            if state.request_log is not None
             else []
         ),
     ]

@@ -175,6 +175,11 @@ class Metrics:
         self.tasks_running = Gauge(
             "gateway_tasks_running", "Background tasks this process is running now.", registry=r
         )
+        self.request_log_dropped = Counter(
+            "gateway_request_log_dropped",
+            "Request log entries dropped because the log's queue was full (the requests were not).",
+            registry=r,
+        )
         if process:
             ProcessCollector(registry=r)
 

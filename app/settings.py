@@ -297,6 +297,11 @@ class ConsoleSettings(_Section):
     # of an image is kept for the console.
     thumbnails: bool = False
     thumbnail_edge: int = Field(default=128, ge=16, le=512)
+    # Every /v1 request, admitted or refused, for the Requests page (app/console/requestlog.py).
+    request_log: bool = True
+    request_log_retention_days: int = Field(default=30, ge=1, le=3650)
+    # Entries waiting to be written at most; beyond it new ones are dropped (and counted).
+    request_log_queue: int = Field(default=10_000, ge=1, le=1_000_000)
 
 
 class LoggingSettings(_Section):

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.batches.files import FileService
 from app.batches.service import BatchService
 from app.billing.ledger import LedgerService
+from app.console.requestlog import RequestLog
 from app.db.readiness import Readiness
 from app.domain.catalog import Catalog
 from app.images.intake.spool import UploadLimits
@@ -75,3 +76,5 @@ class AppState:
     readiness: Readiness
     files: FileService
     batches: BatchService
+    # Every /v1 request for the console (None: console.request_log off).
+    request_log: RequestLog | None = None

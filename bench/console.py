@@ -266,7 +266,7 @@ def run() -> str:
                 "operator",
                 "requests, filtered by model + status",
                 operator,
-                "/console/requests?model=dall-e-3&status=failed",
+                "/console/requests?model=dall-e-3&status=5xx",
                 None,
             ),
             (

@@ -54,6 +54,8 @@ async def get_caller(request: Request, state: StateDep) -> Caller:
     caller = await state.keys.authenticate(bearer_token(request))
     # For the access log, which runs outside this handler; only the key id, never the key.
     request.state.key_id = caller.key_id
+    # For the request log: the key's name as it was at the time.
+    request.state.key_name = caller.name
     return caller
 
 

@@ -79,6 +79,8 @@ def _seen(request: Request) -> Callable[[ImageJob], None]:
     def seen(job: ImageJob) -> None:
         request.state.model = job.model
         request.state.job = job
+        # The request log hashes it (and keeps it only with moderation.store_prompts).
+        request.state.prompt = job.prompt
 
     return seen
 

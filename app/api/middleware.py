@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ADMIN_MARK, is_admin_key, parse_bearer
 from app.api.errors import error_response
+from app.console.requestlog import MAX_ERROR_BODY, Seen
 from app.errors import (
     AuthenticationError,
     InternalServerError,
@@ -60,9 +61,16 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.monotonic()
         status = 500
+        # The request log's (app/console/requestlog.py): /v1 only, with an error's body kept.
+        request_log = _request_log(scope)
+        at = time.time() if request_log is not None else 0.0
+        error_body: bytes | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, error_body
+            if request_log is not None and message["type"] == "http.response.body":
+                if status >= 400 and error_body is None:
+                    error_body = bytes(message.get("body", b""))[:MAX_ERROR_BODY]
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
@@ -79,6 +87,25 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             state: dict[str, Any] = scope.get("state", {})
+            latency_ms = int((time.monotonic() - started) * 1000)
+            if request_log is not None:
+                request_log.record(
+                    Seen(
+                        at=at,
+                        request_id=request_id,
+                        method=scope["method"],
+                        route=scope["path"],
+                        status=status,
+                        latency_ms=latency_ms,
+                        key_id=state.get("key_id"),
+                        key_name=state.get("key_name"),
+                        model=state.get("model"),
+                        upstream=state.get("upstream"),
+                        cost_micros=state.get("cost_micros"),
+                        prompt=state.get("prompt"),
+                        error_body=error_body,
+                    )
+                )
             log.info(
                 "request",
                 extra={
@@ -87,7 +114,7 @@ class RequestContextMiddleware:
                         # The path only: query strings are the client's and may hold anything.
                         "path": scope["path"],
                         "status": status,
-                        "latency_ms": int((time.monotonic() - started) * 1000),
+                        "latency_ms": latency_ms,
                         "key_id": state.get("key_id"),
                         "model": state.get("model"),
                         "upstream": state.get("upstream"),
@@ -96,6 +123,19 @@ class RequestContextMiddleware:
                 },
             )
             set_request_id(None)
+
+
+# Logged paths: the API, and the console's playground, which runs the API's own image path.
+_LOGGED = ("/v1/", "/console/playground/")
+
+
+def _request_log(scope: Scope) -> Any:
+    """The gateway's request log for an image API request, or None (other paths, log off)."""
+    if not str(scope.get("path", "")).startswith(_LOGGED):
+        return None
+    app = scope.get("app")
+    gateway = getattr(getattr(app, "state", None), "gateway", None)
+    return getattr(gateway, "request_log", None)
 
 
 class BodyGuardMiddleware:

@@ -1,4 +1,5 @@
-"""``GET /v1/tasks/{id}`` and ``GET /v1/tasks``: a key's asynchronous requests."""
+"""``GET /v1/tasks/{id}``, ``GET /v1/tasks`` and ``POST /v1/tasks/{id}/cancel``: a key's
+asynchronous requests."""
 
 from __future__ import annotations
 
@@ -60,6 +61,20 @@ async def _served_by(state: AppState, key_id: str, request_id: str) -> str | Non
     return served[-1] if served else None
 
 
+@router.post("/{task_id}/cancel", responses=TASK)
+async def cancel_task(task_id: str, request: Request, caller: CallerDep, state: StateDep) -> JSONResponse:
+    """Cancel a task of the calling key (SPEC §11). A queued task stops at once: its status becomes
+    ``cancelled``, its hold is released (nothing is charged) and ``image.task.cancelled`` goes to
+    its webhooks. A task already running is not stopped (no provider offers a cancel): it finishes
+    and is billed, and the answer shows it still ``in_progress``. A finished task is answered as
+    it is. Another key's task is a 404, as on ``GET``."""
+    task = await state.tasks.cancel(task_id, caller.key_id)
+    if task is None:
+        raise NotFoundError(f"No task with id '{task_id}'.", param="task_id")
+    body = await state.tasks.view(task, base_url=public_base(request, state))
+    return JSONResponse(body, headers=NO_STORE)
+
+
 @router.get("/{task_id}/events", responses=EVENTS)
 async def task_events(task_id: str, request: Request, caller: CallerDep, state: StateDep) -> Response:
     """Follow a task live over SSE: ``image.task.progress`` with the task object each time its
@@ -82,7 +97,7 @@ async def task_events(task_id: str, request: Request, caller: CallerDep, state: 
             if marker != last:
                 last = marker
                 view = await state.tasks.view(current, base_url=base)
-                final = view["status"] in ("succeeded", "failed")
+                final = view["status"] in ("succeeded", "failed", "cancelled")
                 name = f"image.task.{view['status']}" if final else "image.task.progress"
                 yield name, view
                 if final:

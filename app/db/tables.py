@@ -401,3 +401,40 @@ class BatchLine(Base):
     task_id: Mapped[str | None] = mapped_column(String(40))
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class RequestLogEntry(Base):
+    """One ``/v1`` request, admitted or refused: the record of traffic (the ledger is the record of
+    money). Written in batches off the hot path (app/console/requestlog.py), purged after
+    ``console.request_log_retention_days``."""
+
+    __tablename__ = "request_log"
+    __table_args__ = (
+        # Keyset pages newest first, over all keys, one key or one status class.
+        Index("ix_request_log_created", "created_at", "id"),
+        Index("ix_request_log_key_created", "key_id", "created_at"),
+        Index("ix_request_log_class_created", "status_class", "created_at"),
+        Index("ix_request_log_request", "request_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    request_id: Mapped[str] = mapped_column(String(64))
+    # Who asked, by id and by the key's name then; never the secret.
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    key_name: Mapped[str | None] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(10))
+    route: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[int] = mapped_column(Integer)
+    # ok | 4xx | 5xx | blocked (a moderation refusal), for the console's filter.
+    status_class: Mapped[str] = mapped_column(String(10))
+    error_code: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(String(1000))
+    upstream: Mapped[str | None] = mapped_column(String(100))
+    latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cost_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    prompt_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Only with moderation.store_prompts: true.
+    prompt: Mapped[str | None] = mapped_column(Text)

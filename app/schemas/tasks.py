@@ -41,7 +41,7 @@ class ImageTask(BaseModel):
     id: str
     task_id: str
     object: Literal["image.task"] = "image.task"
-    status: Literal["queued", "in_progress", "succeeded", "failed"]
+    status: Literal["queued", "in_progress", "succeeded", "failed", "cancelled"]
     model: str
     endpoint: str
     created_at: int

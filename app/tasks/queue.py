@@ -44,10 +44,10 @@ from app.db.tables import Task, utcnow
 from app.db.writer import Writer
 from app.errors import GatewayError, RateLimitError, error_body
 from app.tasks.idempotency import reused_error
-from app.tasks.statements import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, Statements
+from app.tasks.statements import CANCELLED, FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, Statements
 from app.webhooks.endpoints import enabled_endpoints
 
-__all__ = ["FAILED", "IN_PROGRESS", "QUEUED", "SUCCEEDED", "NewTask", "TaskQueue", "new_task_id"]
+__all__ = ["CANCELLED", "FAILED", "IN_PROGRESS", "QUEUED", "SUCCEEDED", "NewTask", "TaskQueue", "new_task_id"]
 
 # Advised to a key whose queue is full: about one image's time, when its oldest tasks may have started.
 QUEUE_FULL_RETRY_AFTER_S = 10
@@ -120,6 +120,15 @@ def _queue_full(limit: int) -> RateLimitError:
         "Retry when some have started.",
         retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
     )
+
+
+# What a task cancelled while queued reports as its error (it never ran, nothing was charged).
+CANCELLED_ERROR: dict[str, Any] = error_body(
+    "The task was cancelled by its owner before it ran; nothing was charged.",
+    "invalid_request_error",
+    None,
+    "task_cancelled",
+)["error"]
 
 
 def new_task_id() -> str:
@@ -416,6 +425,46 @@ class TaskQueue:
             row.status, row.finished_at, row.lease_until, row.error = FAILED, now, None, error
         return rows
 
+    # -- cancel (issue 26, SPEC §11) -------------------------------------------------------------
+
+    async def cancel_queued(
+        self, task_id: str, key_id: str, *, also: Callable[[Connection, Task], Any] | None = None
+    ) -> Task | None:
+        """Cancel the key's task if it is still queued: the cancelled task, else None (running,
+        finished, another key's or missing). The UPDATE is conditional on ``queued``, so a worker's
+        claim and a cancel cannot both win. ``also`` runs in the same transaction (its events)."""
+
+        def cancel(c: Connection) -> Task | None:
+            now = self._now()
+            found = c.execute(
+                select(*Task.__table__.columns).where(
+                    Task.id == task_id, Task.key_id == key_id, Task.status == QUEUED
+                )
+            ).first()
+            if found is None:
+                return None
+            done = c.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.status == QUEUED)
+                .values(status=CANCELLED, finished_at=now, lease_until=None, error=CANCELLED_ERROR)
+            )
+            if done.rowcount != 1:
+                return None
+            task = Task(**found._asdict())
+            task.status, task.finished_at, task.lease_until, task.error = (
+                CANCELLED,
+                now,
+                None,
+                CANCELLED_ERROR,
+            )
+            if also is not None:
+                also(c, task)
+            return task
+
+        return await self._writer.run(cancel)
+
+    # -- end cancel --------------------------------------------------------------------------------
+
     async def get(self, task_id: str, key_id: str) -> Task | None:
         async with self._sessions() as session:
             row = await session.get(Task, task_id)
@@ -471,7 +520,7 @@ class TaskQueue:
                 (
                     await session.execute(
                         select(Task)
-                        .where(Task.status.in_((SUCCEEDED, FAILED)), Task.finished_at < cutoff)
+                        .where(Task.status.in_((SUCCEEDED, FAILED, CANCELLED)), Task.finished_at < cutoff)
                         .limit(limit)
                     )
                 )

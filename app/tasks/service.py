@@ -35,7 +35,7 @@ from app.storage import ImageStore, InputStore
 from app.tasks.idempotency import InFlight, fingerprint
 from app.tasks.inputs import TaskInputs, job_spec
 from app.tasks.progress import ProgressRecorder, preview_names, progress_of, render_progress, run_streamed
-from app.tasks.queue import FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id, reused
+from app.tasks.queue import CANCELLED, FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id, reused
 from app.upstream.slots import CALL_SOURCE
 from app.webhooks.endpoints import WebhookEndpoints
 from app.webhooks.outbox import Outbox
@@ -224,7 +224,7 @@ class TaskService:
                 base_url=base_url,
                 ttl_s=self._settings.url_ttl_s,
             )
-        if task.status == FAILED and task.error is not None:
+        if task.status in (FAILED, CANCELLED) and task.error is not None:
             body["error"] = task.error
         return body
 
@@ -403,6 +403,31 @@ class TaskService:
             log.warning(
                 "could not remove a task's inputs", extra={"fields": {"task_id": task_id}}, exc_info=True
             )
+
+    # -- cancel (issue 26, SPEC §11) -------------------------------------------------------------
+
+    async def cancel(self, task_id: str, key_id: str) -> Task | None:
+        """``POST /v1/tasks/{id}/cancel``: a queued task stops at once, its hold is released and
+        its ``image.task.cancelled`` event queued; a running one is left to finish (and be billed:
+        no provider here offers a cancel), a finished one is unchanged. Returns the task as it now
+        is, or None when the key has no such task.
+
+        The hold goes after the cancel's transaction: if this process dies in between, the hold
+        belongs to no live task and the reconciler releases it (``release_expired``)."""
+        outbox = self._outbox
+
+        def events(c: Connection, task: Task) -> None:
+            if outbox is not None:
+                outbox.enqueue_in(c, task, status=CANCELLED, error=task.error)
+
+        cancelled = await self.queue.cancel_queued(task_id, key_id, also=events)
+        if cancelled is not None:
+            if cancelled.hold_id:
+                await self._images.release(_hold_of(cancelled))
+            await self._after(cancelled)
+        return await self.queue.get(task_id, key_id)
+
+    # -- end cancel --------------------------------------------------------------------------------
 
     async def render(self, task_id: str, *, base_url: str) -> dict[str, Any] | None:
         """The task object as its owner sees it (for webhook events); None when it is gone."""

@@ -17,6 +17,8 @@ from app.db.prepared import Prepared
 from app.db.tables import ApiKey, Reservation, Task
 
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
+# Only a queued task is cancelled (POST /v1/tasks/{id}/cancel); a running one finishes.
+CANCELLED = "cancelled"
 
 
 def _keys() -> BindParameter[Any]:

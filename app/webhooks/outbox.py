@@ -21,9 +21,13 @@ from app.errors import InvalidRequestError, NotFoundError
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 SUCCEEDED_EVENT, FAILED_EVENT = "image.task.succeeded", "image.task.failed"
+# A task its owner cancelled while queued (POST /v1/tasks/{id}/cancel).
+CANCELLED_EVENT = "image.task.cancelled"
 
 
 def event_for(status: str) -> str:
+    if status == "cancelled":
+        return CANCELLED_EVENT
     return SUCCEEDED_EVENT if status == "succeeded" else FAILED_EVENT
 
 

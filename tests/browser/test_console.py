@@ -235,6 +235,9 @@ def test_a_tenant_cannot_open_admin_pages_or_another_keys_request(
     links = page.get_by_role("navigation").get_by_role("link").all_inner_texts()
     assert links == ["Usage", "Requests", "Tasks", "Playground"]
     assert my_id in page.locator(".who").inner_text()
+    # The header names the key; its id is on hover and beside it.
+    expect(page.locator(".who .key-name")).to_have_text("tenant-b")
+    expect(page.locator(".who .key-name")).to_have_attribute("title", my_id)
 
 
 class _Attacker:
@@ -385,3 +388,150 @@ def test_playground_shows_the_apis_errors_beside_their_field_and_edits_with_a_ma
         == f"{entry['cost_micros'] // 1_000_000}.{entry['cost_micros'] % 1_000_000:06d}"
     )
     assert page.console_errors == []
+
+
+def test_a_refused_request_is_found_by_searching_its_error_text(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = console_gateway.create_key(name="refused-tenant")
+    with pytest.raises(openai.BadRequestError) as refused:
+        console_gateway.client(secret).images.generate(model="gpt-image-1", prompt="a cat", size="13x17")
+    request_id = refused.value.response.headers["x-request-id"]
+    page = new_page()
+    sign_in(page, console_gateway)
+    page.get_by_role("navigation").get_by_role("link", name="Requests").click()
+    page.get_by_label("Search").fill("'13x17'")
+    page.keyboard.press("Enter")
+    row = page.locator(f'tr[data-request-id="{request_id}"]')
+    expect(row).to_be_visible()
+    expect(page.locator("#requests tbody tr")).to_have_count(1)
+    # The key's name, its id on hover; the error, truncated with its whole text as the title.
+    expect(row.locator(".key-name")).to_have_text("refused-tenant")
+    expect(row.locator(".key-name")).to_have_attribute("title", key_id)
+    expect(row.locator("td.trunc")).to_have_attribute("title", re.compile("Invalid value: '13x17'"))
+    row.get_by_role("link", name=request_id).click()
+    expect(page.get_by_role("heading", name=re.compile("Request"))).to_contain_text(request_id)
+    expect(page.locator("#log-entry")).to_contain_text("13x17")
+    expect(page.get_by_text("No ledger row")).to_be_visible()
+
+    # The tenant finds their own refused request too, by the same search.
+    tenant = new_page()
+    sign_in(tenant, console_gateway, secret)
+    tenant.get_by_role("navigation").get_by_role("link", name="Requests").click()
+    tenant.get_by_label("Search").fill("13x17")
+    tenant.keyboard.press("Enter")
+    expect(tenant.locator(f'tr[data-request-id="{request_id}"]')).to_be_visible()
+    assert page.console_errors == [] and tenant.console_errors == []
+
+
+@pytest.fixture
+def idle_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway without task workers: an async request stays queued until someone cancels it."""
+    from tests.browser.conftest import LOCAL_PACED
+    from tests.conftest import make_settings, start_gateway
+
+    gw = start_gateway(make_settings(tmp_path, [LOCAL_PACED], tasks={"workers": 0}), tmp_path)
+    yield gw
+    gw.close()
+
+
+def test_a_task_is_cancelled_from_its_page_and_its_hold_released(
+    idle_gateway: Gateway, new_page: Any
+) -> None:
+    secret, key_id = idle_gateway.create_key(name="task-owner", balance="5")
+    raw = idle_gateway.client(secret).images.with_raw_response.generate(
+        model="gpt-image-1", prompt="a queued harbour", size="1024x1024", extra_query={"async": "true"}
+    )
+    task_id = raw.http_response.json()["id"]
+    assert idle_gateway.key_row(key_id)["reserved_micros"] > 0
+    page = new_page()
+    sign_in(page, idle_gateway)
+    page.get_by_role("navigation").get_by_role("link", name="Tasks").click()
+    task_row = page.locator(f'tr[data-task-id="{task_id}"]')
+    expect(task_row.locator(".key-name")).to_have_text("task-owner")
+    task_row.get_by_role("link", name=task_id).click()
+    expect(page.locator("#task-status")).to_have_text("queued")
+    expect(page.locator(".key-name")).to_have_text("task-owner")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Cancel task").click()
+    expect(page.locator("#task-status")).to_have_text("cancelled")
+    expect(page.get_by_role("status")).to_contain_text("hold was released")
+    expect(page.locator("#task-error")).to_contain_text("task_cancelled")
+    expect(page.locator("#no-ledger")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel task")).to_have_count(0)
+    # On the ledger: the hold is gone, nothing was spent, the balance is whole, no row was written.
+    row = idle_gateway.key_row(key_id)
+    assert (row["reserved_micros"], row["spent_micros"], row["balance_micros"]) == (0, 0, 5_000_000)
+    assert [r for r in idle_gateway.ledger() if r["key_id"] == key_id] == []
+    # The API agrees.
+    polled = idle_gateway.client(secret).get(f"/tasks/{task_id}", cast_to=object)  # type: ignore[call-overload]
+    assert polled["status"] == "cancelled"
+    assert page.console_errors == []
+
+
+def test_a_tenant_sees_their_name_balance_and_limits_and_the_balance_moves(
+    console_gateway: Gateway, new_page: Any
+) -> None:
+    from app.domain.money import format_micros
+
+    secret, key_id = console_gateway.create_key(
+        name="acme-tenant", balance="10", quota="20", monthly_quota="8", rpm=30, models=["gpt-image-1"]
+    )
+    page = new_page()
+    sign_in(page, console_gateway, secret)
+    expect(page.locator("#account .key-name")).to_have_text("acme-tenant")
+    expect(page.locator("#account .key-name")).to_have_attribute("title", key_id)
+    expect(page.locator("#account-balance")).to_have_text(format_micros(10_000_000))
+    expect(page.locator("#account-limits")).to_contain_text("30")
+    expect(page.locator("#account-models")).to_have_text("gpt-image-1")
+    expect(page.locator("#quota-used")).to_have_attribute("value", "0")
+
+    console_gateway.client(secret).images.generate(
+        model="gpt-image-1", prompt="a moving balance", size="1024x1024", quality="low"
+    )
+    (charged,) = [r for r in console_gateway.ledger() if r["key_id"] == key_id]
+    assert charged["cost_micros"] > 0
+    page.reload()
+    expect(page.locator("#account-balance")).to_have_text(format_micros(10_000_000 - charged["cost_micros"]))
+    expect(page.locator("#account-spent")).to_have_text(format_micros(charged["cost_micros"]))
+    expect(page.locator("#account-month")).to_have_text(format_micros(charged["cost_micros"]))
+    expect(page.locator("#quota-used")).to_have_attribute("value", str(charged["cost_micros"]))
+    assert page.console_errors == []
+
+
+def test_a_webhook_is_redelivered_from_its_tasks_page(idle_gateway: Gateway, new_page: Any) -> None:
+    from tests.fakes.webhook_receiver import WebhookReceiver
+
+    receiver = WebhookReceiver()
+    receiver.start()
+    try:
+        secret, key_id = idle_gateway.create_key(name="hooked-owner")
+        created = idle_gateway.admin("POST", f"/admin/keys/{key_id}/webhooks", json={"url": receiver.url})
+        receiver.secret = created.json()["secret"]
+        raw = idle_gateway.client(secret).images.with_raw_response.generate(
+            model="gpt-image-1", prompt="a hooked harbour", size="1024x1024", extra_query={"async": "true"}
+        )
+        task_id = raw.http_response.json()["id"]
+        page = new_page()
+        sign_in(page, idle_gateway)
+        page.goto(idle_gateway.url + f"/console/tasks/{task_id}")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Cancel task").click()
+        expect(page.locator("#task-status")).to_have_text("cancelled")
+        (first,) = receiver.wait_for(1)
+        assert first.verified and first.event["type"] == "image.task.cancelled"
+        page.reload()
+        row = page.locator("#deliveries tbody tr[data-delivery-id]")
+        expect(row).to_have_count(1)
+        expect(row.locator("td").nth(2)).to_have_text("delivered")
+        delivery_id = row.get_attribute("data-delivery-id")
+        assert delivery_id == first.headers["webhook-id"]
+        row.get_by_role("button", name=f"Redeliver {delivery_id}").click()
+        expect(page.get_by_role("status")).to_contain_text("being sent again")
+        second = receiver.wait_for(2)[1]
+        # The same event, the same webhook-id: receivers can tell it is a redelivery.
+        assert second.verified and second.headers["webhook-id"] == delivery_id
+        assert second.event["type"] == "image.task.cancelled"
+        assert page.console_errors == []
+    finally:
+        receiver.stop()

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+import io
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.api.admin_moderation import event_view
 from app.api.admin_upstreams import upstream_rows
 from app.api.console.web import PAGE_HEADERS, ConsoleDenied, OperatorDep, ViewerDep, render
 from app.api.deps import StateDep
 from app.api.usage import _report
+from app.billing.ledger import period_of
 from app.billing.reports import EARLIEST, ActivityRow, UsageFilter, activity, parse_day
 from app.console import charts
 from app.console.activity import ActivityCache, Totals, by_group, total
 from app.console.queries import (
-    LedgerFilter,
-    ledger_page,
+    LogFilter,
+    account,
+    key_names,
+    log_entries,
+    log_page,
     request_rows,
     task_page,
     thumbnail_by_image,
     thumbnails_for,
 )
+from app.console.requestlog import STATUS_CLASSES
 from app.console.sessions import Viewer
 from app.domain.money import format_micros
 from app.errors import InvalidRequestError, NotFoundError
@@ -34,8 +42,7 @@ from app.storage import check_name
 
 router = APIRouter()
 PAGE_SIZE = 50
-STATUSES = ("succeeded", "failed", "cancelled")
-TASK_STATUSES = ("queued", "in_progress", "succeeded", "failed")
+TASK_STATUSES = ("queued", "in_progress", "succeeded", "failed", "cancelled")
 Text = Annotated[str | None, Query(max_length=200)]
 
 
@@ -228,7 +235,14 @@ async def usage(
                 chart_id="spend-by-key",
             )
         )
+    # A tenant's own key first: its name, what is left, the limits (issue 26's tenant view).
+    mine = (
+        await account(state.sessions, viewer.key_id, period_of(datetime.now(UTC)))
+        if not viewer.is_operator and viewer.key_id
+        else None
+    )
     context = {
+        "account": mine,
         "totals": total(cells),
         "charts": chart_list,
         "first": span.first.isoformat(),
@@ -276,48 +290,206 @@ async def usage_csv(
     return response
 
 
+def _log_filter(
+    viewer: Viewer,
+    *,
+    key_id: str | None,
+    q: str | None,
+    status: str | None,
+    model: str | None,
+    upstream: str | None,
+    start: str | None,
+    to: str | None,
+) -> LogFilter:
+    """The Requests page's filters; a tenant's are always narrowed to their own key."""
+    if status and status not in STATUS_CLASSES:
+        raise ConsoleDenied(400, f"Unknown status class '{status}': use one of {', '.join(STATUS_CLASSES)}.")
+    try:
+        first = parse_day(start, "from")
+        last = parse_day(to, "to")
+    except InvalidRequestError as exc:
+        raise ConsoleDenied(400, exc.message) from None
+    return LogFilter(
+        key_id=_scope(viewer, key_id),
+        q=(q or "").strip() or None,
+        status_class=status or None,
+        model=model or None,
+        upstream=(upstream or None) if viewer.is_operator else None,
+        since=datetime(first.year, first.month, first.day, tzinfo=UTC) if first else None,
+        until=datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1) if last else None,
+    )
+
+
+async def _caught_up(state: AppState) -> None:
+    """This node's queued log entries first, so a page shows every request this node answered."""
+    if state.request_log is not None:
+        await state.request_log.flush()
+
+
 @router.get("/requests")
 async def requests_page(
     request: Request,
     viewer: ViewerDep,
     state: StateDep,
     key_id: Text = None,
+    q: Text = None,
     model: Text = None,
     status: Text = None,
     upstream: Text = None,
+    start: Annotated[str | None, Query(alias="from", max_length=20)] = None,
+    to: Annotated[str | None, Query(max_length=20)] = None,
     before: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
 ) -> Response:
-    where = LedgerFilter(key_id=_scope(viewer, key_id), model=model, status=status, upstream=upstream)
-    page = await ledger_page(state.sessions, where, before=before, limit=PAGE_SIZE)
+    """The request log (every /v1 request, refused ones too), with search, filters and CSV."""
+    where = _log_filter(
+        viewer, key_id=key_id, q=q, status=status, model=model, upstream=upstream, start=start, to=to
+    )
+    await _caught_up(state)
+    page = await log_page(state.sessions, where, before=before, limit=PAGE_SIZE)
     thumbs = await thumbnails_for(state.sessions, [row.request_id for row in page.rows])
+    names = await key_names(state.sessions, [row.key_id for row in page.rows])
+    params = {
+        "key_id": where.key_id if viewer.is_operator else None,
+        "q": where.q,
+        "model": where.model,
+        "status": where.status_class,
+        "upstream": where.upstream,
+        "from": start,
+        "to": to,
+    }
+    query = urlencode({k: v for k, v in params.items() if v})
     return render(
         request,
         "requests.html",
         {
             "page": page,
             "thumbs": thumbs,
+            "names": names,
             "filter": where,
+            "start": start or "",
+            "to": to or "",
+            "query": query,
             "models": state.catalog.names(),
-            "statuses": STATUSES,
+            "statuses": STATUS_CLASSES,
             "upstreams": [u.name for u in state.settings.upstreams],
             "thumbnails_default": state.settings.console.thumbnails,
         },
     )
 
 
+CSV_COLUMNS = (
+    "time",
+    "request_id",
+    "key_id",
+    "key_name",
+    "method",
+    "route",
+    "model",
+    "status",
+    "status_class",
+    "error_code",
+    "error_message",
+    "upstream",
+    "latency_ms",
+    "tokens",
+    "cost",
+    "prompt_sha256",
+)
+# Rows one export holds at most (a keyset walk of CSV_PAGE rows at a time, streamed).
+CSV_MAX_ROWS = 100_000
+CSV_PAGE = 1_000
+
+
+@router.get("/requests.csv")
+async def requests_csv(
+    viewer: ViewerDep,
+    state: StateDep,
+    key_id: Text = None,
+    q: Text = None,
+    model: Text = None,
+    status: Text = None,
+    upstream: Text = None,
+    start: Annotated[str | None, Query(alias="from", max_length=20)] = None,
+    to: Annotated[str | None, Query(max_length=20)] = None,
+) -> Response:
+    """The Requests page's rows as CSV, same filters, newest first, streamed page by page."""
+    where = _log_filter(
+        viewer, key_id=key_id, q=q, status=status, model=model, upstream=upstream, start=start, to=to
+    )
+    await _caught_up(state)
+    show_upstream = viewer.is_operator
+
+    async def rows() -> AsyncIterator[str]:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(CSV_COLUMNS)
+        before: int | None = None
+        sent = 0
+        while sent < CSV_MAX_ROWS:
+            page = await log_page(state.sessions, where, before=before, limit=CSV_PAGE)
+            for row in page.rows:
+                writer.writerow(
+                    (
+                        row.created_at.isoformat(),
+                        row.request_id,
+                        row.key_id or "",
+                        _csv_safe(row.key_name or ""),
+                        row.method,
+                        row.route,
+                        row.model or "",
+                        row.status,
+                        row.status_class,
+                        row.error_code or "",
+                        _csv_safe(row.error_message or ""),
+                        (row.upstream or "") if show_upstream else "",
+                        row.latency_ms,
+                        row.tokens,
+                        format_micros(row.cost_micros),
+                        row.prompt_sha256 or "",
+                    )
+                )
+            sent += len(page.rows)
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+            if page.next_before is None:
+                return
+            before = int(page.next_before)
+
+    return StreamingResponse(
+        rows(),
+        media_type="text/csv; charset=utf-8",
+        headers={**PAGE_HEADERS, "content-disposition": 'attachment; filename="requests.csv"'},
+    )
+
+
+def _csv_safe(text: str) -> str:
+    """A cell a spreadsheet will not run as a formula (names and messages come from clients)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 @router.get("/requests/{request_id}")
 async def request_detail(request: Request, request_id: str, viewer: ViewerDep, state: StateDep) -> Response:
-    rows = await request_rows(
-        state.sessions, request_id[:64], key_id=None if viewer.is_operator else viewer.key_id
-    )
-    if not rows:
+    """One request: its log entry (refused ones too), its ledger rows and thumbnails."""
+    own = None if viewer.is_operator else viewer.key_id
+    await _caught_up(state)
+    entries = await log_entries(state.sessions, request_id[:64], key_id=own)
+    rows = await request_rows(state.sessions, request_id[:64], key_id=own)
+    if not rows and not entries:
         # Another key's request is indistinguishable from a missing one.
         raise ConsoleDenied(404, "No such request.")
     thumbs = await thumbnails_for(state.sessions, [request_id])
+    names = await key_names(state.sessions, [*(e.key_id for e in entries), *(r.key_id for r in rows)])
     return render(
         request,
         "request.html",
-        {"rows": rows, "request_id": request_id, "thumbs": thumbs.get(request_id, [])},
+        {
+            "entries": entries,
+            "rows": rows,
+            "names": names,
+            "request_id": request_id,
+            "thumbs": thumbs.get(request_id, []),
+        },
     )
 
 
@@ -365,11 +537,13 @@ async def tasks_page(
     page = await task_page(
         state.sessions, key_id=_scope(viewer, key_id), status=status, before=before, limit=PAGE_SIZE
     )
+    names = await key_names(state.sessions, [t.key_id for t in page.rows]) if viewer.is_operator else {}
     return render(
         request,
         "tasks.html",
         {
             "page": page,
+            "names": names,
             "depth": await state.tasks.queue.depth(),
             "key_id": _scope(viewer, key_id) or "",
             "status": status or "",

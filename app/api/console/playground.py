@@ -82,10 +82,15 @@ async def playground(
     acting_as: Annotated[str | None, Query(alias="as")] = None,
 ) -> Response:
     keys = [k for k in await state.keys.list() if k.status == "active"] if viewer.is_operator else []
-    if viewer.is_operator and not acting_as and keys:
-        acting_as = keys[0].id
     models: list[dict[str, Any]] = []
     error = None
+    if viewer.is_operator and not acting_as:
+        # No silent default (issue 26): the operator says which key pays before anything runs.
+        return render(
+            request,
+            "playground.html",
+            {"models": [], "keys": keys, "acting_as": "", "error": None, "choose": True},
+        )
     try:
         caller = await acting_caller(state, viewer, acting_as)
     except InvalidRequestError as exc:
@@ -111,7 +116,7 @@ async def generate(
 ) -> Response:
     check_csrf(request, viewer, None)
     caller = await acting_caller(state, viewer, acting_as)
-    request.state.key_id = caller.key_id
+    request.state.key_id, request.state.key_name = caller.key_id, caller.name
     return await generate_as(request, state, caller)
 
 
@@ -124,5 +129,5 @@ async def edit(
 ) -> Response:
     check_csrf(request, viewer, None)
     caller = await acting_caller(state, viewer, acting_as)
-    request.state.key_id = caller.key_id
+    request.state.key_id, request.state.key_name = caller.key_id, caller.name
     return await edit_as(request, state, caller)

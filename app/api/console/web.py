@@ -94,6 +94,7 @@ def render(
         "csrf_token": viewer.csrf_token if viewer else "",
         "price_unit": state.settings.price_unit,
         "path": request.url.path,
+        "viewer_key_name": getattr(request.state, "viewer_key_name", None),
         **(context or {}),
     }
     response = templates().TemplateResponse(request, name, full, status_code=status)
@@ -114,10 +115,12 @@ async def get_viewer(request: Request, state: StateDep) -> Viewer:
     if viewer.key_id is not None:
         # A tenant's session lives only as long as their key: revoked, disabled or expired ends it.
         try:
-            await state.keys.caller_for(viewer.key_id)
+            caller = await state.keys.caller_for(viewer.key_id)
         except AuthenticationError:
             await session_store(state).close(request.cookies.get(COOKIE, ""))
             raise SignInRequired from None
+        # The header names the tenant's key (its id on hover), read by the check above anyway.
+        request.state.viewer_key_name = caller.name
     request.state.viewer = viewer
     request.state.key_id = viewer.key_id or "admin"
     return viewer

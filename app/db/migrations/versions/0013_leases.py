@@ -1,7 +1,7 @@
 """leases: one holder per cluster-wide chore (purge, hold reconciliation), taken in the database
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-04 17:00:00
 """
 

@@ -2,7 +2,7 @@
 to 255 characters
 
 Revision ID: 0014
-Revises: 0011
+Revises: 0013
 Create Date: 2026-12-04 17:00:00
 """
 

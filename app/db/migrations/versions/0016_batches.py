@@ -1,7 +1,7 @@
 """files and batches: OpenAI's Files and Batch APIs for images (issue 27)
 
 Revision ID: 0016
-Revises: 0011
+Revises: 0015
 Create Date: 2026-12-04 17:00:00
 """
 

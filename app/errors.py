@@ -12,7 +12,9 @@ exception handlers and the ASGI middleware (``app/api/errors.py``), the SSE ``er
     │                                  retry-after)
     ├── InvalidRequestError            400 invalid_request_error (param set, code varies)
     │   ├── ModelNotFoundError         400 invalid_value, param "model"
-    │   └── InvalidJSONError           400 invalid_json
+    │   ├── InvalidJSONError           400 invalid_json
+    │   └── IdempotencyKeyReusedError  422 idempotency_key_reused (same key, another request)
+    ├── IdempotencyConflictError       409 idempotency_key_in_use (the first is still submitting)
     ├── ModerationBlockedError         400 image_generation_user_error moderation_blocked (with
     │                                  OpenAI's moderation_details: stage and categories)
     ├── AuthenticationError            401 invalid_api_key
@@ -33,15 +35,15 @@ exception handlers and the ASGI middleware (``app/api/errors.py``), the SSE ``er
     │                                  retried until it is written)
     ├── UpstreamJobTimeout             504 api_error upstream_timeout (a submitted provider job
     │                                  never finished: not retried, which would submit it twice)
-    └── UpstreamError                  502 api_error upstream_error
-        ├── UpstreamUnavailable        502 upstream_unavailable (connect failure) / 503 (no upstream)
-        │   ├── UpstreamBusy           429 rate_limit_error / 503: every upstream at max_concurrency
-        │   └── ModerationUnavailableError  503 moderation_unavailable (fail-closed moderation
-        │                              model did not answer: retryable, nothing found wrong)
-        ├── UpstreamTimeout            504 upstream_timeout
-        └── UpstreamRejected           the upstream's own status, type and code, message sanitised
-    ServiceUnavailableError            503 api_error service_unavailable (retry-after): the
-                                       gateway's database is out of reach for now (a GatewayError)
+    ├── UpstreamError                  502 api_error upstream_error
+    │   ├── UpstreamUnavailable        502 upstream_unavailable (connect failure) / 503 (no upstream)
+    │   │   ├── UpstreamBusy           429 rate_limit_error / 503: every upstream at max_concurrency
+    │   │   └── ModerationUnavailableError  503 moderation_unavailable (fail-closed moderation
+    │   │                              model did not answer: retryable, nothing found wrong)
+    │   ├── UpstreamTimeout            504 upstream_timeout
+    │   └── UpstreamRejected           the upstream's own status, type and code, message sanitised
+    └── ServiceUnavailableError        503 api_error service_unavailable (retry-after): the
+                                       gateway's database is out of reach for now
 
 Domain code raises these and never an HTTP framework exception, so use-cases stay framework-free.
 """

@@ -460,7 +460,7 @@ def housekeeper(state: AppState) -> Housekeeper:
         Chore("hold-renew", settings.billing.reconcile_every_s, keep_own_holds, cluster_wide=False),
         Chore("hold-reconcile", settings.billing.reconcile_every_s, reconcile),
         # A local image store is this node's own disk; an object store is the cluster's.
-        Chore("image-purge", storage.purge_interval_s, purge_images, cluster_wide=storage.kind != "local"),
+        Chore("image-purge", storage.purge_interval_s, purge_images, cluster_wide=storage.kind == "s3"),
         Chore("orphan-sweep", settings.uploads.sweep_interval_s, sweep_orphans, cluster_wide=False),
         Chore("memory-release", settings.billing.reconcile_every_s, give_back_memory, cluster_wide=False),
         # Batch files past files.retention_s: rows and blobs in the shared database and store.

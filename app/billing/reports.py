@@ -243,7 +243,10 @@ async def activity_per_day(
 
 
 # The console's activity keeps to the image's own columns (its cost already includes an SVG author's).
-_ACTIVITY_SUMMED = tuple(name for name in _SUMMED if not name.startswith("svg_"))
+# The console's activity rows: volume, tokens and the tenant's cost (no SVG detail, no operator cost).
+_ACTIVITY_SUMMED = tuple(
+    name for name in _SUMMED if not name.startswith("svg_") and name != "operator_cost_micros"
+)
 
 
 def _sum(column: str) -> ColumnElement[Any]:

@@ -10,6 +10,7 @@ from app.domain.catalog import Catalog
 from app.upstream.base import ImageProvider
 from app.upstream.config import UpstreamSettings, provider_kind, provider_kinds
 from app.upstream.slots import SlotPolicy
+from app.upstream.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,10 @@ def _check_catalog_kinds(catalog: Catalog) -> None:
 
 def _scrub_everywhere(providers: Sequence[ImageProvider], secrets: Sequence[str]) -> None:
     """Each provider scrubs its own key, base URL and host; this adds every configured secret, so
-    an upstream that echoes another's key (a shared proxy, a copied config) cannot leak it."""
-    extra = tuple(s for s in secrets if s)
+    an upstream that echoes another's key (a shared proxy, a copied config) cannot leak it. The
+    providers that relay upstream text do it through their ``Transport`` (`local` relays none)."""
+    extra = [s for s in secrets if s]
     for provider in providers:
-        own = getattr(provider, "_secrets", None)
-        if isinstance(own, tuple):
-            setattr(provider, "_secrets", tuple(dict.fromkeys((*own, *extra))))  # noqa: B010
+        transport = getattr(provider, "_transport", None)
+        if isinstance(transport, Transport):
+            transport.scrub_also([s for s in extra if s not in transport.secrets])

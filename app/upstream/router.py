@@ -137,9 +137,9 @@ class Router:
     async def _failover(
         self, job: ImageJob, attempt: Callable[[Route], Awaitable[T]], tried: list[str] | None
     ) -> tuple[T, str]:
-        """Try candidates in order. A retryable failure moves to the next candidate at once; on the
-        last one, the policy may retry it after a backoff (honouring ``retry-after``). Open circuit
-        breakers are skipped. ``tried`` collects each upstream as it is called, so a caller that is
+        """Try candidates in order. A retryable failure moves to the next candidate at once; the
+        candidates the policy would retry get another pass after a backoff (honouring
+        ``retry-after``), within the policy's bounds. Open circuit breakers are skipped. ``tried`` collects each upstream as it is called, so a caller that is
         cancelled midway still knows which upstream its request reached."""
         # A retired model never goes to an upstream that follows OpenAI's retirements.
         routes = order_routes(self._registry.routes(job.model, retired=job.retired), self._rng)
@@ -152,15 +152,24 @@ class Router:
         deadline = self._policy.deadline()
         last: GatewayError | None = None
         attempts = 0
-        for index, route in enumerate(routes):
-            # Asked lazily, right before a call: in half-open, `allow` hands out the probe slot.
-            if not self.breakers[route.name].allow():
-                self._skip(route, job)
-                continue
-            tries_here = 0
-            while True:
+        tries: dict[str, int] = {}
+        # Passes over the candidates: each pass tries every one still worth a retry, in order; the
+        # next pass waits out the longest back-off they asked for (their `retry-after` included).
+        # So a failure on whichever candidate comes last does not leave the others untried: an
+        # upstream that failed once early in the pass gets its retry too (SPEC §2).
+        pending, wait_s = routes, 0.0
+        while pending:
+            if wait_s:
+                await self._sleep(wait_s)
+            again: list[Route] = []
+            wait_s = 0.0
+            for route in pending:
+                # Asked lazily, right before a call: in half-open, `allow` hands out the probe slot.
+                if not self.breakers[route.name].allow():
+                    self._skip(route, job)
+                    continue
                 attempts += 1
-                tries_here += 1
+                tries[route.name] = tries.get(route.name, 0) + 1
                 if tried is not None:
                     tried.append(route.name)
                 try:
@@ -169,13 +178,13 @@ class Router:
                     # Our own cap, not a failure of the upstream: the next candidate, if any.
                     exc.upstream = None
                     last = exc
-                    break
+                    continue
                 except GatewayError as exc:
                     error = self._classify(exc, route)
                     last = error
                     decision = self._policy.decide(
                         error,
-                        tries_here=tries_here,
+                        tries_here=tries[route.name],
                         attempts_total=attempts,
                         deadline=deadline,
                         rng=self._rng,
@@ -183,11 +192,10 @@ class Router:
                     _log_attempt(route, attempts, error, decision.action)
                     if decision.action is RetryAction.GIVE_UP:
                         raise error from None
-                    more_candidates = index + 1 < len(routes)
-                    if decision.action is RetryAction.RETRY and not more_candidates and not _credentials(exc):
-                        await self._sleep(decision.delay_s)
-                        continue
-                    break  # another upstream (if any) gets the next try
+                    if decision.action is RetryAction.RETRY and not _credentials(exc):
+                        again.append(route)
+                        wait_s = max(wait_s, decision.delay_s)
+            pending = again
         if last is None:
             raise UpstreamUnavailable(
                 "Every upstream for this model is cooling down after failures.", status=503

@@ -31,6 +31,8 @@ ENTRY = {
     "usage": {"input_tokens": 10, "details": {"é": [1, 2]}},
     "reserved_micros": 100_000,
     "overrun_micros": 23_456,
+    "operator_cost_micros": 0,
+    "batch_id": None,
     "created_at": datetime(2026, 11, 25, 12, 30, 1, 123456, tzinfo=UTC),
     "svg_model": "gpt-5.5",
     "svg_input_tokens": 1200,

@@ -139,8 +139,9 @@ class Router:
     ) -> tuple[T, str]:
         """Try candidates in order. A retryable failure moves to the next candidate at once; the
         candidates the policy would retry get another pass after a backoff (honouring
-        ``retry-after``), within the policy's bounds. Open circuit breakers are skipped. ``tried`` collects each upstream as it is called, so a caller that is
-        cancelled midway still knows which upstream its request reached."""
+        ``retry-after``), within the policy's bounds. Open circuit breakers are skipped. ``tried``
+        collects each upstream as it is called, so a caller that is cancelled midway still knows
+        which upstream its request reached."""
         # A retired model never goes to an upstream that follows OpenAI's retirements.
         routes = order_routes(self._registry.routes(job.model, retired=job.retired), self._rng)
         if job.resume is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
+from app import __version__
 from app.api.deps import StateDep
 
 router = APIRouter(tags=["health"])
@@ -12,8 +13,9 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
-    """Alive: the process answers. Says nothing about dependencies, on purpose."""
-    return {"status": "ok"}
+    """Alive: the process answers. Says nothing about dependencies, on purpose; names the version
+    (one place: app/__init__.py), so a rollout can be watched node by node."""
+    return {"status": "ok", "version": __version__}
 
 
 @router.get("/readyz")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import tomllib
 from importlib.metadata import version
+from pathlib import Path
 
 import yaml
 
@@ -31,3 +32,15 @@ def test_pre_commit_runs_what_make_lint_runs() -> None:
     entries = {hook["entry"].replace(".venv/bin/", "") for hook in hooks}
     commands = {line.strip().replace("$(BIN)/", "") for line in lint.splitlines()[1:] if line.strip()}
     assert entries == commands
+
+
+def test_healthz_and_the_console_footer_name_the_version(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, [{"name": "local", "kind": "local"}])
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "version": app.__version__}
+        assert f"Image gateway {app.__version__}" in client.get("/console/login").text

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from app import __version__
 from app.api.deps import StateDep
 from app.api.errors import error_response
 from app.console.sessions import SessionStore, Viewer
@@ -63,6 +64,7 @@ def templates() -> Jinja2Templates:
     built = templating.Jinja2Templates(directory=str(HERE / "templates"))
     built.env.filters["money"] = _money
     built.env.filters["when"] = _when
+    built.env.globals["version"] = __version__  # the console footer (CHANGELOG.md)
     return built
 
 

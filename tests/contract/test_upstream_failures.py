@@ -192,7 +192,7 @@ def test_readyz_reports_this_node_not_its_upstreams(gateway_with: Any, upstream:
         "redis": "not_configured",
         "draining": "false",
     }
-    assert httpx.get(gw.url + "/healthz", timeout=30).json() ["status"] == "ok"
+    assert httpx.get(gw.url + "/healthz", timeout=30).json()["status"] == "ok"
 
     only_dead = gateway_with(dead)
     assert httpx.get(only_dead.url + "/readyz", timeout=30).status_code == 200

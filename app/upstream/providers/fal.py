@@ -40,8 +40,7 @@ URLs on ``base_url``'s origin or ``polling_hosts``; images only come from ``deli
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -76,30 +75,8 @@ UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts
 class FalProvider(PollingMixin, NativeProvider):
     """An ``ImageProvider`` over fal.ai's queue (one per configured upstream)."""
 
-    def __init__(
-        self,
-        *,
-        polling_hosts: Sequence[str] = DEFAULT_POLLING_HOSTS,
-        delivery_hosts: Sequence[str] = DEFAULT_DELIVERY_HOSTS,
-        poll_budget_s: float = 300.0,
-        poll_interval_s: float = 0.5,
-        poll_max_interval_s: float = 5.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        clock: Callable[[], float] = time.monotonic,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self._init_polling(
-            poll_budget_s=poll_budget_s,
-            poll_interval_s=poll_interval_s,
-            poll_max_interval_s=poll_max_interval_s,
-            sleep=sleep,
-            clock=clock,
-        )
-        self._polling_hosts = tuple(polling_hosts)
-        self._delivery_hosts = tuple(delivery_hosts)
-        self._origin = URL(self._base_url).origin()
-        self._plain_http_ok = self._origin.scheme == "http"
+    default_polling_hosts = DEFAULT_POLLING_HOSTS
+    default_delivery_hosts = DEFAULT_DELIVERY_HOSTS
 
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Key {self._api_key}"} if self._api_key else {}

@@ -34,28 +34,43 @@ NOT_FINISHED = "The upstream service did not finish the image within the polling
 
 
 class PollingMixin:
-    """Mixed into a provider class; ``_init_polling`` is called from its ``__init__``."""
+    """Mixed in before the provider's base class (``class X(PollingMixin, NativeProvider)``): its
+    ``__init__`` takes the polling settings and the allowed hosts and hands the rest on. A class
+    names its own hosts in ``default_polling_hosts`` / ``default_delivery_hosts``."""
 
+    default_polling_hosts: tuple[str, ...] = ()
+    default_delivery_hosts: tuple[str, ...] = ()
+    _base_url: str
     _budget_s: float
     _interval_s: float
     _max_interval_s: float
     _sleep: Callable[[float], Awaitable[None]]
     _clock: Callable[[], float]
 
-    def _init_polling(
+    def __init__(
         self,
         *,
+        polling_hosts: Sequence[str] | None = None,
+        delivery_hosts: Sequence[str] | None = None,
         poll_budget_s: float = 300.0,
         poll_interval_s: float = 0.5,
         poll_max_interval_s: float = 5.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         self._budget_s = poll_budget_s
         self._interval_s = poll_interval_s
         self._max_interval_s = max(poll_max_interval_s, poll_interval_s)
         self._sleep = sleep
         self._clock = clock
+        self._polling_hosts = tuple(self.default_polling_hosts if polling_hosts is None else polling_hosts)
+        self._delivery_hosts = tuple(
+            self.default_delivery_hosts if delivery_hosts is None else delivery_hosts
+        )
+        self._origin = URL(self._base_url).origin()
+        self._plain_http_ok = self._origin.scheme == "http"
 
     def _poll_deadline(self) -> float:
         """When the polling of jobs submitted now must end."""

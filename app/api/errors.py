@@ -106,16 +106,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(http_error(request.method, request.url.path, exc))
 
 
-async def _unexpected(_: Request, exc: Exception) -> Response:
+def unexpected_error(exc: BaseException) -> GatewayError:
+    """What a client sees for an exception no handler knew: the one mapping, used by the catch-all
+    handler and by ``ContainErrorsMiddleware`` alike. A transient database error (saturated or
+    restarting: app/db/transient.py) is a 503 worth a retry; anything else is our 500, logged."""
     if is_transient(exc):
-        # The database is saturated or restarting: not the gateway's bug, and worth a retry.
         log.warning("database unavailable; answered 503 (%s)", type(exc).__name__)
-        return error_response(
-            ServiceUnavailableError("The service is temporarily unavailable. Please retry shortly.")
-        )
+        return ServiceUnavailableError("The service is temporarily unavailable. Please retry shortly.")
     # The traceback goes to the log (with the request id); the client gets no internals.
     log.error("unhandled error", exc_info=exc)
-    return error_response(InternalServerError("The gateway had an error while processing your request."))
+    return InternalServerError("The gateway had an error while processing your request.")
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    return error_response(unexpected_error(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:

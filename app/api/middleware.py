@@ -17,11 +17,10 @@ from urllib.parse import unquote_to_bytes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ADMIN_MARK, is_admin_key, parse_bearer
-from app.api.errors import error_response
+from app.api.errors import error_response, unexpected_error
 from app.console.requestlog import MAX_ERROR_BODY, Seen
 from app.errors import (
     AuthenticationError,
-    InternalServerError,
     InvalidRequestError,
     PayloadTooLargeError,
     RequestTimeoutError,
@@ -355,7 +354,4 @@ class ContainErrorsMiddleware:
         except Exception as exc:
             if started:
                 raise
-            # The traceback goes to the log (with the request id); the client gets no internals.
-            log.error("unhandled error", exc_info=exc)
-            error = InternalServerError("The gateway had an error while processing your request.")
-            await error_response(error)(scope, receive, send)
+            await error_response(unexpected_error(exc))(scope, receive, send)

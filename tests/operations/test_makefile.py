@@ -4,6 +4,7 @@ is installed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,17 @@ from bench.gateway_process import ROOT
 
 
 def dry_run(workdir: Path, target: str) -> list[str]:
-    done = subprocess.run(["make", "-n", target], cwd=workdir, capture_output=True, text=True, check=True)
+    # Run inside `make test`, a sub-make would print "Entering/Leaving directory" lines (MAKELEVEL
+    # and MAKEFLAGS are inherited): this dry run is a top-level make of its own.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", target],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     return done.stdout.splitlines()
 
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Field
 
 from app.schemas.base import StrictWireModel
 
@@ -14,9 +14,18 @@ ModerationPolicy = Literal["default", "strict", "off"]
 # Amounts in the price unit, as a JSON number or a decimal string; exact to 1e-6 (micro-units).
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Multiplier = Annotated[Decimal, Field(gt=0, le=1000, decimal_places=6)]
-# Stored in 32-bit integer columns (SQLite's and PostgreSQL's INTEGER). Strict: a JSON `true` is not
-# the limit 1 (the schema says integer, and the fuzzer holds the API to it).
-Limit = Annotated[int, Field(ge=1, le=2**31 - 1, strict=True)]
+
+
+def _not_a_bool(value: Any) -> Any:
+    # pydantic's lax mode reads a JSON `true` as the integer 1; the schema says integer (and the
+    # fuzzer holds the API to it). Digit strings stay accepted: the console's form sends them.
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return value
+
+
+# Stored in 32-bit integer columns (SQLite's and PostgreSQL's INTEGER).
+Limit = Annotated[int, BeforeValidator(_not_a_bool), Field(ge=1, le=2**31 - 1)]
 
 
 def _in_utc(value: datetime) -> datetime:

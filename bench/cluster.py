@@ -310,8 +310,8 @@ def markdown(shapes: list[Shape], args: argparse.Namespace, elapsed_s: float) ->
         "What two cores can and cannot show: every gateway process of a shape is pinned to one core "
         "and the load generator and fake upstreams to the other, so the second API node and the "
         "workers add processes, not CPU. The table shows what the cluster shape costs on the same "
-        "hardware (shared limits through Redis, leases in PostgreSQL, results in S3) and that it "
-        "keeps the long-job ceiling; how far it scales with real machines is not measured here.",
+        "hardware (shared limits through Redis, leases in PostgreSQL, results in S3) and how much "
+        "of the long-job ceiling each keeps; how far it scales with real machines is not measured here.",
         END,
     ]
     return "\n".join(lines)

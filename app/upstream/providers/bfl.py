@@ -79,7 +79,7 @@ from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
 from app.errors import GatewayError, UpstreamError
 from app.upstream.base import ImageProvider
-from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
+from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     MAX_IMAGE_BYTES,
@@ -94,7 +94,7 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
-from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed
+from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed, polling_options
 
 DEFAULT_BASE_URL = "https://api.bfl.ai"
 DEFAULT_POLLING_HOSTS = ("api.bfl.ai", "*.bfl.ai")
@@ -273,17 +273,7 @@ def _read_inputs(job: ImageJob) -> dict[str, str]:
 
 
 def _build(upstream: UpstreamSettings) -> ImageProvider:
-    return FluxProvider(
-        base_url=upstream.base_url or DEFAULT_BASE_URL,
-        polling_hosts=upstream.polling_hosts if upstream.polling_hosts is not None else DEFAULT_POLLING_HOSTS,
-        delivery_hosts=(
-            upstream.delivery_hosts if upstream.delivery_hosts is not None else DEFAULT_DELIVERY_HOSTS
-        ),
-        poll_budget_s=upstream.poll_budget_s,
-        poll_interval_s=upstream.poll_interval_s,
-        poll_max_interval_s=upstream.poll_max_interval_s,
-        **common_options(upstream),
-    )
+    return FluxProvider(**polling_options(upstream, DEFAULT_BASE_URL))
 
 
 register_kind(ProviderKind(name="bfl", build=_build))

@@ -50,7 +50,7 @@ from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
 from app.errors import UpstreamError
 from app.upstream.base import ImageProvider
-from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
+from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
     MAX_IMAGE_BYTES,
@@ -63,7 +63,7 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
-from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed
+from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed, polling_options
 
 DEFAULT_BASE_URL = "https://queue.fal.run"
 DEFAULT_POLLING_HOSTS = ("queue.fal.run",)
@@ -185,17 +185,7 @@ def request_body(job: ImageJob) -> dict[str, Any]:
 
 
 def _build(upstream: UpstreamSettings) -> ImageProvider:
-    return FalProvider(
-        base_url=upstream.base_url or DEFAULT_BASE_URL,
-        polling_hosts=upstream.polling_hosts if upstream.polling_hosts is not None else DEFAULT_POLLING_HOSTS,
-        delivery_hosts=(
-            upstream.delivery_hosts if upstream.delivery_hosts is not None else DEFAULT_DELIVERY_HOSTS
-        ),
-        poll_budget_s=upstream.poll_budget_s,
-        poll_interval_s=upstream.poll_interval_s,
-        poll_max_interval_s=upstream.poll_max_interval_s,
-        **common_options(upstream),
-    )
+    return FalProvider(**polling_options(upstream, DEFAULT_BASE_URL))
 
 
 register_kind(ProviderKind(name="fal", build=_build))

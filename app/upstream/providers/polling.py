@@ -27,10 +27,25 @@ from typing import Any, TypeVar
 from yarl import URL
 
 from app.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
+from app.upstream.config import UpstreamSettings, common_options
 from app.upstream.errors import INVALID_RESPONSE
 
 T = TypeVar("T")
 NOT_FINISHED = "The upstream service did not finish the image within the polling budget."
+
+
+def polling_options(upstream: UpstreamSettings, default_base_url: str) -> dict[str, Any]:
+    """A polling provider's constructor arguments from its upstream's settings: the common ones,
+    the polling budget and back-off, and the allowed hosts (None: the class's defaults)."""
+    return {
+        **common_options(upstream),
+        "base_url": upstream.base_url or default_base_url,
+        "polling_hosts": upstream.polling_hosts,
+        "delivery_hosts": upstream.delivery_hosts,
+        "poll_budget_s": upstream.poll_budget_s,
+        "poll_interval_s": upstream.poll_interval_s,
+        "poll_max_interval_s": upstream.poll_max_interval_s,
+    }
 
 
 class PollingMixin:

@@ -94,14 +94,19 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
-from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed, polling_options
+from app.upstream.providers.polling import (
+    UNTRUSTED_URL,
+    PollingMixin,
+    absolute_url,
+    host_allowed,
+    polling_options,
+)
 
 DEFAULT_BASE_URL = "https://api.bfl.ai"
 DEFAULT_POLLING_HOSTS = ("api.bfl.ai", "*.bfl.ai")
 DEFAULT_DELIVERY_HOSTS = ("*.bfl.ai",)
 NATIVE_FORMATS = ("jpeg", "png")
 FAILED = frozenset({"Error", "Failed", "Task not found"})
-UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 JOB_FAILED = "The upstream service failed to generate the image."
 
 
@@ -164,7 +169,7 @@ class FluxProvider(PollingMixin, NativeProvider):
 
     async def _await_image(self, ref: Mapping[str, str], job: ImageJob, deadline: float) -> Produced:
         """Poll one job until it is Ready and download its image (rules in the module doc)."""
-        polling_url = self._trusted_polling_url(ref.get("polling_url", ""))
+        polling_url = self._trusted(ref.get("polling_url", ""))
 
         async def step() -> Produced | None:
             answer = await self._transient_ok(
@@ -191,13 +196,6 @@ class FluxProvider(PollingMixin, NativeProvider):
         )
         return produced(raw)
 
-    def _trusted_polling_url(self, value: str) -> str:
-        url = absolute_url(value)
-        same_origin = url.origin() == self._origin
-        if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
-            raise UpstreamError(UNTRUSTED_URL)
-        return str(url)
-
     def _trusted_sample(self, answer: Mapping[str, Any]) -> URL:
         result = answer.get("result")
         sample = result.get("sample") if isinstance(result, Mapping) else None
@@ -207,9 +205,6 @@ class FluxProvider(PollingMixin, NativeProvider):
         if not (self._scheme_ok(url) and host_allowed(url, self._delivery_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
         return url
-
-    def _scheme_ok(self, url: URL) -> bool:
-        return url.scheme == "https" or (url.scheme == "http" and self._plain_http_ok)
 
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:
         """BFL's errors: ``{"detail": "text"}`` or, for 422, ``{"detail": [{"msg": …}, …]}``."""

@@ -63,13 +63,18 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
-from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed, polling_options
+from app.upstream.providers.polling import (
+    UNTRUSTED_URL,
+    PollingMixin,
+    absolute_url,
+    host_allowed,
+    polling_options,
+)
 
 DEFAULT_BASE_URL = "https://queue.fal.run"
 DEFAULT_POLLING_HOSTS = ("queue.fal.run",)
 DEFAULT_DELIVERY_HOSTS = ("fal.media", "*.fal.media")
 NATIVE_FORMATS = ("jpeg", "png")
-UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 
 
 class FalProvider(PollingMixin, NativeProvider):
@@ -136,16 +141,6 @@ class FalProvider(PollingMixin, NativeProvider):
         # The images are made (and billed): a download that fails in transit is tried again.
         answer = await self._poll_until(partial(self._transient_ok, download), self._poll_deadline())
         return produced(answer[0])
-
-    def _trusted(self, value: str) -> str:
-        url = absolute_url(value)
-        same_origin = url.origin() == self._origin
-        if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
-            raise UpstreamError(UNTRUSTED_URL)
-        return str(url)
-
-    def _scheme_ok(self, url: URL) -> bool:
-        return url.scheme == "https" or (url.scheme == "http" and self._plain_http_ok)
 
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
         """fal's errors: ``{"detail": "text"}`` or a validation list ``{"detail": [{"msg"}]}``."""

@@ -32,6 +32,7 @@ from app.upstream.errors import INVALID_RESPONSE
 
 T = TypeVar("T")
 NOT_FINISHED = "The upstream service did not finish the image within the polling budget."
+UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 
 
 def polling_options(upstream: UpstreamSettings, default_base_url: str) -> dict[str, Any]:
@@ -86,6 +87,18 @@ class PollingMixin:
         )
         self._origin = URL(self._base_url).origin()
         self._plain_http_ok = self._origin.scheme == "http"
+
+    def _scheme_ok(self, url: URL) -> bool:
+        """https, or plain http only when the upstream itself is configured on http (a local fake)."""
+        return url.scheme == "https" or (url.scheme == "http" and self._plain_http_ok)
+
+    def _trusted(self, value: str) -> str:
+        """A URL the upstream named for polling: its own origin, or one of its polling hosts."""
+        url = absolute_url(value)
+        same_origin = url.origin() == self._origin
+        if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
+            raise UpstreamError(UNTRUSTED_URL)
+        return str(url)
 
     def _poll_deadline(self) -> float:
         """When the polling of jobs submitted now must end."""

@@ -59,13 +59,18 @@ from app.upstream.providers.native import (
     produced,
     rejected,
 )
-from app.upstream.providers.polling import PollingMixin, absolute_url, host_allowed, polling_options
+from app.upstream.providers.polling import (
+    UNTRUSTED_URL,
+    PollingMixin,
+    absolute_url,
+    host_allowed,
+    polling_options,
+)
 
 DEFAULT_BASE_URL = "https://api.replicate.com/v1"
 DEFAULT_POLLING_HOSTS = ("api.replicate.com",)
 DEFAULT_DELIVERY_HOSTS = ("replicate.delivery", "*.replicate.delivery")
 FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 JOB_FAILED = "The upstream service failed to generate the image."
 
 
@@ -127,21 +132,11 @@ class ReplicateProvider(PollingMixin, NativeProvider):
         answer = await self._poll_until(partial(self._transient_ok, download), self._poll_deadline())
         return produced(answer[0])
 
-    def _trusted(self, value: str) -> str:
-        url = absolute_url(value)
-        same_origin = url.origin() == self._origin
-        if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
-            raise UpstreamError(UNTRUSTED_URL)
-        return str(url)
-
     def _deliverable(self, value: str) -> URL:
         url = absolute_url(value)
         if not (self._scheme_ok(url) and host_allowed(url, self._delivery_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
         return url
-
-    def _scheme_ok(self, url: URL) -> bool:
-        return url.scheme == "https" or (url.scheme == "http" and self._plain_http_ok)
 
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
         """Replicate's errors are problem details: ``{"title", "detail", "status"}``."""

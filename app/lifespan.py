@@ -20,6 +20,7 @@ from app.billing.journal import SettlementJournal
 from app.billing.ledger import LedgerService
 from app.billing.limiters import build_limiter
 from app.billing.limits import RateLimiter
+from app.billing.shared_journal import SharedJournal
 from app.cluster.bus import ClusterBus
 from app.console.requestlog import RequestLog
 from app.console.throttle import open_throttle
@@ -167,6 +168,8 @@ async def open_state(
         bus = ClusterBus(settings.redis.url, prefix=settings.redis.prefix) if settings.redis.url else None
         if bus is not None:
             _close_at_exit(stack, "cluster bus", bus.aclose)
+            # Refused settlements also go where any node replays them (app/billing/shared_journal.py).
+            ledger.share_journal(SharedJournal(bus.redis, bus.key("ledger-journal")))
         slot_store = SharedSlotStore(bus, lease_s=settings.redis.slot_lease_s) if bus else None
         router = Router(
             registry,
@@ -425,7 +428,8 @@ def housekeeper(state: AppState) -> Housekeeper:
     )
 
     async def keep_own_holds() -> int:
-        # This node's own: settlements its database refused (journaled on its disk) are written
+        # This node's own: settlements its database refused (journaled on its disk, and in Redis
+        # where any node replays them, so a lost node's are written too) are written
         # first, so a hold they settle is charged, not released; then the holds of its live
         # requests are pushed back, before any node's reconciler may take an expired one.
         replayed = await state.ledger.replay_journal()

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -43,6 +43,29 @@ class Journaled:
 Apply = Callable[[Journaled], Awaitable[bool]]
 
 
+class Journal(Protocol):
+    """Where refused settlements are kept: this node's file, and Redis's copy where configured."""
+
+    async def append(self, hold: Any, entry: dict[str, Any]) -> bool: ...
+
+    async def replay(self, apply: Apply) -> int: ...
+
+
+class Journals:
+    """The file and the shared copy as one journal: a settlement is kept if either took it, and a
+    replay walks both (the second finds the first's rows written and only drops its lines)."""
+
+    def __init__(self, *parts: Journal) -> None:
+        self.parts = parts
+
+    async def append(self, hold: Any, entry: dict[str, Any]) -> bool:
+        kept = [await part.append(hold, entry) for part in self.parts]
+        return any(kept)
+
+    async def replay(self, apply: Apply) -> int:
+        return sum([await part.replay(apply) for part in self.parts])
+
+
 class SettlementJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -50,7 +73,7 @@ class SettlementJournal:
 
     async def append(self, hold: Any, entry: dict[str, Any]) -> bool:
         """Keep one settlement on disk (flushed and synced); False if the disk refused it too."""
-        line = orjson.dumps({"hold": asdict(hold) if hold is not None else None, "entry": entry}) + b"\n"
+        line = encode_line(hold, entry)
         try:
             await asyncio.to_thread(self._append, line)
         except OSError as exc:
@@ -99,7 +122,7 @@ class SettlementJournal:
         with open(self.path, "rb") as journal:
             for raw in journal:
                 if raw.strip():
-                    items.append((raw, _parse(raw)))
+                    items.append((raw, parse_line(raw)))
         return items
 
     def _rewrite(self, kept: list[bytes]) -> None:
@@ -144,7 +167,12 @@ class SettlementJournal:
             os.close(fd)
 
 
-def _parse(raw: bytes) -> Journaled | None:
+def encode_line(hold: Any, entry: dict[str, Any]) -> bytes:
+    """One settlement as a journal line (the file's and Redis's format)."""
+    return orjson.dumps({"hold": asdict(hold) if hold is not None else None, "entry": entry}) + b"\n"
+
+
+def parse_line(raw: bytes) -> Journaled | None:
     """A journal line, or None for one that cannot be read (a torn last line after a crash)."""
     try:
         data = orjson.loads(raw)

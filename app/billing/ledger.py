@@ -39,7 +39,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
-from app.billing.journal import Journaled, SettlementJournal
+from app.billing.journal import Journal, Journaled, Journals
 from app.billing.svg import SvgCharge
 from app.db.prepared import Executed, Prepared
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, Task, utcnow
@@ -222,7 +222,7 @@ class LedgerService:
         settle_patience_s: float | None = None,
         retry_first_s: float | None = None,
         retry_max_s: float | None = None,
-        journal: SettlementJournal | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._writer = writer
         # Where a refused settlement is also kept, so that the process's death does not lose it.
@@ -376,6 +376,11 @@ class LedgerService:
         if self._journal is None:
             return 0
         return await self._journal.replay(self._apply_journaled)
+
+    def share_journal(self, shared: Journal) -> None:
+        """Also keep refused settlements where every node replays them (app/billing/shared_journal.py),
+        so a node lost for good does not take them along; the node's own file stays the first copy."""
+        self._journal = shared if self._journal is None else Journals(self._journal, shared)
 
     async def _apply_journaled(self, item: Journaled) -> bool:
         hold = Hold(**item.hold) if item.hold is not None else None

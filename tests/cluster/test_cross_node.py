@@ -76,7 +76,9 @@ def launcher(tmp_path: Path, upstream: FakeOpenAI, db_url: str, s3: FakeS3) -> L
     return Launcher(tmp_path, secrets=keys, config=config)
 
 
-# Links through the gateway (each node serves every stored image), signed with the shared key.
+# Links through the gateway (each node serves every stored image), signed with the shared key. Set
+# on the API and worker nodes only: the migrate Job's manifest gives it no signing key, and the
+# config refuses gateway_links without one, so in the ConfigMap it would stop the Job.
 GATEWAY_LINKS = {"storage": {"gateway_links": True}}
 
 

@@ -100,6 +100,33 @@ def _address(hex_address: str) -> str:
     return socket.inet_ntop(family, words)
 
 
+def listening(pid: int) -> list[tuple[str, int]]:
+    """The (address, port) of every socket process ``pid`` listens on, from /proc (Linux): whether a
+    listener is that process's own, which a health check alone cannot tell."""
+    sockets: dict[str, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                # local address "ADDR:PORT" in hex; state 0A is LISTEN
+                if fields[3] == "0A":
+                    address, port = fields[1].rsplit(":", 1)
+                    sockets[f"socket:[{fields[9]}]"] = (_address(address), int(port, 16))
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return []  # the process is gone
+    found = []
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed since the listing (a connection ending): not the listener
+        if target in sockets:
+            found.append(sockets[target])
+    return found
+
+
 class GatewayProcess:
     """One ``python -m app serve`` child. Its output goes to ``log_path``; ``url`` is valid once
     ``wait_ready`` has returned (a restart on a lost port changes it)."""
@@ -152,28 +179,7 @@ class GatewayProcess:
 
     def listening(self) -> list[tuple[str, int]]:
         """The (address, port) of every socket this child listens on, from /proc (Linux)."""
-        sockets: dict[str, tuple[str, int]] = {}
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with contextlib.suppress(OSError), open(table) as lines:
-                for line in list(lines)[1:]:
-                    fields = line.split()
-                    # local address "ADDR:PORT" in hex; state 0A is LISTEN
-                    if fields[3] == "0A":
-                        address, port = fields[1].rsplit(":", 1)
-                        sockets[f"socket:[{fields[9]}]"] = (_address(address), int(port, 16))
-        try:
-            fds = list(Path(f"/proc/{self.proc.pid}/fd").iterdir())
-        except OSError:
-            return []  # the child is gone
-        found = []
-        for fd in fds:
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue  # closed since the listing (a connection ending): not the listener
-            if target in sockets:
-                found.append(sockets[target])
-        return found
+        return listening(self.proc.pid)
 
     def wait_ready(self, timeout: float = 60.0, *, restarts: int = 3) -> GatewayProcess:
         """Block until ``/healthz`` answers from this child; on a timeout the child is killed.

@@ -38,6 +38,10 @@ class ProcessSpec:
     env: dict[str, str]
     secret_env: dict[str, tuple[str, str]]
     port: int | None = None
+    # Entries valued from a ConfigMap key, as (ConfigMap, key); and every ``optional: true`` reference
+    # (a Secret or ConfigMap key that may be missing: the variable is then unset).
+    config_env: dict[str, tuple[str, str]] = field(default_factory=dict)
+    optional_env: frozenset[str] = frozenset()
     liveness_path: str | None = None
     readiness_path: str | None = None
     startup_path: str | None = None
@@ -100,18 +104,28 @@ def process_spec(workload: Obj) -> ProcessSpec:
     container = spec["containers"][0]
     env: dict[str, str] = {}
     secret_env: dict[str, tuple[str, str]] = {}
+    config_env: dict[str, tuple[str, str]] = {}
+    optional: set[str] = set()
     for entry in container.get("env", []):
         if "value" in entry:
             env[entry["name"]] = str(entry["value"])
-        else:
-            ref = entry["valueFrom"]["secretKeyRef"]
-            secret_env[entry["name"]] = (ref["name"], ref["key"])
+            continue
+        source = entry["valueFrom"]
+        # Only the two references a test can fill in; a fieldRef or resourceFieldRef fails here.
+        (kind,) = source
+        assert kind in ("secretKeyRef", "configMapKeyRef"), f"{entry['name']}: {kind} is not supported"
+        ref = source[kind]
+        (secret_env if kind == "secretKeyRef" else config_env)[entry["name"]] = (ref["name"], ref["key"])
+        if ref.get("optional"):
+            optional.add(entry["name"])
     ports = container.get("ports", [])
     return ProcessSpec(
         name=workload["metadata"]["name"],
         argv=[*container.get("command", []), *container.get("args", [])],
         env=env,
         secret_env=secret_env,
+        config_env=config_env,
+        optional_env=frozenset(optional),
         port=ports[0]["containerPort"] if ports else None,
         liveness_path=_probe_path(container, "livenessProbe"),
         readiness_path=_probe_path(container, "readinessProbe"),

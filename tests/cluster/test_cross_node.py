@@ -1,10 +1,11 @@
 """Across nodes (issue 24, acceptance 1; SPEC §10): nothing a request needs lives on one node's disk.
 
-The shape runs as real processes on 127.0.0.1, each with its own data directory and no shared disk:
-API node A and API node B (`python -m app serve`, no workers of their own) and a worker node W
-(`python -m app worker`), on PostgreSQL and a real S3 HTTP server (moto, tests/fakes/s3_server.py).
-Every node has the same config secrets (admin key, key pepper, signing key), as the manifests'
-Secret gives them; nothing else is shared.
+The shape runs as real processes on 127.0.0.1, each with its own data directory and no shared disk,
+started from the Kubernetes manifests (tests/cluster/nodes.py): API node A and API node B (the API
+Deployment's command; the config gives them no workers) and a worker node W (the worker
+Deployment's), on PostgreSQL, Redis and a real S3 HTTP server (moto, tests/fakes/s3_server.py).
+Every node has the same secrets (admin key, key pepper, signing key), as the manifests' Secret
+gives them; nothing else is shared.
 
 - An async edit submitted to A through the official SDK leaves its inputs in the bucket, not on A;
   W streams them back and calls the upstream with the exact bytes; the task succeeds.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -34,14 +36,15 @@ import openai
 import pytest
 from botocore.config import Config
 
-from bench.gateway_process import GatewayProcess, WorkerProcess, peak_rss_kib
-from tests.conftest import ADMIN_KEY, fake_upstream_config, make_settings, migrate, start_gateway
+from bench.gateway_process import peak_rss_kib
+from tests.cluster.nodes import Launcher, service_config, service_secrets
+from tests.conftest import ADMIN_KEY, fake_upstream_config, make_settings, start_gateway
 from tests.fakes.image_files import PNG_SIGNATURE, png, png_chunk
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, FakeS3
-from tests.services import fresh_postgres_database
+from tests.services import fresh_postgres_database, require_redis
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 MIB = 1024 * 1024
 COUNT, SIZE_MIB = (int(n) for n in os.environ.get("GATEWAY_CROSS_NODE_EDIT", "2x40").lower().split("x"))
@@ -56,33 +59,27 @@ def s3() -> Iterator[FakeS3]:
         yield server
 
 
-def node_config(
-    name: str, tmp_path: Path, upstream: FakeOpenAI, db_url: str, s3: FakeS3, **extra: Any
-) -> dict[str, Any]:
-    """One node's config: its own data directory; the database, the bucket and the secrets shared."""
-    storage = {
-        "kind": "s3",
-        "endpoint_url": s3.endpoint_url,
-        "region": REGION,
-        "access_key_id": ACCESS_KEY_ID,
-        "secret_access_key": SECRET_ACCESS_KEY,
-        "bucket": BUCKET,
-        "create_bucket": True,
-        "gateway_links": True,
-        "signing_key": SIGNING_KEY,
-    }
-    return {
-        "admin_key": ADMIN_KEY,
-        "data_dir": str(tmp_path / name),
-        "database": {"url": db_url},
-        "logging": {"level": "WARNING"},
-        # Hundreds of MB go to the upstream on a loaded 2-core box: a generous timeout.
-        "upstreams": [fake_upstream_config(upstream, timeout_s=600)],
-        "storage": storage,
-        "security": {"key_pepper": KEY_PEPPER},
-        "tasks": {"workers": 0, "poll_s": 0.1, "lease_s": 30},
-        **extra,
-    }
+def launcher(tmp_path: Path, upstream: FakeOpenAI, db_url: str, s3: FakeS3) -> Launcher:
+    """The shape from the manifests; the database, the bucket and the secrets shared."""
+    config = service_config(s3=s3, upstream=upstream, redis_prefix=f"gw:test:{secrets.token_hex(6)}:")
+    # Hundreds of MB go to the upstream on a loaded 2-core box: a generous timeout.
+    config["upstreams"] = [fake_upstream_config(upstream, timeout_s=600)]
+    config["storage"].update(bucket=BUCKET, prefix="")
+    config["tasks"] = {"poll_s": 0.1, "lease_s": 30}
+    keys = service_secrets(
+        database_url=db_url,
+        redis_url=require_redis(),
+        upstream=upstream,
+        key_pepper=KEY_PEPPER,
+        signing_key=SIGNING_KEY,
+    )
+    return Launcher(tmp_path, secrets=keys, config=config)
+
+
+# Links through the gateway (each node serves every stored image), signed with the shared key. Set
+# on the API and worker nodes only: the migrate Job's manifest gives it no signing key, and the
+# config refuses gateway_links without one, so in the ConfigMap it would stop the Job.
+GATEWAY_LINKS = {"storage": {"gateway_links": True}}
 
 
 def large_png(path: Path, size: int) -> str:
@@ -157,12 +154,11 @@ def test_an_edit_submitted_on_one_node_runs_on_another_and_its_link_works_everyw
     upstream: FakeOpenAI, s3: FakeS3, tmp_path: Path
 ) -> None:
     with fresh_postgres_database() as db_url:
-        migrate(db_url)
-        node_a = GatewayProcess(node_config("a", tmp_path, upstream, db_url, s3), tmp_path).wait_ready()
-        node_b = GatewayProcess(node_config("b", tmp_path, upstream, db_url, s3), tmp_path)
-        worker: WorkerProcess | None = None
+        nodes = launcher(tmp_path, upstream, db_url, s3)
         try:
-            node_b.wait_ready()
+            nodes.migrate()
+            node_a = nodes.api("a", **GATEWAY_LINKS)
+            node_b = nodes.api("b", **GATEWAY_LINKS)
             admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
             created = httpx.post(node_a.url + "/admin/keys", json={"name": "cross"}, headers=admin)
             key = created.json()["key"]
@@ -184,11 +180,11 @@ def test_an_edit_submitted_on_one_node_runs_on_another_and_its_link_works_everyw
             # No worker runs yet: the inputs wait in the bucket, and nothing of them on A's disk.
             stored = bucket_keys(s3, f"task-inputs/{task_id}/")
             assert len(stored) == COUNT
-            assert files_under(tmp_path / "a" / "task_inputs") == []
-            assert files_under(tmp_path / "a" / "spool") == []
+            assert files_under(node_a.data_dir / "task_inputs") == []
+            assert files_under(node_a.data_dir / "spool") == []
 
             # W: another node, its own data directory; it runs both tasks.
-            worker = WorkerProcess(node_config("w", tmp_path, upstream, db_url, s3), tmp_path)
+            worker = nodes.worker("w", **GATEWAY_LINKS)
             assert poll(client_b, warm_id, timeout=300)["status"] == "succeeded"
             task = poll(client_b, task_id, timeout=900)
             assert task["status"] == "succeeded", task
@@ -232,14 +228,11 @@ def test_an_edit_submitted_on_one_node_runs_on_another_and_its_link_works_everyw
 
             # Ended: no inputs left in the bucket, nor on any node's disk.
             assert bucket_keys(s3, "task-inputs/") == []
-            for node in ("a", "b", "w"):
-                assert files_under(tmp_path / node / "task_inputs") == [], node
-                assert files_under(tmp_path / node / "spool") == [], node
+            for node in (node_a, node_b, worker):
+                assert files_under(node.data_dir / "task_inputs") == [], node.name
+                assert files_under(node.data_dir / "spool") == [], node.name
         finally:
-            if worker is not None:
-                worker.stop()
-            node_b.stop()
-            node_a.stop()
+            nodes.stop_all()
 
     # Bounded memory on A: the edit's bytes passed through without being held, not even one file.
     growth_mib = (peak_kib - baseline_kib) / 1024

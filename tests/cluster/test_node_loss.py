@@ -1,6 +1,7 @@
 """Node loss under load (issue 24, acceptance 5): the production shape as real processes.
 
-Two API nodes and a standalone worker, each with its own data directory, share one PostgreSQL.
+Two API nodes and a standalone worker, each with its own data directory, share one PostgreSQL,
+Redis and S3 server; every node is started from the Kubernetes manifests (tests/cluster/nodes.py).
 200 async tasks are submitted over both API nodes with a webhook endpoint on the key. Mid-run the
 worker is killed with SIGKILL and a new one started; mid-submission one API node is killed too.
 
@@ -17,8 +18,7 @@ What must hold afterwards, counted rather than timed:
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
+import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -27,19 +27,17 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from bench.books import ledger_violations, open_tasks, query
-from bench.gateway_process import GatewayProcess
 from bench.traffic import GEN, create_key
-from tests.conftest import ADMIN_KEY, ROOT, migrate
+from tests.cluster.nodes import Launcher, Node, deep_merge, service_config, service_secrets
+from tests.conftest import ADMIN_KEY
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.s3_server import FakeS3
 from tests.fakes.webhook_receiver import WebhookReceiver
-from tests.reliability.harness import gateway_config
-from tests.services import fresh_postgres_database
+from tests.services import fresh_postgres_database, require_redis
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 TASKS = 200
 UPSTREAM_DELAY_S = 0.2
@@ -47,61 +45,32 @@ TERMINAL = {"succeeded", "failed"}
 PEPPER = "cluster-pepper-" + "0123456789abcdef" * 2
 
 
-def node_config(
-    upstream: FakeOpenAI, s3: FakeS3, data_dir: Path, db_url: str, *, workers: int
-) -> dict[str, Any]:
-    storage = s3.settings(bucket="cluster").model_dump(mode="json")
-    for secret in ("access_key_id", "secret_access_key"):
-        storage[secret] = getattr(s3.settings(), secret).get_secret_value()
-    return gateway_config(
-        upstream,
-        data_dir,
-        db_url,
+def launcher(upstream: FakeOpenAI, s3: FakeS3, root: Path, db_url: str) -> Launcher:
+    config = service_config(s3=s3, upstream=upstream, redis_prefix=f"gw:test:{secrets.token_hex(6)}:")
+    config["upstreams"][0].update(timeout_s=2, connect_timeout_s=2)
+    config["storage"]["bucket"] = "cluster"
+    settings = {
         # Dead holds (a submission cut by the API node's kill) go 5 s after they were taken (the
         # shortest TTL the config takes: longer than a request can live with these deadlines); a
         # dead worker's lease lapses after 2 s.
-        billing={"hold_ttl_s": 5, "reconcile_every_s": 0.25},
-        server={"body_deadline_s": 1, "shutdown_grace_s": 0},
-        retry={"initial_delay_s": 0.01, "max_delay_s": 0.05, "deadline_s": 1},
-        tasks={"workers": workers, "lease_s": 2, "poll_s": 0.1},
-        webhooks={"initial_backoff_s": 0.1, "max_backoff_s": 0.5, "poll_s": 0.05},
+        "billing": {"hold_ttl_s": 5, "reconcile_every_s": 0.25},
+        "server": {"body_deadline_s": 1, "shutdown_grace_s": 0},
+        "retry": {"initial_delay_s": 0.01, "max_delay_s": 0.05, "deadline_s": 1},
+        # API nodes take no tasks (the ConfigMap's tasks.workers: 0); a worker runs 8 at once.
+        "tasks": {"concurrency": 8, "lease_s": 2, "poll_s": 0.1},
+        "webhooks": {"initial_backoff_s": 0.1, "max_backoff_s": 0.5, "poll_s": 0.05},
+    }
+    keys = service_secrets(
+        database_url=db_url,
+        redis_url=require_redis(),
+        upstream=upstream,
         # What every node of a cluster shares (README: production shape): a key made on one node
-        # is checked on another.
-        security={"key_pepper": PEPPER},
-        # Results live in the object store, so every node serves (and renders events of) every task.
-        storage=storage,
+        # is checked on another, and results live in the object store, so every node serves (and
+        # renders events of) every task.
+        key_pepper=PEPPER,
+        signing_key="cluster-signing-" + "0123456789abcdef" * 2,
     )
-
-
-class Worker:
-    """``python -m app worker`` with its own config and data directory."""
-
-    def __init__(self, config: dict[str, Any], workdir: Path, name: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.log = (workdir / f"{name}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--config", str(path), "worker", "--concurrency", "8"],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(30)
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.log.close()
+    return Launcher(root, secrets=keys, config=deep_merge(config, settings))
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> None:
@@ -113,7 +82,7 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-async def submit_all(nodes: list[str], key: str, *, kill_after: int, victim: GatewayProcess) -> list[str]:
+async def submit_all(nodes: list[str], key: str, *, kill_after: int, victim: Node) -> list[str]:
     """Submit TASKS tasks round-robin over ``nodes``; ``victim`` is killed once ``kill_after`` tasks
     were accepted. Returns the ids of the accepted tasks (a 202 read in full)."""
     accepted: list[str] = []
@@ -175,114 +144,118 @@ def test_node_loss_under_load_loses_nothing(
 ) -> None:
     upstream.always_fail = Fault.delay(UPSTREAM_DELAY_S)
     with fresh_postgres_database() as db_url:
-        migrate(db_url)
-        api_a = GatewayProcess(node_config(upstream, s3, tmp_path / "a", db_url, workers=0), tmp_path)
-        api_b = GatewayProcess(node_config(upstream, s3, tmp_path / "b", db_url, workers=0), tmp_path)
-        workers: list[Worker] = []
+        nodes = launcher(upstream, s3, tmp_path, db_url)
+        nodes.migrate()
         try:
-            api_a.wait_ready()
-            api_b.wait_ready()
-            key, key_id = create_key(api_a.url, ADMIN_KEY)
-            hooked = httpx.post(
-                api_a.url + f"/admin/keys/{key_id}/webhooks",
-                json={"url": receiver.url, "description": "node loss"},
-                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            )
-            assert hooked.status_code == 201, hooked.text
-            receiver.secret = hooked.json()["secret"]
+            api_a, api_b = nodes.api("a", ready=False), nodes.api("b", ready=False)
+            workers: list[Node] = []
+            try:
+                api_a.wait_ready()
+                api_b.wait_ready()
+                key, key_id = create_key(api_a.url, ADMIN_KEY)
+                hooked = httpx.post(
+                    api_a.url + f"/admin/keys/{key_id}/webhooks",
+                    json={"url": receiver.url, "description": "node loss"},
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                )
+                assert hooked.status_code == 201, hooked.text
+                receiver.secret = hooked.json()["secret"]
 
-            workers.append(
-                Worker(node_config(upstream, s3, tmp_path / "w1", db_url, workers=1), tmp_path, "w1")
-            )
-            # API node B dies after a quarter of the tasks were accepted; submissions in flight to it
-            # are cut (the client sees a transport error, and the task may or may not exist).
-            accepted = asyncio.run(
-                submit_all([api_a.url, api_b.url], key, kill_after=TASKS // 4, victim=api_b)
-            )
-            assert len(accepted) >= TASKS // 2, f"only {len(accepted)} tasks were accepted"
+                workers.append(nodes.worker("w1"))
+                # API node B dies after a quarter of the tasks were accepted; submissions in flight to it
+                # are cut (the client sees a transport error, and the task may or may not exist).
+                accepted = asyncio.run(
+                    submit_all([api_a.url, api_b.url], key, kill_after=TASKS // 4, victim=api_b)
+                )
+                assert len(accepted) >= TASKS // 2, f"only {len(accepted)} tasks were accepted"
 
-            # The worker dies while it has calls in flight at the upstream; another takes over.
-            wait_until(lambda: upstream.in_flight > 0, 60, "the worker to call the upstream")
-            in_flight_at_kill = upstream.in_flight
-            workers[0].kill()
-            assert open_tasks(db_url) > 0, "the worker's kill came too late: nothing was left to do"
-            workers.append(
-                Worker(node_config(upstream, s3, tmp_path / "w2", db_url, workers=1), tmp_path, "w2")
+                # The worker dies while it has calls in flight at the upstream; another takes over.
+                wait_until(lambda: upstream.in_flight > 0, 60, "the worker to call the upstream")
+                in_flight_at_kill = upstream.in_flight
+                workers[0].kill()
+                assert open_tasks(db_url) > 0, "the worker's kill came too late: nothing was left to do"
+                workers.append(nodes.worker("w2"))
+                wait_until(lambda: open_tasks(db_url) == 0, 240, "every task to end")
+                wait_until(
+                    lambda: not query(db_url, "SELECT id FROM reservations"), 60, "every hold to be settled"
+                )
+            finally:
+                for worker in workers:
+                    worker.stop()
+                api_b.stop()
+
+            tasks = query(db_url, "SELECT id, request_id, status, error, cost_micros FROM tasks")
+            statuses = Counter(t["status"] for t in tasks)
+            assert set(statuses) <= TERMINAL, statuses
+            assert set(accepted) <= {t["id"] for t in tasks}, "an accepted task was lost"
+            for task in tasks:
+                if task["status"] == "failed":
+                    assert "task_interrupted" in str(task["error"]), task
+            assert in_flight_at_kill > 0 and statuses["failed"] >= 1, "the worker's kill interrupted nothing"
+
+            # No request reached the upstream twice.
+            calls = Counter(r.headers.get("x-request-id") for r in upstream.requests if r.path == GEN)
+            assert max(calls.values(), default=0) <= 1, [rid for rid, n in calls.items() if n > 1][:5]
+
+            # The books: exact, and exactly the succeeded tasks billed.
+            assert ledger_violations(db_url, [key_id], None) == []
+            billed = {
+                r["request_id"]: int(r["cost_micros"])
+                for r in query(
+                    db_url, "SELECT request_id, cost_micros FROM ledger_entries WHERE cost_micros > 0"
+                )
+            }
+            succeeded = {t["request_id"]: int(t["cost_micros"]) for t in tasks if t["status"] == "succeeded"}
+            assert billed == succeeded
+            # What the node losses may have cost the operator: one row per interrupted task, free to
+            # the tenant, carrying its reservation as the upper bound, and summed by /admin/usage.
+            rows = query(
+                db_url,
+                "SELECT request_id, cost_micros, operator_cost_micros, reserved_micros, estimated "
+                "FROM ledger_entries WHERE status = 'interrupted'",
             )
-            wait_until(lambda: open_tasks(db_url) == 0, 240, "every task to end")
-            wait_until(
-                lambda: not query(db_url, "SELECT id FROM reservations"), 60, "every hold to be settled"
+            interrupted = {t["request_id"] for t in tasks if t["status"] == "failed"}
+            assert {r["request_id"] for r in rows} == interrupted
+            assert all(int(r["cost_micros"]) == 0 and r["estimated"] for r in rows)
+            assert all(int(r["operator_cost_micros"]) == int(r["reserved_micros"]) > 0 for r in rows)
+            report = httpx.get(
+                api_a.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
+            ).json()
+            assert report["totals"]["operator_cost_micros"] == sum(
+                int(r["operator_cost_micros"]) for r in rows
+            )
+
+            # Each ended task's event arrived, and all deliveries of one event share one webhook-id.
+            ended = {t["id"]: t["status"] for t in tasks}
+            try:
+                wait_until(
+                    lambda: {r.event["data"]["id"] for r in receiver.received if r.verified} >= set(ended),
+                    120,
+                    "every task's webhook",
+                )
+            except AssertionError:
+                got = {r.event["data"]["id"] for r in receiver.received if r.verified}
+                rows = query(db_url, "SELECT task_id, status, attempts, last_error FROM webhook_deliveries")
+                missing = [r for r in rows if r["task_id"] not in got]
+                raise AssertionError(
+                    f"{len(got)} of {len(ended)} tasks' events arrived; {len(receiver.received)} deliveries; "
+                    f"{len(rows)} outbox rows, {Counter(r['status'] for r in rows)}; "
+                    f"missing e.g. {missing[:3]}; "
+                    f"tasks without an outbox row: {len(set(ended) - {r['task_id'] for r in rows})}"
+                ) from None
+            finally:
+                api_a.stop()
+            ids_per_task: dict[str, set[str]] = defaultdict(set)
+            for got in receiver.received:
+                assert got.verified, "a delivery failed its signature"
+                event = got.event
+                assert event["type"] == f"image.task.{ended[event['data']['id']]}"
+                ids_per_task[event["data"]["id"]].add(got.headers["webhook-id"])
+            assert all(len(ids) == 1 for ids in ids_per_task.values()), "one event under two webhook-ids"
+            redelivered = len(receiver.received) - len(ids_per_task)
+            print(
+                f"node loss: {len(accepted)} accepted, {statuses['succeeded']} succeeded, "
+                f"{statuses['failed']} interrupted, {redelivered} redeliveries of one webhook-id"
             )
         finally:
-            for worker in workers:
-                worker.stop()
-            api_b.stop()
-
-        tasks = query(db_url, "SELECT id, request_id, status, error, cost_micros FROM tasks")
-        statuses = Counter(t["status"] for t in tasks)
-        assert set(statuses) <= TERMINAL, statuses
-        assert set(accepted) <= {t["id"] for t in tasks}, "an accepted task was lost"
-        for task in tasks:
-            if task["status"] == "failed":
-                assert "task_interrupted" in str(task["error"]), task
-        assert in_flight_at_kill > 0 and statuses["failed"] >= 1, "the worker's kill interrupted nothing"
-
-        # No request reached the upstream twice.
-        calls = Counter(r.headers.get("x-request-id") for r in upstream.requests if r.path == GEN)
-        assert max(calls.values(), default=0) <= 1, [rid for rid, n in calls.items() if n > 1][:5]
-
-        # The books: exact, and exactly the succeeded tasks billed.
-        assert ledger_violations(db_url, [key_id], None) == []
-        billed = {
-            r["request_id"]: int(r["cost_micros"])
-            for r in query(db_url, "SELECT request_id, cost_micros FROM ledger_entries WHERE cost_micros > 0")
-        }
-        succeeded = {t["request_id"]: int(t["cost_micros"]) for t in tasks if t["status"] == "succeeded"}
-        assert billed == succeeded
-        # What the node losses may have cost the operator: one row per interrupted task, free to
-        # the tenant, carrying its reservation as the upper bound, and summed by /admin/usage.
-        rows = query(
-            db_url,
-            "SELECT request_id, cost_micros, operator_cost_micros, reserved_micros, estimated "
-            "FROM ledger_entries WHERE status = 'interrupted'",
-        )
-        interrupted = {t["request_id"] for t in tasks if t["status"] == "failed"}
-        assert {r["request_id"] for r in rows} == interrupted
-        assert all(int(r["cost_micros"]) == 0 and r["estimated"] for r in rows)
-        assert all(int(r["operator_cost_micros"]) == int(r["reserved_micros"]) > 0 for r in rows)
-        report = httpx.get(
-            api_a.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
-        ).json()
-        assert report["totals"]["operator_cost_micros"] == sum(int(r["operator_cost_micros"]) for r in rows)
-
-        # Each ended task's event arrived, and all deliveries of one event share one webhook-id.
-        ended = {t["id"]: t["status"] for t in tasks}
-        try:
-            wait_until(
-                lambda: {r.event["data"]["id"] for r in receiver.received if r.verified} >= set(ended),
-                120,
-                "every task's webhook",
-            )
-        except AssertionError:
-            got = {r.event["data"]["id"] for r in receiver.received if r.verified}
-            rows = query(db_url, "SELECT task_id, status, attempts, last_error FROM webhook_deliveries")
-            missing = [r for r in rows if r["task_id"] not in got]
-            raise AssertionError(
-                f"{len(got)} of {len(ended)} tasks' events arrived; {len(receiver.received)} deliveries; "
-                f"{len(rows)} outbox rows, {Counter(r['status'] for r in rows)}; missing e.g. {missing[:3]}; "
-                f"tasks without an outbox row: {len(set(ended) - {r['task_id'] for r in rows})}"
-            ) from None
-        finally:
-            api_a.stop()
-        ids_per_task: dict[str, set[str]] = defaultdict(set)
-        for got in receiver.received:
-            assert got.verified, "a delivery failed its signature"
-            event = got.event
-            assert event["type"] == f"image.task.{ended[event['data']['id']]}"
-            ids_per_task[event["data"]["id"]].add(got.headers["webhook-id"])
-        assert all(len(ids) == 1 for ids in ids_per_task.values()), "one event under two webhook-ids"
-        redelivered = len(receiver.received) - len(ids_per_task)
-        print(
-            f"node loss: {len(accepted)} accepted, {statuses['succeeded']} succeeded, "
-            f"{statuses['failed']} interrupted, {redelivered} redeliveries of one webhook-id"
-        )
+            nodes.stop_all()  # whatever the test left running when it failed

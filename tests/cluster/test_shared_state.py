@@ -1,8 +1,8 @@
 """Issue 24, acceptance 2: state shared by two real gateway nodes through Redis (SPEC §10).
 
-Two ``python -m app serve`` processes, each with its own data directory, on one PostgreSQL
-database and one Redis (each test under its own key prefix, so parallel tests never meet), in
-front of one fake upstream that counts what reaches it:
+Two API nodes started from the Kubernetes manifests (tests/cluster/nodes.py), each with its own
+data directory, on one PostgreSQL database, one S3 server and one Redis (each test under its own key
+prefix, so parallel tests never meet), in front of one fake upstream that counts what reaches it:
 
 - a key revoked or disabled on A (or revoked with the CLI) is refused by B within 1 s, although B
   caches keys for 300 s;
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,10 +30,10 @@ import pytest
 import redis
 
 from bench.books import ledger_violations, query
-from bench.gateway_process import GatewayProcess
-from tests.conftest import ADMIN_KEY, ROOT, fake_upstream_config, migrate
+from tests.cluster.nodes import Launcher, Node, deep_merge, service_config, service_secrets
+from tests.conftest import ADMIN_KEY, fake_upstream_config
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
-from tests.reliability.harness import gateway_config
+from tests.fakes.s3_server import FakeS3
 from tests.services import fresh_postgres_database, require_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -50,7 +48,7 @@ PROMPT = {"model": "gpt-image-1", "prompt": "a lighthouse", "quality": "low", "s
 class Cluster:
     """Two nodes, A and B, sharing a database and a Redis prefix."""
 
-    def __init__(self, nodes: list[GatewayProcess], db_url: str, redis_url: str, prefix: str) -> None:
+    def __init__(self, nodes: list[Node], db_url: str, redis_url: str, prefix: str) -> None:
         self.a, self.b = nodes
         self.db_url = db_url
         self.redis = redis.Redis.from_url(redis_url)
@@ -65,56 +63,60 @@ class Cluster:
         return response.json()["key"], response.json()["id"]
 
     @staticmethod
-    def upstream_row(node: GatewayProcess) -> dict[str, Any]:
+    def upstream_row(node: Node) -> dict[str, Any]:
         response = httpx.get(node.url + "/admin/upstreams", headers=ADMIN, timeout=10)
         assert response.status_code == 200, response.text
         (row,) = response.json()["data"]
         return dict(row)
 
 
+@pytest.fixture(scope="module")
+def s3() -> Iterator[FakeS3]:
+    with FakeS3() as server:
+        yield server
+
+
 @pytest.fixture
-def cluster(upstream: FakeOpenAI, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+def cluster(upstream: FakeOpenAI, s3: FakeS3, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     redis_url = require_redis()
     prefix = f"gw:test:{secrets.token_hex(6)}:"
-    started: list[GatewayProcess] = []
+    launchers: list[Launcher] = []
     clusters: list[Cluster] = []
     with fresh_postgres_database() as db_url:
-        migrate(db_url)
+        keys = service_secrets(
+            database_url=db_url,
+            redis_url=redis_url,
+            upstream=upstream,
+            key_pepper=PEPPER,
+            signing_key="cluster-signing-key-" + "0123456789abcdef" * 2,
+        )
+        base = service_config(s3=s3, upstream=upstream, redis_prefix=prefix)
+        # Short backoffs, as a test of retries wants them; each test its own bucket.
+        base["retry"] = {"initial_delay_s": 0.01, "max_delay_s": 0.05}
+        base["tasks"] = {"poll_s": 0.1}
+        base["storage"]["bucket"] = "shared-" + secrets.token_hex(4)
 
         def start(upstream_extra: dict[str, Any] | None = None, **extra: Any) -> Cluster:
-            nodes = []
-            for name in ("a", "b"):
-                workdir = tmp_path / name
-                workdir.mkdir()
-                config = gateway_config(
-                    upstream,
-                    workdir / "data",
-                    db_url,
-                    rate_limits={"prefix": prefix + "rl:"},
-                    tasks={"workers": 0},
-                    **{
-                        **extra,
-                        "redis": {**extra.get("redis", {}), "url": redis_url, "prefix": prefix},
-                        "security": {"key_pepper": PEPPER, **extra.get("security", {})},
-                    },
-                )
-                config["upstreams"] = [
-                    {**fake_upstream_config(upstream), "timeout_s": 60, **(upstream_extra or {})}
-                ]
-                node = GatewayProcess(config, workdir)
-                started.append(node)
-                nodes.append(node)
-            for node in nodes:
-                node.wait_ready(timeout=240)
-            clusters.append(Cluster(nodes, db_url, redis_url, prefix))
+            config = deep_merge(base, extra)
+            config["upstreams"] = [
+                {**fake_upstream_config(upstream), "timeout_s": 60, **(upstream_extra or {})}
+            ]
+            nodes = Launcher(tmp_path / f"cluster-{len(launchers)}", secrets=keys, config=config)
+            launchers.append(nodes)
+            if len(launchers) == 1:
+                nodes.migrate()
+            started = [nodes.api(name, ready=False) for name in ("a", "b")]
+            for node in started:
+                node.wait_ready()
+            clusters.append(Cluster(started, db_url, redis_url, prefix))
             return clusters[-1]
 
         try:
             yield start
         finally:
             upstream.release()
-            for node in started:
-                node.stop()
+            for launcher in launchers:
+                launcher.stop_all()
             for each in clusters:
                 each.redis.close()
 
@@ -128,7 +130,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) 
         time.sleep(0.02)
 
 
-def sdk(node: GatewayProcess, key: str) -> openai.AsyncOpenAI:
+def sdk(node: Node, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
 
@@ -159,18 +161,8 @@ def test_a_key_revoked_on_one_node_is_refused_by_the_other_within_a_second(
                 nodes.a.url + f"/admin/keys/{key_id}", json={"enabled": False}, headers=ADMIN
             )
             assert response.status_code == 200, response.text
-        else:  # `python -m app keys revoke`, with A's config: the database and Redis, no server
-            command = [
-                sys.executable,
-                "-m",
-                "app",
-                "--config",
-                str(nodes.a.config_path),
-                "keys",
-                "revoke",
-                key_id,
-            ]
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=120, check=False)
+        else:  # `python -m app keys revoke` in A's pod: the database and Redis, no server
+            done = nodes.a.exec("keys", "revoke", key_id)
             assert done.returncode == 0, done.stderr.decode()
         changed_at = time.monotonic()
         wait_for(lambda key=key: refused_by_b(key), f"B to refuse the key after {change}", timeout_s=30)
@@ -183,7 +175,7 @@ def test_rpm_is_one_limit_across_both_nodes(cluster: Callable[..., Cluster], ups
     nodes = cluster()
     key, key_id = nodes.create_key(rpm=10)
 
-    async def one(node: GatewayProcess) -> str:
+    async def one(node: Node) -> str:
         async with sdk(node, key) as client:
             try:
                 await client.images.generate(**PROMPT)
@@ -213,7 +205,7 @@ def test_max_concurrency_counts_calls_on_both_nodes(
         return upstream.in_flight == 4 and waiting == 12
 
     async def run() -> list[int]:
-        async def one(node: GatewayProcess) -> int:
+        async def one(node: Node) -> int:
             async with sdk(node, key) as client:
                 result = await client.images.generate(**PROMPT)
             return len(result.data or [])
@@ -242,7 +234,7 @@ def test_an_upstream_tripped_on_one_node_is_skipped_by_the_other(
     key, key_id = nodes.create_key()
     upstream.always_fail = Fault.status(500)
 
-    async def call(node: GatewayProcess) -> openai.APIStatusError:
+    async def call(node: Node) -> openai.APIStatusError:
         async with sdk(node, key) as client:
             with pytest.raises(openai.APIStatusError) as failure:
                 await client.images.generate(**PROMPT)
@@ -269,7 +261,7 @@ def test_the_slots_of_a_killed_node_come_back_when_their_lease_lapses(
     key, key_id = nodes.create_key()
     upstream.hold(until_in_flight=1_000, timeout_s=120)
 
-    async def one(node: GatewayProcess) -> int:
+    async def one(node: Node) -> int:
         async with sdk(node, key) as client:
             result = await client.images.generate(**PROMPT)
         return len(result.data or [])

@@ -7,12 +7,11 @@ and the suite fails; it never skips. The schemas are those of one pinned Kuberne
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
+import secrets
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ import yaml
 from app.__main__ import build_parser
 from app.main import create_app
 from app.settings import Settings, build_settings, load_settings
-from bench.gateway_process import reserve_port
 from tests.cluster.kustomize import KustomizeError, config_map_hash, pod_spec, render, strategic_merge
 from tests.cluster.manifests import (
     API,
@@ -36,13 +34,13 @@ from tests.cluster.manifests import (
     MIGRATE,
     ROOT,
     WORKER,
-    ProcessSpec,
     config_map_data,
     find,
     load_shape,
     process_spec,
     rendered,
 )
+from tests.cluster.nodes import Launcher
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.s3_server import ACCESS_KEY_ID as S3_ACCESS_KEY_ID
 from tests.fakes.s3_server import SECRET_ACCESS_KEY as S3_SECRET_ACCESS_KEY
@@ -453,18 +451,6 @@ def test_readme_shows_the_overlay_as_it_is_and_the_apply_command() -> None:
 # -- the manifests' processes, run ------------------------------------------------------------------
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Until /healthz answers; the deadline only bounds a failure (a loaded machine starts slowly)."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(log.read_text(errors="replace")[-3000:])
-
-
 def _finished_task(client: openai.OpenAI, task_id: str) -> dict[str, Any]:
     """The task once it ended; the deadline only bounds a failure."""
     deadline = time.monotonic() + 90
@@ -485,56 +471,36 @@ def test_the_manifests_processes_run_an_async_task_across_api_and_worker(tmp_pat
     shape = load_shape()
     redis_url = require_redis()
     with fresh_postgres_database() as database_url, FakeS3() as s3, FakeOpenAI() as upstream:
-        config = shape.gateway_config()
-        config["storage"].update(endpoint_url=s3.endpoint_url, create_bucket=True, addressing_style="path")
-        config["moderation"]["upstream"]["base_url"] = upstream.base_url
-        next(u for u in config["upstreams"] if u["name"] == "openai")["base_url"] = upstream.base_url
-        config_path = tmp_path / "gateway.yaml"
-        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        secrets = {
-            "GATEWAY_DATABASE__URL": database_url,
-            "GATEWAY_REDIS__URL": redis_url,
-            "GATEWAY_ADMIN_KEY": "sk-admin-" + "k8" * 12,
-            "GATEWAY_SECURITY__KEY_PEPPER": "pepper-" + "p8" * 16,
-            "GATEWAY_STORAGE__SIGNING_KEY": "signing-" + "s8" * 16,
-            "GATEWAY_STORAGE__ACCESS_KEY_ID": S3_ACCESS_KEY_ID,
-            "GATEWAY_STORAGE__SECRET_ACCESS_KEY": S3_SECRET_ACCESS_KEY,
-            "OPENAI_API_KEY": upstream.api_key,
+        upstreams = shape.gateway_config()["upstreams"]
+        config = {
+            "storage": {"endpoint_url": s3.endpoint_url, "create_bucket": True, "addressing_style": "path"},
+            "moderation": {"upstream": {"base_url": upstream.base_url}},
+            "upstreams": [
+                {**u, "base_url": upstream.base_url} if u["name"] == "openai" else u for u in upstreams
+            ],
+            "redis": {"prefix": f"gw:test:{secrets.token_hex(6)}:"},
         }
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-
-        def env_for(spec: ProcessSpec, name: str) -> dict[str, str]:
-            required = {n for n, (_, key) in spec.secret_env.items() if key not in OPTIONAL_SECRET_KEYS}
-            assert required <= set(secrets), required - set(secrets)
-            chosen = {n: v for n, v in secrets.items() if n in spec.secret_env}
-            own = {"GATEWAY_CONFIG": str(config_path), "GATEWAY_DATA_DIR": str(tmp_path / name)}
-            return {**base_env, **spec.env, **chosen, **own}
-
-        migrate = subprocess.run(
-            shape.migrate.local_argv(), env=env_for(shape.migrate, "migrate"), cwd=ROOT, capture_output=True
-        )
-        assert migrate.returncode == 0, migrate.stderr.decode(errors="replace")[-3000:]
-        port = reserve_port()
-        url = f"http://127.0.0.1:{port}"
-        logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("api", "worker")}
-        api = subprocess.Popen(
-            shape.api.local_argv(port=port),
-            env=env_for(shape.api, "api"),
-            cwd=ROOT,
-            stdout=logs["api"],
-            stderr=subprocess.STDOUT,
-        )
-        worker = subprocess.Popen(
-            shape.worker.local_argv(),
-            env=env_for(shape.worker, "worker"),
-            cwd=ROOT,
-            stdout=logs["worker"],
-            stderr=subprocess.STDOUT,
-        )
+        # The Secret the operator creates, by key; the launcher puts each value in the variable the
+        # manifests name for it (a required key missing here fails the start).
+        values = {
+            "database-url": database_url,
+            "redis-url": redis_url,
+            "admin-key": "sk-admin-" + "k8" * 12,
+            "key-pepper": "pepper-" + "p8" * 16,
+            "signing-key": "signing-" + "s8" * 16,
+            "s3-access-key-id": S3_ACCESS_KEY_ID,
+            "s3-secret-access-key": S3_SECRET_ACCESS_KEY,
+            "openai-api-key": upstream.api_key,
+        }
+        assert set(values) | OPTIONAL_SECRET_KEYS == {k for _, k in shape.api.secret_env.values()}
+        nodes = Launcher(tmp_path, secrets=values, config=config)
         try:
-            _wait_healthy(api, url, tmp_path / "api.log")
+            nodes.migrate()
+            api = nodes.api("api")  # its startup and readiness probes pass
+            worker = nodes.worker("worker")
+            url = api.url
             assert httpx.get(url + shape.api.readiness_path, timeout=5).status_code == 200
-            admin = {"Authorization": f"Bearer {secrets['GATEWAY_ADMIN_KEY']}"}
+            admin = {"Authorization": f"Bearer {values['admin-key']}"}
             key = httpx.post(url + "/admin/keys", headers=admin, json={"name": "k8s"}, timeout=30).json()
             with openai.OpenAI(base_url=url + "/v1", api_key=key["key"], max_retries=0) as client:
                 submitted = client.images.with_raw_response.generate(
@@ -551,10 +517,7 @@ def test_the_manifests_processes_run_an_async_task_across_api_and_worker(tmp_pat
             link = task["result"]["data"][0]["url"]
             assert link.startswith(s3.endpoint_url), "images live in the object store"
             assert httpx.get(link, timeout=10).content.startswith(b"\x89PNG")
+            codes = [node.stop() for node in (api, worker)]
         finally:
-            for proc in (api, worker):
-                proc.send_signal(signal.SIGTERM)
-            codes = [proc.wait(60) for proc in (api, worker)]
-            for log in logs.values():
-                log.close()
+            nodes.stop_all()
         assert codes == [0, 0], "both drain and exit 0 on SIGTERM"

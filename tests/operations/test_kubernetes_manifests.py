@@ -304,6 +304,23 @@ def test_the_config_map_loads_as_the_production_shape(
         assert settings.server.port == spec.port or name == WORKER
 
 
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_every_workload_starts_when_the_operator_turns_on_gateway_links(
+    directory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``storage.gateway_links`` needs the signing key in every process that loads the config, the
+    migrate Job included (it failed at start without it)."""
+    objects = rendered(directory)
+    for name, kind in ((API, "Deployment"), (WORKER, "Deployment"), (MIGRATE, "Job")):
+        workload = find(objects, kind, name)
+        spec = process_spec(workload)
+        config = yaml.safe_load(config_map_data(objects, workload))
+        config.setdefault("storage", {})["gateway_links"] = True
+        secrets = {k: v for k, v in DUMMY_SECRETS.items() if k in spec.secret_env}
+        settings = _settings_for(yaml.safe_dump(config), {**spec.env, **secrets}, tmp_path, monkeypatch)
+        assert settings.storage.gateway_links, name
+
+
 def _tmp_volume(mounts: dict[str, str]) -> str:
     return next(name for name, path in mounts.items() if path == "/tmp")
 

@@ -149,6 +149,10 @@ class UpstreamSettings(BaseModel):
     poll_max_interval_s: float = Field(default=5.0, gt=0)
     polling_hosts: list[str] | None = None
     delivery_hosts: list[str] | None = None
+    # `openai` only: batch lines routed here are sent as one batch to the upstream's own Batch API
+    # (its Files and Batches endpoints, at its batch discount) instead of one call each; polled at
+    # poll_interval_s, growing x1.5 to poll_max_interval_s. README "Forwarding to OpenAI's Batch API".
+    batch: bool = False
     # Whether this upstream stops serving a model on OpenAI's retirement date (the catalog's
     # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a
     # compatible server that still serves a retired model.
@@ -177,6 +181,8 @@ class UpstreamSettings(BaseModel):
             raise ValueError(f"upstream '{self.name}': base_url is required for kind {self.kind}")
         if self.api_key is not None and is_placeholder(self.api_key.get_secret_value()):
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
+        if self.batch and self.kind != "openai":
+            raise ValueError(f"upstream '{self.name}': batch is only for kind openai")
         if self.fallback_for and not kind.stand_in:
             stand_ins = ", ".join(sorted(k.name for k in provider_kinds().values() if k.stand_in))
             raise ValueError(f"upstream '{self.name}': fallback_for is only for kind {stand_ins}")

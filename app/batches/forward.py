@@ -462,12 +462,20 @@ class BatchForwarder:
         if not isinstance(error, dict):
             error = {"code": "upstream_error", "message": "The upstream answered this request with an error."}
         code = int(status_code) if isinstance(status_code, int) else None
+        if not ok and code is None and error.get("code") in ("batch_expired", "batch_cancelled"):
+            # Never run upstream (its batch expired or was cancelled first): nothing was billed, so
+            # no ledger row; the hold goes back, as for the gateway's own expired lines.
+            if await self._end_line(row.id, number, UPSTREAM, None, _ended(str(error["code"]))):
+                await shielded(self._images.release(Hold(key_id=row.key_id, **forward["hold"])))
+            return
 
         def record(c: Connection, cost: int) -> bool:
             values: dict[str, Any] = (
                 {"state": OK, "status_code": 200, "result": stored}
                 if ok
-                else {"state": ERROR, "status_code": code if code and code >= 400 else 502, "error": error}
+                # A request the upstream answered with an error keeps its status; one it could not run
+                # (no response) shows the upstream's ``error`` object, as OpenAI's error file does.
+                else {"state": ERROR, "status_code": code if code and code >= 400 else None, "error": error}
             )
             changed = c.execute(
                 update(BatchLine)
@@ -505,7 +513,7 @@ class BatchForwarder:
         self, row: Batch, name: str, code: str, recount: Recount, *, error: GatewayError | None = None
     ) -> None:
         """End the upstream's lines it never answered; their holds go back (nothing was billed)."""
-        body = error.to_body()["error"] if error is not None else {"code": code, "message": _ENDED[code]}
+        body = error.to_body()["error"] if error is not None else _ended(code)
         status = error.status_code if error is not None else None
         async for line in self._lines(row.id, name):
             assert line.forward is not None
@@ -565,6 +573,10 @@ class BatchForwarder:
             polls=upstream.polls + 1,
             next_poll_at=utcnow() + timedelta(seconds=delay),
         )
+
+
+def _ended(code: str) -> dict[str, Any]:
+    return {"code": code, "message": _ENDED[code]}
 
 
 def _caller(key_id: str, ppm: int) -> Caller:

@@ -87,6 +87,8 @@ class FakeOpenAIBatch(ProviderFake):
         self.hold.clear()
         self.expire_after = None
         self._usage.clear()
+        with self._polled:
+            self._polls = 0
 
     def authorized(self, recorded: Recorded) -> bool:
         return recorded.headers.get("authorization") == f"Bearer {self.api_key}"
@@ -115,6 +117,11 @@ class FakeOpenAIBatch(ProviderFake):
     def usage_for(self, custom_id: str) -> dict[str, Any]:
         """The usage the fake reported for the upstream line ``custom_id``."""
         return self._usage[custom_id]
+
+    @property
+    def polls(self) -> int:
+        with self._polled:
+            return self._polls
 
     def polled(self, n: int, timeout: float = 60.0) -> bool:
         """Wait until batches have been retrieved ``n`` times in all."""

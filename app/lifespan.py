@@ -301,6 +301,7 @@ async def open_state(
                     keys=settings.batches.forward_tenant_discount_keys,
                 ),
                 lines_per_step=settings.batches.forward_lines_per_step,
+                hold_ttl_s=settings.billing.hold_ttl_s,
             ),
         )
         queue_depth = tasks.queue.depth

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.batches.lines import GENERATIONS
 from app.billing.ledger import Hold, SettlementAbandoned
-from app.db.tables import Batch, BatchLine, LedgerEntry, UpstreamBatch, utcnow
+from app.db.tables import Batch, BatchLine, LedgerEntry, Reservation, UpstreamBatch, utcnow
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, TokenUsage
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
@@ -104,6 +104,7 @@ class BatchForwarder:
         spool_root: Path,
         discounts: Discounts,
         lines_per_step: int = 500,
+        hold_ttl_s: float = 3600.0,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
@@ -115,6 +116,9 @@ class BatchForwarder:
         self._spool_root = spool_root
         self._discounts = discounts
         self._per_step = lines_per_step
+        self._hold_ttl = timedelta(seconds=hold_ttl_s)
+        # When this process last pushed back the holds of each batch's lines at an upstream.
+        self._renewed: dict[str, float] = {}
         self._clients = {
             client.name: client
             for provider in registry.providers()
@@ -228,6 +232,7 @@ class BatchForwarder:
                 answer = await client.cancel(upstream.upstream_batch_id)
                 await self._set(row.id, upstream.upstream, upstream_status=answer["status"])
                 return True
+            await self._keep_holds(row)
             answer = await client.retrieve(upstream.upstream_batch_id)
             status = str(answer["status"])
             if status in TERMINAL:
@@ -259,9 +264,25 @@ class BatchForwarder:
             )
             await self._end_rest(row, upstream.upstream, code, recount)
             await self._set(row.id, upstream.upstream, state="done")
+            self._renewed.pop(row.id, None)
             await recount(row.id)
             return True
         return False
+
+    async def _keep_holds(self, row: Batch) -> None:
+        """Push back the expiry of the holds of this batch's lines at an upstream, so that the
+        reconciler never takes them while the upstream batch runs, whichever process polls it (the
+        process that reserved them renews them only while it lives). Done a few times per TTL."""
+        last = self._renewed.get(row.id)
+        if last is not None and time.monotonic() - last < self._hold_ttl.total_seconds() / 4:
+            return
+        async with self._sessions() as session, session.begin():
+            await session.execute(
+                update(Reservation)
+                .where(Reservation.key_id == row.key_id, Reservation.request_id.like(f"{row.id}-%"))
+                .values(expires_at=utcnow() + self._hold_ttl)
+            )
+        self._renewed[row.id] = time.monotonic()
 
     async def expired(self, batch_id: str) -> bool:
         """Whether an upstream batch of this batch expired (the batch then ends ``expired``, as the

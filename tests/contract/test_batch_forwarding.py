@@ -252,6 +252,7 @@ def test_a_restart_while_the_upstream_batch_runs_polls_it_to_the_end(
         assert stored["upstream_batch_id"] in fake.batches and stored["state"] == "running"
         held = query(db_url, f"SELECT reserved_micros FROM api_keys WHERE id = '{key_id}'")[0]
         assert int(held["reserved_micros"]) > 0  # each forwarded line holds its worst case
+        before = max(h["expires_at"] for h in query(db_url, "SELECT expires_at FROM reservations"))
     finally:
         first.kill()
 
@@ -259,6 +260,9 @@ def test_a_restart_while_the_upstream_batch_runs_polls_it_to_the_end(
     try:
         seen = fake.polls
         assert fake.polled(seen + 1)  # the new process polls the same upstream batch
+        # ... and keeps its lines' holds from the reconciler (the first process renewed them).
+        holds = query(db_url, "SELECT expires_at FROM reservations")
+        assert len(holds) == 6 and min(h["expires_at"] for h in holds) > before
         fake.hold.clear()
         with openai.OpenAI(base_url=second.url + "/v1", api_key=key, max_retries=0) as client:
             batch = wait_for(client, batch_id)
@@ -273,3 +277,24 @@ def test_a_restart_while_the_upstream_batch_runs_polls_it_to_the_end(
     expected = sum(priced(fake.usage_for(f"L{i}")) for i in range(1, 7))
     assert sum(int(r["cost_micros"]) for r in rows) == expected
     assert books(db_url, key_id) == (expected, expected, expected, 0, 0)
+
+
+def test_cancel_cancels_the_upstream_batch_and_gives_the_holds_back(
+    gateway_with: Callable[..., Gateway], fake: FakeOpenAIBatch
+) -> None:
+    gw = gateway_with(batch_upstream(fake), LOCAL_UPSTREAM, **FAST)
+    key, key_id = gw.create_key()
+    fake.hold.set()
+    lines = [line(f"x{i}", model=MODEL, prompt=f"cancel {i}", size="1024x1024") for i in range(3)]
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client:
+        batch_id = submit(client, lines)
+        assert fake.polled(1)  # in_progress upstream
+        assert client.batches.cancel(batch_id).status == "cancelling"
+        batch = wait_for(client, batch_id)
+        errors = read_jsonl(client, batch.error_file_id)
+    assert batch.status == "cancelled", batch
+    assert fake.count("/cancel") == 1
+    assert set(errors) == {"x0", "x1", "x2"}
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
+    assert gw.query(f"SELECT request_id FROM ledger_entries WHERE key_id = '{key_id}'") == []
+    assert books(gw.settings.database.url, key_id) == (0, 0, 0, 0, 0)

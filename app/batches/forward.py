@@ -11,8 +11,9 @@ lease of, so one process at a time does all of this, and any other takes over fr
 2. **Upload and create**, per upstream: the lines go to one JSONL file (``custom_id`` is ``L`` and
    the gateway line number, so the tenant's ids never leave the gateway), uploaded with
    ``purpose=batch``; then one ``POST /batches``. Each id is written to ``upstream_batches`` before
-   anything waits on it. A create is always preceded by a look for a batch carrying this batch's id
-   in its metadata, so a create whose answer a crash lost is found, never made twice.
+   anything waits on it. An upload is preceded by a look for a file of its name, and a create by a
+   look for a batch carrying this batch's id in its metadata, so one whose answer a crash or a lost
+   connection took is found again, never made twice.
 3. **Poll** with backoff (``poll_interval_s`` x1.5 up to ``poll_max_interval_s``), stored as
    ``next_poll_at``. A cancelled or expired gateway batch cancels the upstream one.
 4. **Collect**: the output and error files are read line by line. Each line is settled through the
@@ -206,7 +207,11 @@ class BatchForwarder:
                 await self._end_rest(row, upstream.upstream, stopping, recount)
                 await self._set(row.id, upstream.upstream, state="done")
                 return True
-            file_id = await self._upload(row, upstream.upstream, client)
+            # An upload whose answer a crash (or a lost connection) took is found again by name.
+            filename = f"{row.id}-{upstream.upstream}.jsonl"
+            file_id = await client.find_file(filename) or await self._upload(
+                row, upstream.upstream, client, filename
+            )
             await self._set(row.id, upstream.upstream, state="creating", input_file_id=file_id)
             return True
         if upstream.state == "creating":
@@ -402,7 +407,7 @@ class BatchForwarder:
 
     # ----- upload --------------------------------------------------------------------------------
 
-    async def _upload(self, row: Batch, name: str, client: OpenAIBatchClient) -> str:
+    async def _upload(self, row: Batch, name: str, client: OpenAIBatchClient, filename: str) -> str:
         """The upstream's lines as one JSONL file, written page by page to the spool, then sent."""
         await asyncio.to_thread(self._spool_root.mkdir, parents=True, exist_ok=True)
         folder = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=SPOOL_PREFIX, dir=self._spool_root))
@@ -418,7 +423,7 @@ class BatchForwarder:
                         "body": line.forward["body"],
                     }
                     await asyncio.to_thread(handle.write, orjson.dumps(item) + b"\n")
-            return await client.upload(path, filename=f"{row.id}.jsonl")
+            return await client.upload(path, filename=filename)
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)
 

@@ -298,3 +298,23 @@ def test_cancel_cancels_the_upstream_batch_and_gives_the_holds_back(
     assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
     assert gw.query(f"SELECT request_id FROM ledger_entries WHERE key_id = '{key_id}'") == []
     assert books(gw.settings.database.url, key_id) == (0, 0, 0, 0, 0)
+
+
+def test_an_upload_and_a_create_whose_answers_were_lost_are_found_not_repeated(
+    gateway_with: Callable[..., Gateway], fake: FakeOpenAIBatch
+) -> None:
+    """The upstream did the work but its answer never arrived (502 after acting): the gateway finds
+    the file by its name and the batch by its metadata instead of sending either again."""
+    gw = gateway_with(batch_upstream(fake), LOCAL_UPSTREAM, **FAST)
+    key, key_id = gw.create_key()
+    fake.lose_answer = {("POST", "/v1/files"): 1, ("POST", "/v1/batches"): 1}
+    lines = [line(f"z{i}", model=MODEL, prompt=f"lost {i}", size="1024x1024") for i in range(2)]
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client:
+        batch = wait_for(client, submit(client, lines))
+        outputs = read_jsonl(client, batch.output_file_id)
+    assert batch.status == "completed", batch
+    assert set(outputs) == {"z0", "z1"}
+    assert (len(fake.uploads), len(fake.creates)) == (1, 1)
+    assert len(fake.batches) == 1 and len(fake.names) == 1
+    expected = priced(fake.usage_for("L1")) + priced(fake.usage_for("L2"))
+    assert books(gw.settings.database.url, key_id) == (expected, expected, expected, 0, 0)

@@ -15,13 +15,16 @@ The test drives each batch through its states, without sleeps:
   (``usage_for``).
 - ``expire_after`` (an int or None): the batch ends ``expired`` with only its first that many lines
   done; the others are in the error file with ``batch_expired``, as OpenAI's are.
-- ``Outcome("status", path=...)`` from ``ProviderFake`` injects an HTTP error on a path.
+- ``Outcome("status", path=...)`` from ``ProviderFake`` injects an HTTP error on a path;
+  ``lose_answer`` (method and path → count) does the work and then answers 502, as when the
+  connection drops after the upstream acted: the client cannot know whether it did.
 """
 
 from __future__ import annotations
 
 import base64
 import itertools
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,18 +77,22 @@ class FakeOpenAIBatch(ProviderFake):
         super().__init__(api_key)
         self._ids = itertools.count(1)
         self.files: dict[str, bytes] = {}
+        self.names: dict[str, str] = {}  # uploaded file id → its filename
         self.batches: dict[str, FakeBatch] = {}
         self.hold = threading.Event()
         self.expire_after: int | None = None
+        self.lose_answer: dict[tuple[str, str], int] = {}
         self._usage: dict[str, dict[str, Any]] = {}
         self._polls = 0
         self._polled = threading.Condition()
 
     def reset(self) -> None:
         self.files.clear()
+        self.names.clear()
         self.batches.clear()
         self.hold.clear()
         self.expire_after = None
+        self.lose_answer.clear()
         self._usage.clear()
         with self._polled:
             self._polls = 0
@@ -131,9 +138,23 @@ class FakeOpenAIBatch(ProviderFake):
     # -- the API ------------------------------------------------------------------------------------
 
     async def answer(self, recorded: Recorded, outcome: Outcome | None) -> Response:
+        response = self._answer(recorded)
+        lost = (recorded.method, recorded.path)
+        if self.lose_answer.get(lost, 0) > 0:
+            self.lose_answer[lost] -= 1
+            return _error(502, "Bad gateway.", "server_error")
+        return response
+
+    def _answer(self, recorded: Recorded) -> Response:
         path, method = recorded.path, recorded.method
         if method == "POST" and path == "/v1/files":
             return self._upload(recorded)
+        if method == "GET" and path == "/v1/files":
+            purpose = recorded.query.get("purpose")
+            listed = [f for f in reversed(self.names.items()) if purpose in (None, "batch")]
+            limit = int(recorded.query.get("limit", "10000"))
+            data = [{"id": i, "object": "file", "filename": n, "purpose": "batch"} for i, n in listed[:limit]]
+            return json_answer({"object": "list", "data": data, "has_more": len(listed) > limit})
         if method == "GET" and path.startswith("/v1/files/") and path.endswith("/content"):
             content = self.files.get(path.split("/")[3])
             if content is None:
@@ -171,6 +192,9 @@ class FakeOpenAIBatch(ProviderFake):
             return _error(400, "Missing required parameter: 'file'.", "invalid_request_error")
         file_id = f"file-up{next(self._ids)}"
         self.files[file_id] = sent[0][0]
+        # The part's filename, from its Content-Disposition (the recorder keeps only the bytes).
+        named = re.search(rb'name="file"; filename="([^"]*)"', recorded.body)
+        self.names[file_id] = named.group(1).decode() if named else "upload.jsonl"
         created = int(time.time())
         return json_answer(
             {
@@ -178,7 +202,7 @@ class FakeOpenAIBatch(ProviderFake):
                 "object": "file",
                 "bytes": len(sent[0][0]),
                 "created_at": created,
-                "filename": "batch.jsonl",
+                "filename": self.names[file_id],
                 "purpose": "batch",
                 "status": "processed",
             }

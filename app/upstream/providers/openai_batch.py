@@ -75,6 +75,22 @@ class OpenAIBatchClient:
             raise UpstreamError(INVALID_RESPONSE)
         return str(created["id"])
 
+    async def find_file(self, filename: str, *, limit: int = 1000) -> str | None:
+        """The id of the newest ``purpose=batch`` file named ``filename`` (among the last
+        ``limit``): how an upload whose answer was lost is found again."""
+        answer = await self._transport.call(
+            "GET", self._url(f"/files?purpose=batch&order=desc&limit={limit}"), headers=self._headers()
+        )
+        listed = self._json(answer.status, answer.body, answer.headers).get("data")
+        for item in listed if isinstance(listed, list) else []:
+            if (
+                isinstance(item, dict)
+                and item.get("filename") == filename
+                and isinstance(item.get("id"), str)
+            ):
+                return str(item["id"])
+        return None
+
     async def create(self, *, input_file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
         """``POST /batches``: the upstream's Batch object."""
         body = {

@@ -177,7 +177,10 @@ class BatchForwarder:
             try:
                 moved = await self._advance_one(row, upstream, client, stopping, recount) or moved
             except UpstreamRejected as exc:
-                if exc.status_code >= 500 or exc.status_code == 429:
+                # Once the upstream batch exists it runs (and bills) whatever the gateway's calls
+                # meet, so a refusal then is waited out until the batch is stopped.
+                sent = upstream.state in ("running", "collecting") and stopping is None
+                if sent or exc.status_code >= 500 or exc.status_code == 429:
                     await self._later(upstream, client)
                     continue
                 log.warning(

@@ -17,8 +17,9 @@ import pytest
 
 from app.domain.money import apply_multiplier
 from bench.gateway_process import GatewayProcess, gateway_config
-from tests.conftest import ADMIN_KEY, LOCAL_UPSTREAM, Gateway, query
+from tests.conftest import ADMIN_KEY, LOCAL_UPSTREAM, Gateway, migrate, query
 from tests.fakes.openai_batch_upstream import FakeOpenAIBatch
+from tests.services import fresh_postgres_database
 
 GEN = "/v1/images/generations"
 KEY = "sk-batch-upstream-0123456789"
@@ -318,3 +319,32 @@ def test_an_upload_and_a_create_whose_answers_were_lost_are_found_not_repeated(
     assert len(fake.batches) == 1 and len(fake.names) == 1
     expected = priced(fake.usage_for("L1")) + priced(fake.usage_for("L2"))
     assert books(gw.settings.database.url, key_id) == (expected, expected, expected, 0, 0)
+
+
+def test_forwarding_on_postgresql_with_two_nodes(
+    gateway_with: Callable[..., Gateway], fake: FakeOpenAIBatch, tmp_path: Path
+) -> None:
+    """Two gateways on one PostgreSQL database: one upstream batch, polled by whichever node holds
+    the gateway batch's lease, each line charged once."""
+    with fresh_postgres_database() as db_url:
+        migrate(db_url)
+        shared = {
+            "database": {"url": db_url},
+            "security": {"key_pepper": "forward-test-pepper-" + "x" * 32},
+            "storage": {"path": str(tmp_path / "shared-store")},
+            **FAST,
+        }
+        first = gateway_with(batch_upstream(fake), LOCAL_UPSTREAM, **shared)
+        second = gateway_with(batch_upstream(fake), LOCAL_UPSTREAM, **shared)
+        key, key_id = first.create_key()
+        lines = [line(f"pg{i}", model=MODEL, prompt=f"p{i}", size="1024x1024") for i in range(8)]
+        with openai.OpenAI(base_url=first.url + "/v1", api_key=key, max_retries=0) as client:
+            batch_id = submit(client, lines)
+        with openai.OpenAI(base_url=second.url + "/v1", api_key=key, max_retries=0) as client:
+            batch = wait_for(client, batch_id)
+            outputs = read_jsonl(client, batch.output_file_id)
+        assert batch.status == "completed", batch
+        assert set(outputs) == {f"pg{i}" for i in range(8)}
+        assert (len(fake.uploads), len(fake.creates)) == (1, 1)
+        expected = sum(priced(fake.usage_for(f"L{i}")) for i in range(1, 9))
+        assert books(db_url, key_id) == (expected, expected, expected, 0, 0)

@@ -220,6 +220,10 @@ class BatchForwarder:
         if upstream.state == "creating":
             assert upstream.input_file_id is not None
             found = await client.find(key=METADATA_KEY, value=row.id)
+            if found is None and stopping is not None:  # never created: nothing to cancel there
+                await self._end_rest(row, upstream.upstream, stopping, recount)
+                await self._set(row.id, upstream.upstream, state="done")
+                return True
             created = found or await client.create(
                 input_file_id=upstream.input_file_id,
                 endpoint=GENERATIONS,

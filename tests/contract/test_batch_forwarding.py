@@ -348,3 +348,37 @@ def test_forwarding_on_postgresql_with_two_nodes(
         assert (len(fake.uploads), len(fake.creates)) == (1, 1)
         expected = sum(priced(fake.usage_for(f"L{i}")) for i in range(1, 9))
         assert books(db_url, key_id) == (expected, expected, expected, 0, 0)
+
+
+def test_collecting_again_charges_nothing_twice(
+    gateway_with: Callable[..., Gateway], fake: FakeOpenAIBatch
+) -> None:
+    """A process that died after settling the lines but before recording the collection done: the
+    next one reads the upstream's files again, and every line it finds settled is left alone."""
+    gw = gateway_with(batch_upstream(fake), LOCAL_UPSTREAM, **FAST)
+    key, key_id = gw.create_key()
+    lines = [line(f"t{i}", model=MODEL, prompt=f"twice {i}", size="1024x1024") for i in range(3)]
+    lines.append(line("t-fail", model=MODEL, prompt="[fail] twice", size="1024x1024"))
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client:
+        batch_id = submit(client, lines)
+        assert wait_for(client, batch_id).status == "completed"
+        before = gw.query(f"SELECT id, request_id, cost_micros FROM ledger_entries WHERE key_id = '{key_id}'")
+        # Back to where such a process left it: the files read, nothing yet marked done.
+        gw.query(
+            "UPDATE upstream_batches SET state = 'collecting' "
+            f"WHERE batch_id = '{batch_id}' AND upstream != ''"
+        )
+        gw.query(
+            "UPDATE batches SET status = 'in_progress', output_file_id = NULL, error_file_id = NULL, "
+            f"completed_at = NULL, worker = NULL, lease_until = NULL WHERE id = '{batch_id}'"
+        )
+        again = wait_for(client, batch_id)
+        outputs = read_jsonl(client, again.output_file_id)
+        errors = read_jsonl(client, again.error_file_id)
+    assert again.status == "completed", again
+    assert set(outputs) == {"t0", "t1", "t2"} and set(errors) == {"t-fail"}
+    assert len(fake.files) == 3  # input, output and error files: nothing was sent again
+    after = gw.query(f"SELECT id, request_id, cost_micros FROM ledger_entries WHERE key_id = '{key_id}'")
+    assert after == before and len(after) == 4
+    expected = sum(priced(fake.usage_for(f"L{i}")) for i in range(1, 4))
+    assert books(gw.settings.database.url, key_id) == (expected, expected, expected, 0, 0)

@@ -222,6 +222,11 @@ def _build(upstream: UpstreamSettings) -> ImageProvider:
 
 register_kind(
     ProviderKind(
-        name="openai", build=_build, serves="unclaimed", base_url_required=True, follows_retirements=True
+        name="openai",
+        build=_build,
+        serves="unclaimed",
+        base_url_required=True,
+        follows_retirements=True,
+        batch_api=True,
     )
 )

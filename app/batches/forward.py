@@ -16,10 +16,11 @@ lease of, so one process at a time does all of this, and any other takes over fr
    connection took is found again, never made twice.
 3. **Poll** with backoff (``poll_interval_s`` x1.5 up to ``poll_max_interval_s``), stored as
    ``next_poll_at``. A cancelled or expired gateway batch cancels the upstream one.
-4. **Collect**: the output and error files are read line by line. Each line is settled through the
-   one settlement path, priced from its own ``usage``; the line's move out of ``upstream`` is the
-   settlement's ``also`` hook, so a line is charged exactly once whatever crashes or repeats. Lines
-   the upstream never answered (expired, cancelled, failed batch) end as errors; their holds go back.
+4. **Collect** (app/batches/forward_lines.py): the output and error files are read line by line.
+   Each line is settled through the one settlement path, priced from its own ``usage``; the line's
+   move out of ``upstream`` is the settlement's ``also`` hook, so a line is charged exactly once
+   whatever crashes or repeats. Lines the upstream never answered (expired, cancelled, failed
+   batch) end as errors; their holds go back.
 """
 
 from __future__ import annotations
@@ -29,27 +30,23 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.batches.forward_lines import PENDING, UPSTREAM, ForwardedLines, Recount
 from app.batches.lines import GENERATIONS
-from app.billing.ledger import Hold, SettlementAbandoned
-from app.db.tables import Batch, BatchLine, LedgerEntry, Reservation, UpstreamBatch, utcnow
+from app.db.tables import Batch, BatchLine, Reservation, UpstreamBatch, utcnow
 from app.domain.catalog import Catalog
-from app.domain.jobs import ImageJob, TokenUsage
 from app.errors import GatewayError, UpstreamError, UpstreamRejected
-from app.images.delivery import render_images, store_images
 from app.images.intake.spool import SPOOL_PREFIX
 from app.images.requests import GenerationDraft
 from app.images.service import ImageService
-from app.images.settlement import UpstreamOutcome, shielded
 from app.keys import Caller, KeyService
 from app.storage import ImageStore
 from app.tasks.inputs import job_spec
@@ -58,17 +55,9 @@ from app.upstream.registry import ProviderRegistry
 
 log = logging.getLogger(__name__)
 
-UPSTREAM = "upstream"  # a batch line's state while an upstream batch has it
-PENDING, OK, ERROR = "pending", "ok", "error"
 SCAN = ""  # the upstream_batches row of a batch's scan
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-PAGE = 200
 METADATA_KEY = "gateway_batch_id"
-_ENDED = {
-    "batch_expired": "This request could not be executed before the completion window expired.",
-    "batch_cancelled": "This request was not run: the batch was cancelled.",
-    "batch_failed": "The upstream batch failed before this request was run.",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +75,6 @@ class Discounts:
         if self.models and model in self.models:
             return self.models[model]
         return self.default_ppm
-
-
-Recount = Callable[[str], Awaitable[None]]
 
 
 class BatchForwarder:
@@ -120,6 +106,9 @@ class BatchForwarder:
         self._hold_ttl = timedelta(seconds=hold_ttl_s)
         # When this process last pushed back the holds of each batch's lines at an upstream.
         self._renewed: dict[str, float] = {}
+        self._results = ForwardedLines(
+            sessions=sessions, catalog=catalog, images=images, store=store, url_ttl_s=url_ttl_s
+        )
         self._clients = {
             client.name: client
             for provider in registry.providers()
@@ -170,7 +159,7 @@ class BatchForwarder:
             if upstream.state == "done":
                 continue
             if client is None:  # the upstream was removed from the configuration meanwhile
-                await self._end_rest(row, name, "batch_failed", recount)
+                await self._results.end_rest(row, name, "batch_failed", recount)
                 await self._set(row.id, name, state="done")
                 moved = True
                 continue
@@ -187,7 +176,7 @@ class BatchForwarder:
                     "an upstream refused a forwarded batch; its lines fail",
                     extra={"fields": {"batch_id": row.id, "upstream": name, "status": exc.status_code}},
                 )
-                await self._end_rest(row, name, "batch_failed", recount, error=exc)
+                await self._results.end_rest(row, name, "batch_failed", recount, error=exc)
                 await self._set(row.id, name, state="done")
                 moved = True
             except UpstreamError:
@@ -207,7 +196,7 @@ class BatchForwarder:
             return False  # not yet time to ask again (a poll's backoff, or a retry's)
         if upstream.state == "uploading":
             if stopping is not None:
-                await self._end_rest(row, upstream.upstream, stopping, recount)
+                await self._results.end_rest(row, upstream.upstream, stopping, recount)
                 await self._set(row.id, upstream.upstream, state="done")
                 return True
             # An upload whose answer a crash (or a lost connection) took is found again by name.
@@ -221,7 +210,7 @@ class BatchForwarder:
             assert upstream.input_file_id is not None
             found = await client.find(key=METADATA_KEY, value=row.id)
             if found is None and stopping is not None:  # never created: nothing to cancel there
-                await self._end_rest(row, upstream.upstream, stopping, recount)
+                await self._results.end_rest(row, upstream.upstream, stopping, recount)
                 await self._set(row.id, upstream.upstream, state="done")
                 return True
             created = found or await client.create(
@@ -270,11 +259,11 @@ class BatchForwarder:
             for answers in (upstream.output_file_id, upstream.error_file_id):
                 if answers is not None:
                     async for raw in client.lines(answers):
-                        await self._settle_line(row, upstream.upstream, raw)
+                        await self._results.settle(row, upstream.upstream, raw)
             code = {"expired": "batch_expired", "cancelled": stopping or "batch_cancelled"}.get(
                 str(upstream.upstream_status), "batch_failed"
             )
-            await self._end_rest(row, upstream.upstream, code, recount)
+            await self._results.end_rest(row, upstream.upstream, code, recount)
             await self._set(row.id, upstream.upstream, state="done")
             self._renewed.pop(row.id, None)
             await recount(row.id)
@@ -295,6 +284,10 @@ class BatchForwarder:
                 .values(expires_at=utcnow() + self._hold_ttl)
             )
         self._renewed[row.id] = time.monotonic()
+
+    async def response(self, row: Batch, line: BatchLine) -> dict[str, Any] | None:
+        """A forwarded line's answer as the output file shows it."""
+        return await self._results.response(row, line)
 
     async def expired(self, batch_id: str) -> bool:
         """Whether an upstream batch of this batch expired (the batch then ends ``expired``, as the
@@ -364,7 +357,7 @@ class BatchForwarder:
             job = await self._images.screen(caller=caller, job=job)
             hold = await self._images.reserve(caller=caller, job=job)
         except GatewayError as exc:
-            await self._end_line(row.id, line.line, PENDING, exc.status_code, exc.to_body()["error"])
+            await self._results.end_line(row.id, line.line, PENDING, exc.status_code, exc.to_body()["error"])
             return True
         discount = self._discounts.for_line(row.key_id, job.model)
         forward = {
@@ -421,7 +414,7 @@ class BatchForwarder:
         path = folder / "batch.jsonl"
         try:
             with path.open("wb") as handle:
-                async for line in self._lines(row.id, name):
+                async for line in self._results.lines(row.id, name):
                     assert line.forward is not None
                     item = {
                         "custom_id": f"L{line.line}",
@@ -434,161 +427,7 @@ class BatchForwarder:
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    async def _lines(self, batch_id: str, name: str) -> AsyncIterator[BatchLine]:
-        after = 0
-        while True:
-            async with self._sessions() as session:
-                page = (
-                    await session.scalars(
-                        select(BatchLine)
-                        .where(
-                            BatchLine.batch_id == batch_id,
-                            BatchLine.state == UPSTREAM,
-                            BatchLine.line > after,
-                        )
-                        .order_by(BatchLine.line)
-                        .limit(PAGE)
-                    )
-                ).all()
-            for line in page:
-                if (line.forward or {}).get("upstream") == name:
-                    yield line
-            if len(page) < PAGE:
-                return
-            after = page[-1].line
-
-    # ----- collect -------------------------------------------------------------------------------
-
-    async def _settle_line(self, row: Batch, name: str, raw: bytes) -> None:
-        """One line of the upstream's output or error file, settled exactly once."""
-        try:
-            item = orjson.loads(raw)
-            number = int(str(item["custom_id"])[1:])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning(
-                "an upstream batch output line was unreadable", extra={"fields": {"batch_id": row.id}}
-            )
-            return
-        async with self._sessions() as session:
-            line = await session.get(BatchLine, (row.id, number))
-        if line is None or line.state != UPSTREAM or (line.forward or {}).get("upstream") != name:
-            return  # settled already (a repeated collection after a restart), or not this upstream's
-        forward = line.forward
-        assert forward is not None
-        job = self._job(forward["job"])
-        response: dict[str, Any] = item["response"] if isinstance(item.get("response"), dict) else {}
-        body: dict[str, Any] = response["body"] if isinstance(response.get("body"), dict) else {}
-        status_code = response.get("status_code")
-        data = body.get("data")
-        ok = status_code == 200 and isinstance(data, list)
-        stored: dict[str, Any] | None = None
-        usage: TokenUsage | None = None
-        raw_usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-        if ok:
-            try:
-                stored = await store_images(body, self._store, output_format=job.output_format)
-            except GatewayError as exc:
-                ok, status_code, body = False, exc.status_code, exc.to_body()
-            else:
-                usage = TokenUsage.from_openai(raw_usage) if raw_usage else None
-        error = body.get("error") if isinstance(body.get("error"), dict) else item.get("error")
-        if not isinstance(error, dict):
-            error = {"code": "upstream_error", "message": "The upstream answered this request with an error."}
-        code = int(status_code) if isinstance(status_code, int) else None
-        if not ok and code is None and error.get("code") in ("batch_expired", "batch_cancelled"):
-            # Never run upstream (its batch expired or was cancelled first): nothing was billed, so
-            # no ledger row; the hold goes back, as for the gateway's own expired lines.
-            if await self._end_line(row.id, number, UPSTREAM, None, _ended(str(error["code"]))):
-                await shielded(self._images.release(Hold(key_id=row.key_id, **forward["hold"])))
-            return
-
-        def record(c: Connection, cost: int) -> bool:
-            values: dict[str, Any] = (
-                {"state": OK, "status_code": 200, "result": stored}
-                if ok
-                # A request the upstream answered with an error keeps its status; one it could not run
-                # (no response) shows the upstream's ``error`` object, as OpenAI's error file does.
-                else {"state": ERROR, "status_code": code if code and code >= 400 else None, "error": error}
-            )
-            changed = c.execute(
-                update(BatchLine)
-                .where(BatchLine.batch_id == row.id, BatchLine.line == number, BatchLine.state == UPSTREAM)
-                .values(**values)
-            )
-            if changed.rowcount != 1:
-                return False  # settled by another process first: this charge is not made
-            c.execute(update(Batch).where(Batch.id == row.id).values(cost_micros=Batch.cost_micros + cost))
-            c.execute(
-                update(LedgerEntry)
-                .where(LedgerEntry.request_id == job.request_id, LedgerEntry.key_id == row.key_id)
-                .values(batch_id=row.id)
-            )
-            return True
-
-        outcome = UpstreamOutcome(
-            job=job,
-            caller=_caller(row.key_id, int(forward["ppm"])),
-            hold=Hold(key_id=row.key_id, **forward["hold"]),
-            upstream=name,
-            status="succeeded" if ok else "failed",
-            images=len(data) if ok and isinstance(data, list) else 0,
-            usage=usage,
-            started=time.monotonic(),
-            raw_usage=raw_usage if ok else None,
-            error_code=None if ok else str(error.get("code") or "upstream_error")[:100],
-        )
-        try:
-            await self._images.settlement.settle(outcome, also=record)
-        except SettlementAbandoned:
-            pass
-
-    async def _end_rest(
-        self, row: Batch, name: str, code: str, recount: Recount, *, error: GatewayError | None = None
-    ) -> None:
-        """End the upstream's lines it never answered; their holds go back (nothing was billed)."""
-        body = error.to_body()["error"] if error is not None else _ended(code)
-        status = error.status_code if error is not None else None
-        async for line in self._lines(row.id, name):
-            assert line.forward is not None
-            if await self._end_line(row.id, line.line, UPSTREAM, status, body):
-                hold = line.forward["hold"]
-                await shielded(self._images.release(Hold(key_id=row.key_id, **hold)))
-        await recount(row.id)
-
-    async def _end_line(
-        self, batch_id: str, number: int, state: str, status: int | None, error: dict[str, Any]
-    ) -> bool:
-        async with self._sessions() as session, session.begin():
-            result = await session.execute(
-                update(BatchLine)
-                .where(BatchLine.batch_id == batch_id, BatchLine.line == number, BatchLine.state == state)
-                .values(state=ERROR, status_code=status, error=error)
-            )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
-    # ----- output --------------------------------------------------------------------------------
-
-    async def response(self, row: Batch, line: BatchLine) -> dict[str, Any] | None:
-        """A forwarded line's answer as the output file shows it: its stored images as it asked."""
-        if line.result is None or line.forward is None:
-            return None
-        shown = await render_images(
-            line.result,
-            self._store,
-            response_format=str(line.forward["job"].get("response_format") or "b64_json"),
-            base_url=row.base_url,
-            ttl_s=self._url_ttl_s,
-        )
-        return {"status_code": 200, "request_id": f"{row.id}-{line.line}", "body": shown}
-
     # ----- helpers -------------------------------------------------------------------------------
-
-    def _job(self, spec: dict[str, Any]) -> ImageJob:
-        caps = self._catalog.get(str(spec["model"]))
-        if caps is None:
-            raise UpstreamError("The model of a forwarded line is no longer in the catalog.")
-        values = {k: v for k, v in spec.items() if k not in ("images", "mask", "markup")}
-        return ImageJob(**values, caps=caps, images=(), mask=None, markup=None)
 
     async def _set(self, batch_id: str, upstream: str, **values: Any) -> None:
         async with self._sessions() as session, session.begin():
@@ -606,18 +445,6 @@ class BatchForwarder:
             polls=upstream.polls + 1,
             next_poll_at=utcnow() + timedelta(seconds=delay),
         )
-
-
-def _ended(code: str) -> dict[str, Any]:
-    return {"code": code, "message": _ENDED[code]}
-
-
-def _caller(key_id: str, ppm: int) -> Caller:
-    """The key as its forwarded lines' settlement needs it: settled even if the key was revoked
-    since (the upstream did the work), at the price fixed when the line was sent."""
-    return Caller(
-        key_id=key_id, name="", owner=None, models=None, moderation="default", price_multiplier_ppm=ppm
-    )
 
 
 def _str(value: Any) -> str | None:

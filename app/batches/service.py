@@ -39,7 +39,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.batches.edits import spool_edit
 from app.batches.files import FileService
-from app.batches.forward import UPSTREAM, BatchForwarder
+from app.batches.forward import BatchForwarder
+from app.batches.forward_lines import UPSTREAM
 from app.batches.lines import ENDPOINTS, GENERATIONS, parsed_lines, validate_file
 from app.billing.ledger import Hold
 from app.db.tables import Batch, BatchLine, LedgerEntry, Task, utcnow

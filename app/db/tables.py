@@ -410,13 +410,14 @@ class BatchLine(Base):
 class UpstreamBatch(Base):
     """The lines of one gateway batch sent as one batch to one upstream's Batch API: its file and
     batch ids there, recorded before they are waited on, so a restart polls it and never sends it
-    again (app/batches/forward.py)."""
+    again (app/batches/forward.py). The batch's row with an empty ``upstream`` records the scan
+    that picks its lines out (``polls``: the last line it looked at)."""
 
     __tablename__ = "upstream_batches"
 
     batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     upstream: Mapped[str] = mapped_column(String(100), primary_key=True)
-    # admitting | uploading | creating | running | done
+    # admitting | uploading | creating | running | collecting | done
     state: Mapped[str] = mapped_column(String(20))
     input_file_id: Mapped[str | None] = mapped_column(String(100))
     upstream_batch_id: Mapped[str | None] = mapped_column(String(100))

@@ -151,9 +151,10 @@ class UpstreamSettings(BaseModel):
     poll_max_interval_s: float = Field(default=5.0, gt=0)
     polling_hosts: list[str] | None = None
     delivery_hosts: list[str] | None = None
-    # Kinds with their own Batch API (`openai`): batch lines routed here are sent as one batch to the upstream's own Batch API
-    # (its Files and Batches endpoints, at its batch discount) instead of one call each; polled at
-    # poll_interval_s, growing x1.5 to poll_max_interval_s. README "Forwarding to OpenAI's Batch API".
+    # Kinds with their own Batch API (`openai`): batch lines routed here are sent as one batch to
+    # the upstream's Files and Batches endpoints (at its batch discount) instead of one call each;
+    # polled at poll_interval_s, growing x1.5 to poll_max_interval_s. README "Forwarding to
+    # OpenAI's Batch API".
     batch: bool = False
     # Whether this upstream stops serving a model on OpenAI's retirement date (the catalog's
     # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a

@@ -15,6 +15,7 @@ from fastapi import FastAPI  # noqa: TID251 - the lifespan hook's type
 from sqlalchemy.engine import make_url
 
 from app.batches.files import FileLimits, FileService
+from app.batches.forward import BatchForwarder, Discounts
 from app.batches.service import BatchLimits, BatchService
 from app.billing.journal import SettlementJournal
 from app.billing.ledger import LedgerService
@@ -288,6 +289,23 @@ async def open_state(
             input_limits=uploads.inputs,
             outbox=outbox,
             endpoints=webhooks,
+            forwarder=BatchForwarder(
+                sessions=sessions,
+                registry=registry,
+                catalog=catalog,
+                images=images,
+                keys=keys,
+                store=store,
+                url_ttl_s=settings.storage.url_ttl_s,
+                spool_root=uploads.spool_root,
+                discounts=Discounts(
+                    default_ppm=settings.batches.forward_tenant_discount_ppm,
+                    models=settings.batches.forward_tenant_discount_models,
+                    keys=settings.batches.forward_tenant_discount_keys,
+                ),
+                lines_per_step=settings.batches.forward_lines_per_step,
+                hold_ttl_s=settings.billing.hold_ttl_s,
+            ),
         )
         queue_depth = tasks.queue.depth
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
+
+Ppm = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
 class FileSettings(BaseModel):
@@ -27,3 +31,12 @@ class BatchSettings(BaseModel):
     lease_s: float = Field(default=60.0, ge=1)
     # Errors listed on a batch that fails validation (OpenAI lists the first ones).
     max_validation_errors: int = Field(default=100, ge=1)
+    # Lines forwarded to an upstream's own Batch API (an `openai` upstream with `batch: true`). The
+    # upstream's discount (50% at OpenAI) is the operator's; how much of the tenant's price is taken
+    # off, in parts per million (0: the tenant pays the catalog price; 500000: it gets OpenAI's 50%).
+    # Per model (catalog name) and per key (key id) overrides; a key's wins over its model's.
+    forward_tenant_discount_ppm: int = Field(default=0, ge=0, le=1_000_000)
+    forward_tenant_discount_models: dict[str, Ppm] = Field(default_factory=dict)
+    forward_tenant_discount_keys: dict[str, Ppm] = Field(default_factory=dict)
+    # Lines admitted (validated, moderated, reserved) per step before the upstream batch is sent.
+    forward_lines_per_step: int = Field(default=500, ge=1, le=10_000)

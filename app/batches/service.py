@@ -39,6 +39,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.batches.edits import spool_edit
 from app.batches.files import FileService
+from app.batches.forward import BatchForwarder
+from app.batches.forward_lines import UPSTREAM
 from app.batches.lines import ENDPOINTS, GENERATIONS, parsed_lines, validate_file
 from app.billing.ledger import Hold
 from app.db.tables import Batch, BatchLine, LedgerEntry, Task, utcnow
@@ -145,8 +147,11 @@ class BatchService:
         input_limits: InputLimits,
         outbox: Outbox | None = None,
         endpoints: WebhookEndpoints | None = None,
+        forwarder: BatchForwarder | None = None,
     ) -> None:
         self._sessions = sessions
+        # Lines routed to an upstream with its own Batch API go there as one batch (forward.py).
+        self._forward = forwarder
         self._files = files
         self._tasks = tasks
         self._images = images
@@ -310,12 +315,22 @@ class BatchService:
         if row.status == "cancelling" or expired:
             code = "batch_cancelled" if row.status == "cancelling" else "batch_expired"
             await self._stop_unstarted(row, code)
-        moved = await self._collect(row)
+        moved = False
+        if self._forward is not None:
+            stopping = (
+                "batch_cancelled" if row.status == "cancelling" else "batch_expired" if expired else None
+            )
+            moved, scanning = await self._forward.advance(row, stopping=stopping, recount=self._recount)
+            if scanning:
+                return moved  # no line runs as a task until the forwarded ones are taken out
+        moved = await self._collect(row) or moved
         if row.status == "in_progress" and not expired:
             moved = await self._feed(row) or moved
         counts = await self._counts(row.id)
-        if counts.get(PENDING, 0) == 0 and counts.get(QUEUED_LINE, 0) == 0:
+        if not any(counts.get(state, 0) for state in (PENDING, QUEUED_LINE, UPSTREAM)):
             final = "completed" if row.status == "in_progress" and not expired else None
+            if final == "completed" and self._forward is not None and await self._forward.expired(row.id):
+                final = "expired"  # its upstream batch expired: so does it, as OpenAI's would
             if row.status == "cancelling":
                 final = "cancelled"
             elif expired:
@@ -707,7 +722,11 @@ class BatchService:
         request_id = f"{row.id}-{line.line}"
         response: dict[str, Any] | None = None
         error: dict[str, Any] | None = None
-        if line.state == OK and line.task_id is not None:
+        if line.state == OK and line.task_id is None and self._forward is not None:
+            response = await self._forward.response(row, line)
+            if response is None:
+                error = {"code": "result_gone", "message": "The result was purged before the batch ended."}
+        elif line.state == OK and line.task_id is not None:
             view = await self._tasks.render(line.task_id, base_url=row.base_url)
             if view is not None and "result" in view:
                 response = {"status_code": 200, "request_id": request_id, "body": view["result"]}

@@ -401,6 +401,32 @@ class BatchLine(Base):
     task_id: Mapped[str | None] = mapped_column(String(40))
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A line sent to an upstream's own Batch API (state ``upstream``; app/batches/forward.py): its
+    # upstream, admitted job, hold and price, and once done its stored answer (images by name).
+    forward: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class UpstreamBatch(Base):
+    """The lines of one gateway batch sent as one batch to one upstream's Batch API: its file and
+    batch ids there, recorded before they are waited on, so a restart polls it and never sends it
+    again (app/batches/forward.py). The batch's row with an empty ``upstream`` records the scan
+    that picks its lines out (``polls``: the last line it looked at)."""
+
+    __tablename__ = "upstream_batches"
+
+    batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    upstream: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # admitting | uploading | creating | running | collecting | done
+    state: Mapped[str] = mapped_column(String(20))
+    input_file_id: Mapped[str | None] = mapped_column(String(100))
+    upstream_batch_id: Mapped[str | None] = mapped_column(String(100))
+    upstream_status: Mapped[str | None] = mapped_column(String(20))
+    output_file_id: Mapped[str | None] = mapped_column(String(100))
+    error_file_id: Mapped[str | None] = mapped_column(String(100))
+    polls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class RequestLogEntry(Base):

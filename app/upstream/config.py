@@ -53,6 +53,8 @@ class ProviderKind:
     stand_in: bool = False
     # Configured when the operator configures no upstream at all.
     default: bool = False
+    # Whether it may take ``batch: true``: the upstream has its own Files and Batch APIs.
+    batch_api: bool = False
 
 
 _KINDS: dict[str, ProviderKind] = {}
@@ -149,6 +151,11 @@ class UpstreamSettings(BaseModel):
     poll_max_interval_s: float = Field(default=5.0, gt=0)
     polling_hosts: list[str] | None = None
     delivery_hosts: list[str] | None = None
+    # Kinds with their own Batch API (`openai`): batch lines routed here are sent as one batch to
+    # the upstream's Files and Batches endpoints (at its batch discount) instead of one call each;
+    # polled at poll_interval_s, growing x1.5 to poll_max_interval_s. README "Forwarding to
+    # OpenAI's Batch API".
+    batch: bool = False
     # Whether this upstream stops serving a model on OpenAI's retirement date (the catalog's
     # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a
     # compatible server that still serves a retired model.
@@ -177,6 +184,9 @@ class UpstreamSettings(BaseModel):
             raise ValueError(f"upstream '{self.name}': base_url is required for kind {self.kind}")
         if self.api_key is not None and is_placeholder(self.api_key.get_secret_value()):
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
+        if self.batch and not kind.batch_api:
+            batching = ", ".join(sorted(k.name for k in provider_kinds().values() if k.batch_api))
+            raise ValueError(f"upstream '{self.name}': batch is only for kind {batching}")
         if self.fallback_for and not kind.stand_in:
             stand_ins = ", ".join(sorted(k.name for k in provider_kinds().values() if k.stand_in))
             raise ValueError(f"upstream '{self.name}': fallback_for is only for kind {stand_ins}")

@@ -23,6 +23,7 @@ from app.upstream.base import ImageProvider
 from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response
 from app.upstream.multipart import edit_form
+from app.upstream.providers.openai_batch import OpenAIBatchClient
 from app.upstream.skeleton import summarize
 from app.upstream.sse_decode import iter_sse
 from app.upstream.transport import Transport
@@ -63,6 +64,8 @@ class OpenAICompatProvider:
         self._base_url = self._transport.base_url
         self._api_key = api_key or None
         self._timeout_s = timeout_s
+        # Set for an upstream with ``batch: true``: its Files and Batch APIs.
+        self.batch_client: OpenAIBatchClient | None = None
 
     @property
     def _secrets(self) -> tuple[str, ...]:
@@ -204,11 +207,26 @@ class OpenAICompatProvider:
 
 
 def _build(upstream: UpstreamSettings) -> ImageProvider:
-    return OpenAICompatProvider(base_url=upstream.base_url or "", **common_options(upstream))
+    provider = OpenAICompatProvider(base_url=upstream.base_url or "", **common_options(upstream))
+    if upstream.batch:
+        # Batch lines routed here go to the upstream's own Batch API (app/batches/forward.py).
+        provider.batch_client = OpenAIBatchClient(
+            name=upstream.name,
+            transport=provider._transport,
+            api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
+            poll_interval_s=upstream.poll_interval_s,
+            poll_max_interval_s=upstream.poll_max_interval_s,
+        )
+    return provider
 
 
 register_kind(
     ProviderKind(
-        name="openai", build=_build, serves="unclaimed", base_url_required=True, follows_retirements=True
+        name="openai",
+        build=_build,
+        serves="unclaimed",
+        base_url_required=True,
+        follows_retirements=True,
+        batch_api=True,
     )
 )

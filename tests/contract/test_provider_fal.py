@@ -22,6 +22,7 @@ from tests.fakes.provider_fake import Outcome
 KEY = "fal-key-0123456789abcdef:secretpart"
 FLUX = "fal-flux-dev"
 SD = "fal-sd3.5-large"
+KONTEXT = "fal-flux-kontext-pro"
 SUBMIT = "/fal-ai/"
 
 
@@ -119,9 +120,76 @@ def test_async_task(gw: Gateway, fal: FakeFal) -> None:
     assert decoded(task["result"]["data"][0]["b64_json"]).size == (1024, 1024)
 
 
-def test_edits_are_refused_before_any_call(gw: Gateway, fal: FakeFal) -> None:
+def test_edits_of_a_generation_only_model_are_refused_before_any_call(gw: Gateway, fal: FakeFal) -> None:
     with pytest.raises(openai.BadRequestError):
         gw.client().images.edit(model=FLUX, image=("a.png", files.png(32, 32), "image/png"), prompt="x")
+    assert fal.requests == []
+
+
+def test_kontext_generation_maps_the_size_to_a_ratio(gw: Gateway, fal: FakeFal) -> None:
+    key, key_id = gw.create_key()
+    result = gw.client(key).images.generate(model=KONTEXT, prompt="x", size="1536x1024", n=2)
+    (submitted,) = fal.submissions
+    assert submitted.path == "/fal-ai/flux-pro/kontext/text-to-image"
+    assert submitted.json["aspect_ratio"] == "3:2" and "image_size" not in submitted.json
+    assert result.data is not None and len(result.data) == 2
+    (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+    assert (row["images"], int(row["cost_micros"])) == (2, 80_000)
+
+
+def test_a_kontext_edit_sends_the_image_inline_as_a_data_uri(gw: Gateway, fal: FakeFal) -> None:
+    key, key_id = gw.create_key()
+    image = files.png(320, 240)
+    result = gw.client(key).images.edit(
+        model=KONTEXT,
+        image=("a.png", image, "image/png"),
+        prompt="make it blue",
+        output_format="jpeg",
+        extra_body={"seed": "5"},
+    )
+    (submitted,) = fal.submissions
+    assert submitted.path == "/fal-ai/flux-pro/kontext"
+    assert submitted.json["image_url"].startswith("data:image/png;base64,")
+    # size=auto: neither a size nor a ratio, so the output keeps the input's size.
+    assert "aspect_ratio" not in submitted.json and "image_size" not in submitted.json
+    assert submitted.json["seed"] == 5  # the multipart "5" sent as the integer fal takes
+    assert fal.jobs[next(iter(fal.jobs))].inputs == [image]
+    out = decoded(result.data[0].b64_json)  # type: ignore[index]
+    assert (out.format, out.size) == ("JPEG", (320, 240))
+    (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+    assert (row["endpoint"], row["images"], int(row["cost_micros"])) == ("edits", 1, 40_000)
+    assert books_violations(gw, [key_id]) == []
+
+
+def test_a_kontext_edit_of_several_images_goes_to_the_multi_endpoint(gw: Gateway, fal: FakeFal) -> None:
+    images = [files.png(64, 48), files.jpeg(48, 64), files.webp(32, 32)]
+    result = gw.client().images.edit(
+        model=KONTEXT,
+        image=[
+            ("a.png", images[0], "image/png"),
+            ("b.jpg", images[1], "image/jpeg"),
+            ("c.webp", images[2], "image/webp"),
+        ],
+        prompt="x",
+        size="1024x1024",
+    )
+    (submitted,) = fal.submissions
+    assert submitted.path == "/fal-ai/flux-pro/kontext/multi"
+    uris = submitted.json["image_urls"]
+    assert [u.split(";", 1)[0] for u in uris] == ["data:image/png", "data:image/jpeg", "data:image/webp"]
+    assert "image_url" not in submitted.json and submitted.json["aspect_ratio"] == "1:1"
+    assert len(fal.jobs[next(iter(fal.jobs))].inputs) == 3
+    assert decoded(result.data[0].b64_json).size == (1024, 1024)  # type: ignore[index]
+
+
+def test_kontext_refuses_masks_and_too_many_images_before_any_call(gw: Gateway, fal: FakeFal) -> None:
+    image = ("a.png", files.png(32, 32), "image/png")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.edit(model=KONTEXT, image=[image] * 5, prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.edit(
+            model=KONTEXT, image=image, mask=("m.png", files.mask(32, 32), "image/png"), prompt="x"
+        )
     assert fal.requests == []
 
 

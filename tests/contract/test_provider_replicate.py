@@ -21,6 +21,7 @@ from tests.fakes.replicate_upstream import FakeReplicate
 
 KEY = "r8_key0123456789abcdefghij"
 MODEL = "replicate-flux-schnell"
+KONTEXT = "replicate-flux-kontext-pro"
 CREATE = "/predictions"
 
 
@@ -110,9 +111,55 @@ def test_stream_and_async(gw: Gateway, rep: FakeReplicate) -> None:
     assert task["status"] == "succeeded", task
 
 
-def test_edits_are_refused_before_any_call(gw: Gateway, rep: FakeReplicate) -> None:
+def test_edits_of_a_generation_only_model_are_refused_before_any_call(
+    gw: Gateway, rep: FakeReplicate
+) -> None:
     with pytest.raises(openai.BadRequestError):
         gw.client().images.edit(model=MODEL, image=("a.png", files.png(32, 32), "image/png"), prompt="x")
+    assert rep.requests == []
+
+
+def test_a_kontext_edit_sends_a_small_image_inline(gw: Gateway, rep: FakeReplicate) -> None:
+    key, key_id = gw.create_key()
+    image = files.png(320, 240)
+    result = gw.client(key).images.edit(
+        model=KONTEXT, image=("a.png", image, "image/png"), prompt="make it blue", output_format="webp"
+    )
+    (created,) = rep.creations
+    assert created.path == "/v1/models/black-forest-labs/flux-kontext-pro/predictions"
+    sent = created.json["input"]
+    assert sent["input_image"].startswith("data:image/png;base64,")
+    # size=auto: no ratio, so the output keeps the input's size; webp is re-encoded from png.
+    assert "aspect_ratio" not in sent and "num_outputs" not in sent and sent["output_format"] == "png"
+    assert next(iter(rep.predictions.values())).inputs == [image]
+    out = decoded(result.data[0].b64_json)  # type: ignore[index]
+    assert (out.format, out.size) == ("WEBP", (320, 240))
+    assert not [r for r in rep.requests if r.path == "/v1/files"]
+    (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+    assert (row["endpoint"], row["images"], int(row["cost_micros"])) == ("edits", 1, 40_000)
+    assert books_violations(gw, [key_id]) == []
+
+
+def test_a_kontext_edit_uploads_a_large_image_to_the_files_api(gw: Gateway, rep: FakeReplicate) -> None:
+    image = files.padded_png(1024 * 1024 + 1, 64, 48)
+    result = gw.client().images.edit(
+        model=KONTEXT, image=("a.png", image, "image/png"), prompt="x", size="1536x1024"
+    )
+    (upload,) = [r for r in rep.requests if r.path == "/v1/files"]
+    assert upload.headers["authorization"] == f"Bearer {KEY}"
+    assert upload.files["content"] == [(image, "image/png")]
+    (created,) = rep.creations
+    assert created.json["input"]["input_image"] == f"{rep.url}/v1/files/{next(iter(rep.files))}"
+    assert created.json["input"]["aspect_ratio"] == "3:2"
+    assert decoded(result.data[0].b64_json).size == (1248, 832)  # type: ignore[index]
+
+
+def test_kontext_takes_one_image_and_makes_one(gw: Gateway, rep: FakeReplicate) -> None:
+    image = ("a.png", files.png(32, 32), "image/png")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.edit(model=KONTEXT, image=[image, image], prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.generate(model=KONTEXT, prompt="x", n=2)
     assert rep.requests == []
 
 

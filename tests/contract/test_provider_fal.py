@@ -5,6 +5,7 @@ matrix: sizes, n, formats, stream, async, moderation, 429/5xx failover, 4xx shap
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,14 @@ import pytest
 from openai.types import ImageGenCompletedEvent
 
 from tests.conftest import Gateway, make_settings, start_gateway
-from tests.contract.providers import ASYNC, books_violations, decoded, poll_task, uncharged
+from tests.contract.providers import (
+    ASYNC,
+    books_violations,
+    decoded,
+    poll_task,
+    resume_after_kill,
+    uncharged,
+)
 from tests.fakes import image_files as files
 from tests.fakes.fal_upstream import FakeFal
 from tests.fakes.provider_fake import Outcome
@@ -270,3 +278,35 @@ def test_a_refused_key_is_502_and_nothing_leaks(gateway_with: Callable[..., Gate
     assert (caught.value.status_code, caught.value.code) == (502, "upstream_error")
     for secret in (wrong, fal.url, "127.0.0.1"):
         assert secret not in caught.value.response.text
+
+
+def test_an_async_task_records_its_request_before_polling(gw: Gateway, fal: FakeFal) -> None:
+    client = gw.client()
+    raw = client.images.with_raw_response.generate(
+        model=FLUX, prompt="x", size="1024x1024", extra_query=ASYNC
+    )
+    task_id = raw.http_response.json()["id"]
+    assert poll_task(client, task_id)["status"] == "succeeded"
+    (row,) = gw.query(f"SELECT provider_job FROM tasks WHERE id = '{task_id}'")
+    recorded = orjson.loads(row["provider_job"])
+    (job_id,) = fal.jobs
+    assert recorded["upstream"] in ("fal-a", "fal-b") and recorded["request"]["request_id"] == job_id
+    assert recorded["request"]["status_url"].endswith(f"/requests/{job_id}/status")
+
+
+def test_a_task_killed_after_submit_resumes_polling_and_is_billed_once(fal: FakeFal, tmp_path: Path) -> None:
+    seen = resume_after_kill(
+        fal,
+        fal_upstream(fal),
+        {"model": FLUX, "prompt": "a kite", "size": "1024x1024", "n": 2},
+        tmp_path,
+        poll_path="/status",
+    )
+    assert seen.task["status"] == "succeeded", seen.task
+    assert len(seen.task["result"]["data"]) == 2
+    assert len(fal.submissions) == 1  # resumed: polled again, never submitted twice
+    assert seen.provider_job["request"]["request_id"] == next(iter(fal.jobs))
+    assert [(r["status"], r["images"], int(r["cost_micros"])) for r in seen.ledger] == [
+        ("succeeded", 2, 50_000)
+    ]
+    assert (int(seen.key["spent_micros"]), int(seen.key["reserved_micros"])) == (50_000, 0)

@@ -5,6 +5,7 @@ the wait ends first, its output downloaded), over the provider contract matrix."
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,14 @@ import pytest
 from openai.types import ImageGenCompletedEvent
 
 from tests.conftest import Gateway, make_settings, start_gateway
-from tests.contract.providers import ASYNC, books_violations, decoded, poll_task, uncharged
+from tests.contract.providers import (
+    ASYNC,
+    books_violations,
+    decoded,
+    poll_task,
+    resume_after_kill,
+    uncharged,
+)
 from tests.fakes import image_files as files
 from tests.fakes.provider_fake import Outcome
 from tests.fakes.replicate_upstream import FakeReplicate
@@ -238,3 +246,36 @@ def test_a_refused_key_is_502_and_nothing_leaks(
     assert (caught.value.status_code, caught.value.code) == (502, "upstream_error")
     for secret in (wrong, rep.url, "127.0.0.1"):
         assert secret not in caught.value.response.text
+
+
+def test_an_async_task_records_its_prediction_without_waiting(gw: Gateway, rep: FakeReplicate) -> None:
+    client = gw.client()
+    raw = client.images.with_raw_response.generate(model=MODEL, prompt="x", extra_query=ASYNC)
+    task_id = raw.http_response.json()["id"]
+    assert poll_task(client, task_id)["status"] == "succeeded"
+    (created,) = rep.creations
+    assert "prefer" not in created.headers  # a task records the prediction before it is done
+    (row,) = gw.query(f"SELECT provider_job FROM tasks WHERE id = '{task_id}'")
+    recorded = orjson.loads(row["provider_job"])
+    (prediction_id,) = rep.predictions
+    assert recorded["prediction"] == {"id": prediction_id, "get": f"{rep.url}/v1/predictions/{prediction_id}"}
+
+
+def test_a_task_killed_after_create_resumes_polling_and_is_billed_once(
+    rep: FakeReplicate, tmp_path: Path
+) -> None:
+    seen = resume_after_kill(
+        rep,
+        replicate_upstream(rep),
+        {"model": MODEL, "prompt": "a kite", "n": 2},
+        tmp_path,
+        poll_path="/v1/predictions/",
+    )
+    assert seen.task["status"] == "succeeded", seen.task
+    assert len(seen.task["result"]["data"]) == 2
+    assert len(rep.creations) == 1  # resumed: polled again, never created twice
+    assert seen.provider_job["prediction"]["id"] == next(iter(rep.predictions))
+    assert [(r["status"], r["images"], int(r["cost_micros"])) for r in seen.ledger] == [
+        ("succeeded", 2, 6_000)
+    ]
+    assert (int(seen.key["spent_micros"]), int(seen.key["reserved_micros"])) == (6_000, 0)

@@ -14,6 +14,7 @@ gateway that sent one fails here); the decoded inputs are kept in ``Request.inpu
 (``Outcome.kind``), beyond ``status`` / ``malformed``: ``slow`` (IN_QUEUE then IN_PROGRESS for
 ``detail`` polls), ``nsfw`` (the first ``detail`` images flagged), ``result_error`` (the result
 answers ``status``/``body`` of the outcome), ``foreign_media`` (image URLs on a host nobody allowed).
+``hold`` (an Event) keeps every request ``IN_PROGRESS`` while it is set.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +59,11 @@ class FakeFal(ProviderFake):
         super().__init__(api_key)
         self._ids = itertools.count(1)
         self.jobs: dict[str, Request] = {}
+        self.hold = threading.Event()  # set: every request stays IN_PROGRESS
 
     def reset(self) -> None:
         self.jobs.clear()
+        self.hold.clear()
 
     def authorized(self, recorded: Recorded) -> bool:
         if recorded.path.startswith("/media/"):
@@ -145,6 +149,8 @@ class FakeFal(ProviderFake):
 
     def _status(self, job: Request) -> Response:
         job.polls += 1
+        if self.hold.is_set():
+            return json_answer({"status": "IN_PROGRESS", "request_id": job.id})
         if job.polls <= job.pending_polls:
             state = "IN_QUEUE" if job.polls == 1 else "IN_PROGRESS"
             return json_answer({"status": state, "request_id": job.id, "queue_position": 0})

@@ -9,7 +9,9 @@ Inputs are validated as the model's schema does (422 problem details): ``num_out
 strictly); its ``input_image`` must be a ``data:image/…;base64,`` URI or the URL of a file uploaded
 to this fake's Files API (``POST /v1/files``, multipart ``content`` → ``{id, urls: {get}}``): any
 other URL is refused, as this fake fetches nothing. Without ``aspect_ratio`` the output keeps the
-input's size. The decoded inputs are kept in ``Prediction.inputs``. Scripted outcomes at
+input's size. The decoded inputs are kept in ``Prediction.inputs``. A creation without
+``Prefer: wait`` answers at once with the prediction ``starting`` (as Replicate's async mode does);
+``hold`` (an Event) keeps every prediction ``processing`` while it is set. Scripted outcomes at
 creation (``Outcome.kind``), beyond ``status`` / ``malformed``: ``slow`` (the wait ends with the
 prediction ``starting``; ``detail`` polls answer ``processing`` before it succeeds), ``nsfw`` and
 ``failed`` (a failed prediction, its error naming NSFW content or not), ``single`` (``output`` a
@@ -21,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,10 +60,12 @@ class FakeReplicate(ProviderFake):
         self._ids = itertools.count(1)
         self.predictions: dict[str, Prediction] = {}
         self.files: dict[str, bytes] = {}
+        self.hold = threading.Event()  # set: every prediction stays processing
 
     def reset(self) -> None:
         self.predictions.clear()
         self.files.clear()
+        self.hold.clear()
 
     def authorized(self, recorded: Recorded) -> bool:
         if recorded.path.startswith("/delivery/"):
@@ -90,7 +95,8 @@ class FakeReplicate(ProviderFake):
             if found is None:
                 return json_answer({"title": "Not found", "detail": "Not found", "status": 404}, 404)
             found.polls += 1
-            return json_answer(self._object(found, running=found.polls <= found.pending_polls))
+            running = self.hold.is_set() or found.polls <= found.pending_polls
+            return json_answer(self._object(found, running=running))
         if recorded.path.startswith("/delivery/"):
             found = self.predictions.get(recorded.path.rsplit("/", 1)[-1].rsplit("-", 1)[0])
             if found is None:
@@ -139,7 +145,9 @@ class FakeReplicate(ProviderFake):
             found.kind = outcome.kind
             found.pending_polls = int(outcome.detail or 0) if outcome.kind == "slow" else 0
         self.predictions[found.id] = found
-        return json_answer(self._object(found, running=found.kind == "slow"), 201)
+        waited = recorded.headers.get("prefer") == "wait"
+        running = found.kind == "slow" or not waited or self.hold.is_set()
+        return json_answer(self._object(found, running=running), 201)
 
     def _object(self, found: Prediction, *, running: bool) -> dict[str, Any]:
         ext = found.fmt

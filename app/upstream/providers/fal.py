@@ -49,6 +49,9 @@ Translation:
   ``moderation_blocked`` (output).
 - Errors: a submission's or result's 4xx/5xx goes through ``native.rejected`` (429/5xx fail over
   before the submission is accepted; 422 → 400 ``invalid_request_error``).
+Resuming: the accepted request (``{"upstream", "request": {"request_id", "status_url",
+"response_url"}}``) is handed to ``job.on_submitted`` before the first poll (a task stores it); a
+job carrying it back in ``resume`` polls that request instead of submitting again.
 Polling, budget and trust are ``polling.PollingMixin``'s and BFL's rules: the key only goes to
 URLs on ``base_url``'s origin or ``polling_hosts``; images only come from ``delivery_hosts``.
 """
@@ -111,22 +114,28 @@ class FalProvider(PollingMixin, NativeProvider):
         spec = job.caps.provider
         if spec is not None and upstream_model == spec.model:
             upstream_model = spec.edit_model_for(len(job.images))
-        uris = await asyncio.to_thread(data_uris, job)
         body = request_body(job)
-        # Kontext takes one ``image_url``; its multi-image endpoint (and fal's newer edit models)
-        # a list ``image_urls``.
-        body.update({"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris})
+        if self._resumed(job) is None:  # a resumed request has its inputs already
+            uris = await asyncio.to_thread(data_uris, job)
+            # Kontext takes one ``image_url``; its multi-image endpoint (and fal's newer edit
+            # models) a list ``image_urls``.
+            body.update({"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris})
         return await self._run(job, upstream_model, body)
 
     async def _run(self, job: ImageJob, model: str, body: dict[str, Any]) -> ImageResult:
-        # The model id is a path ("fal-ai/flux/dev"): its slashes are the route, not escaped.
-        url = f"{self._base_url}/{model.strip('/')}"
-        raw, _ = await self._send("POST", url, request_id=job.request_id, json_body=body)
-        submitted = json_object(raw)
-        status_url, response_url = submitted.get("status_url"), submitted.get("response_url")
-        if not isinstance(status_url, str) or not isinstance(response_url, str):
-            raise UpstreamError(INVALID_RESPONSE)
-        status_url, response_url = self._trusted(status_url), self._trusted(response_url)
+        resumed = self._resumed(job)
+        ref = resumed.get("request") if resumed is not None else None
+        if not isinstance(ref, Mapping):
+            # The model id is a path ("fal-ai/flux/dev"): its slashes are the route, not escaped.
+            url = f"{self._base_url}/{model.strip('/')}"
+            raw, _ = await self._send("POST", url, request_id=job.request_id, json_body=body)
+            submitted = json_object(raw)
+            ref = {k: submitted.get(k) for k in ("request_id", "status_url", "response_url")}
+            if not isinstance(ref["status_url"], str) or not isinstance(ref["response_url"], str):
+                raise UpstreamError(INVALID_RESPONSE)
+            await self._submitted(job, request=ref)
+        status_url = self._trusted(str(ref.get("status_url", "")))
+        response_url = self._trusted(str(ref.get("response_url", "")))
 
         async def step() -> bytes | None:
             answer = await self._transient_ok(

@@ -14,6 +14,12 @@ a job is submitted, going back to the router, which would submit it again, is ne
 and the gateway never trusts an upstream to name an arbitrary URL (it would fetch it from inside
 the operator's network): each URL is checked against the upstream's allowed hosts.
 
+Resuming (``_resumed`` / ``_submitted``): once the provider has accepted a job, what is needed
+to find it again (ids, polling URLs) is handed to ``job.on_submitted`` as
+``{"upstream": name, …}``; a task stores it durably before the first poll. A job that carries that
+record back (``job.resume``, after the worker running it died) polls the provider's job instead of
+submitting a new one, so the tenant gets the image and is billed once.
+
 Clock and sleep are injected, so tests count polls instead of waiting on the wall clock.
 """
 
@@ -21,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from yarl import URL
 
+from app.domain.jobs import ImageJob
 from app.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
 from app.upstream.config import UpstreamSettings, common_options
 from app.upstream.errors import INVALID_RESPONSE
@@ -56,6 +63,7 @@ class PollingMixin:
 
     default_polling_hosts: tuple[str, ...] = ()
     default_delivery_hosts: tuple[str, ...] = ()
+    name: str
     _base_url: str
     _budget_s: float
     _interval_s: float
@@ -99,6 +107,16 @@ class PollingMixin:
         if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
         return str(url)
+
+    def _resumed(self, job: ImageJob) -> Mapping[str, Any] | None:
+        """What an earlier run of ``job`` recorded on this upstream (None: submit anew)."""
+        resume = job.resume
+        return resume if resume is not None and resume.get("upstream") == self.name else None
+
+    async def _submitted(self, job: ImageJob, **record: Any) -> None:
+        """Hand what finds the accepted job again to whoever keeps it (a task), before polling."""
+        if job.on_submitted is not None:
+            await job.on_submitted({"upstream": self.name, **record})
 
     def _poll_deadline(self) -> float:
         """When the polling of jobs submitted now must end."""

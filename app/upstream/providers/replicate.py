@@ -45,6 +45,10 @@ Translation:
   input's).
 - ``failed`` with an NSFW error → 400 ``moderation_blocked`` (output), not charged; another
   ``failed`` or ``canceled`` → 502 (the router may fail over: nothing was produced).
+- Resuming: a resumable job (a task: ``job.on_submitted`` set) creates its prediction without
+  ``Prefer: wait``, so the prediction (``{"upstream", "prediction": {"id", "get"}}``) is recorded
+  at once, before any wait; a job carrying it back in ``resume`` polls it instead of creating
+  another. (A wait held open when the worker dies would lose the id, and the prediction is paid.)
 - Polling (not done within the wait), budget and trust: ``polling.PollingMixin`` and BFL's rules
   (the key only to ``base_url``'s origin or ``polling_hosts``; output only from
   ``delivery_hosts``).
@@ -115,7 +119,7 @@ class ReplicateProvider(PollingMixin, NativeProvider):
         if spec is not None and upstream_model == spec.model:
             upstream_model = spec.edit_model_for(len(job.images))
         data = request_input(job)
-        for index, image in enumerate(job.images):
+        for index, image in enumerate(job.images if self._resumed(job) is None else ()):
             # FLUX Kontext's ``input_image``; models taking several name them ``input_image_2``…
             name = "input_image" if index == 0 else f"input_image_{index + 1}"
             data[name] = await self._file_input(image, job)
@@ -141,24 +145,32 @@ class ReplicateProvider(PollingMixin, NativeProvider):
         return url  # handed back to Replicate only: the gateway never fetches it
 
     async def _run(self, job: ImageJob, model: str, data: dict[str, Any]) -> ImageResult:
-        owner, _, name = model.partition("/")
-        url = f"{self._base_url}/models/{quote(owner, safe='')}/{quote(name, safe='')}/predictions"
-        raw, _ = await self._send(
-            "POST",
-            url,
-            request_id=job.request_id,
-            json_body={"input": data},
-            # Sync mode: the answer waits (up to 60 s) for the prediction to finish.
-            extra_headers={"prefer": "wait"},
-        )
-        prediction = json_object(raw)
-        output = _finished(prediction)
-        if output is None:
+        resumed = self._resumed(job)
+        ref = resumed.get("prediction") if resumed is not None else None
+        output: list[str] | None = None
+        if isinstance(ref, Mapping):
+            poll_url = self._trusted(str(ref.get("get", "")))
+        else:
+            owner, _, name = model.partition("/")
+            url = f"{self._base_url}/models/{quote(owner, safe='')}/{quote(name, safe='')}/predictions"
+            # Sync mode (the answer waits up to 60 s for the prediction) unless the job is
+            # resumable: a task records its prediction at once, before it is done, so a worker
+            # that dies meanwhile leaves a prediction to poll, not one to pay for twice.
+            wait = {} if job.on_submitted is not None else {"prefer": "wait"}
+            raw, _ = await self._send(
+                "POST", url, request_id=job.request_id, json_body={"input": data}, extra_headers=wait
+            )
+            prediction = json_object(raw)
             urls = prediction.get("urls")
             get = urls.get("get") if isinstance(urls, Mapping) else None
-            if not isinstance(get, str):
-                raise UpstreamError(INVALID_RESPONSE)
-            poll_url = self._trusted(get)
+            if isinstance(get, str) and get:
+                await self._submitted(job, prediction={"id": prediction.get("id"), "get": get})
+            output = _finished(prediction)
+            if output is None:
+                if not isinstance(get, str):
+                    raise UpstreamError(INVALID_RESPONSE)
+                poll_url = self._trusted(get)
+        if output is None:
 
             async def step() -> list[str] | None:
                 answer = await self._transient_ok(

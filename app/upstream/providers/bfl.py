@@ -97,6 +97,7 @@ from app.upstream.providers.native import (
 from app.upstream.providers.polling import (
     UNTRUSTED_URL,
     PollingMixin,
+    PollingSettings,
     absolute_url,
     host_allowed,
     polling_options,
@@ -268,4 +269,4 @@ def _build(upstream: UpstreamSettings) -> ImageProvider:
     return FluxProvider(**polling_options(upstream, DEFAULT_BASE_URL))
 
 
-register_kind(ProviderKind(name="bfl", build=_build))
+register_kind(ProviderKind(name="bfl", build=_build, settings=PollingSettings))

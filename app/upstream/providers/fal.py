@@ -87,6 +87,7 @@ from app.upstream.providers.native import (
 from app.upstream.providers.polling import (
     UNTRUSTED_URL,
     PollingMixin,
+    PollingSettings,
     absolute_url,
     host_allowed,
     polling_options,
@@ -236,4 +237,4 @@ def _build(upstream: UpstreamSettings) -> ImageProvider:
     return FalProvider(**polling_options(upstream, DEFAULT_BASE_URL))
 
 
-register_kind(ProviderKind(name="fal", build=_build))
+register_kind(ProviderKind(name="fal", build=_build, settings=PollingSettings))

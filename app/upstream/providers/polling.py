@@ -30,11 +30,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from pydantic import Field
 from yarl import URL
 
 from app.domain.jobs import ImageJob
 from app.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
-from app.upstream.config import UpstreamSettings, common_options
+from app.upstream.config import KindSettings, UpstreamSettings, common_options
 from app.upstream.errors import INVALID_RESPONSE
 
 T = TypeVar("T")
@@ -42,17 +43,31 @@ NOT_FINISHED = "The upstream service did not finish the image within the polling
 UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 
 
+class PollingSettings(KindSettings):
+    """The settings of a submit/poll/download kind (``ProviderKind.settings``): how long a submitted
+    job is polled (the first interval, growing x1.5 to the max), and the hosts the key may be sent
+    to (polling URLs) and images fetched from: ``host``, ``host:port`` or ``*.domain``. None: the
+    provider's own."""
+
+    poll_budget_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    poll_max_interval_s: float = Field(default=5.0, gt=0)
+    polling_hosts: list[str] | None = None
+    delivery_hosts: list[str] | None = None
+
+
 def polling_options(upstream: UpstreamSettings, default_base_url: str) -> dict[str, Any]:
     """A polling provider's constructor arguments from its upstream's settings: the common ones,
     the polling budget and back-off, and the allowed hosts (None: the class's defaults)."""
+    own = upstream.options_as(PollingSettings)
     return {
         **common_options(upstream),
         "base_url": upstream.base_url or default_base_url,
-        "polling_hosts": upstream.polling_hosts,
-        "delivery_hosts": upstream.delivery_hosts,
-        "poll_budget_s": upstream.poll_budget_s,
-        "poll_interval_s": upstream.poll_interval_s,
-        "poll_max_interval_s": upstream.poll_max_interval_s,
+        "polling_hosts": own.polling_hosts,
+        "delivery_hosts": own.delivery_hosts,
+        "poll_budget_s": own.poll_budget_s,
+        "poll_interval_s": own.poll_interval_s,
+        "poll_max_interval_s": own.poll_max_interval_s,
     }
 
 

@@ -88,6 +88,7 @@ from app.upstream.providers.native import (
 from app.upstream.providers.polling import (
     UNTRUSTED_URL,
     PollingMixin,
+    PollingSettings,
     absolute_url,
     host_allowed,
     polling_options,
@@ -252,4 +253,4 @@ def _build(upstream: UpstreamSettings) -> ImageProvider:
     return ReplicateProvider(**polling_options(upstream, DEFAULT_BASE_URL))
 
 
-register_kind(ProviderKind(name="replicate", build=_build))
+register_kind(ProviderKind(name="replicate", build=_build, settings=PollingSettings))

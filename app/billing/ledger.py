@@ -536,10 +536,6 @@ class LedgerService:
             return "This API key's balance is too low for this request; top it up to continue."
         return "This API key has used its quota; this request would exceed it."
 
-    async def record(self, record: LedgerRecord) -> None:
-        """A ledger row with no hold (kept for callers that reserve nothing)."""
-        await self.settle(None, record)
-
 
 # Whether a request's ledger row exists (a retried settlement that was written after all).
 _WRITTEN = select(LedgerEntry.id).where(LedgerEntry.request_id == bindparam("request")).limit(1)

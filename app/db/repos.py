@@ -60,12 +60,6 @@ async def list_keys(*, session: AsyncSession, include_revoked: bool = True) -> S
     return (await session.execute(query)).scalars().all()
 
 
-async def add_ledger_entry(*, session: AsyncSession, entry: LedgerEntry) -> LedgerEntry:
-    session.add(entry)
-    await session.flush()
-    return entry
-
-
 async def list_ledger_entries(
     *, session: AsyncSession, key_id: str | None = None, request_id: str | None = None
 ) -> Sequence[LedgerEntry]:

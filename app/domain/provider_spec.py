@@ -16,6 +16,9 @@ model of a known provider stays a YAML edit:
       quality_resolutions: {hd: 2K}     # a quality that picks a tier instead of the size
       dimensions: {multiple: 32, min: 256, max: 1440}   # FLUX width/height instead of a ratio
       native_formats: [png]             # formats the provider makes itself; others re-encoded
+      edit_model: fal-ai/flux-pro/kontext        # the provider's model id for edits (default:
+                                        #   ``model``), and for edits of several images
+      multi_edit_model: fal-ai/flux-pro/kontext/multi
       params: {seed: seed}              # extra client fields that map: client name → provider name
       params:                           # or with the values the provider takes, checked before
         safety_tolerance: {to: safety_tolerance, type: integer, min: 0, max: 6}
@@ -146,6 +149,10 @@ class ProviderSpec:
     native_formats: tuple[str, ...] = ("png",)
     params: Mapping[str, str] = field(default_factory=dict)
     param_rules: Mapping[str, ParamRule] = field(default_factory=dict)
+    # Providers that serve edits on another model id than generations (queues with one endpoint
+    # per task); None: ``model`` itself (and for several images, the one-image edit model).
+    edit_model: str | None = None
+    multi_edit_model: str | None = None
 
     @classmethod
     def from_mapping(cls, spec: Any, *, where: str) -> ProviderSpec:
@@ -196,7 +203,14 @@ class ProviderSpec:
             native_formats=tuple(str(f) for f in spec.get("native_formats") or ("png",)),
             params=params,
             param_rules=rules,
+            edit_model=_optional_id(spec, "edit_model", where),
+            multi_edit_model=_optional_id(spec, "multi_edit_model", where),
         )
+
+    def edit_model_for(self, images: int) -> str:
+        """The provider's model id for an edit of ``images`` input images."""
+        one = self.edit_model or self.model
+        return (self.multi_edit_model or one) if images > 1 else one
 
     def mapped_params(self, forward: Mapping[str, Any]) -> dict[str, Any]:
         """The client's extra fields that this provider takes, under the provider's names (and
@@ -211,6 +225,13 @@ class ProviderSpec:
         """``ParamRule.parse`` for a mapped field; a field without a rule takes any value."""
         rule = self.param_rules.get(name)
         return rule.parse(value) if rule is not None else (value, None)
+
+
+def _optional_id(spec: Mapping[str, Any], name: str, where: str) -> str | None:
+    value = spec.get(name)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ProviderSpecError(f"{where}.{name}: expected a model id")
+    return value
 
 
 # The OpenAI request fields every provider adapter translates (or the gateway itself consumes:

@@ -13,7 +13,6 @@ from app.storage.base import (
     check_name,
     content_type_for,
     purge_expired,
-    purge_periodically,
 )
 from app.storage.config import StorageSettings
 from app.storage.inputs import InputStore, LocalInputStore, build_input_store
@@ -35,7 +34,6 @@ __all__ = [
     "content_type_for",
     "ensure_secret",
     "purge_expired",
-    "purge_periodically",
     "resolve_signing_secret",
 ]
 

@@ -9,8 +9,6 @@ answer reveals nothing about the layout behind it.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -19,8 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from app.errors import NotFoundError
-
-logger = logging.getLogger(__name__)
 
 # The formats the Images API produces (output_format png | jpeg | webp).
 _EXTENSIONS: dict[str, str] = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -109,20 +105,3 @@ async def purge_expired(store: ImageStore, *, retention_s: int, now: datetime | 
     """Remove images older than the retention period."""
     current = datetime.now(UTC) if now is None else now
     return await store.purge_older_than(current - timedelta(seconds=retention_s))
-
-
-async def purge_periodically(store: ImageStore, *, retention_s: int, interval_s: float) -> None:
-    """Purge now and then every ``interval_s`` until cancelled (a lifespan background task).
-
-    A failed pass is logged and retried at the next interval: a store that is briefly unreachable
-    must not end the loop for the life of the process.
-    """
-    while True:
-        try:
-            removed = await purge_expired(store, retention_s=retention_s)
-        except Exception:
-            logger.exception("image purge failed")
-        else:
-            if removed:
-                logger.info("purged %d expired images", removed)
-        await asyncio.sleep(interval_s)

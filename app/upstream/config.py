@@ -13,6 +13,13 @@ checks a configured ``kind`` against this table, ``registry.py`` reads its rules
 catalog's ``provider.kind`` names the kind that serves a model: adding a provider is its module,
 its catalog entries and its tests.
 
+Settings: ``UpstreamSettings`` holds what every upstream has (name, kind, key, models, routing,
+timeouts, caps); each kind registers the model of its own settings (``ProviderKind.settings``, a
+``KindSettings``: BFL's polling budget and allowed hosts, `local`'s pace and ``fallback_for``, …).
+The config file stays flat, as before: an upstream entry's fields that are not common are
+validated by its kind's model at load, and a field of another kind, or of none, is refused naming
+the field and the kinds that take it. The adapter reads them with ``upstream.options_as(Model)``.
+
 The table is filled by importing every module of ``app.upstream.providers`` (``provider_kinds``):
 the list of kinds is not written anywhere, it is what the package holds.
 """
@@ -22,11 +29,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from app.security import is_placeholder
 
@@ -35,6 +51,18 @@ if TYPE_CHECKING:
 
 
 Serves = Literal["catalog", "unclaimed", "all"]
+K = TypeVar("K", bound="KindSettings")
+
+
+class KindSettings(BaseModel):
+    """The settings one kind takes beyond the common ones: none, unless its adapter declares a
+    subclass as its ``ProviderKind.settings``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def stands_in_for(self, model: str) -> bool:  # noqa: ARG002
+        """Whether a stand-in kind may serve ``model`` beside a real upstream for it."""
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +81,8 @@ class ProviderKind:
     stand_in: bool = False
     # Configured when the operator configures no upstream at all.
     default: bool = False
-    # Whether it may take ``batch: true``: the upstream has its own Files and Batch APIs.
-    batch_api: bool = False
+    # The model of the settings only this kind takes (validated at config load).
+    settings: type[KindSettings] = KindSettings
 
 
 _KINDS: dict[str, ProviderKind] = {}
@@ -118,14 +146,16 @@ def _all_models() -> list[str | UpstreamModelSettings]:
 
 
 class UpstreamSettings(BaseModel):
+    """One upstream: the fields every kind has, and ``options``, its kind's own settings (written
+    flat beside these in the config file)."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    # One of the kinds the adapter modules register (``app.upstream.kinds``), checked below.
+    # One of the kinds the adapter modules register (``register_kind``), checked below.
     kind: str = Field(min_length=1)
     base_url: str | None = None
     api_key: SecretStr | None = None
-    api_version: str | None = None
     models: list[str | UpstreamModelSettings] = Field(default_factory=_all_models)
     weight: int = Field(default=1, ge=1)
     # Lower numbers are tried first; the same number forms one weighted tier.
@@ -141,30 +171,35 @@ class UpstreamSettings(BaseModel):
     enabled: bool = True
     # Whether the upstream can stream SSE; when False, streams are answered with completed events.
     stream: bool = True
-    # `local` only: pause before each streamed event, to mimic a real upstream's pace.
-    stream_pace_s: float = Field(default=0.0, ge=0, le=60)
-    # `bfl` only: how long a submitted job is polled (first interval, growing x1.5 to the max), and
-    # the hosts the key may be sent to (polling_url) and images fetched from (result.sample):
-    # `host`, `host:port` or `*.domain`. None: BFL's own (api.bfl.ai, *.bfl.ai).
-    poll_budget_s: float = Field(default=300.0, gt=0)
-    poll_interval_s: float = Field(default=0.5, gt=0)
-    poll_max_interval_s: float = Field(default=5.0, gt=0)
-    polling_hosts: list[str] | None = None
-    delivery_hosts: list[str] | None = None
-    # Kinds with their own Batch API (`openai`): batch lines routed here are sent as one batch to
-    # the upstream's Files and Batches endpoints (at its batch discount) instead of one call each;
-    # polled at poll_interval_s, growing x1.5 to poll_max_interval_s. README "Forwarding to
-    # OpenAI's Batch API".
-    batch: bool = False
     # Whether this upstream stops serving a model on OpenAI's retirement date (the catalog's
-    # `retired_at`). Unset: true for the openai and azure kinds, false for local. Set false for a
+    # `retired_at`). Unset: the kind's default (true for OpenAI-compatible kinds). Set false for a
     # compatible server that still serves a retired model.
     follows_retirements: bool | None = None
-    # `local` only: the models it stands in for when a real upstream serving them is configured
-    # (``"*"``: every model). Empty by default, so `local` never serves a placeholder in place of a
-    # configured provider that failed or retired the model (SPEC §2); it still serves every model
-    # that no active real upstream lists.
-    fallback_for: list[str] = Field(default_factory=list)
+    # The kind's own settings (``ProviderKind.settings``), split from the flat entry at load.
+    # SerializeAsAny: dumped with the kind's fields, not the (empty) declared base's.
+    options: SerializeAsAny[KindSettings] = Field(default_factory=KindSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_kind_settings(cls, data: Any) -> Any:
+        """The fields of the flat entry that are not common go to the kind's settings model."""
+        if not isinstance(data, Mapping) or isinstance(data.get("options"), KindSettings):
+            return data
+        flat = dict(data)
+        nested = flat.pop("options", None)
+        if isinstance(nested, Mapping):  # a dumped UpstreamSettings read back
+            flat.update(nested)
+        try:
+            kind = provider_kind(str(flat.get("kind")))
+        except ValueError:
+            return data  # the kind's own validator names the known kinds
+        own = {k: v for k, v in flat.items() if k not in cls.model_fields}
+        common = {k: v for k, v in flat.items() if k in cls.model_fields}
+        try:
+            common["options"] = kind.settings.model_validate(own)
+        except ValidationError as exc:
+            raise ValueError(_kind_settings_error(flat.get("name"), kind, exc)) from None
+        return common
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -184,17 +219,19 @@ class UpstreamSettings(BaseModel):
             raise ValueError(f"upstream '{self.name}': base_url is required for kind {self.kind}")
         if self.api_key is not None and is_placeholder(self.api_key.get_secret_value()):
             raise ValueError(f"upstream '{self.name}': api_key is a placeholder; set a real key")
-        if self.batch and not kind.batch_api:
-            batching = ", ".join(sorted(k.name for k in provider_kinds().values() if k.batch_api))
-            raise ValueError(f"upstream '{self.name}': batch is only for kind {batching}")
-        if self.fallback_for and not kind.stand_in:
-            stand_ins = ", ".join(sorted(k.name for k in provider_kinds().values() if k.stand_in))
-            raise ValueError(f"upstream '{self.name}': fallback_for is only for kind {stand_ins}")
+        if not isinstance(self.options, kind.settings):
+            raise ValueError(f"upstream '{self.name}': options are not those of kind {self.kind}")
         return self
 
+    def options_as(self, model: type[K]) -> K:
+        """The kind's settings, as the adapter that declared ``model`` reads them."""
+        if not isinstance(self.options, model):
+            raise TypeError(f"upstream '{self.name}' (kind {self.kind}) has no {model.__name__}")
+        return self.options
+
     def stands_in_for(self, model: str) -> bool:
-        """Whether this (`local`) upstream may serve ``model`` beside a real upstream for it."""
-        return "*" in self.fallback_for or model in self.fallback_for
+        """Whether this (stand-in) upstream may serve ``model`` beside a real upstream for it."""
+        return self.options.stands_in_for(model)
 
     @property
     def follows_openai_retirements(self) -> bool:
@@ -220,6 +257,20 @@ class UpstreamSettings(BaseModel):
             else:
                 mapping[entry.name] = entry.upstream_model or entry.name
         return mapping
+
+
+def _kind_settings_error(name: Any, kind: ProviderKind, exc: ValidationError) -> str:
+    """One line per refused field, naming it, and for a field of other kinds, which take it."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            takers = sorted(k.name for k in provider_kinds().values() if field in k.settings.model_fields)
+            where = f"only for kind {', '.join(takers)}" if takers else "not an upstream setting"
+            problems.append(f"{field} is {where}")
+        else:
+            problems.append(f"{field}: {error['msg']}")
+    return f"upstream '{name}' (kind {kind.name}): " + "; ".join(problems)
 
 
 def default_upstreams() -> list[UpstreamSettings]:

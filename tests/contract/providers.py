@@ -1,16 +1,21 @@
-"""Helpers shared by the provider contract tests (Google, FLUX, Stability; issue 19)."""
+"""Helpers shared by the provider contract tests (Google, FLUX, Stability, fal.ai, Replicate)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
+import orjson
 from PIL import Image
 
 from tests.conftest import Gateway
+from tests.fakes.provider_fake import ProviderFake
 
 ASYNC = {"async": "true"}
 # The catalog's prices in micro-units per 1M tokens (gemini-2.5-flash-image) and per image.
@@ -95,3 +100,73 @@ def books_violations(gw: Gateway, key_ids: list[str]) -> list[str]:
         if gw.query(f"SELECT id FROM reservations WHERE key_id = '{key_id}'"):
             problems.append(f"key {key_id}: reservations left")
     return problems
+
+
+@dataclass
+class Resumed:
+    """What ``resume_after_kill`` saw: the task's last state and the books of its database."""
+
+    task: dict[str, Any]
+    provider_job: dict[str, Any]
+    ledger: list[dict[str, Any]]
+    key: dict[str, Any]
+
+
+def resume_after_kill(
+    fake: ProviderFake, upstream: dict[str, Any], request: dict[str, Any], tmp_path: Path, *, poll_path: str
+) -> Resumed:
+    """An async task on a gateway process that is SIGKILLed once the provider accepted the job,
+    recorded it on the task and is being polled (``fake.hold`` keeps it running); then a second
+    process over the same database finishes the task. The caller counts the submissions."""
+    from bench.books import query
+    from bench.gateway_process import GatewayProcess
+    from tests.conftest import ADMIN_KEY
+
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'resume.db'}"
+    config = {
+        "admin_key": ADMIN_KEY,
+        "data_dir": str(tmp_path / "data"),
+        "database": {"url": db_url},
+        "logging": {"level": "WARNING"},
+        "upstreams": [{**upstream, "poll_budget_s": 60}],
+        "tasks": {"lease_s": 1, "poll_s": 0.1, "workers": 1},
+    }
+    fake.hold.set()  # type: ignore[attr-defined]
+    first = GatewayProcess(config, tmp_path).wait_ready()
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    created = httpx.post(first.url + "/admin/keys", json={"name": "resume"}, headers=admin).json()
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    answer = httpx.post(first.url + "/v1/images/generations", params=ASYNC, json=request, headers=headers)
+    task_id = answer.json()["id"]
+    # Accepted upstream, recorded on the task, being polled: kill now.
+    assert fake.wait_for_count(1, poll_path, timeout=30)
+    (row,) = query(db_url, f"SELECT provider_job, dispatched_at FROM tasks WHERE id = '{task_id}'")
+    assert row["provider_job"] and row["dispatched_at"], row
+    first.kill()
+    fake.hold.clear()  # type: ignore[attr-defined]
+    second = GatewayProcess(config, tmp_path).wait_ready()
+    try:
+        task = poll_http(second.url + f"/v1/tasks/{task_id}", headers)
+    finally:
+        second.stop()
+    (row,) = query(db_url, f"SELECT provider_job FROM tasks WHERE id = '{task_id}'")
+    recorded = row["provider_job"]
+    return Resumed(
+        task=task,
+        provider_job=orjson.loads(recorded) if isinstance(recorded, str | bytes) else recorded,
+        ledger=query(db_url, "SELECT status, images, cost_micros, upstream FROM ledger_entries"),
+        key=query(db_url, f"SELECT spent_micros, reserved_micros FROM api_keys WHERE id = '{created['id']}'")[
+            0
+        ],
+    )
+
+
+def poll_http(url: str, headers: dict[str, str], timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    task: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        task = httpx.get(url, headers=headers).json()
+        if task["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.1)
+    return task

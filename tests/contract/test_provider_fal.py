@@ -5,6 +5,7 @@ matrix: sizes, n, formats, stream, async, moderation, 429/5xx failover, 4xx shap
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,14 @@ import pytest
 from openai.types import ImageGenCompletedEvent
 
 from tests.conftest import Gateway, make_settings, start_gateway
-from tests.contract.providers import ASYNC, books_violations, decoded, poll_task, uncharged
+from tests.contract.providers import (
+    ASYNC,
+    books_violations,
+    decoded,
+    poll_task,
+    resume_after_kill,
+    uncharged,
+)
 from tests.fakes import image_files as files
 from tests.fakes.fal_upstream import FakeFal
 from tests.fakes.provider_fake import Outcome
@@ -22,6 +30,7 @@ from tests.fakes.provider_fake import Outcome
 KEY = "fal-key-0123456789abcdef:secretpart"
 FLUX = "fal-flux-dev"
 SD = "fal-sd3.5-large"
+KONTEXT = "fal-flux-kontext-pro"
 SUBMIT = "/fal-ai/"
 
 
@@ -119,9 +128,76 @@ def test_async_task(gw: Gateway, fal: FakeFal) -> None:
     assert decoded(task["result"]["data"][0]["b64_json"]).size == (1024, 1024)
 
 
-def test_edits_are_refused_before_any_call(gw: Gateway, fal: FakeFal) -> None:
+def test_edits_of_a_generation_only_model_are_refused_before_any_call(gw: Gateway, fal: FakeFal) -> None:
     with pytest.raises(openai.BadRequestError):
         gw.client().images.edit(model=FLUX, image=("a.png", files.png(32, 32), "image/png"), prompt="x")
+    assert fal.requests == []
+
+
+def test_kontext_generation_maps_the_size_to_a_ratio(gw: Gateway, fal: FakeFal) -> None:
+    key, key_id = gw.create_key()
+    result = gw.client(key).images.generate(model=KONTEXT, prompt="x", size="1536x1024", n=2)
+    (submitted,) = fal.submissions
+    assert submitted.path == "/fal-ai/flux-pro/kontext/text-to-image"
+    assert submitted.json["aspect_ratio"] == "3:2" and "image_size" not in submitted.json
+    assert result.data is not None and len(result.data) == 2
+    (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+    assert (row["images"], int(row["cost_micros"])) == (2, 80_000)
+
+
+def test_a_kontext_edit_sends_the_image_inline_as_a_data_uri(gw: Gateway, fal: FakeFal) -> None:
+    key, key_id = gw.create_key()
+    image = files.png(320, 240)
+    result = gw.client(key).images.edit(
+        model=KONTEXT,
+        image=("a.png", image, "image/png"),
+        prompt="make it blue",
+        output_format="jpeg",
+        extra_body={"seed": "5"},
+    )
+    (submitted,) = fal.submissions
+    assert submitted.path == "/fal-ai/flux-pro/kontext"
+    assert submitted.json["image_url"].startswith("data:image/png;base64,")
+    # size=auto: neither a size nor a ratio, so the output keeps the input's size.
+    assert "aspect_ratio" not in submitted.json and "image_size" not in submitted.json
+    assert submitted.json["seed"] == 5  # the multipart "5" sent as the integer fal takes
+    assert fal.jobs[next(iter(fal.jobs))].inputs == [image]
+    out = decoded(result.data[0].b64_json)  # type: ignore[index]
+    assert (out.format, out.size) == ("JPEG", (320, 240))
+    (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+    assert (row["endpoint"], row["images"], int(row["cost_micros"])) == ("edits", 1, 40_000)
+    assert books_violations(gw, [key_id]) == []
+
+
+def test_a_kontext_edit_of_several_images_goes_to_the_multi_endpoint(gw: Gateway, fal: FakeFal) -> None:
+    images = [files.png(64, 48), files.jpeg(48, 64), files.webp(32, 32)]
+    result = gw.client().images.edit(
+        model=KONTEXT,
+        image=[
+            ("a.png", images[0], "image/png"),
+            ("b.jpg", images[1], "image/jpeg"),
+            ("c.webp", images[2], "image/webp"),
+        ],
+        prompt="x",
+        size="1024x1024",
+    )
+    (submitted,) = fal.submissions
+    assert submitted.path == "/fal-ai/flux-pro/kontext/multi"
+    uris = submitted.json["image_urls"]
+    assert [u.split(";", 1)[0] for u in uris] == ["data:image/png", "data:image/jpeg", "data:image/webp"]
+    assert "image_url" not in submitted.json and submitted.json["aspect_ratio"] == "1:1"
+    assert len(fal.jobs[next(iter(fal.jobs))].inputs) == 3
+    assert decoded(result.data[0].b64_json).size == (1024, 1024)  # type: ignore[index]
+
+
+def test_kontext_refuses_masks_and_too_many_images_before_any_call(gw: Gateway, fal: FakeFal) -> None:
+    image = ("a.png", files.png(32, 32), "image/png")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.edit(model=KONTEXT, image=[image] * 5, prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.edit(
+            model=KONTEXT, image=image, mask=("m.png", files.mask(32, 32), "image/png"), prompt="x"
+        )
     assert fal.requests == []
 
 
@@ -202,3 +278,35 @@ def test_a_refused_key_is_502_and_nothing_leaks(gateway_with: Callable[..., Gate
     assert (caught.value.status_code, caught.value.code) == (502, "upstream_error")
     for secret in (wrong, fal.url, "127.0.0.1"):
         assert secret not in caught.value.response.text
+
+
+def test_an_async_task_records_its_request_before_polling(gw: Gateway, fal: FakeFal) -> None:
+    client = gw.client()
+    raw = client.images.with_raw_response.generate(
+        model=FLUX, prompt="x", size="1024x1024", extra_query=ASYNC
+    )
+    task_id = raw.http_response.json()["id"]
+    assert poll_task(client, task_id)["status"] == "succeeded"
+    (row,) = gw.query(f"SELECT provider_job FROM tasks WHERE id = '{task_id}'")
+    recorded = orjson.loads(row["provider_job"])
+    (job_id,) = fal.jobs
+    assert recorded["upstream"] in ("fal-a", "fal-b") and recorded["request"]["request_id"] == job_id
+    assert recorded["request"]["status_url"].endswith(f"/requests/{job_id}/status")
+
+
+def test_a_task_killed_after_submit_resumes_polling_and_is_billed_once(fal: FakeFal, tmp_path: Path) -> None:
+    seen = resume_after_kill(
+        fal,
+        fal_upstream(fal),
+        {"model": FLUX, "prompt": "a kite", "size": "1024x1024", "n": 2},
+        tmp_path,
+        poll_path="/status",
+    )
+    assert seen.task["status"] == "succeeded", seen.task
+    assert len(seen.task["result"]["data"]) == 2
+    assert len(fal.submissions) == 1  # resumed: polled again, never submitted twice
+    assert seen.provider_job["request"]["request_id"] == next(iter(fal.jobs))
+    assert [(r["status"], r["images"], int(r["cost_micros"])) for r in seen.ledger] == [
+        ("succeeded", 2, 50_000)
+    ]
+    assert (int(seen.key["spent_micros"]), int(seen.key["reserved_micros"])) == (50_000, 0)

@@ -1,6 +1,7 @@
-"""The books balance with every provider at once (issue 19): concurrent traffic to Gemini, Imagen,
-FLUX and Stability models, with successes, moderation refusals, failovers and n > 1, leaves every
-ledger row at the catalog's price, the ledger equal to the keys' spend, and nothing held."""
+"""The books balance with every provider at once (issues 19, 28): concurrent traffic to Gemini,
+Imagen, FLUX, Stability, fal.ai and Replicate models, with successes, moderation refusals,
+failovers and n > 1, leaves every ledger row at the catalog's price, the ledger equal to the keys'
+spend, and nothing held."""
 
 from __future__ import annotations
 
@@ -17,29 +18,46 @@ from tests.conftest import Gateway, make_settings, start_gateway
 from tests.contract.providers import books_violations
 from tests.contract.test_provider_bfl import KEY as BFL_KEY
 from tests.contract.test_provider_bfl import flux_upstream
+from tests.contract.test_provider_fal import KEY as FAL_KEY
+from tests.contract.test_provider_fal import fal_upstream
 from tests.contract.test_provider_google import KEY as GOOGLE_KEY
 from tests.contract.test_provider_google import google_upstreams
+from tests.contract.test_provider_replicate import KEY as REPLICATE_KEY
+from tests.contract.test_provider_replicate import replicate_upstream
 from tests.contract.test_provider_stability import KEY as STABILITY_KEY
 from tests.contract.test_provider_stability import stability_upstream
 from tests.fakes.bfl_upstream import FakeBFL
+from tests.fakes.fal_upstream import FakeFal
 from tests.fakes.google_upstream import FakeGoogle
 from tests.fakes.provider_fake import Outcome
+from tests.fakes.replicate_upstream import FakeReplicate
 from tests.fakes.stability_upstream import FakeStability
 
-REQUESTS = 40
+REQUESTS = 48
+Fakes = tuple[FakeGoogle, FakeBFL, FakeStability, FakeFal, FakeReplicate]
 
 
 @pytest.fixture
-def fakes() -> Iterator[tuple[FakeGoogle, FakeBFL, FakeStability]]:
-    with FakeGoogle(GOOGLE_KEY) as google, FakeBFL(BFL_KEY) as bfl, FakeStability(STABILITY_KEY) as stability:
-        yield google, bfl, stability
+def fakes() -> Iterator[Fakes]:
+    with (
+        FakeGoogle(GOOGLE_KEY) as google,
+        FakeBFL(BFL_KEY) as bfl,
+        FakeStability(STABILITY_KEY) as stability,
+        FakeFal(FAL_KEY) as fal,
+        FakeReplicate(REPLICATE_KEY) as replicate,
+    ):
+        yield google, bfl, stability, fal, replicate
 
 
 def test_books_balance_under_mixed_provider_traffic(
-    fakes: tuple[FakeGoogle, FakeBFL, FakeStability], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fakes: Fakes, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    google, bfl, stability = fakes
+    google, bfl, stability, fal, replicate = fakes
     upstreams = [
+        fal_upstream(fal),
+        fal_upstream(fal, "fal-b", priority=1),
+        replicate_upstream(replicate),
+        replicate_upstream(replicate, "rep-b", priority=1),
         *google_upstreams(google),
         flux_upstream(bfl),
         flux_upstream(bfl, "flux-b", priority=1),
@@ -64,10 +82,25 @@ def test_books_balance_under_mixed_provider_traffic(
         stability.enqueue(
             Outcome("content_filtered", times=2), Outcome("status", status=500, body=b"{}", times=2)
         )
+        fal.enqueue(
+            Outcome("nsfw", detail=4, path="/fal-ai/", times=2),
+            Outcome("status", status=503, body=b'{"detail": "busy"}', path="/fal-ai/", times=2),
+        )
+        replicate.enqueue(
+            Outcome("nsfw", path="/predictions", times=2),
+            Outcome("status", status=429, body=b'{"detail": "slow down"}', path="/predictions", times=2),
+        )
         plan: list[tuple[str, int]] = [
             (
                 rng.choice(
-                    ["gemini-2.5-flash-image", "imagen-4.0-generate-001", "flux-pro-1.1", "stable-image-core"]
+                    [
+                        "gemini-2.5-flash-image",
+                        "imagen-4.0-generate-001",
+                        "flux-pro-1.1",
+                        "stable-image-core",
+                        "fal-flux-dev",
+                        "replicate-flux-schnell",
+                    ]
                 ),
                 rng.randint(1, 3),
             )
@@ -101,9 +134,15 @@ def test_books_balance_under_mixed_provider_traffic(
     assert set(outcomes) <= {"ok", "moderation_blocked"}, outcomes
     assert books_violations(gw, [key_id for _, key_id in keys]) == []
     billed = [r for r in gw.ledger() if int(r["images"]) > 0]
-    assert {r["model"] for r in billed} >= {"gemini-2.5-flash-image", "flux-pro-1.1"}
+    assert {r["model"] for r in billed} >= {
+        "gemini-2.5-flash-image",
+        "flux-pro-1.1",
+        "fal-flux-dev",
+        "replicate-flux-schnell",
+    }
     # No provider key or host in the logs of all that (failovers and refusals included).
     logged = caplog.text
-    for secret in (GOOGLE_KEY, BFL_KEY, STABILITY_KEY, google.url, bfl.url, stability.url):
+    secrets = (GOOGLE_KEY, BFL_KEY, STABILITY_KEY, FAL_KEY, REPLICATE_KEY)
+    for secret in (*secrets, google.url, bfl.url, stability.url, fal.url, replicate.url):
         assert secret not in logged
     assert "upstream attempt failed" in logged  # the failovers were logged, scrubbed

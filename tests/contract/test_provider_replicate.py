@@ -5,6 +5,7 @@ the wait ends first, its output downloaded), over the provider contract matrix."
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,13 +15,21 @@ import pytest
 from openai.types import ImageGenCompletedEvent
 
 from tests.conftest import Gateway, make_settings, start_gateway
-from tests.contract.providers import ASYNC, books_violations, decoded, poll_task, uncharged
+from tests.contract.providers import (
+    ASYNC,
+    books_violations,
+    decoded,
+    poll_task,
+    resume_after_kill,
+    uncharged,
+)
 from tests.fakes import image_files as files
 from tests.fakes.provider_fake import Outcome
 from tests.fakes.replicate_upstream import FakeReplicate
 
 KEY = "r8_key0123456789abcdefghij"
 MODEL = "replicate-flux-schnell"
+KONTEXT = "replicate-flux-kontext-pro"
 CREATE = "/predictions"
 
 
@@ -110,9 +119,55 @@ def test_stream_and_async(gw: Gateway, rep: FakeReplicate) -> None:
     assert task["status"] == "succeeded", task
 
 
-def test_edits_are_refused_before_any_call(gw: Gateway, rep: FakeReplicate) -> None:
+def test_edits_of_a_generation_only_model_are_refused_before_any_call(
+    gw: Gateway, rep: FakeReplicate
+) -> None:
     with pytest.raises(openai.BadRequestError):
         gw.client().images.edit(model=MODEL, image=("a.png", files.png(32, 32), "image/png"), prompt="x")
+    assert rep.requests == []
+
+
+def test_a_kontext_edit_sends_a_small_image_inline(gw: Gateway, rep: FakeReplicate) -> None:
+    key, key_id = gw.create_key()
+    image = files.png(320, 240)
+    result = gw.client(key).images.edit(
+        model=KONTEXT, image=("a.png", image, "image/png"), prompt="make it blue", output_format="webp"
+    )
+    (created,) = rep.creations
+    assert created.path == "/v1/models/black-forest-labs/flux-kontext-pro/predictions"
+    sent = created.json["input"]
+    assert sent["input_image"].startswith("data:image/png;base64,")
+    # size=auto: no ratio, so the output keeps the input's size; webp is re-encoded from png.
+    assert "aspect_ratio" not in sent and "num_outputs" not in sent and sent["output_format"] == "png"
+    assert next(iter(rep.predictions.values())).inputs == [image]
+    out = decoded(result.data[0].b64_json)  # type: ignore[index]
+    assert (out.format, out.size) == ("WEBP", (320, 240))
+    assert not [r for r in rep.requests if r.path == "/v1/files"]
+    (row,) = [r for r in gw.ledger() if r["key_id"] == key_id]
+    assert (row["endpoint"], row["images"], int(row["cost_micros"])) == ("edits", 1, 40_000)
+    assert books_violations(gw, [key_id]) == []
+
+
+def test_a_kontext_edit_uploads_a_large_image_to_the_files_api(gw: Gateway, rep: FakeReplicate) -> None:
+    image = files.padded_png(1024 * 1024 + 1, 64, 48)
+    result = gw.client().images.edit(
+        model=KONTEXT, image=("a.png", image, "image/png"), prompt="x", size="1536x1024"
+    )
+    (upload,) = [r for r in rep.requests if r.path == "/v1/files"]
+    assert upload.headers["authorization"] == f"Bearer {KEY}"
+    assert upload.files["content"] == [(image, "image/png")]
+    (created,) = rep.creations
+    assert created.json["input"]["input_image"] == f"{rep.url}/v1/files/{next(iter(rep.files))}"
+    assert created.json["input"]["aspect_ratio"] == "3:2"
+    assert decoded(result.data[0].b64_json).size == (1248, 832)  # type: ignore[index]
+
+
+def test_kontext_takes_one_image_and_makes_one(gw: Gateway, rep: FakeReplicate) -> None:
+    image = ("a.png", files.png(32, 32), "image/png")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.edit(model=KONTEXT, image=[image, image], prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        gw.client().images.generate(model=KONTEXT, prompt="x", n=2)
     assert rep.requests == []
 
 
@@ -191,3 +246,36 @@ def test_a_refused_key_is_502_and_nothing_leaks(
     assert (caught.value.status_code, caught.value.code) == (502, "upstream_error")
     for secret in (wrong, rep.url, "127.0.0.1"):
         assert secret not in caught.value.response.text
+
+
+def test_an_async_task_records_its_prediction_without_waiting(gw: Gateway, rep: FakeReplicate) -> None:
+    client = gw.client()
+    raw = client.images.with_raw_response.generate(model=MODEL, prompt="x", extra_query=ASYNC)
+    task_id = raw.http_response.json()["id"]
+    assert poll_task(client, task_id)["status"] == "succeeded"
+    (created,) = rep.creations
+    assert "prefer" not in created.headers  # a task records the prediction before it is done
+    (row,) = gw.query(f"SELECT provider_job FROM tasks WHERE id = '{task_id}'")
+    recorded = orjson.loads(row["provider_job"])
+    (prediction_id,) = rep.predictions
+    assert recorded["prediction"] == {"id": prediction_id, "get": f"{rep.url}/v1/predictions/{prediction_id}"}
+
+
+def test_a_task_killed_after_create_resumes_polling_and_is_billed_once(
+    rep: FakeReplicate, tmp_path: Path
+) -> None:
+    seen = resume_after_kill(
+        rep,
+        replicate_upstream(rep),
+        {"model": MODEL, "prompt": "a kite", "n": 2},
+        tmp_path,
+        poll_path="/v1/predictions/",
+    )
+    assert seen.task["status"] == "succeeded", seen.task
+    assert len(seen.task["result"]["data"]) == 2
+    assert len(rep.creations) == 1  # resumed: polled again, never created twice
+    assert seen.provider_job["prediction"]["id"] == next(iter(rep.predictions))
+    assert [(r["status"], r["images"], int(r["cost_micros"])) for r in seen.ledger] == [
+        ("succeeded", 2, 6_000)
+    ]
+    assert (int(seen.key["spent_micros"]), int(seen.key["reserved_micros"])) == (6_000, 0)

@@ -30,8 +30,10 @@ def test_a_batch_upstream_offers_its_files_and_batches_client() -> None:
     provider = provider_kind("openai").build(settings)
     client = getattr(provider, "batch_client", None)
     assert isinstance(client, OpenAIBatchClient)
-    assert (client.name, client.poll_interval_s, client.poll_max_interval_s) == ("oai", 2, 5)
-    plain = provider_kind("openai").build(settings.model_copy(update={"batch": False}))
+    assert (client.name, client.poll_interval_s, client.poll_max_interval_s) == ("oai", 2, 60)
+    plain = provider_kind("openai").build(
+        UpstreamSettings(name="oai", kind="openai", base_url="http://127.0.0.1:9/v1", api_key=KEY)
+    )
     assert getattr(plain, "batch_client", None) is None
 
 

@@ -228,6 +228,6 @@ async def test_many_odd_amounts_add_up_exactly(db: Db, ledger: LedgerService) ->
 
 async def test_a_record_without_a_hold_is_charged_to_the_current_month(db: Db, ledger: LedgerService) -> None:
     await db.add_key("k")
-    await ledger.record(record("req_1", 42))
+    await ledger.settle(None, record("req_1", 42))
     state = await db.key("k")
     assert (state["spent"], state["period_spent"], state["reserved"]) == (42, 42, 0)

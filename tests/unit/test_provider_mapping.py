@@ -211,3 +211,18 @@ def test_a_resumed_job_is_routed_only_to_the_upstream_that_has_it() -> None:
     resumed = replace(job, resume={"upstream": "flux-b", "jobs": [{"id": "j", "polling_url": "u"}]})
     asyncio.run(router.generate(resumed))
     assert calls == ["flux-a", "flux-b"]
+
+
+def test_edit_model_ids_default_to_the_model_and_are_checked() -> None:
+    plain = ProviderSpec.from_mapping({"kind": "k", "model": "m"}, where="models.x.provider")
+    assert (plain.edit_model_for(1), plain.edit_model_for(3)) == ("m", "m")
+    one = ProviderSpec.from_mapping({"kind": "k", "model": "m", "edit_model": "e"}, where="p")
+    assert (one.edit_model_for(1), one.edit_model_for(2)) == ("e", "e")
+    both = ProviderSpec.from_mapping(
+        {"kind": "k", "model": "m", "edit_model": "e", "multi_edit_model": "e/multi"}, where="p"
+    )
+    assert (both.edit_model_for(1), both.edit_model_for(2)) == ("e", "e/multi")
+    with pytest.raises(ProviderSpecError, match=r"models\.x\.provider\.multi_edit_model"):
+        ProviderSpec.from_mapping(
+            {"kind": "k", "model": "m", "multi_edit_model": 3}, where="models.x.provider"
+        )

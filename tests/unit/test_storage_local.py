@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 import time
@@ -22,7 +21,6 @@ from app.storage import (
     build_store,
     content_type_for,
     ensure_secret,
-    purge_periodically,
     resolve_signing_secret,
 )
 from app.storage.base import new_name
@@ -249,35 +247,6 @@ def test_purge_walks_the_directory_without_holding_it(store: LocalImageStore) ->
 async def test_purge_of_a_missing_directory_is_a_no_op(tmp_path: Path) -> None:
     store = LocalImageStore(tmp_path / "never-created", UrlSigner(SECRET))
     assert await store.purge_older_than(datetime.now(UTC)) == 0
-
-
-async def test_periodic_purge_runs_and_survives_failures(store: LocalImageStore) -> None:
-    old = (await store.put(PNG, content_type="image/png")).name
-    long_ago = time.time() - 7200
-    os.utime(store.root / old, (long_ago, long_ago))
-
-    class Flaky:
-        calls = 0
-
-        async def purge_older_than(self, cutoff: datetime) -> int:
-            self.calls += 1
-            if self.calls == 1:
-                raise OSError("store unreachable")
-            return await store.purge_older_than(cutoff)
-
-    flaky = Flaky()
-    task = asyncio.create_task(purge_periodically(flaky, retention_s=3600, interval_s=0.01))  # type: ignore[arg-type]
-    try:
-        for _ in range(500):
-            if flaky.calls >= 3:
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    assert flaky.calls >= 3
-    assert listing(store) == []
 
 
 def test_signer_rejects_short_secrets() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.images.intake.sweep import SweepPolicy, Swept, sweep, sweep_forever
+from app.images.intake.sweep import SweepPolicy, Swept, sweep
 from app.settings import ConfigError, build_settings
 from app.tasks.queue import new_task_id
 
@@ -167,23 +166,6 @@ async def test_spools_are_swept_while_the_database_is_away(policy: SweepPolicy) 
         await sweep(policy, Tasks(failures=1))
     assert not spool.exists()
     assert inputs.is_dir()  # unknown whether its task still runs: kept until the queue can answer
-
-
-async def test_sweep_forever_survives_failures_and_keeps_sweeping(policy: SweepPolicy) -> None:
-    inputs = folder(policy.inputs_root, new_task_id(), age_s=OLD)
-    tasks = Tasks(failures=1)
-    loop = asyncio.create_task(sweep_forever(policy, tasks, interval_s=0.01))
-    try:
-        for _ in range(500):
-            if not inputs.exists():
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        loop.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await loop
-    assert not inputs.exists()
-    assert len(tasks.asked) >= 2
 
 
 def test_the_default_ages_outlive_any_live_request(tmp_path: Path) -> None:

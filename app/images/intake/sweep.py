@@ -103,24 +103,6 @@ async def _orphans(task_ids: list[str], stale: set[str], activity: TaskActivity)
     return {task_id for task_id in task_ids if not known.get(task_id, task_id not in stale)}
 
 
-async def sweep_forever(policy: SweepPolicy, activity: TaskActivity, *, interval_s: float) -> None:
-    """Sweep at start (what a crash left) and then every ``interval_s``, until cancelled."""
-    while True:
-        try:
-            swept = await sweep(policy, activity)
-            if swept.spools or swept.inputs or swept.objects or swept.uploads:
-                fields = {
-                    "spools": swept.spools,
-                    "task_inputs": swept.inputs,
-                    "stored_task_inputs": swept.objects,
-                    "unfinished_uploads": swept.uploads,
-                }
-                log.warning("removed orphaned upload folders", extra={"fields": fields})
-        except Exception:
-            log.exception("orphan sweep failed; retrying later")
-        await asyncio.sleep(interval_s)
-
-
 def _is_spool(name: str) -> bool:
     return name.startswith(SPOOL_PREFIX)
 

@@ -42,7 +42,13 @@ from yarl import URL
 from app.domain.jobs import ProviderEvent
 from app.errors import UpstreamError, UpstreamRejected
 from app.upstream.base import ImageProvider
-from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
+from app.upstream.config import (
+    KindSettings,
+    ProviderKind,
+    UpstreamSettings,
+    common_options,
+    register_kind,
+)
 from app.upstream.errors import rejected_from_response
 from app.upstream.providers.openai_compat import OpenAICompatProvider
 
@@ -250,10 +256,16 @@ def parse_duration(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and 0 <= seconds < 1e9 else None
 
 
+class AzureSettings(KindSettings):
+    """Azure's own setting: the REST ``api-version`` (None: ``DEFAULT_API_VERSION``)."""
+
+    api_version: str | None = None
+
+
 def _build(upstream: UpstreamSettings) -> ImageProvider:
     return AzureOpenAIProvider(
         base_url=upstream.base_url or "",
-        api_version=upstream.api_version,
+        api_version=upstream.options_as(AzureSettings).api_version,
         # Deployment names other than the public ones are internal and scrubbed from messages.
         deployments=[
             m.upstream_model
@@ -266,6 +278,11 @@ def _build(upstream: UpstreamSettings) -> ImageProvider:
 
 register_kind(
     ProviderKind(
-        name="azure", build=_build, serves="unclaimed", base_url_required=True, follows_retirements=True
+        name="azure",
+        build=_build,
+        serves="unclaimed",
+        base_url_required=True,
+        follows_retirements=True,
+        settings=AzureSettings,
     )
 )

@@ -97,6 +97,7 @@ from app.upstream.providers.native import (
 from app.upstream.providers.polling import (
     UNTRUSTED_URL,
     PollingMixin,
+    PollingSettings,
     absolute_url,
     host_allowed,
     polling_options,
@@ -132,8 +133,7 @@ class FluxProvider(PollingMixin, NativeProvider):
             body = {**request_body(job), **inputs}
             url = f"{self._base_url}/v1/{quote(model, safe='')}"
             refs = [await self._submit(url, body, job) for _ in range(job.n)]
-            if job.on_submitted is not None:
-                await job.on_submitted({"upstream": self.name, "jobs": refs})
+            await self._submitted(job, jobs=refs)
         deadline = self._poll_deadline()
 
         async def finish(index: int) -> list[Produced]:
@@ -144,10 +144,8 @@ class FluxProvider(PollingMixin, NativeProvider):
 
     def _resumable(self, job: ImageJob) -> list[dict[str, str]] | None:
         """The jobs an earlier run recorded for this upstream, if any (else None: submit)."""
-        resume = job.resume
-        if resume is None or resume.get("upstream") != self.name:
-            return None
-        jobs = resume.get("jobs")
+        resume = self._resumed(job)
+        jobs = resume.get("jobs") if resume is not None else None
         if not isinstance(jobs, list) or not jobs:
             return None
         return [
@@ -271,4 +269,4 @@ def _build(upstream: UpstreamSettings) -> ImageProvider:
     return FluxProvider(**polling_options(upstream, DEFAULT_BASE_URL))
 
 
-register_kind(ProviderKind(name="bfl", build=_build))
+register_kind(ProviderKind(name="bfl", build=_build, settings=PollingSettings))

@@ -27,12 +27,13 @@ from functools import lru_cache
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field
 
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
 from app.errors import UpstreamRejected
 from app.upstream.base import ImageProvider
-from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
+from app.upstream.config import KindSettings, ProviderKind, UpstreamSettings, register_kind
 from app.upstream.providers.local_edit import edit_size, paint_edit
 from app.upstream.providers.local_formats import encode_gif, render_svg, svg_usage
 
@@ -346,10 +347,32 @@ class LocalProvider:
         """Nothing to release: there is no connection pool."""
 
 
+class LocalSettings(KindSettings):
+    """`local`'s own settings. ``stream_pace_s``: a pause before each streamed event, to mimic a
+    real upstream's pace. ``fallback_for``: the models it stands in for when a real upstream
+    serving them is configured (``"*"``: every model); empty by default, so it never serves a
+    placeholder in place of a configured provider that failed or retired the model (SPEC §2). It
+    still serves every model that no active real upstream lists."""
+
+    stream_pace_s: float = Field(default=0.0, ge=0, le=60)
+    fallback_for: list[str] = Field(default_factory=list)
+
+    def stands_in_for(self, model: str) -> bool:
+        return "*" in self.fallback_for or model in self.fallback_for
+
+
 def _build(upstream: UpstreamSettings) -> ImageProvider:
-    return LocalProvider(upstream.name, stream_pace_s=upstream.stream_pace_s)
+    return LocalProvider(upstream.name, stream_pace_s=upstream.options_as(LocalSettings).stream_pace_s)
 
 
 register_kind(
-    ProviderKind(name="local", build=_build, serves="all", keyless=True, stand_in=True, default=True)
+    ProviderKind(
+        name="local",
+        build=_build,
+        serves="all",
+        keyless=True,
+        stand_in=True,
+        default=True,
+        settings=LocalSettings,
+    )
 )

@@ -16,11 +16,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+from pydantic import Field
 
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.errors import UpstreamError
 from app.upstream.base import ImageProvider
-from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
+from app.upstream.config import KindSettings, ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response
 from app.upstream.multipart import edit_form
 from app.upstream.providers.openai_batch import OpenAIBatchClient
@@ -206,16 +207,29 @@ class OpenAICompatProvider:
         )
 
 
+class OpenAISettings(KindSettings):
+    """The openai kind's own settings. ``batch``: batch lines routed here are sent as one batch to
+    the upstream's Files and Batches endpoints, at its batch discount, instead of one call each
+    (app/batches/forward.py; README "Forwarding to OpenAI's Batch API"). The upstream batch is
+    polled every ``poll_interval_s``, growing x1.5 to ``poll_max_interval_s``: OpenAI's batches take
+    minutes to hours, so the defaults are far longer than a polling provider's."""
+
+    batch: bool = False
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    poll_max_interval_s: float = Field(default=60.0, gt=0)
+
+
 def _build(upstream: UpstreamSettings) -> ImageProvider:
     provider = OpenAICompatProvider(base_url=upstream.base_url or "", **common_options(upstream))
-    if upstream.batch:
+    own = upstream.options_as(OpenAISettings)
+    if own.batch:
         # Batch lines routed here go to the upstream's own Batch API (app/batches/forward.py).
         provider.batch_client = OpenAIBatchClient(
             name=upstream.name,
             transport=provider._transport,
             api_key=upstream.api_key.get_secret_value() if upstream.api_key else None,
-            poll_interval_s=upstream.poll_interval_s,
-            poll_max_interval_s=upstream.poll_max_interval_s,
+            poll_interval_s=own.poll_interval_s,
+            poll_max_interval_s=own.poll_max_interval_s,
         )
     return provider
 
@@ -227,6 +241,6 @@ register_kind(
         serves="unclaimed",
         base_url_required=True,
         follows_retirements=True,
-        batch_api=True,
+        settings=OpenAISettings,
     )
 )

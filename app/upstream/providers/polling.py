@@ -14,6 +14,12 @@ a job is submitted, going back to the router, which would submit it again, is ne
 and the gateway never trusts an upstream to name an arbitrary URL (it would fetch it from inside
 the operator's network): each URL is checked against the upstream's allowed hosts.
 
+Resuming (``_resumed`` / ``_submitted``): once the provider has accepted a job, what is needed
+to find it again (ids, polling URLs) is handed to ``job.on_submitted`` as
+``{"upstream": name, …}``; a task stores it durably before the first poll. A job that carries that
+record back (``job.resume``, after the worker running it died) polls the provider's job instead of
+submitting a new one, so the tenant gets the image and is billed once.
+
 Clock and sleep are injected, so tests count polls instead of waiting on the wall clock.
 """
 
@@ -21,13 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from pydantic import Field
 from yarl import URL
 
+from app.domain.jobs import ImageJob
 from app.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
-from app.upstream.config import UpstreamSettings, common_options
+from app.upstream.config import KindSettings, UpstreamSettings, common_options
 from app.upstream.errors import INVALID_RESPONSE
 
 T = TypeVar("T")
@@ -35,17 +43,31 @@ NOT_FINISHED = "The upstream service did not finish the image within the polling
 UNTRUSTED_URL = "The upstream service named a location outside its allowed hosts."
 
 
+class PollingSettings(KindSettings):
+    """The settings of a submit/poll/download kind (``ProviderKind.settings``): how long a submitted
+    job is polled (the first interval, growing x1.5 to the max), and the hosts the key may be sent
+    to (polling URLs) and images fetched from: ``host``, ``host:port`` or ``*.domain``. None: the
+    provider's own."""
+
+    poll_budget_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    poll_max_interval_s: float = Field(default=5.0, gt=0)
+    polling_hosts: list[str] | None = None
+    delivery_hosts: list[str] | None = None
+
+
 def polling_options(upstream: UpstreamSettings, default_base_url: str) -> dict[str, Any]:
     """A polling provider's constructor arguments from its upstream's settings: the common ones,
     the polling budget and back-off, and the allowed hosts (None: the class's defaults)."""
+    own = upstream.options_as(PollingSettings)
     return {
         **common_options(upstream),
         "base_url": upstream.base_url or default_base_url,
-        "polling_hosts": upstream.polling_hosts,
-        "delivery_hosts": upstream.delivery_hosts,
-        "poll_budget_s": upstream.poll_budget_s,
-        "poll_interval_s": upstream.poll_interval_s,
-        "poll_max_interval_s": upstream.poll_max_interval_s,
+        "polling_hosts": own.polling_hosts,
+        "delivery_hosts": own.delivery_hosts,
+        "poll_budget_s": own.poll_budget_s,
+        "poll_interval_s": own.poll_interval_s,
+        "poll_max_interval_s": own.poll_max_interval_s,
     }
 
 
@@ -56,6 +78,7 @@ class PollingMixin:
 
     default_polling_hosts: tuple[str, ...] = ()
     default_delivery_hosts: tuple[str, ...] = ()
+    name: str
     _base_url: str
     _budget_s: float
     _interval_s: float
@@ -99,6 +122,16 @@ class PollingMixin:
         if not same_origin and not (self._scheme_ok(url) and host_allowed(url, self._polling_hosts)):
             raise UpstreamError(UNTRUSTED_URL)
         return str(url)
+
+    def _resumed(self, job: ImageJob) -> Mapping[str, Any] | None:
+        """What an earlier run of ``job`` recorded on this upstream (None: submit anew)."""
+        resume = job.resume
+        return resume if resume is not None and resume.get("upstream") == self.name else None
+
+    async def _submitted(self, job: ImageJob, **record: Any) -> None:
+        """Hand what finds the accepted job again to whoever keeps it (a task), before polling."""
+        if job.on_submitted is not None:
+            await job.on_submitted({"upstream": self.name, **record})
 
     def _poll_deadline(self) -> float:
         """When the polling of jobs submitted now must end."""

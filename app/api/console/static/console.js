@@ -10,6 +10,30 @@
     input.addEventListener("focus", function () { input.select(); });
   });
 
+  // Copy buttons (a new key's or endpoint's secret): shown only where the script runs.
+  document.querySelectorAll("button[data-copy]").forEach(function (button) {
+    var id = button.getAttribute("data-copy");
+    var input = document.getElementById(id);
+    var status = document.querySelector('[data-copy-status="' + id + '"]');
+    if (!input) return;
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      function done(ok) {
+        if (status) status.textContent = ok ? "Copied to the clipboard." : "Copy failed: select the text and copy it.";
+        if (!ok) { input.focus(); input.select(); }
+      }
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(input.value).then(function () { done(true); }, function () { done(false); });
+      } else {
+        input.focus();
+        input.select();
+        var ok = false;
+        try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+        done(ok);
+      }
+    });
+  });
+
   // Upstream health, refreshed live where the table asks for it.
   var table = document.querySelector("table[data-live]");
   if (!table) return;

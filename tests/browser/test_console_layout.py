@@ -1,0 +1,122 @@
+"""Layout of every console page with 200 rows of data (issue 26, acceptance 3).
+
+At 1,440 px nothing scrolls sideways: not the page, and not a table inside its own scroll box
+(the columns fit, long texts are cut with their whole text as the title). On a 390 px phone the
+rows become cards and the page still fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.browser.conftest import LOCAL_PACED, sign_in
+from tests.browser.seed import seed
+from tests.conftest import Gateway, make_settings, start_gateway
+
+DESKTOP = {"width": 1440, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+class Seeded:
+    def __init__(self, gateway: Gateway, tenant_secret: str, tenant_id: str, ids: dict[str, str]) -> None:
+        self.gateway = gateway
+        self.tenant_secret = tenant_secret
+        self.tenant_id = tenant_id
+        self.ids = ids
+
+    def operator_pages(self) -> list[str]:
+        return [
+            "/console/overview",
+            "/console/keys",
+            f"/console/keys/{self.ids['key']}",
+            "/console/keys/new",
+            f"/console/keys/{self.tenant_id}/webhooks",
+            "/console/usage",
+            "/console/requests",
+            f"/console/requests/{self.ids['request']}",
+            "/console/tasks",
+            f"/console/tasks/{self.ids['task']}",
+            "/console/webhooks",
+            "/console/moderation",
+            "/console/upstreams",
+            "/console/playground",
+        ]
+
+    def tenant_pages(self) -> list[str]:
+        return ["/console/usage", "/console/requests", "/console/tasks", "/console/playground"]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
+    data_dir = tmp_path_factory.mktemp("layout-gateway")
+    # No task workers and no webhook sender: the seeded rows stay as written.
+    settings = make_settings(
+        data_dir,
+        [LOCAL_PACED],
+        tasks={"workers": 0},
+        webhooks={"enabled": False},
+        console={"thumbnails": True},
+    )
+    gw = start_gateway(settings, data_dir)
+    secret, key_id = gw.create_key(name="layout-tenant", balance="100", quota="500", monthly_quota="50")
+    ids = seed(settings.database.url, key_id)
+    yield Seeded(gw, secret, key_id, ids)
+    gw.close()
+
+
+def overflow(page: Any) -> dict[str, Any]:
+    """What is wider than its box: the document, and every table's scroll container."""
+    result: dict[str, Any] = page.evaluate(
+        """() => ({
+          page: [document.documentElement.scrollWidth, window.innerWidth],
+          boxes: [...document.querySelectorAll('.scroll')]
+            .filter(b => b.scrollWidth > b.clientWidth + 1)
+            .map(b => [b.querySelector('table') && b.querySelector('table').id, b.scrollWidth, b.clientWidth]),
+        })"""
+    )
+    return result
+
+
+def _visit_all(seeded: Seeded, new_page: Any, viewport: dict[str, int]) -> dict[str, Any]:
+    failures: dict[str, Any] = {}
+    for who, secret, paths in (
+        ("operator", None, seeded.operator_pages()),
+        ("tenant", seeded.tenant_secret, seeded.tenant_pages()),
+    ):
+        page = new_page(viewport=viewport)
+        sign_in(page, seeded.gateway, *([secret] if secret else []))
+        for path in paths:
+            response = page.goto(seeded.gateway.url + path)
+            assert response is not None and response.status == 200, (who, path)
+            found = overflow(page)
+            width, inner = found["page"]
+            if width > inner or (viewport == DESKTOP and found["boxes"]):
+                failures[f"{who} {path}"] = found
+        assert page.console_errors == []
+    return failures
+
+
+def test_every_page_fits_1440_px_with_200_rows(seeded: Seeded, new_page: Any) -> None:
+    page = new_page(viewport=DESKTOP)
+    sign_in(page, seeded.gateway)
+    # The data is there: 200 keys (and the tenant's), 200 deliveries, 200 tasks on the page.
+    page.goto(seeded.gateway.url + "/console/keys")
+    assert page.locator("#keys tbody tr").count() >= 201
+    page.goto(seeded.gateway.url + "/console/webhooks")
+    assert page.locator("#deliveries tbody tr").count() == 200
+    assert _visit_all(seeded, new_page, DESKTOP) == {}
+
+
+def test_on_a_phone_rows_are_cards_and_nothing_scrolls_sideways(seeded: Seeded, new_page: Any) -> None:
+    assert _visit_all(seeded, new_page, PHONE) == {}
+    page = new_page(viewport=PHONE)
+    sign_in(page, seeded.gateway)
+    page.goto(seeded.gateway.url + "/console/requests")
+    row = page.locator("#requests tbody tr").first
+    # A card: the row is a block, its header row is hidden, each cell names its column.
+    assert row.evaluate("r => getComputedStyle(r).display") == "block"
+    assert page.locator("#requests thead").evaluate("h => getComputedStyle(h).position") == "absolute"
+    assert row.locator("td[data-label='Status']").count() == 1

@@ -10,6 +10,16 @@
     input.addEventListener("focus", function () { input.select(); });
   });
 
+  // Phone cards name each cell by its column: fill in the labels the templates left out.
+  document.querySelectorAll(".scroll table").forEach(function (table) {
+    var heads = Array.prototype.map.call(table.querySelectorAll("thead th"), function (th) { return th.textContent.trim(); });
+    table.querySelectorAll("tbody tr").forEach(function (row) {
+      Array.prototype.forEach.call(row.children, function (cell, i) {
+        if (!cell.hasAttribute("data-label") && heads[i] && cell.getAttribute("colspan") === null) cell.setAttribute("data-label", heads[i]);
+      });
+    });
+  });
+
   // Copy buttons (a new key's or endpoint's secret): shown only where the script runs.
   document.querySelectorAll("button[data-copy]").forEach(function (button) {
     var id = button.getAttribute("data-copy");

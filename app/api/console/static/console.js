@@ -10,6 +10,28 @@
     input.addEventListener("focus", function () { input.select(); });
   });
 
+  // The theme toggle: a pressed button means dark; the choice is kept in localStorage, and until
+  // one is made the page follows prefers-color-scheme.
+  var toggle = document.getElementById("theme-toggle");
+  if (toggle) {
+    var root = document.documentElement;
+    var system = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+    var isDark = function () {
+      var chosen = root.getAttribute("data-theme");
+      return chosen ? chosen === "dark" : !!(system && system.matches);
+    };
+    var show = function () { toggle.setAttribute("aria-pressed", isDark() ? "true" : "false"); };
+    toggle.hidden = false;
+    show();
+    if (system && system.addEventListener) system.addEventListener("change", show);
+    toggle.addEventListener("click", function () {
+      var next = isDark() ? "light" : "dark";
+      root.setAttribute("data-theme", next);
+      try { window.localStorage.setItem("console-theme", next); } catch (e) { /* not kept */ }
+      show();
+    });
+  }
+
   // Phone cards name each cell by its column: fill in the labels the templates left out.
   document.querySelectorAll(".scroll table").forEach(function (table) {
     var heads = Array.prototype.map.call(table.querySelectorAll("thead th"), function (th) { return th.textContent.trim(); });

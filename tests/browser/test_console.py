@@ -102,6 +102,7 @@ def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_s
     page = new_page()
     sign_in(page, console_gateway, secret)
     page.get_by_role("navigation").get_by_role("link", name="Playground").click()
+    page.wait_for_url("**/console/playground")  # Tab in the new page, not the one being left
     page.keyboard.press("Tab")  # the first stop is the skip link, which lands on the content
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Enter")

@@ -7,7 +7,9 @@ rows become cards and the page still fits.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,3 +128,70 @@ def test_on_a_phone_rows_are_cards_and_nothing_scrolls_sideways(seeded: Seeded, 
     assert row.evaluate("r => getComputedStyle(r).display") == "block"
     assert page.locator("#requests thead").evaluate("h => getComputedStyle(h).display") == "none"
     assert row.locator("td[data-label='Status']").count() == 1
+
+
+AXE = Path(__file__).resolve().parents[1] / "node" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def axe_violations(page: Any) -> list[dict[str, Any]]:
+    """axe-core's violations on the page as it is now (all of its default rules)."""
+    page.add_script_tag(path=str(AXE))
+    found: list[dict[str, Any]] = page.evaluate(
+        """async () => {
+          const result = await axe.run(document, {resultTypes: ['violations']});
+          return result.violations.map(v => ({
+            id: v.id, impact: v.impact, help: v.help,
+            nodes: v.nodes.slice(0, 3).map(n => n.target.join(' ') + ' :: ' + n.failureSummary),
+          }));
+        }"""
+    )
+    return found
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1440x900", "390x844"])
+def test_axe_finds_no_violation_on_any_page(
+    seeded: Seeded, new_page: Any, scheme: str, viewport: dict[str, int]
+) -> None:
+    if not AXE.exists():
+        pytest.fail(f"axe-core is missing ({AXE}): `cd tests/node && npm ci`")
+    failures: dict[str, Any] = {}
+    # The pages forbid inline script (CSP); axe is injected by the test, so the test lifts it.
+    signed_out = new_page(viewport=viewport, color_scheme=scheme, bypass_csp=True)
+    signed_out.goto(seeded.gateway.url + "/console/login")
+    if found := axe_violations(signed_out):
+        failures["/console/login"] = found
+    for who, secret, paths in (
+        ("operator", None, seeded.operator_pages()),
+        ("tenant", seeded.tenant_secret, seeded.tenant_pages()),
+    ):
+        page = new_page(viewport=viewport, color_scheme=scheme, bypass_csp=True)
+        sign_in(page, seeded.gateway, *([secret] if secret else []))
+        for path in paths:
+            page.goto(seeded.gateway.url + path)
+            if found := axe_violations(page):
+                failures[f"{who} {path}"] = found
+    assert failures == {}, json.dumps(failures, indent=1)
+
+
+CONSOLE_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+
+
+def test_screenshots_light_and_dark_desktop_and_phone(seeded: Seeded, new_page: Any, tmp_path: Path) -> None:
+    """README's console pictures, from this data (``UPDATE_SCREENSHOTS=1`` writes docs/console/)."""
+    from tests.browser.conftest import SCREENSHOTS_UPDATE
+
+    folder = CONSOLE_SHOTS if SCREENSHOTS_UPDATE else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    shots = [("overview", "/console/overview"), ("keys", "/console/keys"), ("requests", "/console/requests")]
+    for scheme in ("light", "dark"):
+        for device, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+            page = new_page(viewport=viewport, color_scheme=scheme)
+            sign_in(page, seeded.gateway)
+            for name, path in shots:
+                page.goto(seeded.gateway.url + path)
+                page.wait_for_function("() => [...document.images].every(i => i.complete)")
+                target = folder / f"{name}-{scheme}-{device}.png"
+                page.screenshot(path=str(target))  # the first screen, as a visitor sees it
+                assert target.stat().st_size > 10_000, target
+            assert page.console_errors == []

@@ -113,7 +113,7 @@ def test_endpoints_are_added_rotated_disabled_and_deleted_and_a_delivery_is_rede
     # Rotate: a new secret, shown once; the next redelivery is signed with it.
     page.goto(gw.url + f"/console/keys/{key_id}/webhooks")
     page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name=f"Rotate the secret of {receiver.url}").click()
+    page.get_by_role("button", name=f"Rotate secret of {receiver.url}").click()
     expect(page.get_by_role("heading", name="Secret rotated")).to_be_visible()
     rotated = page.get_by_label(f"Signing secret for {receiver.url}").input_value()
     assert rotated.startswith("whsec_") and rotated != first_secret

@@ -8,6 +8,7 @@ rows become cards and the page still fits.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,36 @@ def test_screenshots_light_and_dark_desktop_and_phone(seeded: Seeded, new_page: 
                 page.screenshot(path=str(target))  # the first screen, as a visitor sees it
                 assert target.stat().st_size > 10_000, target
             assert page.console_errors == []
+
+
+def test_a_text_search_walks_the_log_a_window_at_a_time_and_misses_nothing(
+    seeded: Seeded, new_page: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.console.queries as queries
+
+    # 200 seeded entries, 150 of them with the long error; a window of 50 entries a page.
+    monkeypatch.setattr(queries, "SEARCH_WINDOW", 50)
+    page = new_page(viewport=DESKTOP)
+    sign_in(page, seeded.gateway)
+    page.goto(seeded.gateway.url + "/console/requests?q=13x17&from=2000-01-01")
+    seen: list[str] = []
+    windows = 0
+    while True:
+        ids = page.locator("#requests tbody tr[data-request-id]").evaluate_all(
+            "rows => rows.map(r => r.dataset.requestId)"
+        )
+        seen += ids
+        if page.locator("#search-window").count():
+            windows += 1
+            assert len(ids) < 50  # the window ran out before the page filled
+        more = page.get_by_role("link", name=re.compile("older requests"))
+        if more.count() == 0:
+            break
+        more.click()
+        page.wait_for_load_state()
+    wanted = {
+        r["request_id"]
+        for r in seeded.gateway.query("SELECT request_id FROM request_log WHERE error_message LIKE '%13x17%'")
+    }
+    assert len(seen) == len(set(seen)) and set(seen) == wanted and len(wanted) >= 150
+    assert windows >= 3

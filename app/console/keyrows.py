@@ -98,3 +98,12 @@ async def key_rows(
             )
         )
     return rows, len(found) > MAX_KEYS
+
+
+async def key_choices(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[str, str]]:
+    """Every key as ``(id, name)`` by name, for the pages' key filters (a name, not an id to type)."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(ApiKey.id, ApiKey.name).order_by(ApiKey.name, ApiKey.id).limit(MAX_KEYS)
+        )
+        return [(key_id, name) for key_id, name in rows]

@@ -22,6 +22,7 @@ from app.billing.ledger import period_of
 from app.billing.reports import EARLIEST, ActivityRow, UsageFilter, activity, parse_day
 from app.console import charts
 from app.console.activity import ActivityCache, Totals, by_group, total
+from app.console.keyrows import key_choices
 from app.console.queries import (
     LogFilter,
     account,
@@ -282,6 +283,7 @@ async def usage(
             "key_id": scope or "",
             "model": model or "",
         },
+        "key_choices": await key_choices(state.sessions) if viewer.is_operator else [],
     }
     return render(request, "usage.html", context)
 
@@ -569,6 +571,7 @@ async def tasks_page(
             "page": page,
             "names": names,
             "depth": await state.tasks.queue.depth(),
+            "key_choices": await key_choices(state.sessions) if viewer.is_operator else [],
             "key_id": _scope(viewer, key_id) or "",
             "status": status or "",
             "statuses": TASK_STATUSES,
@@ -594,6 +597,8 @@ async def moderation_page(
         "moderation.html",
         {
             "events": events,
+            "names": await key_names(state.sessions, [e["key_id"] for e in events]),
+            "key_choices": await key_choices(state.sessions),
             "key_id": key_id or "",
             "category": category or "",
             "next_before": events[-1]["id"] if len(events) == PAGE_SIZE else None,

@@ -369,6 +369,36 @@ def workers(bench: Bench) -> None:
             server.stop(grace_s=5)
 
 
+def request_log(bench: Bench) -> None:
+    """Small answers with the console's request log on (the default) and off, in the same run.
+
+    Two gateways like the one measured above, differing only in ``console.request_log``; their rows
+    alternate (on, off, on, off) so that drift on a shared machine hits both alike.
+    """
+    upstream = bench.target("direct").server
+    if upstream is None or bench.wrk is None:
+        return
+    for connections in (16, 64):
+        for label, enabled in (("log on", True), ("log off", False)):
+            server = start_gateway(
+                bench.workdir, bench.cpus, upstream, extra={"console": {"request_log": enabled}}
+            )
+            target = Target(f"gateway, {label}", server)
+            try:
+                probe(server)
+                single = Bench(
+                    targets=[target],
+                    cpus=bench.cpus,
+                    workdir=bench.workdir,
+                    settings=bench.settings,
+                    wrk=bench.wrk,
+                )
+                single.wrk_row("9. request log on vs off", f"c={connections}", SMALL, connections)
+                bench.cells.extend(single.cells)
+            finally:
+                server.stop(grace_s=5)
+
+
 def hang_ups(bench: Bench) -> None:
     """Not a speed test: do the proxies survive clients that hang up with requests in flight?
     Plain wrk does exactly that at the end of a run, as do clients that time out."""
@@ -450,6 +480,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "edits": edits,
     "async": async_mode,
     "workers": workers,
+    "requestlog": request_log,
     "hangups": hang_ups,
     "moderation": moderation,
     "slow": slow_upstream,

@@ -98,6 +98,78 @@ def bar_chart(
     return "".join([*parts, "</svg>"])
 
 
+def stacked_bar_chart(
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float]]],
+    *,
+    title: str,
+    unit: str,
+    chart_id: str,
+    axis: str = "day (UTC)",
+    width: int = 640,
+    height: int = 260,
+) -> str:
+    """Vertical bars stacked by series (``(name, values)``, one value per label), with a legend.
+
+    Each segment's title says the label, the series, its value, its share and the bar's total, so a
+    hover answers "how many of that day's requests failed?" without reading the axis. A segment's
+    class is ``seg-<name>``: console.css gives each series its colour in both themes.
+    """
+    left, right, top, bottom = 78, 12, 44, 46
+    plot_w, plot_h = width - left - right, height - top - bottom
+    parts = _open(chart_id, title, unit, width, height, len(labels))
+    for i, (name, _) in enumerate(series):
+        lx = 200 + i * 90
+        parts.append(f'<rect class="seg-{escape(name)}" x="{lx}" y="{top - 24}" width="10" height="10"/>')
+        parts.append(f'<text class="legend" x="{lx + 14}" y="{top - 15}">{escape(name)}</text>')
+    totals = [sum(values[i] for _, values in series) for i in range(len(labels))]
+    if not labels or not any(totals):
+        parts.append(_empty(width, height))
+        return "".join([*parts, "</svg>"])
+    top_value = nice_ceiling(max(totals))
+    for i in range(5):
+        value = top_value * i / 4
+        y = top + plot_h - plot_h * i / 4
+        parts.append(f'<line class="grid" x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(
+            f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{escape(plain(value))}</text>"
+        )
+    slot = plot_w / len(labels)
+    bar_w = max(2.0, slot * 0.7)
+    label_every = max(1, math.ceil(len(labels) / 10))
+    for i, label in enumerate(labels):
+        x = left + i * slot + (slot - bar_w) / 2
+        base: float = top + plot_h
+        for name, values in series:
+            value = values[i]
+            if not value:
+                continue
+            h = plot_h * value / top_value
+            base -= h
+            share = 100 * value / totals[i]
+            tip = f"{label} · {name}: {plain(value)} {unit} ({share:.0f} % of {plain(totals[i])})"
+            parts.append(
+                f'<rect class="bar seg-{escape(name)}" x="{x:.1f}" y="{base:.1f}" width="{bar_w:.1f}" '
+                f'height="{max(h, 0.5):.1f}"><title>{escape(tip)}</title></rect>'
+            )
+        if i % label_every == 0:
+            parts.append(
+                f'<text class="tick" x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle">'
+                f"{escape(_short(label))}</text>"
+            )
+    parts.append(_axes(left, top, plot_w, plot_h))
+    parts.append(
+        f'<text class="axis-title" x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">{escape(unit)}</text>'
+    )
+    parts.append(
+        f'<text class="axis-title" x="{left + plot_w / 2:.1f}" y="{height - 6}" '
+        f'text-anchor="middle">{escape(axis)}</text>'
+    )
+    return "".join([*parts, "</svg>"])
+
+
 def hbar_chart(
     points: Sequence[tuple[str, float]],
     *,

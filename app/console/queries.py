@@ -34,6 +34,8 @@ T = TypeVar("T")
 class Page(Generic[T]):
     rows: Sequence[T]
     next_before: int | str | None
+    # A text search looks through at most SEARCH_WINDOW entries a page: this is the oldest it saw.
+    searched_back_to: datetime | None = None
 
 
 async def request_rows(
@@ -128,6 +130,10 @@ class LogFilter:
 
 # Keys whose name matches a search, at most: a search is narrowed by key id over the key index.
 MAX_NAME_MATCHES = 200
+# A text search (error text, key name) has no index to walk: each page looks through at most this
+# many entries (newest first, the other filters applied), then offers to go on from there. A rare
+# match costs a bounded walk per page instead of a scan of the whole log.
+SEARCH_WINDOW = 10_000
 
 
 async def log_page(
@@ -155,8 +161,6 @@ async def log_page(
     if where.until is not None:
         conditions.append(RequestLogEntry.created_at < where.until)
     async with sessions() as session:
-        if where.q:
-            conditions.append(await _search(session, where.q))
         if before is not None:
             anchor = await session.get(RequestLogEntry, before)
             if anchor is None:
@@ -165,22 +169,45 @@ async def log_page(
             conditions.append(
                 or_(RequestLogEntry.created_at < anchor.created_at, RequestLogEntry.id < anchor.id)
             )
-        query = (
-            select(RequestLogEntry)
-            .where(*conditions)
-            .order_by(RequestLogEntry.created_at.desc(), RequestLogEntry.id.desc())
-            .limit(limit + 1)
-        )
+        newest_first = (RequestLogEntry.created_at.desc(), RequestLogEntry.id.desc())
+        edge: tuple[int, datetime] | None = None
+        if where.q:
+            search, by_text = await _search(session, where.q)
+            if by_text:
+                # The window's last entry: the search stops there, and the next page starts after it.
+                found_edge = (
+                    await session.execute(
+                        select(RequestLogEntry.id, RequestLogEntry.created_at)
+                        .where(*conditions)
+                        .order_by(*newest_first)
+                        .offset(SEARCH_WINDOW - 1)
+                        .limit(1)
+                    )
+                ).first()
+                if found_edge is not None:
+                    edge = (int(found_edge[0]), found_edge[1])
+                    conditions.append(RequestLogEntry.created_at >= edge[1])
+                    conditions.append(
+                        or_(RequestLogEntry.created_at > edge[1], RequestLogEntry.id >= edge[0])
+                    )
+            conditions.append(search)
+        query = select(RequestLogEntry).where(*conditions).order_by(*newest_first).limit(limit + 1)
         rows = (await session.execute(query)).scalars().all()
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page(rows=rows, next_before=rows[-1].id if more and rows else None)
+    if more and rows:
+        return Page(rows=rows, next_before=rows[-1].id)
+    if edge is not None:
+        # The window ran out before the page filled: go on below it (the edge itself was seen).
+        return Page(rows=rows, next_before=edge[0], searched_back_to=edge[1])
+    return Page(rows=rows, next_before=None)
 
 
-async def _search(session: AsyncSession, q: str) -> ColumnElement[bool]:
+async def _search(session: AsyncSession, q: str) -> tuple[ColumnElement[bool], bool]:
+    """The search's condition, and whether it is a text search (no index: walked in windows)."""
     text = q.strip()
     if text.startswith("req_") and " " not in text:
-        return RequestLogEntry.request_id == text
+        return RequestLogEntry.request_id == text, False
     named = (
         (
             await session.execute(
@@ -198,7 +225,7 @@ async def _search(session: AsyncSession, q: str) -> ColumnElement[bool]:
     ]
     if named:
         found.append(RequestLogEntry.key_id.in_(named))
-    return or_(*found)
+    return or_(*found), True
 
 
 async def log_entries(

@@ -64,9 +64,8 @@ def new_page(browser: Any) -> Iterator[Callable[..., Any]]:
     contexts: list[Any] = []
 
     def make(**options: Any) -> Any:
-        context = browser.new_context(
-            viewport={"width": 1280, "height": 860}, accept_downloads=True, **options
-        )
+        options.setdefault("viewport", {"width": 1280, "height": 860})
+        context = browser.new_context(accept_downloads=True, **options)
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(15_000)

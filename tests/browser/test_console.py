@@ -102,6 +102,7 @@ def test_tenant_playground_streams_two_partials_then_the_final_image_and_usage_s
     page = new_page()
     sign_in(page, console_gateway, secret)
     page.get_by_role("navigation").get_by_role("link", name="Playground").click()
+    page.wait_for_url("**/console/playground")  # Tab in the new page, not the one being left
     page.keyboard.press("Tab")  # the first stop is the skip link, which lands on the content
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Enter")
@@ -189,7 +190,7 @@ def test_a_moderation_block_shows_in_the_operators_audit_page(
     page = new_page()
     sign_in(page, console_gateway)
     page.get_by_role("navigation").get_by_role("link", name="Moderation").click()
-    page.get_by_label("Key id").fill(key_id)
+    page.get_by_label("Key", exact=True).select_option(key_id)
     page.get_by_role("button", name="Filter").click()
     rows = page.locator("#moderation-events tbody tr")
     expect(rows).to_have_count(1)  # retries until the filtered page has loaded

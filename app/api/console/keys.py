@@ -7,6 +7,7 @@ rules, and the same messages beside the field they name.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -17,12 +18,25 @@ from starlette.responses import Response
 
 from app.api.console.web import ConsoleDenied, OperatorDep, check_csrf, redirect, render, session_store
 from app.api.deps import StateDep
+from app.billing.ledger import period_of
+from app.console.keyrows import key_rows
 from app.errors import GatewayError
 from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateRequest, TopUpRequest
 from app.state import AppState
 
 router = APIRouter(prefix="/keys")
-LIMIT_FIELDS = ("quota", "monthly_quota", "balance", "price_multiplier", "rpm", "ipm", "concurrency")
+LIMIT_FIELDS = (
+    "quota",
+    "monthly_quota",
+    "balance",
+    "price_multiplier",
+    "rpm",
+    "ipm",
+    "concurrency",
+    "max_queued_tasks",
+    "max_tasks_in_flight",
+)
+KEY_STATES = ("active", "disabled", "expired", "revoked")
 
 
 def _blank_to_none(value: Any) -> Any:
@@ -47,9 +61,21 @@ def form_to_fields(form: FormData, *, creating: bool) -> dict[str, Any]:
     for name in ("moderation_allow", "moderation_block"):
         lines = [line.strip() for line in str(form.get(name) or "").splitlines() if line.strip()]
         fields[name] = lines or None
+    fields["metadata"] = _metadata(form.get("metadata"))
     if not creating:
         fields["enabled"] = bool(form.get("enabled"))
     return fields
+
+
+def _metadata(value: object) -> Any:
+    """The metadata box holds a JSON object. Text that is not JSON goes to the model as it is, and
+    the model's own rule (a dict) refuses it beside the field."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def validation_errors(exc: ValidationError) -> dict[str, str]:
@@ -75,6 +101,9 @@ def _form_values(key: ApiKeyObject | None, fields: dict[str, Any] | None) -> dic
         values["expires_at"] = expires[:16]
     for name in ("moderation_allow", "moderation_block"):
         values[name] = "\n".join(values.get(name) or [])
+    metadata = values.get("metadata")
+    if metadata is not None and not isinstance(metadata, str):
+        values["metadata"] = json.dumps(metadata, indent=2, ensure_ascii=False)
     return values
 
 
@@ -109,16 +138,11 @@ async def list_keys(
     viewer: OperatorDep,  # noqa: ARG001
     state: StateDep,
     q: Annotated[str, Query(max_length=200)] = "",
+    state_filter: Annotated[str, Query(alias="state", max_length=20)] = "",
 ) -> Response:
-    keys = await state.keys.list()
-    needle = q.strip().lower()
-    if needle:
-        keys = [
-            k
-            for k in keys
-            if any(needle in (v or "").lower() for v in (k.id, k.name, k.owner, k.prefix, k.status))
-        ]
-    return render(request, "keys.html", {"keys": keys, "q": q})
+    wanted = state_filter if state_filter in KEY_STATES else ""
+    keys, truncated = await key_rows(state.sessions, period=period_of(datetime.now(UTC)), q=q, state=wanted)
+    return render(request, "keys.html", {"keys": keys, "q": q, "state": wanted, "truncated": truncated})
 
 
 @router.get("/new")

@@ -22,6 +22,7 @@ from app.billing.ledger import period_of
 from app.billing.reports import EARLIEST, ActivityRow, UsageFilter, activity, parse_day
 from app.console import charts
 from app.console.activity import ActivityCache, Totals, by_group, total
+from app.console.keyrows import key_choices
 from app.console.queries import (
     LogFilter,
     account,
@@ -35,6 +36,7 @@ from app.console.queries import (
 )
 from app.console.requestlog import STATUS_CLASSES
 from app.console.sessions import Viewer
+from app.console.statusmix import StatusMix
 from app.domain.money import format_micros
 from app.errors import InvalidRequestError, NotFoundError
 from app.state import AppState
@@ -117,6 +119,22 @@ def _scope(viewer: Viewer, key_id: str | None) -> str | None:
     return viewer.key_id if not viewer.is_operator else (key_id or None)
 
 
+async def _status_chart(request: Request, state: AppState, span: Span, key_id: str | None) -> str | None:
+    """Requests per day stacked by status class (refused ones included: it reads the request log)."""
+    if span.bucket != "day":
+        return None
+    mix: StatusMix = request.app.state.console_status_mix
+    per_day = await mix.per_day(state.sessions, key_id=key_id, first=span.first, last=span.last)
+    labels = list(per_day)
+    return charts.stacked_bar_chart(
+        labels,
+        [(name, [per_day[day].get(name, 0) for day in labels]) for name in STATUS_CLASSES],
+        title="Requests per day by status",
+        unit="requests",
+        chart_id="requests-by-status",
+    )
+
+
 def _day_charts(state: AppState, days_rows: list[ActivityRow], span: Span) -> list[str]:
     """Requests, images, spend, error rate and latency per day or month (empty buckets show 0)."""
     by_day = by_group(days_rows)
@@ -185,7 +203,11 @@ async def overview(
     context = {
         "viewer": viewer,
         "totals": total(cells),
-        "charts": _day_charts(state, cells, span),
+        "charts": [
+            chart
+            for chart in [await _status_chart(request, state, span, None), *_day_charts(state, cells, span)]
+            if chart is not None
+        ],
         "first": span.first.isoformat(),
         "last": span.last.isoformat(),
         "queue_depth": await state.tasks.queue.depth(),
@@ -212,9 +234,10 @@ async def usage(
     cells = await _timeline(request, state, where, span)
     day_charts = _day_charts(state, cells, span)
     by_model = by_group(await _activity(request).rows(state.sessions, where=where, group_by="model"))
+    status_chart = await _status_chart(request, state, span, scope)
     chart_list = [
         day_charts[2],
-        day_charts[0],
+        *([status_chart] if status_chart is not None else [day_charts[0]]),
         charts.hbar_chart(
             [(name, t.cost_micros) for name, t in by_model.items()],
             title="Spend by model",
@@ -226,9 +249,11 @@ async def usage(
     if viewer.is_operator and scope is None:
         by_key = by_group(await _activity(request).rows(state.sessions, where=where, group_by="key"))
         top = sorted(by_key.items(), key=lambda item: -item[1].cost_micros)[:15]
+        names = await key_names(state.sessions, [key for key, _ in top])
         chart_list.append(
             charts.hbar_chart(
-                [(name, t.cost_micros) for name, t in top],
+                # By name: two keys may share one, so the id's head tells them apart.
+                [(f"{names.get(key, key)} ({key[:10]}…)", t.cost_micros) for key, t in top],
                 title="Spend by key (top 15)",
                 unit=unit,
                 fmt=_cost,
@@ -258,6 +283,7 @@ async def usage(
             "key_id": scope or "",
             "model": model or "",
         },
+        "key_choices": await key_choices(state.sessions) if viewer.is_operator else [],
     }
     return render(request, "usage.html", context)
 
@@ -545,6 +571,7 @@ async def tasks_page(
             "page": page,
             "names": names,
             "depth": await state.tasks.queue.depth(),
+            "key_choices": await key_choices(state.sessions) if viewer.is_operator else [],
             "key_id": _scope(viewer, key_id) or "",
             "status": status or "",
             "statuses": TASK_STATUSES,
@@ -570,6 +597,8 @@ async def moderation_page(
         "moderation.html",
         {
             "events": events,
+            "names": await key_names(state.sessions, [e["key_id"] for e in events]),
+            "key_choices": await key_choices(state.sessions),
             "key_id": key_id or "",
             "category": category or "",
             "next_before": events[-1]["id"] if len(events) == PAGE_SIZE else None,

@@ -10,6 +10,62 @@
     input.addEventListener("focus", function () { input.select(); });
   });
 
+  // The theme toggle: a pressed button means dark; the choice is kept in localStorage, and until
+  // one is made the page follows prefers-color-scheme.
+  var toggle = document.getElementById("theme-toggle");
+  if (toggle) {
+    var root = document.documentElement;
+    var system = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+    var isDark = function () {
+      var chosen = root.getAttribute("data-theme");
+      return chosen ? chosen === "dark" : !!(system && system.matches);
+    };
+    var show = function () { toggle.setAttribute("aria-pressed", isDark() ? "true" : "false"); };
+    toggle.hidden = false;
+    show();
+    if (system && system.addEventListener) system.addEventListener("change", show);
+    toggle.addEventListener("click", function () {
+      var next = isDark() ? "light" : "dark";
+      root.setAttribute("data-theme", next);
+      try { window.localStorage.setItem("console-theme", next); } catch (e) { /* not kept */ }
+      show();
+    });
+  }
+
+  // Phone cards name each cell by its column: fill in the labels the templates left out.
+  document.querySelectorAll(".scroll table").forEach(function (table) {
+    var heads = Array.prototype.map.call(table.querySelectorAll("thead th"), function (th) { return th.textContent.trim(); });
+    table.querySelectorAll("tbody tr").forEach(function (row) {
+      Array.prototype.forEach.call(row.children, function (cell, i) {
+        if (!cell.hasAttribute("data-label") && heads[i] && cell.getAttribute("colspan") === null) cell.setAttribute("data-label", heads[i]);
+      });
+    });
+  });
+
+  // Copy buttons (a new key's or endpoint's secret): shown only where the script runs.
+  document.querySelectorAll("button[data-copy]").forEach(function (button) {
+    var id = button.getAttribute("data-copy");
+    var input = document.getElementById(id);
+    var status = document.querySelector('[data-copy-status="' + id + '"]');
+    if (!input) return;
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      function done(ok) {
+        if (status) status.textContent = ok ? "Copied to the clipboard." : "Copy failed: select the text and copy it.";
+        if (!ok) { input.focus(); input.select(); }
+      }
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(input.value).then(function () { done(true); }, function () { done(false); });
+      } else {
+        input.focus();
+        input.select();
+        var ok = false;
+        try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+        done(ok);
+      }
+    });
+  });
+
   // Upstream health, refreshed live where the table asks for it.
   var table = document.querySelector("table[data-live]");
   if (!table) return;

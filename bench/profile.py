@@ -45,7 +45,19 @@ def record(
     """py-spy on the gateway while ``total`` requests of ``body`` run; stopped (SIGINT, which makes
     py-spy write what it has) once they are done, so every run samples the same work."""
     raw = RESULTS / f"profile-{name}.txt"
-    command = [spy, "record", "-p", str(gateway.pid), "-d", "3600", "-r", "250", "--gil", "--nolineno"]
+    command = [
+        spy,
+        "record",
+        "-p",
+        str(gateway.pid),
+        "-d",
+        "3600",
+        "-r",
+        "250",
+        "--gil",
+        "--nolineno",
+        "--nonblocking",
+    ]
     command += ["-f", "raw", "-o", str(raw)]
     recorder = subprocess.Popen(pinned(command, cpus.load), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # py-spy attaches
@@ -74,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-spy", action="store_true", help="CPU per request only")
     parser.add_argument("--cpu-only-small", action="store_true", help="skip the large CPU series")
+    parser.add_argument("--no-cpu", action="store_true", help="py-spy only")
     args = parser.parse_args(argv)
 
     RESULTS.mkdir(exist_ok=True)
@@ -89,19 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(start_gateway(workdir, cpus, servers[0]))
         gateway = servers[-1]
         url = gateway.base_url + "/images/generations"
-        series = [
-            cpu.repeat(
-                "small answers, c=16",
-                gateway.pid,
-                url,
-                SMALL,
-                gateway.headers(),
-                total=args.requests,
-                concurrency=16,
-                times=args.runs,
-            )
-        ]
-        if not args.cpu_only_small:
+        series = (
+            []
+            if args.no_cpu
+            else [
+                cpu.repeat(
+                    "small answers, c=16",
+                    gateway.pid,
+                    url,
+                    SMALL,
+                    gateway.headers(),
+                    total=args.requests,
+                    concurrency=16,
+                    times=args.runs,
+                )
+            ]
+        )
+        if not args.cpu_only_small and not args.no_cpu:
             series.append(
                 cpu.repeat(
                     "1 image 3.5 MB, c=4",

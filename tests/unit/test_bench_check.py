@@ -84,3 +84,25 @@ def test_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     latest.write_text(json.dumps(run(1_000, 3.0)))  # latency up 50%: p50 ratios down by a third
     assert check.main(["--latest", str(latest), "--baseline", str(baseline)]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_profile_tables_group_self_time_by_module(tmp_path: Path) -> None:
+    from bench.flame import Profile, flame_svg, module_of, top_table
+
+    raw = tmp_path / "stacks.txt"
+    raw.write_text(
+        "run (asyncio/runners.py);handle (fastapi/routing.py);execute (sqlalchemy/engine/base.py) 6\n"
+        "run (asyncio/runners.py);handle (fastapi/routing.py) 3\n"
+        "run (asyncio/runners.py);admit (app/images/service.py);solve (fastapi/routing.py) 1\n"
+    )
+    profile = Profile.read(raw)
+    assert profile.total == 10
+    assert module_of("execute (sqlalchemy/engine/base.py)") == "sqlalchemy.engine.base"
+    assert module_of("f (app/api/__init__.py:12)") == "app.api"
+    rows = [line for line in top_table(profile).splitlines()[2:]]
+    # The module with the most self time first, its frames by their own share.
+    assert rows[0] == "| sqlalchemy.engine.base (60.0%) | `execute` | 60.0% |"
+    assert rows[1] == "| fastapi.routing (40.0%) | `handle` | 30.0% |"
+    assert rows[2] == "|  | `solve` | 10.0% |"
+    svg = flame_svg(profile, "test")
+    assert svg.startswith("<svg") and "execute (sqlalchemy/engine/base.py) (6 samples, 60.00%)" in svg

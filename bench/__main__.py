@@ -112,7 +112,7 @@ def profile(bench: Bench, seconds: float = 8.0) -> None:
     gateway = bench.target("gateway").server
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if gateway is None or bench.wrk is None or not Path(py_spy).exists():
-        print("profile skipped: needs the gateway, wrk and py-spy (.venv/bin/pip install py-spy)", flush=True)
+        print("profile skipped: needs the gateway, wrk and py-spy (make install-dev)", flush=True)
         return
     RESULTS.mkdir(exist_ok=True)
     raw = RESULTS / "profile-gateway.txt"

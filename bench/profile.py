@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, cpus.load)
     spy = None if args.no_spy else py_spy()
     if not args.no_spy and spy is None:
-        print("py-spy is missing (.venv/bin/pip install py-spy): CPU per request only", flush=True)
+        print("py-spy is missing (make install-dev installs it): CPU per request only", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
     servers: list[Server] = []
     try:

@@ -67,6 +67,17 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# Where the gateway's CPU goes (issue 25): CPU seconds per request over a fixed request count
+# (median of 3), then py-spy under small and large answers; flame graphs and tables in bench/results/.
+.PHONY: bench-profile bench-check
+bench-profile: $(STAMP)
+	$(BIN)/python -m bench.profile
+
+# The gateway's ratios to LiteLLM and to direct in bench/results/latest.json (written by `make
+# bench`) against bench/baseline.json: fails on a drop of more than 20%. Not part of `make test`.
+bench-check: $(STAMP)
+	$(BIN)/python -m bench.check
+
 # One node against 2 API nodes + 2 workers on PostgreSQL, Redis and S3 (issue 24); rewrites its
 # block of BENCHMARKS.md.
 .PHONY: bench-cluster

@@ -17,11 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import httpx
 
+from bench.flame import Profile, flame_svg, package_table, top_table
 from bench.load import run_wrk
 from bench.report import render, results, write_benchmarks
 from bench.scenarios import SCENARIOS, SMALL, Bench, Settings, Target
@@ -39,7 +39,7 @@ from bench.servers import (
     start_upstream,
 )
 
-RESULTS = ROOT / "bench" / ".results"
+RESULTS = ROOT / "bench" / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,7 +112,7 @@ def profile(bench: Bench, seconds: float = 8.0) -> None:
     gateway = bench.target("gateway").server
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if gateway is None or bench.wrk is None or not Path(py_spy).exists():
-        print("profile skipped: needs the gateway, wrk and py-spy (.venv/bin/pip install py-spy)", flush=True)
+        print("profile skipped: needs the gateway, wrk and py-spy (make install-dev)", flush=True)
         return
     RESULTS.mkdir(exist_ok=True)
     raw = RESULTS / "profile-gateway.txt"
@@ -148,51 +148,11 @@ def profile(bench: Bench, seconds: float = 8.0) -> None:
     )
     spy.wait(timeout=60)
     print(f"profile: gateway at {result.rps:,.0f} req/s under py-spy; stacks in {raw}", flush=True)
-    summary = summarise_profile(raw)
-    (RESULTS / "profile-summary.txt").write_text(summary)
+    stacks = Profile.read(raw)
+    summary = f"{stacks.total} samples (GIL held)\n\n{package_table(stacks)}\n\n{top_table(stacks)}\n"
+    (RESULTS / "profile-summary.md").write_text(summary)
+    (RESULTS / "profile-gateway.svg").write_text(flame_svg(stacks, "gateway, small answers, c=16"))
     print(summary, flush=True)
-
-
-def summarise_profile(raw: Path, top: int = 25) -> str:
-    """Self and inclusive sample shares per frame, and self time per package, from py-spy's
-    collapsed stacks (one ``frame;frame;… count`` line per distinct stack)."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    packages: Counter[str] = Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
-        total += count
-        own[frames[-1]] += count
-        packages[_package(frames[-1])] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    if not total:
-        return "no samples"
-
-    def table(counter: Counter[str], n: int = top) -> str:
-        return "\n".join(f"{k / total:6.1%}  {frame}" for frame, k in counter.most_common(n))
-
-    return (
-        f"{total} samples (GIL held)\n\nself time by package:\n{table(packages, 15)}\n\n"
-        f"self time:\n{table(own)}\n\ninclusive time:\n{table(inclusive, top * 2)}\n"
-    )
-
-
-def _package(frame: str) -> str:
-    """``func (sqlalchemy/orm/session.py:12)`` → ``sqlalchemy``; the standard library → ``stdlib``."""
-    location = frame.rpartition("(")[2].rstrip(")")
-    path = location.rpartition(":")[0]
-    if "/" not in path:
-        return "stdlib" if path.endswith(".py") else path or "?"
-    head = path.split("/", 1)[0]
-    return (
-        "stdlib" if head in {"asyncio", "concurrent", "json", "logging", "email", "http", "urllib"} else head
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from app.api.deps import CallerDep, StateDep
+from app.api.deps import caller_and_state
 from app.domain.jobs import ImageJob
 from app.domain.money import format_micros
 from app.errors import GatewayError, InvalidJSONError, InvalidRequestError
@@ -142,7 +142,8 @@ async def run_now(
 
 
 @router.post("/generations")
-async def create_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+async def create_image(request: Request) -> Response:
+    caller, state = await caller_and_state(request)
     return await generate_as(request, state, caller)
 
 
@@ -161,7 +162,8 @@ async def generate_as(request: Request, state: AppState, caller: Caller) -> Resp
 
 
 @router.post("/edits")
-async def edit_image(request: Request, caller: CallerDep, state: StateDep) -> Response:
+async def edit_image(request: Request) -> Response:
+    caller, state = await caller_and_state(request)
     return await edit_as(request, state, caller)
 
 
@@ -198,9 +200,10 @@ async def edit_as(request: Request, state: AppState, caller: Caller) -> Response
 
 
 @router.post("/variations")
-async def create_variation(request: Request, caller: CallerDep, state: StateDep) -> Response:
+async def create_variation(request: Request) -> Response:
     """dall-e-2's legacy endpoint: forwarded to an upstream that still serves dall-e-2, otherwise
     OpenAI's 404 ``model_not_found`` naming the retirement."""
+    caller, state = await caller_and_state(request)
     if wants_async(request):
         raise InvalidRequestError(
             "async=true is not supported for image variations.", param="async", code="invalid_value"

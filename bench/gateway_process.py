@@ -203,7 +203,7 @@ class GatewayProcess:
         self.kill()
         raise TimeoutError(f"gateway not ready: {self.logs()[-3000:]}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

@@ -288,7 +288,7 @@ def test_cli_expires_at_takes_the_readmes_date_form(tmp_path: Path) -> None:
             [sys.executable, "-m", "app", "--config", str(config), *args],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,  # bounds a hang only: a CLI start took over 60 s at load 23
         )
 
     created = cli("keys", "create", "--name", "dated", "--expires-at", "2030-01-01")

@@ -28,7 +28,7 @@ class ThreadedServer:
         host: str = "127.0.0.1",
         port: int = 0,
         startup_timeout_s: float = 60.0,  # bounds a failure only: a loaded box starts slowly
-        shutdown_timeout_s: float = 10.0,
+        shutdown_timeout_s: float = 30.0,  # bounds a hang only (150 held requests at load 23: > 20 s)
         graceful_timeout_s: int = 3,
         log_level: str = "warning",
         lifespan: str = "auto",

@@ -38,7 +38,7 @@ def run_cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subp
         [sys.executable, "-m", "app", "--config", str(config), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # bounds a hang only: a loaded box starts the CLI slowly
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )

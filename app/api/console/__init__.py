@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
-from app.api.console import auth, keys, pages, playground, tasks
+from app.api.console import auth, batches, keys, pages, playground, tasks
 from app.api.console.web import HERE, ConsoleDenied, SignInRequired, console_denied, sign_in_required
 from app.console.activity import ActivityCache
 
 
 def install_console(app: FastAPI) -> None:
-    for module in (auth, pages, keys, playground, tasks):
+    for module in (auth, pages, keys, playground, tasks, batches):
         app.include_router(module.router, prefix="/console", include_in_schema=False)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
     # Totals of days that are over, shared by this process's pages (app/console/activity.py).

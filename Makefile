@@ -87,3 +87,9 @@ bench-cluster: $(STAMP)
 # Console page latency at 10,000 ledger rows (issue 18); rewrites its block of BENCHMARKS.md.
 bench-console: $(STAMP)
 	$(BIN)/python -m bench.console
+
+# Batches of 5,000 and 20,000 lines on SQLite and PostgreSQL (issue 27); rewrites its block of
+# BENCHMARKS.md.
+.PHONY: bench-batch
+bench-batch: $(STAMP)
+	$(BIN)/python -m bench.batch

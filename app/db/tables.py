@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text, TypeDecorator, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -158,6 +158,11 @@ class LedgerEntry(Base):
     batch_id: Mapped[str | None] = mapped_column(String(40))
 
 
+# A task that is queued or running (its lease may have lapsed): the partial index ix_tasks_runnable
+# covers only these, and the claim repeats this exact predicate so SQLite can use it.
+RUNNABLE_STATUSES = "status IN ('queued', 'in_progress')"
+
+
 class Task(Base):
     """An asynchronous image request: what to run, who leases it, and how it ended.
 
@@ -173,6 +178,16 @@ class Task(Base):
         Index("ux_tasks_idempotency", "key_id", "idempotency_key", unique=True),
         # The reconciler asks whether a live task owns a hold (app/billing/ledger.py).
         Index("ix_tasks_hold", "hold_id"),
+        # The claim ranks the runnable tasks of each key by age (app/tasks/statements.py): this
+        # index hands them over in that order and never reads finished history (0019).
+        Index(
+            "ix_tasks_runnable",
+            "key_id",
+            "created_at",
+            "id",
+            sqlite_where=text(RUNNABLE_STATUSES),
+            postgresql_where=text(RUNNABLE_STATUSES),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -10,11 +10,12 @@ Finishing a task is guarded by the worker's identity, so a worker whose lease wa
 never overwrite the new owner's outcome.
 
 Fairness between keys: candidates are ranked inside each key by age (``row_number() OVER
-(PARTITION BY key_id)``) and taken by rank first, age second, so a claim of N tasks takes every
-waiting key's oldest task before any key's second one: round-robin across keys, FIFO within a
-key. One key's backlog of thousands therefore never delays another key's task by more than one
-claim. A key's ``max_tasks_in_flight`` caps its rank by the room it has left (its tasks running
-under a live lease count against it); ``max_queued_tasks`` is checked when a task is submitted.
+(PARTITION BY key_id)``) and taken by the count their key would then have in flight (its tasks
+running under a live lease, plus the rank), age breaking ties: a key running nothing goes before a
+key running many, and a claim of N tasks levels the keys, FIFO within each. One key's backlog of
+thousands (a batch's lines) therefore delays another key's single task by at most one claim, even
+a claim of one task. A key's ``max_tasks_in_flight`` caps its rank by the room it has left;
+``max_queued_tasks`` is checked when a task is submitted.
 """
 
 from __future__ import annotations

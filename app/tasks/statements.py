@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import BigInteger, Integer, and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.sql.elements import BindParameter
 
 from app.db.prepared import Prepared
-from app.db.tables import ApiKey, Reservation, Task
+from app.db.tables import RUNNABLE_STATUSES, ApiKey, Reservation, Task
 
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "queued", "in_progress", "succeeded", "failed"
 # Only a queued task is cancelled (POST /v1/tasks/{id}/cancel); a running one finishes.
@@ -31,28 +31,39 @@ def _runnable() -> Any:
 
 
 def _pick(*, capped: bool) -> Any:
-    """The ids to lease, fairest first: ranked by age inside each key, taken by rank then age (see
-    app/tasks/queue.py). ``capped``: some key has ``max_tasks_in_flight``, so each key's rank is
-    bounded by the room it has left; without such keys the count of running tasks is skipped."""
+    """The ids to lease, fairest first (see app/tasks/queue.py): each runnable task is ranked by age
+    inside its key, and taken by the number of its key's tasks that would then be in flight (running
+    under a live lease, plus its rank), oldest first on a tie. A key with a large backlog already
+    running therefore yields to a key with none, even in a claim of one task. ``capped``: some key
+    has ``max_tasks_in_flight``, so each key's rank is also bounded by the room it has left."""
     rank = func.row_number().over(partition_by=Task.key_id, order_by=(Task.created_at, Task.id))
-    ranked = select(Task.id, Task.key_id, Task.created_at, rank.label("rank")).where(_runnable()).subquery()
-    joined = Task.__table__.join(ranked, ranked.c.id == Task.id)
+    # The redundant status term is ix_tasks_runnable's predicate, spelled as it is there: SQLite
+    # uses a partial index only when the query repeats its WHERE term.
+    ranked = (
+        select(Task.id, Task.key_id, Task.created_at, rank.label("rank"))
+        .where(text(f"tasks.{RUNNABLE_STATUSES}"), _runnable())
+        .subquery()
+    )
+    # Tasks under a live lease are few (bounded by the workers' concurrency), and ix_tasks_claim
+    # (status, lease_until) finds them without reading the queued ones.
+    running = (
+        select(Task.key_id, func.count().label("n"))
+        .where(Task.status == IN_PROGRESS, Task.lease_until >= bindparam("now"))
+        .group_by(Task.key_id)
+        .subquery()
+    )
+    in_flight = func.coalesce(running.c.n, 0)
+    joined = Task.__table__.join(ranked, ranked.c.id == Task.id).outerjoin(
+        running, running.c.key_id == ranked.c.key_id
+    )
     pick = select(Task.id)
     if capped:
-        running = (
-            select(Task.key_id, func.count().label("n"))
-            .where(Task.status == IN_PROGRESS, Task.lease_until >= bindparam("now"))
-            .group_by(Task.key_id)
-            .subquery()
-        )
-        room = ApiKey.max_tasks_in_flight - func.coalesce(running.c.n, 0)
-        joined = joined.outerjoin(ApiKey, ApiKey.id == ranked.c.key_id).outerjoin(
-            running, running.c.key_id == ranked.c.key_id
-        )
+        joined = joined.outerjoin(ApiKey, ApiKey.id == ranked.c.key_id)
+        room = ApiKey.max_tasks_in_flight - in_flight
         pick = pick.where(or_(ApiKey.max_tasks_in_flight.is_(None), ranked.c.rank <= room))
     return (
         pick.select_from(joined)
-        .order_by(ranked.c.rank, ranked.c.created_at, ranked.c.id)
+        .order_by(in_flight + ranked.c.rank, ranked.c.created_at, ranked.c.id)
         .limit(bindparam("limit", type_=Integer))
     )
 

@@ -240,7 +240,7 @@ def test_a_tenant_cannot_open_admin_pages_or_another_keys_request(
     # The navigation offers no operator page.
     page.goto(console_gateway.url + "/console/usage")
     links = page.get_by_role("navigation").get_by_role("link").all_inner_texts()
-    assert links == ["Usage", "Requests", "Tasks", "Playground"]
+    assert links == ["Usage", "Requests", "Tasks", "Playground", "Batches"]
     assert my_id in page.locator(".who").inner_text()
     # The header names the key; its id is on hover and beside it.
     expect(page.locator(".who .key-name")).to_have_text("tenant-b")

@@ -257,3 +257,70 @@ async def test_one_idempotency_key_twice_in_a_batch_makes_one_task(queue: TaskQu
     assert (a_created, b_created) == (True, False) and a.id == b.id
     (again, created) = await queue.submit(_submission("key_idem", 2, "same"))
     assert not created and again.id == a.id
+
+
+# A batch's lines are ordinary tasks of the batch's key, so a 5,000-line batch is 5,000 tasks of one key
+# here: another key's single async task must be the next claim while the batch runs (counted).
+BATCH_LINES = 5_000
+
+
+def _single(key_id: str) -> NewTask:
+    return NewTask(
+        new_task_id(), key_id, "req_b", "generations", "gpt-image-1", {}, "b64_json", None, None, None, 0
+    )
+
+
+async def _claims_until(queue: TaskQueue, task_id: str, *, slots: int, running: list[str]) -> int:
+    """Claims of ONE task, as a pool with ``slots`` free workers makes them, until ``task_id`` is
+    leased; a worker whose slot is needed finishes its oldest line first. Returns how many."""
+    for count in range(1, 50):
+        if len(running) >= slots:
+            assert await queue.finish(running.pop(0), "pool", status="succeeded")
+        (claimed,) = await queue.claim_batch("pool", 1)
+        if claimed.id == task_id:
+            return count
+        running.append(claimed.id)
+    raise AssertionError("never claimed")
+
+
+async def test_a_single_task_is_the_next_claim_while_a_large_batch_runs(
+    queue: TaskQueue, clock: Clock
+) -> None:
+    await _seed(queue, [_key("key_a"), _key("key_b")], [_task("key_a", i) for i in range(BATCH_LINES)])
+    running: list[str] = []
+    for _ in range(4):  # the batch's first lines are running on a pool of four
+        (claimed,) = await queue.claim_batch("pool", 1)
+        running.append(claimed.id)
+    assert all(task_id.startswith("task_key_a_") for task_id in running)
+    clock.advance(10)
+    b, _ = await queue.submit(_single("key_b"))
+    # Before the fix, every claim took key A's oldest line (older than B's task) and B waited
+    # behind all 5,000 of them.
+    assert await _claims_until(queue, b.id, slots=4, running=running) == 1
+    # The batch goes on after it, oldest line first.
+    (next_a,) = await queue.claim_batch("pool", 1)
+    assert next_a.id == "task_key_a_00004"
+
+
+async def test_a_single_task_waits_at_most_one_claim_when_the_batch_is_idle(
+    queue: TaskQueue, clock: Clock
+) -> None:
+    await _seed(queue, [_key("key_a"), _key("key_b")], [_task("key_a", i) for i in range(BATCH_LINES)])
+    clock.advance(10)
+    b, _ = await queue.submit(_single("key_b"))
+    # Neither key has anything running: the tie goes to the older task (key A's first line), and
+    # key B's is the next one.
+    assert await _claims_until(queue, b.id, slots=4, running=[]) == 2
+
+
+async def test_keys_are_levelled_by_what_they_have_running(queue: TaskQueue) -> None:
+    tasks = [_task("key_a", i) for i in range(20)] + [_task("key_b", i) for i in range(20)]
+    await _seed(queue, [_key("key_a"), _key("key_b"), _key("key_c")], tasks)
+    first = await queue.claim_batch("w1", 6)
+    assert sorted(t.key_id for t in first) == ["key_a"] * 3 + ["key_b"] * 3
+    # Key C arrives with three tasks: a claim of four gives C three (it runs nothing) before A or B
+    # get a fourth, and the fourth slot goes to the older of A and B.
+    late = [dict(_task("key_c", i), created_at=T0 + timedelta(seconds=5, milliseconds=i)) for i in range(3)]
+    await queue._writer.run(lambda c: c.execute(insert(Task), late))
+    second = await queue.claim_batch("w1", 4)
+    assert [t.key_id for t in second] == ["key_c", "key_c", "key_c", "key_a"]

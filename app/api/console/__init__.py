@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
-from app.api.console import auth, keys, pages, playground, tasks, webhooks
+from app.api.console import auth, batches, keys, pages, playground, tasks, webhooks
 from app.api.console.web import HERE, ConsoleDenied, SignInRequired, console_denied, sign_in_required
 from app.console.activity import ActivityCache
 from app.console.statusmix import StatusMix
 
 
 def install_console(app: FastAPI) -> None:
-    for module in (auth, pages, keys, playground, tasks, webhooks):
+    for module in (auth, pages, keys, playground, tasks, webhooks, batches):
         app.include_router(module.router, prefix="/console", include_in_schema=False)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
     # Totals of days that are over, shared by this process's pages (app/console/activity.py).

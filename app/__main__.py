@@ -11,8 +11,8 @@ from types import FrameType
 
 import uvicorn
 
-from app.cli import add_key_commands, add_usage_command, run_keys, run_migrate, run_usage
-from app.settings import ConfigError, Settings, load_settings
+from app.runtime.cli import add_key_commands, add_usage_command, run_keys, run_migrate, run_usage
+from app.runtime.settings import ConfigError, Settings, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,9 +81,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
-    from app.lifespan import prepare
-    from app.logging import configure_logging
+    from app.core.logging import configure_logging
     from app.main import create_app
+    from app.runtime.lifespan import prepare
 
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return run_migrate(settings)
     if args.command == "worker":
-        from app.logging import configure_logging
-        from app.standalone import run_workers
+        from app.core.logging import configure_logging
+        from app.runtime.standalone import run_workers
 
         configure_logging(level=settings.logging.level, json_format=settings.logging.json_format)
         return run_workers(settings, concurrency=args.concurrency)

@@ -18,10 +18,10 @@ from app.api.middleware import (
     RequestContextMiddleware,
 )
 from app.api.openapi import install_openapi
-from app.lifespan import make_lifespan
-from app.metrics import Metrics
-from app.settings import Settings
-from app.tracing import Tracing
+from app.runtime.lifespan import make_lifespan
+from app.runtime.settings import Settings
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import Tracing
 
 EXPOSED_HEADERS = [
     "x-request-id",
@@ -96,8 +96,8 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> FastAPI
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` worker processes: settings from GATEWAY_CONFIG and env."""
-    from app.logging import configure_logging
-    from app.settings import load_settings
+    from app.core.logging import configure_logging
+    from app.runtime.settings import load_settings
 
     settings = load_settings()
     configure_logging(level=settings.logging.level, json_format=settings.logging.json_format)

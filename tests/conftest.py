@@ -14,7 +14,7 @@ import pytest
 
 from app.domain.catalog import Catalog
 from app.main import create_app
-from app.settings import Settings, build_settings
+from app.runtime.settings import Settings, build_settings
 from bench.books import query
 from bench.gateway_process import reserve_port
 from tests.fakes.openai_upstream import FakeOpenAI

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.api.deps import AdminDep, StateDep
-from app.state import AppState
+from app.runtime.state import AppState
 
 router = APIRouter(prefix="/admin/upstreams", tags=["admin"], dependencies=[AdminDep])
 

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from app.api.deps import CallerDep, StateDep
 from app.api.images import public_base
 from app.batches.service import batch_object
-from app.errors import InvalidJSONError
+from app.core.errors import InvalidJSONError
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 

@@ -12,10 +12,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import AuthenticationError
-from app.keys import INVALID_KEY_MESSAGE, Caller
-from app.security import secrets_equal
-from app.state import AppState
+from app.auth.keys import INVALID_KEY_MESSAGE, Caller
+from app.core.errors import AuthenticationError
+from app.core.security import secrets_equal
+from app.runtime.state import AppState
 
 # Scope-state key the admin guard sets on a request that carried the admin key.
 ADMIN_MARK = "admin_key_checked"

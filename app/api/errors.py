@@ -1,7 +1,7 @@
 """The one place where exceptions become OpenAI-shaped error responses.
 
-Every handler here turns what it caught into an ``app.errors`` exception and answers it with
-``error_response``, whose body is ``GatewayError.to_body()`` (built by ``app.errors.error_body``).
+Every handler here turns what it caught into an ``app.core.errors`` exception and answers it with
+``error_response``, whose body is ``GatewayError.to_body()`` (built by ``app.core.errors.error_body``).
 The ASGI middleware answers its early 401/413 through the same function.
 """
 
@@ -16,8 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from app.db.transient import is_transient
-from app.errors import (
+from app.core.errors import (
     GatewayError,
     InternalServerError,
     InvalidRequestError,
@@ -25,6 +24,7 @@ from app.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
+from app.db.transient import is_transient
 
 log = logging.getLogger(__name__)
 

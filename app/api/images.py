@@ -12,15 +12,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import caller_and_state
+from app.api.streaming import sse_response
+from app.auth.keys import Caller
+from app.core.errors import GatewayError, InvalidJSONError, InvalidRequestError
 from app.domain.jobs import ImageJob
 from app.domain.money import format_micros
-from app.errors import GatewayError, InvalidJSONError, InvalidRequestError
 from app.images.intake.spool import UploadForm, parse_multipart
 from app.images.relay import ImageStream
 from app.images.service import Draft, EditDraft, GenerationDraft, ImageOutcome, VariationDraft
-from app.keys import Caller
-from app.state import AppState
-from app.streaming import sse_response
+from app.runtime.state import AppState
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 T = TypeVar("T")

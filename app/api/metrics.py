@@ -11,9 +11,9 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import bearer_token
-from app.errors import AuthenticationError
-from app.metrics import OTHER, Metrics
-from app.security import secrets_equal
+from app.core.errors import AuthenticationError
+from app.core.security import secrets_equal
+from app.telemetry.metrics import OTHER, Metrics
 
 
 class MetricsMiddleware:

@@ -18,15 +18,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ADMIN_MARK, is_admin_key, parse_bearer
 from app.api.errors import error_response, unexpected_error
+from app.auth.keys import INVALID_KEY_MESSAGE
 from app.console.requestlog import MAX_ERROR_BODY, Seen
-from app.errors import (
+from app.core.errors import (
     AuthenticationError,
     InvalidRequestError,
     PayloadTooLargeError,
     RequestTimeoutError,
 )
-from app.keys import INVALID_KEY_MESSAGE
-from app.logging import set_request_id
+from app.core.logging import set_request_id
 
 log = logging.getLogger("app.access")
 

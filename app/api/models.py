@@ -7,9 +7,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import CallerDep, StateDep
-from app.errors import NotFoundError
+from app.core.errors import NotFoundError
+from app.runtime.state import AppState
 from app.schemas.images import ModelList, ModelObject
-from app.state import AppState
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -13,11 +13,11 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.deps import CallerDep, StateDep
 from app.api.images import public_base
+from app.api.streaming import json_events_response
+from app.core.errors import NotFoundError
 from app.db.repos import list_ledger_entries
-from app.errors import NotFoundError
+from app.runtime.state import AppState
 from app.schemas.tasks import ImageTask, ImageTaskList, example
-from app.state import AppState
-from app.streaming import json_events_response
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.deps import AdminDep, CallerDep, StateDep
 from app.billing.reports import UsageFilter, parse_moment, usage_report
-from app.state import AppState
+from app.runtime.state import AppState
 
 router = APIRouter(tags=["usage"])
 

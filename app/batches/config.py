@@ -1,4 +1,4 @@
-"""The ``files`` and ``batches`` settings sections (``app/settings.py`` assembles them)."""
+"""The ``files`` and ``batches`` settings sections (``app/runtime/settings.py`` assembles them)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from app.batches.files import FileService
-from app.errors import InvalidRequestError
+from app.core.errors import InvalidRequestError
 from app.images.intake.spool import SPOOL_PREFIX, SpooledFile, UploadForm
 
 _NO_URLS = (

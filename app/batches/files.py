@@ -20,8 +20,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.batches.upload import UploadedFile
+from app.core.errors import InvalidRequestError, NotFoundError
 from app.db.tables import StoredFile, utcnow
-from app.errors import InvalidRequestError, NotFoundError
 from app.storage.blobs import BlobStore, new_blob_name
 
 log = logging.getLogger(__name__)

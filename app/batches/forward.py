@@ -39,15 +39,15 @@ import orjson
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.auth.keys import Caller, KeyService
 from app.batches.forward_lines import PENDING, UPSTREAM, ForwardedLines, Recount
 from app.batches.lines import GENERATIONS
+from app.core.errors import GatewayError, UpstreamError, UpstreamRejected
 from app.db.tables import Batch, BatchLine, Reservation, UpstreamBatch, utcnow
 from app.domain.catalog import Catalog
-from app.errors import GatewayError, UpstreamError, UpstreamRejected
+from app.images.admission.requests import GenerationDraft
 from app.images.intake.spool import SPOOL_PREFIX
-from app.images.requests import GenerationDraft
 from app.images.service import ImageService
-from app.keys import Caller, KeyService
 from app.storage import ImageStore
 from app.tasks.inputs import job_spec
 from app.upstream.providers.openai_batch import OpenAIBatchClient

@@ -19,15 +19,15 @@ import orjson
 from sqlalchemy import Connection, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.auth.keys import Caller
 from app.billing.ledger import Hold, SettlementAbandoned
+from app.core.errors import GatewayError, UpstreamError
 from app.db.tables import Batch, BatchLine, LedgerEntry
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, TokenUsage
-from app.errors import GatewayError, UpstreamError
 from app.images.delivery import render_images, store_images
 from app.images.service import ImageService
 from app.images.settlement import UpstreamOutcome, shielded
-from app.keys import Caller
 from app.storage import ImageStore
 
 log = logging.getLogger(__name__)

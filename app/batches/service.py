@@ -37,18 +37,18 @@ import orjson
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.auth.keys import Caller, KeyService
 from app.batches.edits import spool_edit
 from app.batches.files import FileService
 from app.batches.forward import BatchForwarder
 from app.batches.forward_lines import UPSTREAM
 from app.batches.lines import ENDPOINTS, GENERATIONS, parsed_lines, validate_file
 from app.billing.ledger import Hold
+from app.core.errors import GatewayError, InvalidRequestError, NotFoundError, RateLimitError
 from app.db.tables import Batch, BatchLine, LedgerEntry, Task, utcnow
-from app.errors import GatewayError, InvalidRequestError, NotFoundError, RateLimitError
+from app.images.admission.requests import EditDraft, GenerationDraft, InputLimits
 from app.images.intake.spool import SPOOL_PREFIX
-from app.images.requests import EditDraft, GenerationDraft, InputLimits
 from app.images.service import ImageService
-from app.keys import Caller, KeyService
 from app.tasks.queue import FAILED, QUEUED, SUCCEEDED
 from app.tasks.service import TaskService
 from app.webhooks.endpoints import NO_WEBHOOK, WebhookEndpoints

@@ -19,7 +19,7 @@ from typing import BinaryIO
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import InvalidRequestError, PayloadTooLargeError
+from app.core.errors import InvalidRequestError, PayloadTooLargeError
 from app.images.intake.spool import SPOOL_PREFIX, multipart_boundary
 
 MAX_FIELD_BYTES = 4096

@@ -41,11 +41,11 @@ from sqlalchemy.exc import DBAPIError
 
 from app.billing.journal import Journal, Journaled, Journals
 from app.billing.svg import SvgCharge
+from app.core.errors import LedgerUnavailableError, QuotaExceededError
 from app.db.prepared import Executed, Prepared
 from app.db.tables import ApiKey, KeyPeriod, LedgerEntry, Reservation, Task, utcnow
 from app.db.writer import WouldBlock, Writer
 from app.domain.jobs import TokenUsage
-from app.errors import LedgerUnavailableError, QuotaExceededError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

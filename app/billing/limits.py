@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from app.errors import RateLimitError
+from app.core.errors import RateLimitError
 
 # Times are integer microseconds inside the limiters, so that both backends do the same exact
 # arithmetic (a float window edge can be off by one ulp) and Redis scores stay integral.

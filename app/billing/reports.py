@@ -11,9 +11,9 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.core.errors import InvalidRequestError
 from app.db.tables import LedgerEntry
 from app.domain.money import format_micros
-from app.errors import InvalidRequestError
 
 GroupBy = Literal["day", "month", "model", "key", "batch"]
 # The moments a report may name: the ledger holds nothing before 1970, and a bound near year 9999

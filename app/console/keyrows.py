@@ -13,8 +13,8 @@ from datetime import datetime
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.auth.keys import KeyStatus, key_status
 from app.db.tables import ApiKey, KeyPeriod, RequestLogEntry
-from app.keys import KeyStatus, key_status
 
 # The list is for a human: past this many matches, the search box narrows it.
 MAX_KEYS = 1_000

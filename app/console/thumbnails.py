@@ -23,8 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.auth.keys import Caller
 from app.db.tables import RequestThumbnail, utcnow
-from app.keys import Caller
 from app.storage import ImageStore
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ class Readiness:
     redis_url: str | None = None
     # Per check; both checks run together, so the probe answers within about this.
     timeout_s: float = 0.8
-    # Set on SIGTERM (app/drain.py): the node still serves, but asks to be taken out of rotation.
+    # Set on SIGTERM (app/runtime/drain.py): the node still serves, but asks to be taken out of rotation.
     draining: bool = False
     _redis: Any = field(default=None, init=False)
 

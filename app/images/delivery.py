@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Any
 
-from app.errors import ImageStoreError, UpstreamError
+from app.core.errors import ImageStoreError, UpstreamError
 from app.storage import ImageStore, StoredImage
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

@@ -3,7 +3,7 @@
 ``ImageStream`` counts the images an upstream stream completes (and the partial images since the
 last one), keeps a copy of each completed image when the key wants one, and settles through the one
 settlement path (``Settlement.settle``) as soon as the last image completed, or however else the
-stream ends. ``app/streaming.py`` turns its events into SSE.
+stream ends. ``app/api/streaming.py`` turns its events into SSE.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from app.auth.keys import Caller
 from app.billing.ledger import Hold
+from app.core.errors import UpstreamError
 from app.domain.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.domain.money import format_micros
-from app.errors import UpstreamError
 from app.images.settlement import CostHook, Settlement, StreamStatus, UpstreamOutcome, merge_usage
-from app.keys import Caller
 from app.upstream.router import OpenStream
 
 log = logging.getLogger("app.images.service")

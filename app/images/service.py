@@ -20,23 +20,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+from app.auth.keys import Caller
 from app.billing.ledger import Hold, LedgerService
 from app.billing.limits import KeyLimits, RateLimiter
 from app.billing.pricing import worst_case_cost
 from app.billing.svg import SvgCharge, svg_charge
-from app.domain.catalog import Catalog, ModelCapabilities
-from app.domain.jobs import ImageJob, ImageResult
-from app.domain.money import apply_multiplier
-from app.errors import (
+from app.core.errors import (
     GatewayError,
     ImageStoreError,
     InvalidRequestError,
 )
-from app.images.delivery import render_images, store_images
-from app.images.lifecycle import Lifecycle
-from app.images.preparation import JobPreparer
-from app.images.relay import ImageSink, ImageStream
-from app.images.requests import (
+from app.domain.catalog import Catalog, ModelCapabilities
+from app.domain.jobs import ImageJob, ImageResult
+from app.domain.money import apply_multiplier
+from app.images.admission.lifecycle import Lifecycle
+from app.images.admission.preparation import JobPreparer
+from app.images.admission.requests import (
     Admission,
     Draft,
     EditDraft,
@@ -45,16 +44,17 @@ from app.images.requests import (
     InputLimits,
     VariationDraft,
 )
-from app.images.settlement import CostHook, Settlement, UpstreamOutcome, background, shielded
-from app.images.validation import (
+from app.images.admission.validation import (
     streamed_for_previews,
 )
-from app.keys import Caller
-from app.metrics import Metrics
+from app.images.delivery import render_images, store_images
+from app.images.relay import ImageSink, ImageStream
+from app.images.settlement import CostHook, Settlement, UpstreamOutcome, background, shielded
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
 from app.storage import ImageStore
-from app.tracing import Tracing
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import Tracing
 from app.upstream.base import answered_scope
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
@@ -389,7 +389,7 @@ class ImageService:
         )
 
     def _trace(self, caller: Caller, job: ImageJob, *, mode: str) -> None:
-        # The span's outcome is recorded, and the span ended, by the settlement (app/tracing.py).
+        # The span's outcome is recorded, and the span ended, by the settlement (app/telemetry/tracing.py).
         self._tracing.start_request(
             operation=job.endpoint,
             model=job.model,

@@ -21,15 +21,15 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection
 
+from app.auth.keys import Caller
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
 from app.billing.pricing import PARTIAL_IMAGE_OUTPUT_TOKENS, request_cost
 from app.billing.svg import SvgCharge
 from app.db.transient import patient
 from app.domain.jobs import ImageJob, TokenUsage
 from app.domain.money import apply_multiplier
-from app.keys import Caller
-from app.metrics import Metrics
-from app.tracing import current_request
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import current_request
 
 log = logging.getLogger("app.images.service")
 T = TypeVar("T")

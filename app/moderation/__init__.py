@@ -6,7 +6,7 @@ closes it with ``aclose()``. Per request: ``outcome = await service.check_prompt
 ``outcome.raise_if_blocked()`` raises ``ModerationBlockedError`` (400 ``moderation_blocked``).
 """
 
-from app.errors import ModerationBlockedError, ModerationUnavailableError
+from app.core.errors import ModerationBlockedError, ModerationUnavailableError
 from app.moderation.base import AuditEvent, EffectiveLevel, KeyPolicy, Level, ModerationOutcome, Verdict
 from app.moderation.config import ModerationSettings, PolicyError, UpstreamModerationSettings
 from app.moderation.lists import validate_terms

@@ -4,7 +4,7 @@ A checker looks at one request and answers a ``Verdict``. The service (``policy.
 configured checkers in order, stops at the first block, and turns a block into an ``AuditEvent``
 (for the lead's audit table and per-key/per-category counters) and, at the request path, into a
 ``ModerationBlockedError`` (400 ``moderation_blocked``, SPEC §1.4). The two moderation errors live
-in ``app.errors`` with every other error a client can see; they are re-exported here for checkers.
+in ``app.core.errors`` with every other error a client can see; they are re-exported here for checkers.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
-from app.errors import ModerationBlockedError, ModerationStage
-from app.errors import ModerationUnavailableError as ModerationUnavailableError
+from app.core.errors import ModerationBlockedError, ModerationStage
+from app.core.errors import ModerationUnavailableError as ModerationUnavailableError
 from app.moderation.normalize import NormalizedText
 
 Level = Literal["low", "auto"]

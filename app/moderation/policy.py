@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.errors import InvalidRequestError
+from app.core.errors import InvalidRequestError
 from app.moderation.base import (
     AuditEvent,
     EffectiveLevel,

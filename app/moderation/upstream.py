@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from app.errors import ModerationUnavailableError, UpstreamError
+from app.core.errors import ModerationUnavailableError, UpstreamError
 from app.moderation.base import CheckerName, Level, TextInput, Verdict
 from app.moderation.config import UpstreamModerationSettings
 from app.upstream.client import JSONClient, Session

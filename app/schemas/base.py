@@ -30,7 +30,7 @@ class ModerationDetails(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    """The error object as ``app.errors.error_body`` writes it, for the OpenAPI document only.
+    """The error object as ``app.core.errors.error_body`` writes it, for the OpenAPI document only.
 
     ``param`` and ``code`` are always sent, null when unset. Further keys may follow: a moderation
     block's ``moderation_details``, and whatever extra keys an upstream put in an error the gateway

@@ -24,7 +24,8 @@ class SvgOptions(WireModel):
 
 class ImageGenerateRequest(WireModel):
     """``POST /v1/images/generations``. Types are strict (JSON ``"2"`` is not ``n=2``); allowed
-    values depend on the model, so they are checked against the catalog in ``images/validation.py``."""
+    values depend on the model, so they are checked against the catalog in
+    ``images/admission/validation.py``."""
 
     prompt: StrictStr
     model: StrictStr

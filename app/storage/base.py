@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from app.errors import NotFoundError
+from app.core.errors import NotFoundError
 
 # The formats the Images API produces (output_format png | jpeg | webp).
 _EXTENSIONS: dict[str, str] = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from app.errors import NotFoundError
+from app.core.errors import NotFoundError
 from app.storage.base import ImageStore
 from app.storage.local import LocalImageStore
 

@@ -1,7 +1,7 @@
 """Settings of the image store (the ``storage:`` section of the config).
 
-Kept beside the store rather than in ``app/settings.py`` so the adapter and its knobs change together;
-``app/settings.py`` imports this model. The S3 fields are flat (``storage: {kind: s3, bucket: …}``) as
+Kept beside the store rather than in ``app/runtime/settings.py`` so the adapter and its knobs change together;
+``app/runtime/settings.py`` imports this model. The S3 fields are flat (``storage: {kind: s3, bucket: …}``) as
 SPEC §9 shows them, and are ignored when ``kind`` is ``local``.
 """
 
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from app.security import is_placeholder
+from app.core.security import is_placeholder
 
 # SigV4 presigned URLs cannot live longer than 7 days; the local store keeps the same ceiling.
 MAX_URL_TTL_S = 7 * 24 * 3600

@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from app.errors import GatewayError, StorageUnavailableError
+from app.core.errors import GatewayError, StorageUnavailableError
 from app.storage.base import ImageStore, require_aware
 from app.storage.config import StorageSettings
 

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
-from app.errors import NotFoundError
+from app.core.errors import NotFoundError
 from app.storage.base import (
     NAME_PATTERN,
     ROUTE_PREFIX,

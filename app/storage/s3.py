@@ -22,7 +22,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
-from app.errors import NotFoundError
+from app.core.errors import NotFoundError
 from app.storage.base import (
     NAME_PATTERN,
     ROUTE_PREFIX,

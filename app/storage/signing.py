@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.errors import PermissionDeniedError
+from app.core.errors import PermissionDeniedError
 
 SECRET_FILE = "signing_key"
 MIN_SECRET_BYTES = 32

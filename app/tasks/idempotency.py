@@ -17,8 +17,8 @@ from pathlib import Path
 
 import orjson
 
-from app.errors import IdempotencyConflictError, IdempotencyKeyReusedError
-from app.images.requests import Draft, GenerationDraft
+from app.core.errors import IdempotencyConflictError, IdempotencyKeyReusedError
+from app.images.admission.requests import Draft, GenerationDraft
 
 _CHUNK = 1 << 20
 

@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from app.auth.keys import Caller
 from app.db.tables import Task
 from app.domain.jobs import ImageJob, InputImage
 from app.images.intake.spool import SpooledFile, UploadForm
 from app.images.service import GenerationDraft, ImageService, InputLimits
-from app.keys import Caller
 from app.storage import InputStore
 
 

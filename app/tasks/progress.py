@@ -24,15 +24,15 @@ from typing import Any
 import anyio
 from sqlalchemy import Connection, update
 
+from app.auth.keys import Caller
 from app.billing.ledger import Hold, SettlementAbandoned
+from app.core.errors import GatewayError
 from app.db.tables import Task
 from app.db.writer import Writer
 from app.domain.jobs import ImageJob, ProviderEvent
-from app.errors import GatewayError
 from app.images.delivery import content_type_of, store_b64
 from app.images.service import ImageService, ResultHook
 from app.images.settlement import CostHook, StreamStatus
-from app.keys import Caller
 from app.storage import ImageStore
 
 log = logging.getLogger(__name__)

@@ -40,10 +40,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.core.errors import GatewayError, RateLimitError, error_body
 from app.db.batch import Batcher
 from app.db.tables import Task, utcnow
 from app.db.writer import Writer
-from app.errors import GatewayError, RateLimitError, error_body
 from app.tasks.idempotency import reused_error
 from app.tasks.statements import CANCELLED, FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, Statements
 from app.webhooks.endpoints import enabled_endpoints

@@ -21,16 +21,16 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from app.auth.keys import Caller, KeyService
 from app.billing.ledger import Hold, SettlementAbandoned
+from app.core.errors import GatewayError
 from app.db.tables import Task
 from app.db.transient import retrying
 from app.domain.jobs import ImageJob
-from app.errors import GatewayError
 from app.images.delivery import image_names, render_images, store_images
 from app.images.intake.spool import UploadForm
 from app.images.service import Admission, Draft, ImageService, InputLimits, ResultHook
 from app.images.settlement import CostHook, shielded
-from app.keys import Caller, KeyService
 from app.storage import ImageStore, InputStore
 from app.tasks.idempotency import InFlight, fingerprint
 from app.tasks.inputs import TaskInputs, job_spec

@@ -35,7 +35,7 @@ def mark_answered() -> None:
 class ImageProvider(Protocol):
     """An upstream that turns an ``ImageJob`` into images.
 
-    Adapters raise only ``app.errors`` upstream errors (``UpstreamTimeout``,
+    Adapters raise only ``app.core.errors`` upstream errors (``UpstreamTimeout``,
     ``UpstreamUnavailable``, ``UpstreamRejected``, ``UpstreamError``), never transport exceptions.
     """
 

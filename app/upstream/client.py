@@ -26,7 +26,7 @@ import orjson
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
-from app.errors import UpstreamError
+from app.core.errors import UpstreamError
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response
 
 # Shorter than most servers' own keep-alive (uvicorn: 5 s), so the pool rarely picks a connection
@@ -185,7 +185,7 @@ class LazySession:
 class JSONClient:
     """POSTs JSON to upstream endpoints (the moderation model) on one pooled session.
 
-    ``post`` answers the decoded JSON of a 2xx; everything else raises an ``app.errors`` upstream
+    ``post`` answers the decoded JSON of a 2xx; everything else raises an ``app.core.errors`` upstream
     error, scrubbed of ``secrets``: an error status as ``UpstreamRejected``, a body that is not
     JSON as ``UpstreamError``, transport trouble through ``map_aiohttp_errors``. ``timeout_s`` bounds
     the whole call, so an upstream that trickles bytes cannot hold a request for long.

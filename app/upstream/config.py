@@ -44,7 +44,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.security import is_placeholder
+from app.core.security import is_placeholder
 
 if TYPE_CHECKING:
     from app.upstream.base import ImageProvider

@@ -1,4 +1,4 @@
-"""Translate what an upstream does wrong into the gateway's own errors (``app.errors``).
+"""Translate what an upstream does wrong into the gateway's own errors (``app.core.errors``).
 
 Every outbound call uses aiohttp (``app.upstream.client``), and nothing above ``app/upstream`` may
 see a transport exception (ARCHITECTURE convention 8), so every call runs inside
@@ -34,7 +34,7 @@ import orjson
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from yarl import URL
 
-from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from app.core.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 
 INVALID_RESPONSE = "The upstream service returned an invalid response."
 # Longer messages are cut: an upstream that answers a whole HTML page has nothing useful to say.
@@ -62,7 +62,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9_\-+/=.*…•]{4,}")
 
 @contextmanager
 def map_aiohttp_errors(*, secrets: Sequence[str] = ()) -> Iterator[None]:
-    """Re-raise aiohttp exceptions from the block as ``app.errors`` upstream errors."""
+    """Re-raise aiohttp exceptions from the block as ``app.core.errors`` upstream errors."""
     try:
         yield
     # Before ClientError: aiohttp's own timeouts (connect, sock_read) are ServerTimeoutErrors, which

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from app.errors import GatewayError, UpstreamError, UpstreamRejected
+from app.core.errors import GatewayError, UpstreamError, UpstreamRejected
 
 # 408 request timeout, 409 lock contention, 429 rate limit: openai-python's list.
 _RETRYABLE_4XX = frozenset({408, 409, 429})

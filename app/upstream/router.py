@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import TypeVar
 
+from app.core.errors import GatewayError, UpstreamBusy, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
-from app.errors import GatewayError, UpstreamBusy, UpstreamError, UpstreamRejected, UpstreamUnavailable
-from app.metrics import Metrics, outcome_of
-from app.tracing import Tracing
+from app.telemetry.metrics import Metrics, outcome_of
+from app.telemetry.tracing import Tracing
 from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 from app.upstream.registry import ProviderRegistry, Route
 from app.upstream.retry import RetryAction, RetryPolicy

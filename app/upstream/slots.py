@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.errors import UpstreamBusy
+from app.core.errors import UpstreamBusy
 
 # Set to "task" by the task worker around a task's run; everything else is a client's request.
 CALL_SOURCE: ContextVar[str] = ContextVar("upstream_call_source", default="request")

@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from app.errors import UpstreamError
+from app.core.errors import UpstreamError
 from app.upstream.base import mark_answered
 from app.upstream.client import PROBE_TIMEOUT, LazySession, client_timeout
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, upstream_secrets

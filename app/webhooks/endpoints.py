@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.core.errors import InvalidRequestError, NotFoundError
 from app.db.tables import ApiKey, WebhookEndpoint, utcnow
-from app.errors import InvalidRequestError, NotFoundError
 
 # A request may name at most this many endpoints.
 MAX_CHOSEN = 10

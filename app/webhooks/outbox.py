@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.core.errors import InvalidRequestError, NotFoundError
 from app.db.tables import Task, WebhookDelivery, utcnow
 from app.db.writer import Writer
-from app.errors import InvalidRequestError, NotFoundError
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 SUCCEEDED_EVENT, FAILED_EVENT = "image.task.succeeded", "image.task.failed"

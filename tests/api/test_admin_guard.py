@@ -17,7 +17,7 @@ import pytest
 from starlette.requests import Request
 
 from app.api.deps import ADMIN_MARK, require_admin
-from app.errors import AuthenticationError
+from app.core.errors import AuthenticationError
 from app.main import create_app
 from tests.conftest import ADMIN_KEY, LOCAL_UPSTREAM, ROOT, Gateway, make_settings
 

@@ -8,7 +8,7 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from app.api.middleware import BodyGuardMiddleware
-from app.errors import RequestTimeoutError
+from app.core.errors import RequestTimeoutError
 
 SCOPE: Scope = {"type": "http", "method": "POST", "path": "/v1/images/generations", "headers": []}
 

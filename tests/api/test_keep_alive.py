@@ -51,6 +51,6 @@ def test_the_server_keeps_idle_connections_longer_than_clients_do(tmp_path: Path
 
 
 def test_the_default_outlasts_httpx_and_the_openai_sdk() -> None:
-    from app.settings import ServerSettings
+    from app.runtime.settings import ServerSettings
 
     assert ServerSettings().keep_alive_s > 5  # httpx's keepalive_expiry

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from app.logging import JSONFormatter
+from app.core.logging import JSONFormatter
 from tests.conftest import ADMIN_KEY, Gateway
 from tests.fakes.openai_upstream import FakeOpenAI
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.security import secrets_equal
+from app.core.security import secrets_equal
 from tests.conftest import LOCAL_UPSTREAM, Gateway, make_settings, start_gateway
 
 

@@ -18,9 +18,9 @@ import openai
 import pytest
 import yaml
 
+from app.core.errors import ModelRetiredError
 from app.domain.catalog import Catalog
-from app.errors import ModelRetiredError
-from app.images.lifecycle import Lifecycle
+from app.images.admission.lifecycle import Lifecycle
 from tests.conftest import MODELS_FILE, Gateway, fake_upstream_config
 from tests.fakes.openai_upstream import FakeOpenAI
 

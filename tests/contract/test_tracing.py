@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.main import create_app
-from app.tracing import Tracing, TracingSettings
+from app.telemetry.tracing import Tracing, TracingSettings
 from tests.conftest import UPSTREAM_KEY, Gateway, closed_port, fake_upstream_config, make_settings
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.server import ThreadedServer

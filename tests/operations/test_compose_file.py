@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.settings import load_settings
+from app.runtime.settings import load_settings
 from tests.cluster.manifests import BASE, ROOT, load_shape
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from app.settings import DEFAULT_MODELS_FILE, build_settings, load_settings
+from app.runtime.settings import DEFAULT_MODELS_FILE, build_settings, load_settings
 from bench.gateway_process import ROOT, GatewayProcess
 
 DEFAULTS = ROOT / "app" / "defaults"

@@ -25,7 +25,7 @@ import yaml
 
 from app.__main__ import build_parser
 from app.main import create_app
-from app.settings import Settings, build_settings, load_settings
+from app.runtime.settings import Settings, build_settings, load_settings
 from tests.cluster.kustomize import KustomizeError, config_map_hash, pod_spec, render, strategic_merge
 from tests.cluster.manifests import (
     API,

@@ -91,7 +91,7 @@ def test_shipped_config_listens_on_loopback_and_local_serves_without_a_key(
 
 def test_the_banner_says_when_it_listens_on_every_interface(tmp_path: Path) -> None:
     from app.__main__ import _banner
-    from app.settings import build_settings
+    from app.runtime.settings import build_settings
 
     settings = build_settings({"data_dir": str(tmp_path)})
     assert "listening on every interface (0.0.0.0:8080), reachable at http://127.0.0.1:8080" in _banner(

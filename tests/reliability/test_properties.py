@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from sse_starlette import ServerSentEvent
 
 from app.billing.pricing import request_cost, worst_case_cost
+from app.core.errors import InvalidRequestError
 from app.domain.catalog import Catalog, ModelCapabilities, parse_size
 from app.domain.jobs import ImageJob, TokenUsage
 from app.domain.money import format_micros
-from app.errors import InvalidRequestError
-from app.images.validation import (
+from app.images.admission.validation import (
     BACKGROUNDS,
     MODERATION_LEVELS,
     PARTIAL_IMAGES_MAX,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from app.billing.pricing import PARTIAL_IMAGE_OUTPUT_TOKENS, worst_case_cost, worst_case_usage
 from app.domain.catalog import Catalog
-from app.images.validation import streamed_for_previews
+from app.images.admission.validation import streamed_for_previews
 from tests.unit.test_pricing import job
 
 

@@ -15,9 +15,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from app.core.errors import UpstreamError, UpstreamRejected
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, InputImage
-from app.errors import UpstreamError, UpstreamRejected
 from app.upstream.client import client_timeout, new_session
 from app.upstream.config import UpstreamSettings
 from app.upstream.providers.azure import (

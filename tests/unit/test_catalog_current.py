@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from app.domain.catalog import Catalog, CatalogError
-from app.images.validation import nest_fields
+from app.images.admission.validation import nest_fields
 from app.upstream.multipart import flatten_field
 from tests.conftest import MODELS_FILE
 

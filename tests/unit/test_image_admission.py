@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from app.auth.keys import Caller
 from app.billing.pricing import worst_case_cost
+from app.core.errors import InvalidRequestError, ModerationBlockedError, QuotaExceededError, RateLimitError
 from app.domain.money import apply_multiplier
-from app.errors import InvalidRequestError, ModerationBlockedError, QuotaExceededError, RateLimitError
-from app.images.requests import GenerationDraft
-from app.keys import Caller
-from app.lifespan import open_state
-from app.state import AppState
+from app.images.admission.requests import GenerationDraft
+from app.runtime.lifespan import open_state
+from app.runtime.state import AppState
 from tests.conftest import LOCAL_UPSTREAM, make_settings
 from tests.unit.ledger_db import Db
 

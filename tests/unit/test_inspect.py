@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from app.core.errors import InvalidRequestError, PayloadTooLargeError
 from app.domain.catalog import EditCaps
-from app.errors import InvalidRequestError, PayloadTooLargeError
 from app.images.intake.inspector import ImageInfo, inspect_edit_inputs, inspect_image
 from tests.fakes import image_files as f
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from app.auth.keys import KeyService
+from app.core.errors import AuthenticationError
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
-from app.errors import AuthenticationError
-from app.keys import KeyService
 from app.schemas.admin import ApiKeyCreateRequest, ApiKeyUpdateRequest
 
 PEPPER = b"p" * 32

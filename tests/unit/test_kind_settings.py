@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from app.settings import ConfigError, load_settings
+from app.runtime.settings import ConfigError, load_settings
 from app.upstream.config import KindSettings, UpstreamSettings, provider_kinds
 from app.upstream.providers.azure import AzureSettings
 from app.upstream.providers.local import LocalSettings

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import Connection, select
 
 from app.billing.ledger import Hold, LedgerRecord, LedgerService, SettlementAbandoned, period_of
+from app.core.errors import QuotaExceededError
 from app.db.tables import LedgerEntry, utcnow
 from app.domain.jobs import TokenUsage
-from app.errors import QuotaExceededError
 from tests.unit.ledger_db import Db, open_db
 
 

@@ -22,13 +22,13 @@ from sqlalchemy import Connection, insert, update
 
 from app.billing.journal import SettlementJournal
 from app.billing.ledger import Hold, LedgerRecord, LedgerService
+from app.core.errors import LedgerUnavailableError
 from app.db.engine import create_engine
 from app.db.migrate import upgrade_head
 from app.db.tables import Task, utcnow
 from app.db.writer import Work, Writer, create_writer
 from app.domain.jobs import TokenUsage
-from app.errors import LedgerUnavailableError
-from app.settings import ConfigError, build_settings
+from app.runtime.settings import ConfigError, build_settings
 from tests.conftest import ADMIN_KEY
 from tests.services import fresh_postgres_database
 from tests.unit.ledger_db import Db

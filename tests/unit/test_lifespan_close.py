@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.console.thumbnails import Thumbnailer
-from app.lifespan import open_state
 from app.moderation import ModerationService
+from app.runtime.lifespan import open_state
 from app.upstream.registry import ProviderRegistry
 from tests.conftest import LOCAL_UPSTREAM, make_settings
 
@@ -38,7 +38,7 @@ async def test_a_failing_close_is_logged_and_the_others_still_run(
     monkeypatch.setattr(AsyncEngine, "dispose", recording("engine", AsyncEngine.dispose))
 
     settings = make_settings(tmp_path, [LOCAL_UPSTREAM])
-    with caplog.at_level(logging.ERROR, logger="app.lifespan"):
+    with caplog.at_level(logging.ERROR, logger="app.runtime.lifespan"):
         async with open_state(settings):
             pass
     # In reverse order of opening, and the engine (opened first) is still disposed last.

@@ -12,7 +12,7 @@ from app.billing.limiters import build_limiter
 from app.billing.limits import KeyLimits, LimitGrant, format_duration
 from app.billing.limits_memory import InProcessRateLimiter
 from app.billing.limits_redis import RedisRateLimiter
-from app.errors import GatewayError, RateLimitError
+from app.core.errors import GatewayError, RateLimitError
 
 
 class FakeClock:

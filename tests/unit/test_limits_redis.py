@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from app.billing.limits import KeyLimits, LimitGrant
 from app.billing.limits_memory import InProcessRateLimiter
 from app.billing.limits_redis import RedisRateLimiter
-from app.errors import RateLimitError
+from app.core.errors import RateLimitError
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -32,7 +32,7 @@ REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CHILD_BURST = """
 import asyncio, sys
 from app.billing.limits import KeyLimits
-from app.errors import RateLimitError
+from app.core.errors import RateLimitError
 from app.billing.limits_redis import RedisRateLimiter
 
 async def main() -> None:

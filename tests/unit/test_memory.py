@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from app.memory import _MALLOPT, _TRIM, release_free_memory
+from app.core.memory import _MALLOPT, _TRIM, release_free_memory
 
 
 def rss_mib() -> float:
@@ -32,7 +32,7 @@ def test_memory_freed_below_the_top_of_the_heap_is_released() -> None:
 
 FAULTS_OF_REPEATED_ANSWERS = """
 import resource, sys
-from app.memory import tune_allocator
+from app.core.memory import tune_allocator
 if sys.argv[1] == "tuned":
     assert tune_allocator()
 

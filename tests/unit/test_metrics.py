@@ -14,8 +14,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app.api.errors import install_error_handlers
 from app.api.metrics import MetricsMiddleware, build_metrics_router
-from app.errors import UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from app.metrics import Metrics, outcome_of
+from app.core.errors import UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from app.telemetry.metrics import Metrics, outcome_of
 
 MODELS = ("gpt-image-1", "dall-e-3")
 Labels = frozenset[tuple[str, str]]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.errors import GatewayError, InvalidRequestError
+from app.core.errors import GatewayError, InvalidRequestError
 from app.moderation import (
     ModerationBlockedError,
     ModerationService,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from app.billing.pricing import PARTIAL_IMAGE_OUTPUT_TOKENS, token_cost, worst_case_cost, worst_case_usage
+from app.core.errors import InvalidRequestError
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage, completed_events, split_usage
-from app.errors import InvalidRequestError
 from app.images.intake.inspector import _read_jpeg, inspect_image
 from app.upstream.errors import sanitize
 from tests.conftest import MODELS_FILE

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from app.errors import UpstreamRejected
+from app.core.errors import UpstreamRejected
 from app.upstream.base import answered_scope
 from app.upstream.providers.stability import StabilityProvider
 from tests.fakes.scripted_http import ScriptedUpstream

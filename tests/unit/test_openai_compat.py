@@ -21,9 +21,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from app.core.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, InputImage, TokenUsage
-from app.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from app.upstream.client import KEEPALIVE_S, client_timeout, env_proxy, new_session, trust_store
 from app.upstream.errors import (
     map_aiohttp_errors,

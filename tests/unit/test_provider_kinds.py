@@ -18,7 +18,7 @@ APP = ROOT / "app"
 # `imagen`, `stability` are family names as well as kind names).
 CATALOG = {APP / "domain" / "catalog.py"}
 # The object store has kinds of its own ("local" disk or "s3"): another namespace, same word.
-STORAGE_KIND = {APP / "storage" / "config.py": {"local"}, APP / "settings.py": {"local"}}
+STORAGE_KIND = {APP / "storage" / "config.py": {"local"}, APP / "runtime" / "settings.py": {"local"}}
 
 
 def string_literals(path: Path) -> set[str]:

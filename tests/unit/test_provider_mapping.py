@@ -13,7 +13,7 @@ from yarl import URL
 from app.domain.catalog import Catalog, CatalogError
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage
 from app.domain.provider_spec import DimensionRule, ProviderSpec, ProviderSpecError, unmapped_fields
-from app.images.validation import build_job, parse_generate_request
+from app.images.admission.validation import build_job, parse_generate_request
 from app.upstream.providers.gemini import usage_of
 from app.upstream.providers.native import nearest_ratio, nearest_tier
 from app.upstream.providers.polling import host_allowed

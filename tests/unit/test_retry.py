@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.errors import (
+from app.core.errors import (
     AuthenticationError,
     GatewayError,
     InvalidRequestError,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import ConfigError, build_settings, interpolate, load_settings
+from app.runtime.settings import ConfigError, build_settings, interpolate, load_settings
 
 
 def test_interpolation_with_defaults() -> None:

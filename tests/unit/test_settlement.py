@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection
 
+from app.auth.keys import Caller
 from app.billing.ledger import LedgerService, SettlementAbandoned
 from app.billing.svg import SvgCharge
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, TokenUsage
 from app.images.settlement import Settlement, UpstreamOutcome
-from app.keys import Caller
-from app.metrics import Metrics
+from app.telemetry.metrics import Metrics
 from tests.conftest import MODELS_FILE
 from tests.unit.ledger_db import Db, open_db
 

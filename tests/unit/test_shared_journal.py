@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from app.billing.journal import SettlementJournal
 from app.billing.ledger import LedgerService
 from app.billing.shared_journal import SharedJournal
-from app.errors import LedgerUnavailableError
+from app.core.errors import LedgerUnavailableError
 from tests.services import require_redis
 from tests.unit.ledger_db import Db
 from tests.unit.test_ledger_holds_and_faults import FullDisk, db, db_url, record

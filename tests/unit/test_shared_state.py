@@ -14,8 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.cluster.bus import ClusterBus
+from app.core.errors import UpstreamBusy
 from app.domain.states import BreakerState
-from app.errors import UpstreamBusy
 from app.upstream.health import BreakerChange, BreakerConfig, CircuitBreaker
 from app.upstream.shared_breakers import SharedBreakers
 from app.upstream.shared_slots import SharedSlotStore

@@ -14,7 +14,7 @@ from typing import TypeVar
 import pytest
 
 from app.console.throttle import MemoryFailures, RedisFailures, SignInThrottle, ThrottlePolicy
-from app.settings import build_settings
+from app.runtime.settings import build_settings
 from tests.services import require_redis
 
 T = TypeVar("T")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.lifespan import _log_capacity
+from app.runtime.lifespan import _log_capacity
 from tests.conftest import make_settings
 
 PG = {"url": "postgresql+asyncpg://postgres@127.0.0.1:5432/test"}
@@ -23,7 +23,7 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_a_shared_database_without_shared_secrets_is_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="app.lifespan")
+    caplog.set_level(logging.INFO, logger="app.runtime.lifespan")
     _log_capacity(make_settings(tmp_path, [{"name": "local", "kind": "local"}], database=PG))
     (said,) = warnings(caplog)
     assert "security.key_pepper and storage.signing_key not set" in said
@@ -32,7 +32,7 @@ def test_a_shared_database_without_shared_secrets_is_named(
 def test_shared_secrets_or_an_embedded_database_say_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="app.lifespan")
+    caplog.set_level(logging.INFO, logger="app.runtime.lifespan")
     upstreams = [{"name": "local", "kind": "local"}]
     _log_capacity(
         make_settings(

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from app.errors import NotFoundError, PermissionDeniedError
+from app.core.errors import NotFoundError, PermissionDeniedError
 from app.storage import (
     LocalImageStore,
     StorageSettings,
@@ -310,7 +310,7 @@ def test_storage_settings_defaults_and_empty_values() -> None:
     defaults = StorageSettings()
     assert (defaults.kind, defaults.path, defaults.url_ttl_s, defaults.retention_s) == (
         "local",
-        "images",  # relative to data_dir (app/settings.py)
+        "images",  # relative to data_dir (app/runtime/settings.py)
         3600,
         86400,
     )

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from botocore.config import Config
 
-from app.errors import NotFoundError
+from app.core.errors import NotFoundError
 from app.storage import StorageSettings, build_store
 from app.storage.s3 import S3ImageStore
 from tests.fakes.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, FakeS3

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.images.intake.sweep import SweepPolicy, Swept, sweep
-from app.settings import ConfigError, build_settings
+from app.runtime.settings import ConfigError, build_settings
 from app.tasks.queue import new_task_id
 
 HOUR = 3600.0

@@ -19,9 +19,9 @@ import pytest
 from botocore.config import Config
 from pydantic import ValidationError
 
+from app.core.errors import GatewayError, NotFoundError, PermissionDeniedError, StorageUnavailableError
 from app.domain.catalog import Catalog
 from app.domain.jobs import ImageJob, InputImage
-from app.errors import GatewayError, NotFoundError, PermissionDeniedError, StorageUnavailableError
 from app.images.intake.sweep import SweepPolicy, Swept, sweep
 from app.storage import LocalInputStore, StorageSettings, build_input_store, build_store
 from app.storage.inputs import PART_BYTES, S3InputStore

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, insert, select
 
+from app.core.errors import RateLimitError
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.tables import ApiKey, Task
 from app.db.writer import create_writer
-from app.errors import RateLimitError
 from app.tasks.queue import QUEUED, NewTask, TaskQueue, new_task_id
 from tests.services import fresh_postgres_database
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, insert, select, update
 
+from app.core.errors import RateLimitError
 from app.db.engine import create_sessionmaker
 from app.db.tables import Reservation, Task, utcnow
-from app.errors import RateLimitError
 from app.tasks.queue import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, NewTask, TaskQueue, new_task_id
 from tests.unit.ledger_db import Db, open_db
 

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.domain.jobs import TokenUsage
-from app.tracing import Tracing, TracingSettings
+from app.telemetry.tracing import Tracing, TracingSettings
 
 
 def tracing() -> tuple[Tracing, InMemorySpanExporter]:

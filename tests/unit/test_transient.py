@@ -7,8 +7,8 @@ import sqlite3
 import pytest
 from sqlalchemy import exc as sa_exc
 
+from app.core.errors import ServiceUnavailableError, UpstreamUnavailable
 from app.db.transient import is_transient, patient, retrying, rolled_back
-from app.errors import ServiceUnavailableError, UpstreamUnavailable
 
 
 class _Driver(Exception):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import aiohttp
 import pytest
 
-from app.errors import UpstreamError, UpstreamUnavailable
+from app.core.errors import UpstreamError, UpstreamUnavailable
 from app.upstream.transport import Transport
 from tests.fakes.scripted_http import ScriptedUpstream, json_response
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.errors import GatewayError, InvalidRequestError, PayloadTooLargeError
+from app.core.errors import GatewayError, InvalidRequestError, PayloadTooLargeError
 from app.images.intake.spool import UploadForm, UploadLimits, field_role, parse_multipart
 from tests.fakes import image_files as f
 

@@ -12,8 +12,8 @@ from typing import Any, cast
 
 import pytest
 
+from app.core.errors import NotFoundError
 from app.db.tables import WebhookDelivery
-from app.errors import NotFoundError
 from app.webhooks.endpoints import WebhookEndpoints
 from app.webhooks.outbox import Outbox
 from app.webhooks.sender import WebhookSender

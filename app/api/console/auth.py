@@ -20,7 +20,7 @@ from app.api.console.web import (
 from app.api.deps import StateDep, is_admin_key
 from app.console.sessions import SessionStore
 from app.console.throttle import SignInThrottle
-from app.errors import AuthenticationError
+from app.core.errors import AuthenticationError
 
 router = APIRouter()
 

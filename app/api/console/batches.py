@@ -21,9 +21,9 @@ from app.api.deps import StateDep
 from app.batches.service import ACTIVE
 from app.console.queries import key_names
 from app.console.sessions import Viewer
+from app.core.errors import NotFoundError
 from app.db.tables import Batch, BatchLine
-from app.errors import NotFoundError
-from app.state import AppState
+from app.runtime.state import AppState
 
 router = APIRouter()
 

@@ -20,9 +20,9 @@ from app.api.console.web import ConsoleDenied, OperatorDep, check_csrf, redirect
 from app.api.deps import StateDep
 from app.billing.ledger import period_of
 from app.console.keyrows import key_rows
-from app.errors import GatewayError
+from app.core.errors import GatewayError
+from app.runtime.state import AppState
 from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateRequest, TopUpRequest
-from app.state import AppState
 
 router = APIRouter(prefix="/keys")
 LIMIT_FIELDS = (

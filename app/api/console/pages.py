@@ -37,9 +37,9 @@ from app.console.queries import (
 from app.console.requestlog import STATUS_CLASSES
 from app.console.sessions import Viewer
 from app.console.statusmix import StatusMix
+from app.core.errors import InvalidRequestError, NotFoundError
 from app.domain.money import format_micros
-from app.errors import InvalidRequestError, NotFoundError
-from app.state import AppState
+from app.runtime.state import AppState
 from app.storage import check_name
 
 router = APIRouter()

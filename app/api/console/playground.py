@@ -18,11 +18,11 @@ from starlette.responses import Response
 from app.api.console.web import ViewerDep, check_csrf, render
 from app.api.deps import StateDep
 from app.api.images import edit_as, generate_as
+from app.auth.keys import Caller
 from app.console.sessions import Viewer
+from app.core.errors import AuthenticationError, InvalidRequestError
 from app.domain.catalog import ModelCapabilities
-from app.errors import AuthenticationError, InvalidRequestError
-from app.keys import Caller
-from app.state import AppState
+from app.runtime.state import AppState
 
 router = APIRouter(prefix="/playground")
 

@@ -17,7 +17,7 @@ from app.api.images import public_base
 from app.console.queries import any_task, key_names, request_rows, task_deliveries
 from app.console.sessions import Viewer
 from app.db.tables import Task
-from app.state import AppState
+from app.runtime.state import AppState
 
 router = APIRouter()
 

@@ -15,10 +15,10 @@ from app import __version__
 from app.api.deps import StateDep
 from app.api.errors import error_response
 from app.console.sessions import SessionStore, Viewer
+from app.core.errors import AuthenticationError
+from app.core.security import secrets_equal
 from app.domain.money import format_micros
-from app.errors import AuthenticationError
-from app.security import secrets_equal
-from app.state import AppState
+from app.runtime.state import AppState
 
 if TYPE_CHECKING:
     from starlette.templating import Jinja2Templates

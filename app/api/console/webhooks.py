@@ -18,9 +18,9 @@ from app.api.console.web import ConsoleDenied, OperatorDep, check_csrf, redirect
 from app.api.deps import StateDep
 from app.console.queries import key_names
 from app.console.webhookrows import endpoint_urls
-from app.errors import GatewayError
+from app.core.errors import GatewayError
+from app.runtime.state import AppState
 from app.schemas.admin import ApiKeyObject
-from app.state import AppState
 
 router = APIRouter()
 DELIVERY_STATUSES = ("pending", "delivered", "failed")

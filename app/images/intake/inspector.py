@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from app.core.errors import InvalidRequestError, PayloadTooLargeError
 from app.domain.catalog import EditCaps
-from app.errors import InvalidRequestError, PayloadTooLargeError
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 FORMATS: tuple[ImageFormat, ...] = ("png", "jpeg", "webp")

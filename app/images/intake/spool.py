@@ -43,7 +43,7 @@ from typing import BinaryIO, Literal
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import InvalidRequestError, PayloadTooLargeError
+from app.core.errors import InvalidRequestError, PayloadTooLargeError
 from app.images.intake.inspector import MASK_MAX_BYTES
 
 FLUSH_BYTES = 1024 * 1024

@@ -39,8 +39,8 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
+from app.core.errors import UpstreamError, UpstreamRejected
 from app.domain.jobs import ProviderEvent
-from app.errors import UpstreamError, UpstreamRejected
 from app.upstream.base import ImageProvider
 from app.upstream.config import (
     KindSettings,

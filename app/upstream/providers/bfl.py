@@ -75,9 +75,9 @@ from urllib.parse import quote
 import orjson
 from yarl import URL
 
+from app.core.errors import GatewayError, UpstreamError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
-from app.errors import GatewayError, UpstreamError
 from app.upstream.base import ImageProvider
 from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.errors import INVALID_RESPONSE

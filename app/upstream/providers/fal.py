@@ -66,9 +66,9 @@ from typing import Any
 
 from yarl import URL
 
+from app.core.errors import UpstreamError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
-from app.errors import UpstreamError
 from app.upstream.base import ImageProvider
 from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.errors import INVALID_RESPONSE

@@ -60,8 +60,8 @@ from urllib.parse import quote
 
 import orjson
 
+from app.core.errors import GatewayError, UpstreamError
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage
-from app.errors import GatewayError, UpstreamError
 from app.upstream.base import ImageProvider
 from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE

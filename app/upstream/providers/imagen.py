@@ -38,8 +38,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from app.core.errors import UpstreamError
 from app.domain.jobs import ImageJob, ImageResult
-from app.errors import UpstreamError
 from app.upstream.base import ImageProvider
 from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE

@@ -29,9 +29,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
+from app.core.errors import UpstreamRejected
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
-from app.errors import UpstreamRejected
 from app.upstream.base import ImageProvider
 from app.upstream.config import KindSettings, ProviderKind, UpstreamSettings, register_kind
 from app.upstream.providers.local_edit import edit_size, paint_edit

@@ -43,9 +43,9 @@ import aiohttp
 import orjson
 from PIL import Image, UnidentifiedImageError
 
+from app.core.errors import GatewayError, UpstreamError, UpstreamRejected
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
-from app.errors import GatewayError, UpstreamError, UpstreamRejected
 from app.upstream.errors import INVALID_RESPONSE, rejected_from_response
 from app.upstream.transport import RequestSigner, Transport
 

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.errors import UpstreamError
+from app.core.errors import UpstreamError
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response
 from app.upstream.transport import Transport
 

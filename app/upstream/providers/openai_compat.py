@@ -1,7 +1,7 @@
 """Adapter for any OpenAI-compatible Images API (OpenAI itself, proxies, self-hosted servers).
 
 The job already knows its upstream body (``ImageJob.upstream_body``); this module only moves bytes:
-it posts that body, turns a failure into an ``app.errors`` upstream error and hands a success back
+it posts that body, turns a failure into an ``app.core.errors`` upstream error and hands a success back
 as the bytes it came in, so images are never decoded or re-encoded on the way through.
 
 Its calls go through ``app.upstream.transport`` (the pooled session, timeouts, error mapping and
@@ -18,8 +18,8 @@ import aiohttp
 import orjson
 from pydantic import Field
 
+from app.core.errors import UpstreamError
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
-from app.errors import UpstreamError
 from app.upstream.base import ImageProvider
 from app.upstream.config import KindSettings, ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 from pydantic import Field
 from yarl import URL
 
+from app.core.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
 from app.domain.jobs import ImageJob
-from app.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
 from app.upstream.config import KindSettings, UpstreamSettings, common_options
 from app.upstream.errors import INVALID_RESPONSE
 

@@ -47,8 +47,8 @@ import aiohttp
 import orjson
 from PIL import Image
 
+from app.core.errors import GatewayError, InvalidRequestError, UpstreamError
 from app.domain.jobs import ImageJob, ImageResult
-from app.errors import GatewayError, InvalidRequestError, UpstreamError
 from app.upstream.base import ImageProvider
 from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE

@@ -14,13 +14,13 @@ from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.cluster.bus import ClusterBus
+from app.core.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from app.core.security import display_prefix, generate_api_key, hash_key, looks_like_key
 from app.db import repos
 from app.db.tables import ApiKey, utcnow
 from app.domain.money import format_micros, to_micros
-from app.errors import AuthenticationError, InvalidRequestError, NotFoundError
 from app.moderation.lists import validate_terms
 from app.schemas.admin import ApiKeyCreateRequest, ApiKeyObject, ApiKeyUpdateRequest
-from app.security import display_prefix, generate_api_key, hash_key, looks_like_key
 
 KeyStatus = Literal["active", "disabled", "expired", "revoked"]
 _CACHE_MAX = 10_000

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.auth.keys import KeyService
 from app.batches.files import FileService
 from app.batches.service import BatchService
 from app.billing.ledger import LedgerService
@@ -15,12 +16,11 @@ from app.db.readiness import Readiness
 from app.domain.catalog import Catalog
 from app.images.intake.spool import UploadLimits
 from app.images.service import ImageService, InputLimits
-from app.keys import KeyService
-from app.metrics import Metrics
 from app.moderation.audit import ModerationLog
-from app.settings import Settings
+from app.runtime.settings import Settings
 from app.storage import ImageStore
 from app.tasks.service import TaskService
+from app.telemetry.metrics import Metrics
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
 from app.webhooks.endpoints import WebhookEndpoints

@@ -14,21 +14,26 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from app.domain.catalog import Catalog, ModelCapabilities
-from app.domain.jobs import ImageJob, InputImage
-from app.errors import (
+from app.auth.keys import Caller
+from app.core.errors import (
     GatewayError,
     InvalidRequestError,
     ModelNotAllowedError,
     ModelNotFoundError,
     ModelRetiredError,
 )
+from app.domain.catalog import Catalog, ModelCapabilities
+from app.domain.jobs import ImageJob, InputImage
+from app.images.admission.lifecycle import Lifecycle, Resolution
+from app.images.admission.requests import Draft, GenerationDraft, InputLimits, VariationDraft
+from app.images.admission.validation import (
+    build_job,
+    build_variation_job,
+    parse_edit_form,
+    parse_generate_request,
+)
 from app.images.intake.inspector import ImageInfo, inspect_edit_inputs
 from app.images.intake.spool import SpooledFile, UploadForm
-from app.images.lifecycle import Lifecycle, Resolution
-from app.images.requests import Draft, GenerationDraft, InputLimits, VariationDraft
-from app.images.validation import build_job, build_variation_job, parse_edit_form, parse_generate_request
-from app.keys import Caller
 from app.schemas.images import ImageEditForm
 from app.upstream.registry import ProviderRegistry
 

@@ -12,11 +12,11 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
+from app.core.errors import InvalidJSONError, InvalidRequestError
 from app.domain.catalog import RESPONSE_FORMATS, ModelCapabilities, parse_size
 from app.domain.jobs import Endpoint, ImageJob, ResponseFormat
 from app.domain.provider_spec import unmapped_fields
-from app.errors import InvalidJSONError, InvalidRequestError
-from app.images.output_rules import check_complexity, check_output_options
+from app.images.admission.output_rules import check_complexity, check_output_options
 from app.schemas.images import ImageEditForm, ImageGenerateRequest
 
 MODERATION_LEVELS = ("low", "auto")

@@ -19,7 +19,7 @@ import anyio
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent  # noqa: TID251 - the one SSE writer
 
-from app.errors import GatewayError, InternalServerError
+from app.core.errors import GatewayError, InternalServerError
 from app.images.relay import ImageStream
 from app.images.settlement import StreamStatus
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _error_event(error: GatewayError) -> ServerSentEvent:
-    # The same body a JSON answer carries (app.errors.error_body), under the event's own type.
+    # The same body a JSON answer carries (app.core.errors.error_body), under the event's own type.
     body = error.to_body()
     return ServerSentEvent(data=orjson.dumps({"type": "error", **body}).decode(), event="error")
 

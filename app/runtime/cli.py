@@ -13,15 +13,15 @@ from decimal import Decimal
 import orjson
 from pydantic import ValidationError
 
+from app.auth.keys import KeyService
 from app.billing.reports import UsageFilter, usage_report
 from app.cluster.bus import ClusterBus
+from app.core.errors import GatewayError
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.domain.catalog import Catalog
-from app.errors import GatewayError
-from app.keys import KeyService
+from app.runtime.settings import Settings
 from app.schemas.admin import ApiKeyCreatedResponse, ApiKeyCreateRequest
-from app.settings import Settings
 
 
 def add_key_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -33,17 +33,17 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from app.batches.config import BatchSettings, FileSettings
+from app.core.security import ensure_key_pepper, is_placeholder
 from app.db.engine import PoolConfig
 from app.moderation.config import ModerationSettings
-from app.security import ensure_key_pepper, is_placeholder
 from app.storage.config import StorageSettings
-from app.tracing import TracingSettings
+from app.telemetry.tracing import TracingSettings
 from app.upstream.config import UpstreamSettings, default_upstreams
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 # The shipped catalog and moderation policy travel inside the package, so an installed gateway
 # starts from any directory with no config file at all.
-DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
+DEFAULTS_DIR = Path(__file__).resolve().parents[1] / "defaults"
 DEFAULT_MODELS_FILE = str(DEFAULTS_DIR / "models.yaml")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Values that mean "somebody forgot to set this": refused rather than used as a real secret.
@@ -154,7 +154,7 @@ class ServerSettings(_Section):
     # cut what is left (its holds are released, nothing unfinished is charged).
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # On SIGTERM, /readyz turns 503 at once and the node keeps serving this long before it starts
-    # the drain above, so the load balancer takes it out of rotation first (app/drain.py). Keep it
+    # the drain above, so the load balancer takes it out of rotation first (app/runtime/drain.py). Keep it
     # above the balancer's probe period times its failure threshold.
     drain_delay_s: float = Field(default=5.0, ge=0, le=600)
     # How long an idle client connection is kept open. Longer than clients' own idle expiry (httpx,

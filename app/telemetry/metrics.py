@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
+from app.core.errors import UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from app.domain.states import BreakerState
-from app.errors import UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from app.core.errors import InvalidRequestError
 from app.domain.catalog import ModelCapabilities, parse_size
-from app.errors import InvalidRequestError
 
 SVG_AUTHOR_MAX_CHARS = 100  # the ledger's svg_model column
 SVG_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")

@@ -44,7 +44,7 @@ def _url() -> str:
     url = context.config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from app.settings import load_settings
+    from app.runtime.settings import load_settings
 
     return load_settings().database.url
 

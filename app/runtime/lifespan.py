@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI  # noqa: TID251 - the lifespan hook's type
 from sqlalchemy.engine import make_url
 
+from app.auth.keys import KeyService
 from app.batches.files import FileLimits, FileService
 from app.batches.forward import BatchForwarder, Discounts
 from app.batches.service import BatchLimits, BatchService
@@ -26,31 +27,30 @@ from app.cluster.bus import ClusterBus
 from app.console.requestlog import RequestLog
 from app.console.throttle import open_throttle
 from app.console.thumbnails import Thumbnailer
+from app.core.memory import release_free_memory, tune_allocator
+from app.core.security import ensure_admin_key
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.leases import Leases
 from app.db.migrate import upgrade_head
 from app.db.readiness import Readiness
 from app.db.writer import create_writer
 from app.domain.catalog import Catalog
-from app.drain import DrainOnSigterm
+from app.images.admission.lifecycle import Lifecycle
 from app.images.intake.sweep import SweepPolicy, sweep
-from app.images.lifecycle import Lifecycle
 from app.images.service import ImageService
-from app.keys import KeyService
-from app.memory import release_free_memory, tune_allocator
-from app.metrics import Metrics
 from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
-from app.security import ensure_admin_key
-from app.settings import Settings
-from app.state import AppState, UploadPolicy
+from app.runtime.drain import DrainOnSigterm
+from app.runtime.settings import Settings
+from app.runtime.state import AppState, UploadPolicy
 from app.storage import build_input_store, build_store, purge_expired, resolve_signing_secret
 from app.storage.blobs import blob_store_for
 from app.tasks.housekeeping import Chore, Housekeeper
 from app.tasks.queue import TaskQueue
 from app.tasks.service import TaskService, TaskSettingsView
 from app.tasks.worker import work, worker_name
-from app.tracing import Tracing
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import Tracing
 from app.upstream.health import BreakerConfig
 from app.upstream.registry import ProviderRegistry
 from app.upstream.retry import RetryPolicy
@@ -475,7 +475,7 @@ def housekeeper(state: AppState) -> Housekeeper:
         return swept.spools + swept.inputs
 
     async def give_back_memory() -> None:
-        await asyncio.to_thread(release_free_memory)  # app/memory.py
+        await asyncio.to_thread(release_free_memory)  # app/core/memory.py
 
     chores = [
         Chore("task-purge", storage.purge_interval_s, state.tasks.purge),

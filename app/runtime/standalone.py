@@ -6,8 +6,8 @@ import asyncio
 import logging
 import signal
 
-from app.lifespan import housekeeper, open_state, prepare, warn_per_process_limits, webhook_sender
-from app.settings import Settings
+from app.runtime.lifespan import housekeeper, open_state, prepare, warn_per_process_limits, webhook_sender
+from app.runtime.settings import Settings
 from app.tasks.worker import work
 
 log = logging.getLogger(__name__)

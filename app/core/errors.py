@@ -3,7 +3,7 @@
 Each class fixes the HTTP status, the OpenAI error ``type`` and the default ``code``.
 ``error_body`` is the one function that builds the ``{"error": {...}}`` body, whoever sends it: the
 exception handlers and the ASGI middleware (``app/api/errors.py``), the SSE ``error`` event
-(``app/streaming.py``) and a failed task's stored error. The OpenAPI document's ``ErrorBody``
+(``app/api/streaming.py``) and a failed task's stored error. The OpenAPI document's ``ErrorBody``
 (``app/schemas/base.py``) describes that body, and tests/api/test_error_schema.py holds the two together.
 
     GatewayError                       500 api_error (the base; a bare one is a gateway fault)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 
+from app.core.errors import ModelRetiredError
 from app.domain.catalog import Catalog, LifecycleState, ModelCapabilities
-from app.errors import ModelRetiredError
 
 # How many replacements may be followed (gpt-image-1 -> 2.5 -> ...); a loop in the catalog stops here.
 MAX_HOPS = 3

@@ -1,0 +1,1 @@
+"""One revision per schema change; Alembic's listing skips this file."""

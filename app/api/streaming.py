@@ -15,13 +15,11 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent  # noqa: TID251 - the one SSE writer
 
 from app.core.errors import GatewayError, InternalServerError
 from app.images.relay import ImageStream
-from app.images.settlement import StreamStatus
 
 log = logging.getLogger(__name__)
 
@@ -33,31 +31,15 @@ def _error_event(error: GatewayError) -> ServerSentEvent:
 
 
 async def _relay(stream: ImageStream) -> AsyncIterator[ServerSentEvent]:
-    status: StreamStatus = "cancelled"
-    error: GatewayError | None = None
-    try:
-        try:
-            async for event in stream.events():
-                raw = event.raw if event.raw is not None else orjson.dumps(event.data)
-                yield ServerSentEvent(data=raw.decode(), event=event.type)
-            status = "succeeded"
-        except GatewayError as exc:
-            status, error = "failed", exc
-            log.warning("stream failed after it started", extra={"fields": {"code": exc.code}})
-        except Exception:
-            status = "failed"
-            error = InternalServerError("The gateway had an error while relaying the stream.")
-            log.exception("stream relay error")
-    finally:
-        # Runs on normal ends, on errors and on cancellation (client gone), and before the last
-        # bytes go out, so the ledger row exists by the time the client sees the stream end.
-        with anyio.CancelScope(shield=True):
-            try:
-                await stream.close()
-            finally:
-                await stream.settle(status, error.code if error is not None else None)
-    if error is not None:
-        yield _error_event(error)
+    # The stream owns its end (closed and settled before the error event goes out, and when the
+    # client has gone); this only writes its events, and its failure as the last one.
+    internal = InternalServerError("The gateway had an error while relaying the stream.")
+    async with stream.ending(internal=internal) as end:
+        async for event in stream.events():
+            raw = event.raw if event.raw is not None else orjson.dumps(event.data)
+            yield ServerSentEvent(data=raw.decode(), event=event.type)
+    if end.error is not None:
+        yield _error_event(end.error)
 
 
 def sse_response(

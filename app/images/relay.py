@@ -3,19 +3,25 @@
 ``ImageStream`` counts the images an upstream stream completes (and the partial images since the
 last one), keeps a copy of each completed image when the key wants one, and settles through the one
 settlement path (``Settlement.settle``) as soon as the last image completed, or however else the
-stream ends. ``app/api/streaming.py`` turns its events into SSE.
+stream ends. It alone owns that end (``ending``): how the stream ended, the upstream connection
+closed, the settlement made once and shielded from cancellation. Its two consumers only read its
+events: ``app/api/streaming.py`` writes them as SSE, ``app/tasks/progress.py`` keeps a task's
+previews and result.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import anyio
+
 from app.auth.keys import Caller
 from app.billing.ledger import Hold
-from app.core.errors import UpstreamError
+from app.core.errors import GatewayError, UpstreamError
 from app.domain.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.domain.money import format_micros
 from app.images.settlement import CostHook, Settlement, StreamStatus, UpstreamOutcome, merge_usage
@@ -36,6 +42,13 @@ class ImageSink(Protocol):
     def keep(
         self, *, caller: Caller, request_id: str, images: list[str], first_position: int = 0
     ) -> None: ...
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    """How a stream ended, for its consumer to report: the failure, if it failed."""
+
+    error: GatewayError | None = None
 
 
 @dataclass(slots=True)
@@ -126,10 +139,58 @@ class ImageStream:
     async def _maybe_settle(self, event: ProviderEvent) -> ProviderEvent:
         if not event.is_completed or self.completed < self.job.n or self.settled:
             return event
-        cost = await self.settle("succeeded")
+        cost = await self._settle("succeeded")
         return with_cost(event, cost)
 
-    async def close(self) -> None:
+    @asynccontextmanager
+    async def ending(
+        self,
+        *,
+        internal: GatewayError,
+        interrupted: GatewayError | None = None,
+        on_failure: Callable[[GatewayError], CostHook] | None = None,
+        raise_after_settling: bool = False,
+    ) -> AsyncIterator[StreamEnd]:
+        """The one owner of a stream's end; the consumer reads ``events()`` inside it.
+
+        However the body ends (done, an upstream or gateway error, the client gone, the task
+        cancelled), the upstream connection is closed and what the upstream did is settled once,
+        shielded, before the end goes on, so the ledger row exists by the time the consumer's
+        last bytes go out. A failure is not raised but kept in the ``StreamEnd``: an SSE client
+        gets it as an ``error`` event, a task as its outcome. ``internal`` stands for an error that
+        is not the gateway's own; ``interrupted`` names an end with no error (a cancelled task's).
+        ``on_failure`` gives the settlement's transaction its work for that failure (a task
+        recording it with the charge). With ``raise_after_settling``, a failure after the
+        settlement began is raised instead: the caller's own failure path decides then.
+        """
+        end = StreamEnd()
+        status: StreamStatus = "cancelled"
+        try:
+            yield end
+            status = "succeeded"
+        except Exception as exc:
+            if raise_after_settling and self.settled:
+                raise
+            status = "failed"
+            if isinstance(exc, GatewayError):
+                end.error = exc
+                log.warning("stream failed after it started", extra={"fields": {"code": exc.code}})
+            else:
+                end.error = internal
+                log.exception("stream relay error", extra={"fields": {"request_id": self.job.request_id}})
+        finally:
+            # Runs on every end, cancellation and a closed generator included.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._close()
+                finally:
+                    if not self.settled:
+                        failure = end.error or interrupted
+                        if failure is not None and on_failure is not None:
+                            self.also = on_failure(failure)
+                        await self._settle(status, failure.code if failure is not None else None)
+
+    async def _close(self) -> None:
         """Release the upstream connection (at once, when the client has gone) and the slot."""
         try:
             await self.opened.aclose()
@@ -138,7 +199,7 @@ class ImageStream:
             for close in closers:
                 await close()
 
-    async def settle(self, status: StreamStatus, error_code: str | None = None) -> int:
+    async def _settle(self, status: StreamStatus, error_code: str | None = None) -> int:
         """Bill what the upstream reported as completed (and unfinished partials), once."""
         if self.settled:
             return self.cost_micros or 0

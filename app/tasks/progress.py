@@ -21,18 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from sqlalchemy import Connection, update
 
 from app.auth.keys import Caller
-from app.billing.ledger import Hold, SettlementAbandoned
+from app.billing.ledger import Hold
 from app.core.errors import GatewayError
 from app.db.tables import Task
 from app.db.writer import Writer
 from app.domain.jobs import ImageJob, ProviderEvent
 from app.images.delivery import content_type_of, store_b64
 from app.images.service import ImageService, ResultHook
-from app.images.settlement import CostHook, StreamStatus
+from app.images.settlement import CostHook
 from app.storage import ImageStore
 
 log = logging.getLogger(__name__)
@@ -223,37 +222,19 @@ async def run_streamed(
             await recorder.partial(event, image_index=stream.completed)
 
     stream.on_event = on_event
-    status: StreamStatus = "cancelled"
-    error: GatewayError | None = None
-    try:
+    # The stream owns its end: on a failure or a cancellation it settles what the upstream did
+    # once, with the task's failure (``failer``) in the same transaction. A failure after the
+    # settlement began is raised: the task's own failure path decides, and finds it finished if
+    # it was (a SettlementAbandoned included).
+    async with stream.ending(
+        internal=GatewayError("The gateway had an error while running the task.", code="internal_error"),
+        interrupted=GatewayError(
+            "The gateway stopped while this task's upstream stream was in flight; what "
+            "the upstream had completed was charged. Submit it again.",
+            code="task_interrupted",
+        ),
+        on_failure=lambda failure: failer(failure.to_body()["error"]),
+        raise_after_settling=True,
+    ):
         async for _ in stream.events():
             pass
-        status = "succeeded"
-    except SettlementAbandoned:
-        raise
-    except Exception as exc:
-        if stream.settled:
-            # After the settlement began (it failed, or the stream went wrong once it was done):
-            # the task's own failure path decides, and finds it finished if it was.
-            raise
-        if isinstance(exc, GatewayError):
-            status, error = "failed", exc
-        else:
-            log.exception("task stream failed", extra={"fields": {"request_id": job.request_id}})
-            status = "failed"
-            error = GatewayError("The gateway had an error while running the task.", code="internal_error")
-    finally:
-        # On every ending, cancellation included: the connection goes, and what the upstream did
-        # is settled once, with the task's outcome in the same transaction.
-        with anyio.CancelScope(shield=True):
-            try:
-                await stream.close()
-            finally:
-                if not stream.settled:
-                    failure = error or GatewayError(
-                        "The gateway stopped while this task's upstream stream was in flight; what "
-                        "the upstream had completed was charged. Submit it again.",
-                        code="task_interrupted",
-                    )
-                    stream.also = failer(failure.to_body()["error"])
-                    await stream.settle(status, failure.code)

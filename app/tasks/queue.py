@@ -21,7 +21,7 @@ a claim of one task. A key's ``max_tasks_in_flight`` caps its rank by the room i
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.core.errors import GatewayError, RateLimitError, error_body
 from app.db.batch import Batcher
 from app.db.tables import Task, utcnow
+from app.db.transient import retrying
 from app.db.writer import Writer
 from app.tasks.idempotency import reused_error
 from app.tasks.statements import CANCELLED, FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, Statements
@@ -303,7 +304,7 @@ class TaskQueue:
             marked = self._sql.dispatched.execute(c, {"task": task_id, "owner": worker, "at": utcnow()})
             return marked.rowcount == 1
 
-        return await self._writer.run(mark)
+        return await _again_if_unknown(lambda: self._writer.run(mark), what="mark dispatched")
 
     async def record_provider_job(self, task_id: str, worker: str, provider_job: dict[str, Any]) -> bool:
         """Record the jobs a polled upstream accepted (see ``Task.provider_job``), committed before
@@ -317,7 +318,7 @@ class TaskQueue:
             )
             return _rows(recorded) == 1
 
-        return await self._writer.run(record)
+        return await _again_if_unknown(lambda: self._writer.run(record), what="record provider job")
 
     async def renew(self, task_id: str, worker: str) -> bool:
         """Extend a lease; False when the task is no longer this worker's."""
@@ -540,3 +541,12 @@ class TaskQueue:
 
 def _rows(result: Result[Any]) -> int:
     return int(getattr(result, "rowcount", 0)) if isinstance(result, CursorResult) else 0
+
+
+async def _again_if_unknown(write: Callable[[], Awaitable[bool]], *, what: str) -> bool:
+    """Run an update of this worker's own task row again after any transient error, a connection
+    dropped during its COMMIT included (the writer does not retry that one: a write that may have
+    landed must not land twice). These updates set the same values on the same row, so landing
+    twice is harmless, and failing the running task over a dropped COMMIT is not (a run with
+    PostgreSQL connections killed mid-run failed a task with ``internal_error`` that way)."""
+    return await retrying(write, what=what)

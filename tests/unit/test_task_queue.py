@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Connection, insert, select
@@ -15,9 +16,12 @@ from app.core.errors import RateLimitError
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_head
 from app.db.tables import ApiKey, Task
-from app.db.writer import create_writer
+from app.db.transient import patient
+from app.db.writer import Work, Writer, create_writer
 from app.tasks.queue import QUEUED, NewTask, TaskQueue, new_task_id
 from tests.services import fresh_postgres_database
+
+T = TypeVar("T")
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -324,3 +328,43 @@ async def test_keys_are_levelled_by_what_they_have_running(queue: TaskQueue) -> 
     await queue._writer.run(lambda c: c.execute(insert(Task), late))
     second = await queue.claim_batch("w1", 4)
     assert [t.key_id for t in second] == ["key_c", "key_c", "key_c", "key_a"]
+
+
+class LostCommitReply:
+    """A writer whose next write lands, then reports a dropped connection (a COMMIT whose reply
+    was lost: the writer itself cannot tell whether it landed, so it does not retry)."""
+
+    def __init__(self, inner: Writer) -> None:
+        self.inner = inner
+        self.dialect = inner.dialect
+        self.lose_next = False
+
+    def run_now(self, work: Work[T]) -> T:
+        return self.inner.run_now(work)
+
+    async def run(self, work: Work[T]) -> T:
+        result = await self.inner.run(work)
+        if self.lose_next:
+            self.lose_next = False
+            raise ConnectionResetError("connection dropped during COMMIT")
+        return result
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_dispatch_mark_whose_commit_reply_was_lost_is_written_not_failed(queue: TaskQueue) -> None:
+    await _seed(queue, [_key("key_a")], [_task("key_a", 0)])
+    (task,) = await queue.claim_batch("w1", 1)
+    lossy = LostCommitReply(queue._writer)
+    queue._writer = lossy
+    lossy.lose_next = True
+    with patient(None):
+        assert await queue.mark_dispatched(task.id, "w1") is True
+    assert lossy.lose_next is False
+
+    def row(c: Connection) -> Any:
+        return c.execute(select(Task.dispatched_at, Task.worker).where(Task.id == task.id)).one()
+
+    dispatched_at, worker = await queue._writer.run(row)
+    assert dispatched_at is not None and worker == "w1"

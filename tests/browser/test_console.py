@@ -334,8 +334,12 @@ def test_screenshots_of_overview_and_requests(
     page.set_viewport_size({"width": 1280, "height": 860})
     # Upstreams refresh themselves.
     page.get_by_role("navigation").get_by_role("link", name="Upstreams").click()
+    # Null-safe: evaluated while the old page may still be shown (a TypeError there fails the wait
+    # at once instead of retrying, as a run under a CPU hog showed); the timeout bounds a hang only.
+    page.wait_for_url("**/console/upstreams*", timeout=120_000)
     page.wait_for_function(
-        "() => document.getElementById('upstreams').hasAttribute('data-refreshed')", timeout=10_000
+        "() => document.getElementById('upstreams')?.hasAttribute('data-refreshed') === true",
+        timeout=120_000,
     )
     assert page.console_errors == []
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,57 @@ def listening(pid: int) -> list[tuple[str, int]]:
     return found
 
 
-class GatewayProcess:
+class ChildProcess:
+    """What every gateway child shares (a server, a worker, a cluster node): its log, waiting for
+    it to be ready, restarting it when its reserved port was taken meanwhile, stopping it.
+    Subclasses set ``proc``, ``_log`` and ``log_path`` in ``_start``."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: Any
+    stop_timeout_s = 60.0
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _wait(self, ready: Callable[[], bool], *, what: str, timeout: float, restarts: int) -> None:
+        """Until ``ready()``; a child that exited because its port was taken is started again (at
+        most ``restarts`` times). On a timeout the child is killed: the deadline bounds a failure."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.close()
+                if restarts > 0 and _PORT_TAKEN in self.log_path.read_bytes().lower():
+                    restarts -= 1
+                    self._start()
+                    continue
+                raise RuntimeError(f"{what} exited: {self.logs()[-3000:]}")
+            if ready():
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"{what} not ready: {self.logs()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int:
+        wait_s = self.stop_timeout_s if timeout is None else timeout
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(wait_s)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class GatewayProcess(ChildProcess):
     """One ``python -m app serve`` child. Its output goes to ``log_path``; ``url`` is valid once
     ``wait_ready`` has returned (a restart on a lost port changes it)."""
 
@@ -185,44 +236,21 @@ class GatewayProcess:
         """Block until ``/healthz`` answers from this child; on a timeout the child is killed.
         The deadline only bounds a failure: a loaded machine (xdist, coverage in the child, a CPU
         hog) took over 60 s to import and migrate (a batch restart test timed out at load 23)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._log.close()
-                if restarts > 0 and _PORT_TAKEN in self.log_path.read_bytes().lower():
-                    restarts -= 1
-                    self._start()
-                    continue
-                raise RuntimeError(f"gateway exited: {self.logs()[-3000:]}")
+
+        def healthy() -> bool:
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200 and self._owns_port():
-                    return self
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200 and self._owns_port()
             except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"gateway not ready: {self.logs()[-3000:]}")
+                return False
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        self._wait(healthy, what="gateway", timeout=timeout, restarts=restarts)
+        return self
 
 
-class WorkerProcess:
+class WorkerProcess(ChildProcess):
     """One ``python -m app worker`` child (no HTTP listener: it is ready when it claims a task)."""
+
+    stop_timeout_s = 30.0
 
     def __init__(
         self, config: dict[str, Any], workdir: Path, *, name: str = "worker", cwd: Path = ROOT
@@ -238,17 +266,3 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._log.close()
-        return self.proc.returncode
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")

@@ -7,7 +7,7 @@ this router, so ``/v1/files/images/…`` never reaches these routes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -16,6 +16,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from app.api.deps import CallerDep, StateDep
 from app.batches.files import file_object
 from app.batches.upload import receive_file
+from app.db.tables import StoredFile
+from app.runtime.state import AppState
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -71,8 +73,15 @@ async def get_file(file_id: str, caller: CallerDep, state: StateDep) -> JSONResp
 @router.get("/{file_id}/content")
 async def get_file_content(file_id: str, caller: CallerDep, state: StateDep) -> StreamingResponse:
     row = await state.files.get(file_id, caller.key_id)
+    return await stream_file(state, row, filename=row.filename, headers=NO_STORE)
+
+
+async def stream_file(
+    state: AppState, row: StoredFile, *, filename: str, headers: Mapping[str, str]
+) -> StreamingResponse:
+    """A stored file as a streamed JSONL download (the API's and the console's). The first chunk
+    is read here, so a blob gone missing raises ``NotFoundError`` (a 404), not a broken 200."""
     chunks = state.files.content(row)
-    # The first chunk is read here, so a blob gone missing is a 404, not a broken 200.
     first = await anext(chunks, b"")
 
     async def body() -> AsyncIterator[bytes]:
@@ -84,9 +93,9 @@ async def get_file_content(file_id: str, caller: CallerDep, state: StateDep) -> 
         body(),
         media_type="application/jsonl",
         headers={
-            **NO_STORE,
+            **headers,
             "content-length": str(row.bytes),
-            "content-disposition": f'attachment; filename="{row.filename.replace(chr(34), "")}"',
+            "content-disposition": f'attachment; filename="{filename.replace(chr(34), "")}"',
         },
     )
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,14 +31,13 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.gateway_process import listening, reserve_port
+from bench.gateway_process import ChildProcess, listening, reserve_port
 from tests.cluster.manifests import EXAMPLE_OVERLAY, ROOT, ClusterShape, ProcessSpec, load_shape
 from tests.conftest import ADMIN_KEY, fake_upstream_config
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, FakeS3
 
 # What uvicorn logs when the port is taken (errno 98, EADDRINUSE): the node restarts on another.
-_PORT_TAKEN = b"address already in use"
 
 
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,7 +59,7 @@ def _within(path: str, mounts: Mapping[str, str]) -> bool:
     return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts.values())
 
 
-class Node:
+class Node(ChildProcess):
     """One process of the shape, started from its ProcessSpec. ``url`` is set for a node with a
     container port once ``wait_ready`` returned (a restart on a lost port changes it)."""
 
@@ -122,38 +119,13 @@ class Node:
         if self.spec.port is None:
             return self
         first = self.spec.startup_path or self.spec.liveness_path
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._log.close()
-                if restarts > 0 and _PORT_TAKEN in self.log_path.read_bytes().lower():
-                    restarts -= 1
-                    self._start()
-                    continue
-                raise RuntimeError(f"{self.name} exited: {self.logs()[-3000:]}")
+
+        def probes_pass() -> bool:
             owned = any(port == self.port for _, port in listening(self.proc.pid))
-            if owned and self._probe(first) and self._probe(self.spec.readiness_path):
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"{self.name} not ready: {self.logs()[-3000:]}")
+            return owned and self._probe(first) and self._probe(self.spec.readiness_path)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        self._wait(probes_pass, what=self.name, timeout=timeout, restarts=restarts)
+        return self
 
     def exec(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
         """``kubectl exec <pod> -- python -m app <args>``: the CLI in this node's environment."""

@@ -9,13 +9,13 @@ indistinguishable from a missing one. Cancel is the API's own ``BatchService.can
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import and_, func, or_, select
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from app.api.batch_files import stream_file
 from app.api.console.web import PAGE_HEADERS, ConsoleDenied, ViewerDep, check_csrf, redirect, render
 from app.api.deps import StateDep
 from app.batches.service import ACTIVE
@@ -155,22 +155,6 @@ async def download(batch_id: str, which: str, viewer: ViewerDep, state: StateDep
         raise ConsoleDenied(404, "This batch has no such file (yet).")
     try:
         stored = await state.files.get(file_id, row.key_id)
-        chunks = state.files.content(stored)
-        first = await anext(chunks, b"")  # a blob gone missing is a 404 page, not a broken download
-    except NotFoundError:
+        return await stream_file(state, stored, filename=f"{row.id}_{which}.jsonl", headers=PAGE_HEADERS)
+    except NotFoundError:  # a blob gone missing is a 404 page, not a broken download
         raise ConsoleDenied(404, "This file has expired.") from None
-
-    async def body() -> AsyncIterator[bytes]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
-
-    return StreamingResponse(
-        body(),
-        media_type="application/jsonl",
-        headers={
-            **PAGE_HEADERS,
-            "content-length": str(stored.bytes),
-            "content-disposition": f'attachment; filename="{row.id}_{which}.jsonl"',
-        },
-    )

@@ -17,6 +17,7 @@ from app.auth.keys import Caller
 from app.core.errors import GatewayError, InvalidJSONError, InvalidRequestError
 from app.domain.jobs import ImageJob
 from app.domain.money import format_micros
+from app.images.admission.lifecycle import job_headers
 from app.images.intake.spool import UploadForm, parse_multipart
 from app.images.relay import ImageStream
 from app.images.service import Draft, EditDraft, GenerationDraft, ImageOutcome, VariationDraft
@@ -87,7 +88,7 @@ def _seen(request: Request) -> Callable[[ImageJob], None]:
 
 def _job_headers(request: Request) -> dict[str, str]:
     job: ImageJob | None = getattr(request.state, "job", None)
-    return dict(job.headers) if job is not None else {}
+    return job_headers(job) if job is not None else {}
 
 
 @contextmanager

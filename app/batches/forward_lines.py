@@ -29,6 +29,7 @@ from app.images.delivery import render_images, store_images
 from app.images.service import ImageService
 from app.images.settlement import UpstreamOutcome, shielded
 from app.storage import ImageStore
+from app.tasks.inputs import job_from_spec, upgraded
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,7 @@ class ForwardedLines:
         caps = self._catalog.get(str(spec["model"]))
         if caps is None:
             raise UpstreamError("The model of a forwarded line is no longer in the catalog.")
-        values = {k: v for k, v in spec.items() if k not in ("images", "mask", "markup")}
-        return ImageJob(**values, caps=caps, images=(), mask=None, markup=None)
+        return job_from_spec(upgraded(spec), caps)  # generations only: no input images
 
 
 def _ended(code: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ A validated request becomes an ``ImageJob``; a provider answers with an ``ImageR
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,12 +65,6 @@ class ImageJob:
     images: tuple[InputImage, ...] = ()
     mask: InputImage | None = None
     input_fidelity: str | None = None
-    # Upstreams that run a job and are polled for it (FLUX): ``resume`` is what an earlier run of
-    # this task recorded (``{"upstream", "jobs": [{"id", "polling_url"}]}``), to poll those jobs
-    # again instead of submitting new ones; ``on_submitted`` records it once the jobs are submitted.
-    # Both are set by the task runner only; a synchronous request has neither.
-    resume: Mapping[str, Any] | None = None
-    on_submitted: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     # Edits only: the transparent PNG overlaid on the first image to guide the edit.
     markup: InputImage | None = None
     complexity: str | None = None
@@ -78,9 +73,11 @@ class ImageJob:
     frame_duration_ms: int | None = None
     # SVG output: the `svg` object as sent ({"model", "reasoning": {"effort"}}), if any.
     svg: Mapping[str, Any] | None = None
-    # Headers every answer to this request carries (the model's lifecycle: Sunset, Deprecation,
-    # x-gateway-model when a retired model is served by its replacement).
-    headers: Mapping[str, str] = field(default_factory=dict)
+    # The model's lifecycle, as admission found it: a scheduled retirement (answers carry
+    # ``Sunset``) and the retirement of a model served past it (``Deprecation``); the headers
+    # are written from these by ``app/images/admission/lifecycle.py``.
+    sunset_at: dt.datetime | None = None
+    deprecated_at: dt.datetime | None = None
     # The model the client asked for, when the gateway serves another (a remapped retirement).
     requested_model: str | None = None
     # Past its retirement date: only upstreams that do not follow OpenAI's retirements get it.

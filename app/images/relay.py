@@ -25,6 +25,7 @@ from app.core.errors import GatewayError, UpstreamError
 from app.domain.jobs import ImageJob, ProviderEvent, TokenUsage
 from app.domain.money import format_micros
 from app.images.settlement import CostHook, Settlement, StreamStatus, UpstreamOutcome, merge_usage
+from app.telemetry.tracing import INERT, RequestTrace
 from app.upstream.router import OpenStream
 
 log = logging.getLogger("app.images.service")
@@ -87,6 +88,8 @@ class ImageStream:
     on_event: Callable[[ProviderEvent], Awaitable[None]] | None = None
     # Work for the settlement's transaction (a task recording its outcome with its charge).
     also: CostHook | None = None
+    # The request's span, ended by the settlement.
+    trace: RequestTrace = INERT
 
     @property
     def upstream(self) -> str:
@@ -218,6 +221,7 @@ class ImageStream:
                 error_code=error_code,
                 partials=self.partials if self.completed < self.job.n else 0,
                 unreported=self.unreported,
+                trace=self.trace,
             ),
             also=self.also,
         )

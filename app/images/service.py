@@ -54,8 +54,8 @@ from app.moderation import ModerationService
 from app.moderation.audit import ModerationLog
 from app.storage import ImageStore
 from app.telemetry.metrics import Metrics
-from app.telemetry.tracing import Tracing
-from app.upstream.base import answered_scope
+from app.telemetry.tracing import RequestTrace, Tracing
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.registry import ProviderRegistry
 from app.upstream.router import Router
 
@@ -258,8 +258,12 @@ class ImageService:
         hold: Hold,
         finish: ResultHook | None = None,
         failed: FailureHook | None = None,
+        call: UpstreamCall = DIRECT,
     ) -> ImageOutcome:
         """Route a job to an upstream, wait for the whole result, and settle its hold.
+
+        ``call`` is how it runs (a task's source and provider job to resume); the request's span
+        and the "upstream answered" signal are added here.
 
         ``finish`` turns the upstream's body into what is returned (stored images, URLs) before
         the charge is made, and may add work to the settlement's transaction (a task's outcome).
@@ -270,9 +274,9 @@ class ImageService:
         while no upstream has answered yet; after that, reading the body, ``finish`` and the charge
         run to their end, and the caller's cancellation goes on once they have.
         """
-        self._trace(caller, job, mode="sync")
         answered = asyncio.Event()
-        work = background(self._call(caller, job, hold, finish, answered, failed))
+        call = replace(call, trace=self._trace(caller, job, mode="sync"), on_answer=answered.set)
+        work = background(self._call(caller, job, hold, finish, call, answered, failed))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -288,6 +292,7 @@ class ImageService:
         job: ImageJob,
         hold: Hold,
         finish: ResultHook | None,
+        call: UpstreamCall,
         answered: asyncio.Event,
         failed: FailureHook | None = None,
     ) -> ImageOutcome:
@@ -295,8 +300,7 @@ class ImageService:
         tried: list[str] = []
         unstored: ImageStoreError | None = None
         try:
-            with answered_scope(answered.set):
-                result, upstream = await self._router.generate(job, tried)
+            result, upstream = await self._router.generate(job, tried, call=call)
             answered.set()
             svg = self._svg_charge(job, result, caller)
             body: dict[str, Any] | bytes
@@ -312,7 +316,7 @@ class ImageService:
                 # `result.body` would parse the upstream's megabytes of base64 only to encode them again.
                 body = result.raw if result.raw is not None else result.body
         except BaseException as exc:
-            await self._settle_failure(caller, job, hold, exc, started, tried)
+            await self._settle_failure(caller, job, hold, exc, started, tried, call)
             raise
         settled = await self.settlement.settle(
             UpstreamOutcome(
@@ -327,6 +331,7 @@ class ImageService:
                 raw_usage=result.raw_usage,
                 svg=svg,
                 error_code=unstored.code if unstored is not None else None,
+                trace=call.trace,
             ),
             also=also,
         )
@@ -367,16 +372,18 @@ class ImageService:
 
         return finish
 
-    async def open_stream(self, *, caller: Caller, job: ImageJob, hold: Hold) -> ImageStream:
+    async def open_stream(
+        self, *, caller: Caller, job: ImageJob, hold: Hold, call: UpstreamCall = DIRECT
+    ) -> ImageStream:
         """Route a streaming job until an upstream sends its first event (errors before that are
         raised as usual, so the client gets a plain HTTP error); the rest is relayed by the caller."""
-        self._trace(caller, job, mode="stream")
+        call = replace(call, trace=self._trace(caller, job, mode="stream"))
         started = time.monotonic()
         tried: list[str] = []
         try:
-            opened = await self._router.open_stream(job, tried)
+            opened = await self._router.open_stream(job, tried, call=call)
         except BaseException as exc:
-            await self._settle_failure(caller, job, hold, exc, started, tried)
+            await self._settle_failure(caller, job, hold, exc, started, tried, call)
             raise
         return ImageStream(
             job=job,
@@ -386,11 +393,12 @@ class ImageService:
             hold=hold,
             started=started,
             sink=self._sink if self._sink is not None and self._sink.wants(caller) else None,
+            trace=call.trace,
         )
 
-    def _trace(self, caller: Caller, job: ImageJob, *, mode: str) -> None:
+    def _trace(self, caller: Caller, job: ImageJob, *, mode: str) -> RequestTrace:
         # The span's outcome is recorded, and the span ended, by the settlement (app/telemetry/tracing.py).
-        self._tracing.start_request(
+        return self._tracing.start_request(
             operation=job.endpoint,
             model=job.model,
             key_id=caller.key_id,
@@ -403,7 +411,14 @@ class ImageService:
         await self.settlement.release(hold)
 
     async def _settle_failure(
-        self, caller: Caller, job: ImageJob, hold: Hold, exc: BaseException, started: float, tried: list[str]
+        self,
+        caller: Caller,
+        job: ImageJob,
+        hold: Hold,
+        exc: BaseException,
+        started: float,
+        tried: list[str],
+        call: UpstreamCall,
     ) -> None:
         """No charge; a ledger row only if some upstream was actually reached.
 
@@ -424,6 +439,7 @@ class ImageService:
                 usage=None,
                 started=started,
                 error_code=code,
+                trace=call.trace,
             )
         )
 

@@ -29,7 +29,7 @@ from app.db.transient import patient
 from app.domain.jobs import ImageJob, TokenUsage
 from app.domain.money import apply_multiplier
 from app.telemetry.metrics import Metrics
-from app.telemetry.tracing import current_request
+from app.telemetry.tracing import INERT, RequestTrace
 
 log = logging.getLogger("app.images.service")
 T = TypeVar("T")
@@ -67,6 +67,8 @@ class UpstreamOutcome:
     # stream's ``completed`` events each carry their own): each is charged at the catalog's
     # estimate and the row is marked estimated, as a request with no usage at all is.
     unreported: int = 0
+    # The request's span: the settlement records the outcome on it and ends it.
+    trace: RequestTrace = INERT
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,7 @@ class Settlement:
         shielded from the caller's cancellation. ``also`` runs in the same transaction (a task
         recording its result); if it refuses, nothing is committed (``SettlementAbandoned``)."""
         job, caller, hold = outcome.job, outcome.caller, outcome.hold
-        traced = current_request()
+        traced = outcome.trace
         if outcome.upstream is None:
             if hold is not None:
                 await shielded(self._ledger.release(hold))

@@ -5,23 +5,39 @@ to the input store (``keep``): moved into ``<inputs_root>/<task id>`` with a loc
 to the bucket with S3 (``app/storage/inputs.py``), so a worker on another node can read them. A
 worker gets the same job back (``restore``), its images pointing at a local folder that holds the
 files (the S3 store streams them down first), and the inputs go when the task ends or is purged
-(``drop``). A task queued by an older version stored its raw payload instead: it is admitted again
-(``_legacy``).
+(``drop``).
+
+The stored job carries its schema's number (``JOB_SCHEMA``). A worker reads its own schema and the
+ones before it (each upgraded here, in ``upgraded``; a forwarded batch line stores its job the
+same way, ``app/batches/forward.py``); a job of a schema it does not know (a newer
+node queued it, mid-upgrade) or with no stored job at all fails as ``task_unreadable``, uncharged,
+rather than run as something it did not ask. So a rolling upgrade updates workers before API nodes
+(README, "Upgrading").
+
+- Schema 1 (0.2.0): the job's lifecycle as the answer's ``headers``.
+- Schema 2: the lifecycle as dates (``sunset_at``, ``deprecated_at``); no headers, which a worker
+  never sends: the task's own answers carry none.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import datetime as dt
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from app.auth.keys import Caller
+from app.core.errors import GatewayError
 from app.db.tables import Task
+from app.domain.catalog import ModelCapabilities
 from app.domain.jobs import ImageJob, InputImage
-from app.images.intake.spool import SpooledFile, UploadForm
-from app.images.service import GenerationDraft, ImageService, InputLimits
+from app.images.intake.spool import UploadForm
+from app.images.service import ImageService, InputLimits
 from app.storage import InputStore
+
+JOB_SCHEMA = 2
+_DATES = ("sunset_at", "deprecated_at")
 
 
 class TaskInputs:
@@ -64,9 +80,7 @@ class TaskInputs:
     async def restore(self, task: Task, caller: Caller) -> ImageJob:
         """The admitted job again, as submission stored it: the same effective moderation level,
         the same validated settings. The model must still be served and allowed for the key."""
-        stored = task.spec.get("job")
-        if not isinstance(stored, Mapping):
-            return await self._legacy(task, caller)
+        stored = upgraded(task.spec.get("job"))
         caps = self._images.resolve_model(str(stored["model"]), caller)
         folder = await self._folder(task)
         names = {f["spooled"]: f["name"] for f in task.spec.get("files") or [] if "spooled" in f}
@@ -75,46 +89,50 @@ class TaskInputs:
             values = {k: v for k, v in entry.items() if k != "spooled"}
             return InputImage(**{**values, "path": folder / names.get(entry["spooled"], "")})
 
-        values = {k: v for k, v in stored.items() if k not in ("images", "mask", "markup")}
-        mask, markup = stored.get("mask"), stored.get("markup")
-        return ImageJob(
-            **values,
-            caps=caps,
-            images=tuple(image(entry) for entry in stored.get("images") or ()),
-            mask=image(mask) if isinstance(mask, Mapping) else None,
-            markup=image(markup) if isinstance(markup, Mapping) else None,
+        return job_from_spec(stored, caps, image=image)
+
+
+def job_from_spec(
+    stored: Mapping[str, Any],
+    caps: ModelCapabilities,
+    *,
+    image: Callable[[Mapping[str, Any]], InputImage] | None = None,
+) -> ImageJob:
+    """A job from its stored form in this version's schema (``upgraded``); ``image`` makes an
+    input image of each stored entry (none: the job keeps no input images)."""
+    values = {k: v for k, v in stored.items() if k not in ("schema", "images", "mask", "markup")}
+    for name in _DATES:
+        if values.get(name) is not None:
+            values[name] = dt.datetime.fromisoformat(values[name])
+    if image is None:
+        return ImageJob(**values, caps=caps)
+    mask, markup = stored.get("mask"), stored.get("markup")
+    return ImageJob(
+        **values,
+        caps=caps,
+        images=tuple(image(entry) for entry in stored.get("images") or ()),
+        mask=image(mask) if isinstance(mask, Mapping) else None,
+        markup=image(markup) if isinstance(markup, Mapping) else None,
+    )
+
+
+def upgraded(stored: Any) -> dict[str, Any]:
+    """A stored job in this version's schema (see the module docstring), or ``task_unreadable``."""
+    schema = stored.get("schema", 1) if isinstance(stored, Mapping) else None
+    if not isinstance(stored, Mapping) or not isinstance(schema, int) or not 1 <= schema <= JOB_SCHEMA:
+        raise GatewayError(
+            "This task was queued in a form this gateway version cannot read; it was not run "
+            "and not charged. Submit it again.",
+            code="task_unreadable",
         )
-
-    async def _legacy(self, task: Task, caller: Caller) -> ImageJob:
-        """A task queued by an older version (its raw payload stored): admitted again, moderation
-        included, so it cannot run at a looser level than the key allows."""
-        payload = dict(task.spec.get("payload") or {})
-        if task.endpoint == "generations":
-            job = await self._images.validate(
-                caller=caller, draft=GenerationDraft(payload=payload, request_id=task.request_id)
-            )
-            return await self._images.screen(caller=caller, job=job)
-        folder = await self._folder(task)
-        files = [
-            SpooledFile(
-                field=f["field"],
-                filename=f.get("filename"),
-                content_type=None,
-                path=folder / f["name"],
-                size=f["size"],
-            )
-            for f in task.spec.get("files") or []
-        ]
-        form = UploadForm(fields={k: [str(v)] for k, v in payload.items()}, files=files, spool_dir=folder)
-        job = await self._images.jobs.prepare_edit(
-            caller=caller, form=form, request_id=task.request_id, limits=self._limits
-        )
-        return await self._images.screen(caller=caller, job=job)
+    job = dict(stored)
+    if schema == 1:
+        job.pop("headers", None)
+    return job
 
 
-# The catalog entry is looked up again by name; a provider job to resume and its recorder are set
-# by the task runner for each run (issue 19), not by admission.
-_NOT_STORED = frozenset({"caps", "resume", "on_submitted"})
+# The catalog entry is looked up again by name.
+_NOT_STORED = frozenset({"caps"})
 
 
 def _name(index: int, field: str) -> str:
@@ -128,6 +146,8 @@ def job_spec(job: ImageJob) -> dict[str, Any]:
     the input images referring to the files the task keeps."""
 
     def plain(value: Any) -> Any:
+        if isinstance(value, dt.datetime):
+            return value.isoformat()
         if isinstance(value, Mapping):
             return {str(k): plain(v) for k, v in value.items()}
         if isinstance(value, tuple | list):
@@ -138,7 +158,7 @@ def job_spec(job: ImageJob) -> dict[str, Any]:
         values = {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.name != "path"}
         return {**values, "spooled": str(item.path)}
 
-    spec: dict[str, Any] = {}
+    spec: dict[str, Any] = {"schema": JOB_SCHEMA}
     for f in dataclasses.fields(job):
         if f.name in _NOT_STORED:
             continue

@@ -33,6 +33,7 @@ from app.images.delivery import content_type_of, store_b64
 from app.images.service import ImageService, ResultHook
 from app.images.settlement import CostHook
 from app.storage import ImageStore
+from app.upstream.call import UpstreamCall
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ async def run_streamed(
     recorder: ProgressRecorder,
     finish: ResultHook,
     failer: Failer,
+    call: UpstreamCall,
 ) -> None:
     """Run a task's job as a stream: partials become previews, the completed images its result.
 
@@ -206,7 +208,7 @@ async def run_streamed(
     charge the relay settles (what the upstream completed, and unfinished partials as OpenAI bills
     them). A failure before the first event is raised, settled by ``open_stream`` as usual.
     """
-    stream = await images.open_stream(caller=caller, job=job, hold=hold)
+    stream = await images.open_stream(caller=caller, job=job, hold=hold, call=call)
     completed: list[dict[str, Any]] = []
 
     async def on_event(event: ProviderEvent) -> None:

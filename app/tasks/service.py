@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from app.tasks.idempotency import InFlight, fingerprint
 from app.tasks.inputs import TaskInputs, job_spec
 from app.tasks.progress import ProgressRecorder, preview_names, progress_of, render_progress, run_streamed
 from app.tasks.queue import CANCELLED, FAILED, SUCCEEDED, NewTask, TaskQueue, new_task_id, reused
-from app.upstream.slots import CALL_SOURCE
+from app.upstream.call import UpstreamCall
 from app.webhooks.endpoints import WebhookEndpoints
 from app.webhooks.outbox import Outbox
 
@@ -243,7 +243,6 @@ class TaskService:
 
     async def run_claimed(self, task: Task, worker: str) -> None:
         """Run one leased task to its outcome (its lease is renewed by the worker pool)."""
-        CALL_SOURCE.set("task")  # this coroutine's own context: upstream waits count as tasks'
         self.running += 1
         try:
             await self._run(task, worker)
@@ -272,7 +271,11 @@ class TaskService:
             job = await self._inputs.restore(task, caller)
             if not resuming and not await self.queue.mark_dispatched(task.id, worker):
                 return  # the lease was lost meanwhile: the new owner decides
-            job = replace(job, resume=task.provider_job, on_submitted=self._recorder(task, worker))
+            # How this run calls the upstream: as a task (its waits count as tasks'), polling the
+            # provider job an earlier run recorded, and recording the one it submits.
+            call = UpstreamCall(
+                source="task", resume=task.provider_job, on_submitted=self._recorder(task, worker)
+            )
             if job.stream:  # it asked for partial images: previews as they arrive
                 await run_streamed(
                     images=self._images,
@@ -284,6 +287,7 @@ class TaskService:
                     ),
                     finish=self._finisher(task, worker, job),
                     failer=self._failer(task, worker),
+                    call=call,
                 )
             else:
                 await self._images.run(
@@ -292,6 +296,7 @@ class TaskService:
                     hold=hold,
                     finish=self._finisher(task, worker, job),
                     failed=self._failer(task, worker),
+                    call=call,
                 )
         except SettlementAbandoned:
             log.warning("task was taken over by another worker", extra={"fields": {"task_id": task.id}})
@@ -456,8 +461,7 @@ def _progress(task: Task) -> dict[str, Any]:
     moves from 0 to all at once: the count the result holds, not an estimate. A task that asked
     for partial images also counts them and has a preview per image (app/tasks/progress.py)."""
     spec = task.spec or {}
-    # The admitted job (or, for a task queued by an older version, its raw payload).
-    asked = (spec.get("job") or spec.get("payload") or {}).get("n")
+    asked = (spec.get("job") or {}).get("n")
     images = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 1
     completed = 0
     if task.status == SUCCEEDED and isinstance(task.result, dict):

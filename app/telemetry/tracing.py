@@ -8,15 +8,16 @@ never the key —, upstream, cost in micro-units). Each call to an upstream is a
 standard ``OTEL_EXPORTER_OTLP_*`` variables), batched off the request path.
 
 The provider is owned by the app instance (like its metrics registry), never installed as the
-process-global one, so two gateways in one process (tests) never share spans. The request span is
-held in a ContextVar: the router, which knows nothing of requests, parents its try spans on it.
+process-global one, so two gateways in one process (tests) never share spans. The request span
+travels explicitly: the request path hands it to the router in the call's context
+(``app/upstream/call.py``), which parents each try's span on it, and to the settlement, which
+records the outcome on it and ends it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
 from typing import Any
 
 from opentelemetry import trace
@@ -32,8 +33,6 @@ from app.domain.jobs import TokenUsage
 # gen_ai.operation.name for the two image routes. The GenAI conventions list no image operation
 # yet; these follow their `snake_case` custom-value rule.
 OPERATIONS = {"generations": "image_generation", "edits": "image_edit", "variations": "image_variation"}
-
-_request: ContextVar[RequestTrace | None] = ContextVar("gateway_request_trace", default=None)
 
 
 class TracingSettings(BaseModel):
@@ -54,7 +53,6 @@ class RequestTrace:
 
     def __init__(self, span: Span | None) -> None:
         self._span = span
-        self._token: Token[RequestTrace | None] | None = None
 
     @property
     def span(self) -> Span | None:
@@ -94,16 +92,10 @@ class RequestTrace:
         self._span.set_status(Status(StatusCode.ERROR, error_type))
 
     def end(self) -> None:
-        """End the span (once; later calls do nothing) and stop parenting try spans on it."""
+        """End the span (once; later calls do nothing)."""
         span, self._span = self._span, None
         if span is not None:
             span.end()
-        token, self._token = self._token, None
-        if token is not None:
-            try:
-                _request.reset(token)
-            except ValueError:  # ended from another context (a stream's relay task): nothing to undo
-                pass
 
 
 class Tracing:
@@ -132,9 +124,9 @@ class Tracing:
     def start_request(
         self, *, operation: str, model: str, key_id: str, request_id: str | None, mode: str
     ) -> RequestTrace:
-        """Open the request's span and make it the parent of the try spans started in this context."""
+        """Open the request's span (the parent of its try spans, ended by its settlement)."""
         if self._tracer is None:
-            return _INERT
+            return INERT
         name = OPERATIONS.get(operation, operation)
         span = self._tracer.start_span(
             f"{name} {model}",
@@ -147,18 +139,17 @@ class Tracing:
                 **({"gateway.request_id": request_id} if request_id else {}),
             },
         )
-        trace_ = RequestTrace(span)
-        trace_._token = _request.set(trace_)
-        return trace_
+        return RequestTrace(span)
 
     @contextmanager
-    def upstream_try(self, *, upstream: str, model: str, attempt: int) -> Iterator[TryTrace]:
-        """A child span of the current request for one call to one upstream."""
+    def upstream_try(
+        self, *, parent: RequestTrace, upstream: str, model: str, attempt: int
+    ) -> Iterator[TryTrace]:
+        """A child span of ``parent`` (a request's span) for one call to one upstream."""
         if self._tracer is None:
             yield TryTrace(None)
             return
-        parent = _request.get()
-        span_ = parent.span if parent is not None else None
+        span_ = parent.span
         context = trace.set_span_in_context(span_) if span_ is not None else None
         span = self._tracer.start_span(
             f"upstream {upstream}",
@@ -201,12 +192,8 @@ class TryTrace:
             self._span.set_status(Status(StatusCode.ERROR, error_type))
 
 
-_INERT = RequestTrace(None)
-
-
-def current_request() -> RequestTrace:
-    """The request being served in this context (its settlement records the outcome on it)."""
-    return _request.get() or _INERT
+# Tracing off, or no request around the call: every method does nothing.
+INERT = RequestTrace(None)
 
 
 def _otlp_exporter(settings: TracingSettings) -> SpanExporter:

@@ -25,6 +25,7 @@ from app.core.errors import GatewayError, UpstreamBusy, UpstreamError, UpstreamR
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, completed_events
 from app.telemetry.metrics import Metrics, outcome_of
 from app.telemetry.tracing import Tracing
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.health import BreakerConfig, BreakerSnapshot, CircuitBreaker
 from app.upstream.registry import ProviderRegistry, Route
 from app.upstream.retry import RetryAction, RetryPolicy
@@ -99,15 +100,19 @@ class Router:
             name: make_slots(name, registry.slot_policy(name)) for name in registry.provider_names()
         }
 
-    async def generate(self, job: ImageJob, tried: list[str] | None = None) -> tuple[ImageResult, str]:
+    async def generate(
+        self, job: ImageJob, tried: list[str] | None = None, *, call: UpstreamCall = DIRECT
+    ) -> tuple[ImageResult, str]:
         """The first successful result and the upstream that produced it."""
 
         async def attempt(route: Route) -> ImageResult:
-            return await _whole(route, job)
+            return await _whole(route, job, call)
 
-        return await self._failover(job, attempt, tried)
+        return await self._failover(job, call, attempt, tried)
 
-    async def open_stream(self, job: ImageJob, tried: list[str] | None = None) -> OpenStream:
+    async def open_stream(
+        self, job: ImageJob, tried: list[str] | None = None, *, call: UpstreamCall = DIRECT
+    ) -> OpenStream:
         """Fail over until some upstream delivers a first event; then the stream is committed.
 
         Upstreams marked as non-streaming answer with ``generate`` and the result is replayed as
@@ -116,12 +121,12 @@ class Router:
 
         async def attempt(route: Route) -> tuple[ProviderEvent, AsyncIterator[ProviderEvent]]:
             if not route.streams:
-                result = await _whole(route, job)
+                result = await _whole(route, job, call)
                 events = completed_events(job, result)
                 if not events:
                     raise UpstreamError("The upstream service returned no image.")
                 return events[0], _replay(events[1:])
-            events_iter = route.provider.stream(job, upstream_model=route.upstream_model)
+            events_iter = route.provider.stream(job, upstream_model=route.upstream_model, call=call)
             try:
                 first = await anext(events_iter)
             except StopAsyncIteration:
@@ -131,11 +136,15 @@ class Router:
                 raise
             return first, events_iter
 
-        (first, rest), upstream = await self._failover(job, attempt, tried)
+        (first, rest), upstream = await self._failover(job, call, attempt, tried)
         return OpenStream(upstream=upstream, first=first, rest=rest)
 
     async def _failover(
-        self, job: ImageJob, attempt: Callable[[Route], Awaitable[T]], tried: list[str] | None
+        self,
+        job: ImageJob,
+        call: UpstreamCall,
+        attempt: Callable[[Route], Awaitable[T]],
+        tried: list[str] | None,
     ) -> tuple[T, str]:
         """Try candidates in order. A retryable failure moves to the next candidate at once; the
         candidates the policy would retry get another pass after a backoff (honouring
@@ -144,10 +153,10 @@ class Router:
         which upstream its request reached."""
         # A retired model never goes to an upstream that follows OpenAI's retirements.
         routes = order_routes(self._registry.routes(job.model, retired=job.retired), self._rng)
-        if job.resume is not None:
+        if call.resume is not None:
             # A task resuming a provider job (FLUX) polls it where it runs: any other upstream
             # would submit it a second time.
-            routes = [r for r in routes if r.name == job.resume.get("upstream")]
+            routes = [r for r in routes if r.name == call.resume.get("upstream")]
         if not routes:
             raise UpstreamUnavailable(f"No upstream serves the model '{job.model}'.", status=503)
         deadline = self._policy.deadline()
@@ -174,7 +183,7 @@ class Router:
                 if tried is not None:
                     tried.append(route.name)
                 try:
-                    return await self._call(route, job, attempt, number=attempts), route.name
+                    return await self._call(route, job, call, attempt, number=attempts), route.name
                 except UpstreamBusy as exc:
                     # Our own cap, not a failure of the upstream: the next candidate, if any.
                     exc.upstream = None
@@ -211,11 +220,19 @@ class Router:
             )
 
     async def _call(
-        self, route: Route, job: ImageJob, attempt: Callable[[Route], Awaitable[T]], *, number: int = 1
+        self,
+        route: Route,
+        job: ImageJob,
+        call: UpstreamCall,
+        attempt: Callable[[Route], Awaitable[T]],
+        *,
+        number: int = 1,
     ) -> T:
-        with self._tracing.upstream_try(upstream=route.name, model=job.model, attempt=number) as traced:
+        with self._tracing.upstream_try(
+            parent=call.trace, upstream=route.name, model=job.model, attempt=number
+        ) as traced:
             try:
-                async with self.slots[route.name].hold():
+                async with self.slots[route.name].hold(call.source):
                     return await self._call_now(route, job, attempt)
             except GatewayError as exc:
                 traced.outcome(status_code=exc.status_code, error_type=type(exc).__name__)
@@ -282,10 +299,10 @@ def _log_attempt(route: Route, attempt: int, error: GatewayError, action: RetryA
     )
 
 
-async def _whole(route: Route, job: ImageJob) -> ImageResult:
+async def _whole(route: Route, job: ImageJob, call: UpstreamCall) -> ImageResult:
     if job.endpoint != "generations":  # edits and variations: multipart with the spooled files
-        return await route.provider.edit(job, upstream_model=route.upstream_model)
-    return await route.provider.generate(job, upstream_model=route.upstream_model)
+        return await route.provider.edit(job, upstream_model=route.upstream_model, call=call)
+    return await route.provider.generate(job, upstream_model=route.upstream_model, call=call)
 
 
 async def _close(iterator: AsyncIterator[ProviderEvent]) -> None:

@@ -34,7 +34,8 @@ from typing import Any, Final
 from redis.exceptions import RedisError
 
 from app.cluster.bus import ClusterBus
-from app.upstream.slots import CALL_SOURCE, SOURCES, SlotPolicy, UpstreamSlots, busy
+from app.upstream.call import SOURCES, CallSource
+from app.upstream.slots import SlotPolicy, UpstreamSlots, busy
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +210,15 @@ class SharedSlots:
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
+    async def hold(self, source: CallSource) -> AsyncIterator[None]:
         """A slot for the enclosed call; ``UpstreamBusy`` when none frees up in time."""
         limit = self.policy.limit
         if not limit:
             yield
             return
-        token = await self._take(limit)
+        token = await self._take(limit, source)
         if token is None:
-            async with self.fallback.hold():
+            async with self.fallback.hold(source):
                 yield
             return
         try:
@@ -225,7 +226,7 @@ class SharedSlots:
         finally:
             await self.store.release(self.name, limit, token)
 
-    async def _take(self, limit: int) -> str | None:
+    async def _take(self, limit: int, source: CallSource) -> str | None:
         """The token of the slot taken, or None to use this node's own slots (Redis failed)."""
         if self.store.degraded():
             return None
@@ -234,7 +235,6 @@ class SharedSlots:
             taken = await self.store.try_acquire(self.name, limit, token)
             if taken is None or taken:
                 return token if taken else None
-        source = CALL_SOURCE.get()
         self.waiting[source] = self.waiting.get(source, 0) + 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.policy.wait_s

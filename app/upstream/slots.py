@@ -3,8 +3,8 @@
 Without a cap (``max_concurrency: null``) there are no slots and nothing waits. With one, a call
 that finds every slot taken waits in line (FIFO, ``asyncio.Semaphore``) up to ``queue_timeout_s``;
 then the router tries another upstream, or answers ``busy_status`` with ``retry-after``. Waiting
-calls are counted by who is waiting (a client's request or a background task, read from
-``CALL_SOURCE``), for ``/metrics`` and ``/admin/upstreams``.
+calls are counted by who is waiting (a client's request or a background task: the call's
+``source``, ``app/upstream/call.py``), for ``/metrics`` and ``/admin/upstreams``.
 
 ``UpstreamSlots`` counts the calls of this process. With ``redis.url`` set the router takes
 ``SharedSlots`` (``shared_slots.py``) instead, which count the calls of every node together;
@@ -17,15 +17,11 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.core.errors import UpstreamBusy
-
-# Set to "task" by the task worker around a task's run; everything else is a client's request.
-CALL_SOURCE: ContextVar[str] = ContextVar("upstream_call_source", default="request")
-SOURCES = ("request", "task")
+from app.upstream.call import SOURCES, CallSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +38,7 @@ class Slots(Protocol):
     policy: SlotPolicy
     waiting: dict[str, int]
 
-    def hold(self) -> AbstractAsyncContextManager[None]: ...
+    def hold(self, source: CallSource) -> AbstractAsyncContextManager[None]: ...
 
 
 def busy(policy: SlotPolicy) -> UpstreamBusy:
@@ -75,14 +71,14 @@ class UpstreamSlots:
         return self._semaphore is None or not self._semaphore.locked()
 
     @asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        """A slot for the enclosed call; ``UpstreamBusy`` when none frees up in time."""
+    async def hold(self, source: CallSource) -> AsyncIterator[None]:
+        """A slot for the enclosed call; ``UpstreamBusy`` when none frees up in time. ``source``
+        says who waits, for the waiting counts."""
         semaphore = self._semaphore
         if semaphore is None:
             yield
             return
         if semaphore.locked():
-            source = CALL_SOURCE.get()
             self.waiting[source] = self.waiting.get(source, 0) + 1
             try:
                 async with asyncio.timeout(self.policy.wait_s):

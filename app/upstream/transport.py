@@ -4,9 +4,9 @@ signing, the "upstream answered" signal and the mapping of transport trouble to 
 Adapters differ in what they send and how they read an answer; how a call is made is the same for
 all of them, so it is written once here:
 
-- ``call``: one request read whole. A 2xx marks the call answered (``mark_answered``: the
-  upstream has done, and billed, the work, so a client leaving while the body arrives no longer
-  cancels it); the status is handed back, not raised, because each provider reads its own error
+- ``call``: one request read whole. A 2xx marks the call answered (``UpstreamCall.answered``:
+  the upstream has done, and billed, the work, so a client leaving while the body arrives no
+  longer cancels it); the status is handed back, not raised, because each provider reads its own error
   bodies. Bodies above ``max_bytes`` are the upstream's fault (502), checked on the announced
   length and on what arrived.
 - ``open``: a request whose answer is read by the caller (an SSE stream); the caller releases it.
@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from app.core.errors import UpstreamError
-from app.upstream.base import mark_answered
+from app.upstream.call import UpstreamCall
 from app.upstream.client import PROBE_TIMEOUT, LazySession, client_timeout
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, upstream_secrets
 
@@ -87,6 +87,7 @@ class Transport:
         url: str,
         *,
         headers: Mapping[str, str],
+        call: UpstreamCall,
         data: Any = None,
         max_bytes: int | None = None,
     ) -> Answer:
@@ -99,7 +100,7 @@ class Transport:
                 if max_bytes is not None and (response.content_length or 0) > max_bytes:
                     raise UpstreamError(INVALID_RESPONSE)
                 if 200 <= response.status < 300:
-                    mark_answered()
+                    call.answered()
                 raw = await response.read()
                 answer = Answer(response.status, raw, response.headers)
         if max_bytes is not None and len(raw) > max_bytes:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from app.images import service as service_module
+from app.upstream.call import UpstreamCall
 from bench.traffic import sse_events
 from tests.conftest import MODELS_FILE, Gateway, fake_upstream_config
 from tests.fakes import image_files
@@ -146,12 +147,14 @@ def test_client_leaving_while_the_upstream_body_arrives_is_still_billed(
     upstream.enqueue_fault(Fault.slow_body(120))
     # Leave once the gateway has read the headers (its request path marks the call answered).
     answered = threading.Event()
-    original = service_module.answered_scope
+    original = UpstreamCall.answered
 
-    def also_signal(callback: Callable[[], None]) -> Any:
-        return original(lambda: (callback(), answered.set()))
+    def also_signal(call: UpstreamCall) -> None:
+        original(call)
+        if call.on_answer is not None:  # the request path's call, not a probe's
+            answered.set()
 
-    monkeypatch.setattr(service_module, "answered_scope", also_signal)
+    monkeypatch.setattr(UpstreamCall, "answered", also_signal)
     leave_when(gw.url, key, {"model": "gpt-image-1", "prompt": "x"}, answered.is_set)
     upstream.send_slow_bodies()
     rows = wait_for(lambda: rows_of(gw, key_id))

@@ -1,7 +1,7 @@
 """The native adapters mark a call answered as soon as the upstream says 2xx, before its body.
 
 From that moment the upstream has done (and billed) the work, so the request path stops letting a
-client's disconnect cancel the call (``answered_scope``): the call is settled and billed. Without the
+client's disconnect cancel the call (``UpstreamCall.on_answer``): the call is settled and billed. Without the
 mark, a client leaving while a large image body arrives would cut a call the operator pays for.
 """
 
@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from app.core.errors import UpstreamRejected
-from app.upstream.base import answered_scope
+from app.upstream.call import UpstreamCall
 from app.upstream.providers.stability import StabilityProvider
 from tests.fakes.scripted_http import ScriptedUpstream
 
@@ -37,12 +37,15 @@ async def test_a_2xx_is_marked_answered_before_its_body_arrives() -> None:
         provider = StabilityProvider(name="s", base_url=f"http://127.0.0.1:{upstream.port}", api_key="k")
         answered = asyncio.Event()
         try:
-            with answered_scope(answered.set):
-                call = asyncio.ensure_future(
-                    provider._send(
-                        "POST", f"http://127.0.0.1:{upstream.port}/x", request_id="r", json_body={}
-                    )
+            call = asyncio.ensure_future(
+                provider._send(
+                    "POST",
+                    f"http://127.0.0.1:{upstream.port}/x",
+                    request_id="r",
+                    call=UpstreamCall(on_answer=answered.set),
+                    json_body={},
                 )
+            )
             await asyncio.wait_for(answered.wait(), timeout=10)
             assert not call.done()  # the body is still on its way
             release.set()
@@ -58,9 +61,13 @@ async def test_an_error_answer_is_not_marked_answered() -> None:
         provider = StabilityProvider(name="s", base_url=f"http://127.0.0.1:{upstream.port}", api_key="k")
         answered = asyncio.Event()
         try:
-            with answered_scope(answered.set), pytest.raises(UpstreamRejected):
+            with pytest.raises(UpstreamRejected):
                 await provider._send(
-                    "POST", f"http://127.0.0.1:{upstream.port}/x", request_id="r", json_body={}
+                    "POST",
+                    f"http://127.0.0.1:{upstream.port}/x",
+                    request_id="r",
+                    call=UpstreamCall(on_answer=answered.set),
+                    json_body={},
                 )
             assert not answered.is_set()
         finally:

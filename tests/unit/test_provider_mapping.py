@@ -4,7 +4,6 @@ the catalog's provider section and credit prices."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from app.domain.catalog import Catalog, CatalogError
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage
 from app.domain.provider_spec import DimensionRule, ProviderSpec, ProviderSpecError, unmapped_fields
 from app.images.admission.validation import build_job, parse_generate_request
+from app.upstream.call import UpstreamCall
 from app.upstream.providers.gemini import usage_of
 from app.upstream.providers.native import nearest_ratio, nearest_tier
 from app.upstream.providers.polling import host_allowed
@@ -183,7 +183,7 @@ class _Recorder:
         self.name = name
         self._calls = calls
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def generate(self, job: ImageJob, *, upstream_model: str, call: UpstreamCall) -> ImageResult:
         self._calls.append(self.name)
         return ImageResult({"created": 1, "data": [{"b64_json": "AA=="}]})
 
@@ -208,8 +208,8 @@ def test_a_resumed_job_is_routed_only_to_the_upstream_that_has_it() -> None:
     router = Router(ProviderRegistry(routes, providers))  # type: ignore[arg-type]
 
     asyncio.run(router.generate(job))
-    resumed = replace(job, resume={"upstream": "flux-b", "jobs": [{"id": "j", "polling_url": "u"}]})
-    asyncio.run(router.generate(resumed))
+    resumed = UpstreamCall(resume={"upstream": "flux-b", "jobs": [{"id": "j", "polling_url": "u"}]})
+    asyncio.run(router.generate(job, call=resumed))
     assert calls == ["flux-a", "flux-b"]
 
 

@@ -47,11 +47,11 @@ async def test_a_lapsed_lease_gives_its_slot_back(bus: ClusterBus) -> None:
     now_ms = int(time.time() * 1000)
     # A node alive (lease runs for another minute) and a dead one (its lease ended a second ago).
     await bus.redis.zadd(key, {"alive": now_ms + 60_000, "dead": now_ms - 1_000})
-    async with slots.hold():
+    async with slots.hold("request"):
         members = await bus.redis.zrange(key, 0, -1)
         assert b"alive" in members and b"dead" not in members and len(members) == 2
         with pytest.raises(UpstreamBusy) as busy:  # alive + this call: the cap of 2 is reached
-            async with slots.hold():
+            async with slots.hold("request"):
                 pass
         assert busy.value.status_code == 503
     assert await bus.redis.zrange(key, 0, -1) == [b"alive"]  # released on the way out
@@ -66,7 +66,7 @@ async def test_a_waiting_call_gets_the_slot_another_node_gives_back(bus: Cluster
     leave = asyncio.Event()
 
     async def holder() -> None:
-        async with other.hold():
+        async with other.hold("request"):
             entered.set()
             await leave.wait()
 
@@ -74,7 +74,7 @@ async def test_a_waiting_call_gets_the_slot_another_node_gives_back(bus: Cluster
     await entered.wait()
 
     async def waiter() -> None:
-        async with mine.hold():
+        async with mine.hold("request"):
             pass
 
     waiting = asyncio.create_task(waiter())
@@ -92,10 +92,10 @@ async def test_without_redis_slots_fall_back_to_this_process_and_nothing_fails()
     bus = ClusterBus(f"redis://127.0.0.1:{closed_port()}/0", prefix="gw:down:", timeout_s=0.5)
     store = SharedSlotStore(bus)
     slots = store.slots("up", SlotPolicy(limit=1, wait_s=0))
-    async with slots.hold():
+    async with slots.hold("request"):
         assert store.degraded()
         with pytest.raises(UpstreamBusy):  # the local cap still holds
-            async with slots.hold():
+            async with slots.hold("request"):
                 pass
     assert not await bus.publish("keys", "key_1")
     shared = SharedBreakers(bus)

@@ -23,9 +23,12 @@ def test_a_request_span_parents_its_upstream_tries() -> None:
     request = made.start_request(
         operation="generations", model="gpt-image-1.5", key_id="k1", request_id="r1", mode="sync"
     )
-    with pytest.raises(TimeoutError), made.upstream_try(upstream="a", model="gpt-image-1.5", attempt=1):
+    with (
+        pytest.raises(TimeoutError),
+        made.upstream_try(parent=request, upstream="a", model="gpt-image-1.5", attempt=1),
+    ):
         raise TimeoutError
-    with made.upstream_try(upstream="b", model="gpt-image-1.5", attempt=2) as attempt:
+    with made.upstream_try(parent=request, upstream="b", model="gpt-image-1.5", attempt=2) as attempt:
         attempt.outcome(status_code=200)
     request.settled(upstream="b", usage=TokenUsage(10, 0, 0, 272), cost_micros=8_754, status="succeeded")
     request.end()
@@ -53,7 +56,7 @@ async def test_concurrent_requests_keep_their_own_tries() -> None:
     async def one(model: str) -> None:
         request = made.start_request(operation="edits", model=model, key_id="k", request_id=None, mode="sync")
         await asyncio.sleep(0)
-        with made.upstream_try(upstream="u", model=model, attempt=1):
+        with made.upstream_try(parent=request, upstream="u", model=model, attempt=1):
             await asyncio.sleep(0)
         request.end()
 
@@ -72,7 +75,7 @@ def test_disabled_tracing_records_nothing_and_costs_nothing() -> None:
     made = Tracing.from_settings(TracingSettings())
     assert not made.enabled
     request = made.start_request(operation="generations", model="m", key_id="k", request_id=None, mode="sync")
-    with made.upstream_try(upstream="u", model="m", attempt=1) as attempt:
+    with made.upstream_try(parent=request, upstream="u", model="m", attempt=1) as attempt:
         attempt.outcome(status_code=500, error_type="UpstreamRejected")
     request.settled(upstream="u", usage=None, cost_micros=0, status="failed")
     request.end()

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from app.core.errors import UpstreamError, UpstreamUnavailable
+from app.upstream.call import DIRECT
 from app.upstream.transport import Transport
 from tests.fakes.scripted_http import ScriptedUpstream, json_response
 
@@ -29,7 +30,7 @@ async def test_the_signing_hook_sees_the_final_request_and_adds_its_headers() ->
         transport = Transport(name="t", base_url=f"http://127.0.0.1:{upstream.port}", api_key=None, sign=sign)
         try:
             answer = await transport.call(
-                "POST", url, headers={"content-type": "application/json"}, data=b"{}"
+                "POST", url, headers={"content-type": "application/json"}, call=DIRECT, data=b"{}"
             )
         finally:
             await transport.aclose()
@@ -55,6 +56,7 @@ async def test_a_signing_transport_refuses_a_streamed_body_before_sending() -> N
                     "POST",
                     f"http://127.0.0.1:{upstream.port}/x",
                     headers={},
+                    call=DIRECT,
                     data=aiohttp.FormData({"a": "b"}),
                 )
         finally:
@@ -69,10 +71,10 @@ async def test_error_statuses_are_handed_back_and_oversized_bodies_refused() -> 
         base = f"http://127.0.0.1:{up.port}"
         transport = Transport(name="t", base_url=base, api_key="k-secret")
         try:
-            bad = await transport.call("GET", base + "/bad", headers={})
+            bad = await transport.call("GET", base + "/bad", headers={}, call=DIRECT)
             assert (bad.status, bad.ok) == (422, False)
             with pytest.raises(UpstreamError):
-                await transport.call("GET", base + "/big", headers={}, max_bytes=10)
+                await transport.call("GET", base + "/big", headers={}, call=DIRECT, max_bytes=10)
         finally:
             await transport.aclose()
 
@@ -81,7 +83,7 @@ async def test_transport_failures_are_gateway_errors_with_nothing_identifying() 
     transport = Transport(name="t", base_url="http://127.0.0.1:9", api_key="k-secret")
     try:
         with pytest.raises(UpstreamUnavailable) as caught:
-            await transport.call("GET", "http://127.0.0.1:9/v1", headers={})
+            await transport.call("GET", "http://127.0.0.1:9/v1", headers={}, call=DIRECT)
     finally:
         await transport.aclose()
     assert "127.0.0.1" not in str(caught.value) and "k-secret" not in str(caught.value)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import format_datetime
 
 from app.core.errors import ModelRetiredError
 from app.domain.catalog import Catalog, LifecycleState, ModelCapabilities
+from app.domain.jobs import ImageJob
 
 # How many replacements may be followed (gpt-image-1 -> 2.5 -> ...); a loop in the catalog stops here.
 MAX_HOPS = 3
@@ -43,15 +44,48 @@ def deprecation_header(at: dt.datetime) -> str:
     return f"@{int(at.timestamp())}"
 
 
+def lifecycle_headers(
+    *, sunset_at: dt.datetime | None, deprecated_at: dt.datetime | None, served_as: str | None
+) -> dict[str, str]:
+    """The headers every answer about a model in its lifecycle carries (module docstring)."""
+    headers: dict[str, str] = {}
+    if sunset_at is not None:
+        headers["Sunset"] = sunset_header(sunset_at)
+    if deprecated_at is not None:
+        headers["Deprecation"] = deprecation_header(deprecated_at)
+    if served_as is not None:
+        headers["x-gateway-model"] = served_as
+    return headers
+
+
+def job_headers(job: ImageJob) -> dict[str, str]:
+    """A job's lifecycle headers, from what admission recorded on it."""
+    return lifecycle_headers(
+        sunset_at=job.sunset_at,
+        deprecated_at=job.deprecated_at,
+        served_as=job.model if job.requested_model is not None else None,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """The model a request is served as, and the lifecycle headers of its answers."""
+    """The model a request is served as, and where it stands in its lifecycle."""
 
     caps: ModelCapabilities
-    headers: dict[str, str] = field(default_factory=dict)
+    # A scheduled retirement (``Sunset``), and the retirement of a model served past it
+    # (``Deprecation``).
+    sunset_at: dt.datetime | None = None
+    deprecated_at: dt.datetime | None = None
     retired: bool = False
     # The model the client asked for, when its replacement serves it.
     requested: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        served_as = self.caps.name if self.requested is not None else None
+        return lifecycle_headers(
+            sunset_at=self.sunset_at, deprecated_at=self.deprecated_at, served_as=served_as
+        )
 
 
 class Lifecycle:
@@ -95,11 +129,9 @@ class Lifecycle:
             if state == "active" or retires is None:
                 return self._served(requested, caps)
             if state == "deprecated":
-                return self._served(requested, caps, {"Sunset": sunset_header(retires)})
+                return self._served(requested, caps, sunset_at=retires)
             if self._serves_retired(caps.name):
-                return self._served(
-                    requested, caps, {"Deprecation": deprecation_header(retires)}, retired=True
-                )
+                return self._served(requested, caps, deprecated_at=retires, retired=True)
             replacement = self._catalog.get(caps.replacement) if caps.replacement else None
             if replacement is None or not self._remaps(requested.name):
                 break
@@ -110,15 +142,19 @@ class Lifecycle:
         self,
         requested: ModelCapabilities,
         caps: ModelCapabilities,
-        headers: dict[str, str] | None = None,
         *,
+        sunset_at: dt.datetime | None = None,
+        deprecated_at: dt.datetime | None = None,
         retired: bool = False,
     ) -> Resolution:
-        headers = dict(headers or {})
         if caps.name == requested.name:
-            return Resolution(caps=caps, headers=headers, retired=retired)
-        retires = requested.retires
-        assert retires is not None  # only a retired model is remapped
-        headers["Deprecation"] = deprecation_header(retires)
-        headers["x-gateway-model"] = caps.name
-        return Resolution(caps=caps, headers=headers, retired=retired, requested=requested.name)
+            return Resolution(caps=caps, sunset_at=sunset_at, deprecated_at=deprecated_at, retired=retired)
+        # Remapped: the answer says the model asked for is retired, and names what served it.
+        assert requested.retires is not None  # only a retired model is remapped
+        return Resolution(
+            caps=caps,
+            sunset_at=sunset_at,
+            deprecated_at=requested.retires,
+            retired=retired,
+            requested=requested.name,
+        )

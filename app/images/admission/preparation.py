@@ -64,10 +64,14 @@ class JobPreparer:
         return self.lifecycle.resolve(self.resolve_model(model, caller))
 
     def _apply(self, job: ImageJob, resolution: Resolution) -> ImageJob:
-        if not resolution.headers and not resolution.retired and resolution.requested is None:
-            return job
+        if resolution == Resolution(caps=resolution.caps):
+            return job  # an active model, served as itself
         return replace(
-            job, headers=resolution.headers, retired=resolution.retired, requested_model=resolution.requested
+            job,
+            sunset_at=resolution.sunset_at,
+            deprecated_at=resolution.deprecated_at,
+            retired=resolution.retired,
+            requested_model=resolution.requested,
         )
 
     def _default_format(self, resolution: Resolution) -> str | None:

@@ -58,7 +58,7 @@ plain http (a local test setup). An upstream is never trusted to name an arbitra
 would fetch it from inside the operator's network. Neither URL is ever logged or relayed.
 
 Resuming: the submitted jobs (``{"upstream", "jobs": [{"id", "polling_url"}]}``) are handed to
-``job.on_submitted`` (a task records them); a job carrying ``resume`` polls those instead of
+``call.on_submitted`` (a task records them); a call carrying ``resume`` polls those instead of
 submitting, so a task whose worker died between submit and ``Ready`` finishes without a second
 submission.
 """
@@ -79,6 +79,7 @@ from app.core.errors import GatewayError, UpstreamError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
@@ -120,31 +121,35 @@ class FluxProvider(PollingMixin, NativeProvider):
     def _auth(self) -> dict[str, str]:
         return {"x-key": self._api_key} if self._api_key else {}
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        return await self._run(job, upstream_model, inputs={})
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult:
+        return await self._run(job, upstream_model, call, inputs={})
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def edit(self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT) -> ImageResult:
         inputs = await asyncio.to_thread(_read_inputs, job)
-        return await self._run(job, upstream_model, inputs=inputs)
+        return await self._run(job, upstream_model, call, inputs=inputs)
 
-    async def _run(self, job: ImageJob, model: str, *, inputs: dict[str, str]) -> ImageResult:
-        refs = self._resumable(job)
+    async def _run(
+        self, job: ImageJob, model: str, call: UpstreamCall, *, inputs: dict[str, str]
+    ) -> ImageResult:
+        refs = self._resumable(call)
         if refs is None:
             body = {**request_body(job), **inputs}
             url = f"{self._base_url}/v1/{quote(model, safe='')}"
-            refs = [await self._submit(url, body, job) for _ in range(job.n)]
-            await self._submitted(job, jobs=refs)
+            refs = [await self._submit(url, body, job, call) for _ in range(job.n)]
+            await self._submitted(call, jobs=refs)
         deadline = self._poll_deadline()
 
         async def finish(index: int) -> list[Produced]:
-            image = await self._await_image(refs[index], job, deadline)
+            image = await self._await_image(refs[index], job, call, deadline)
             return [await deliver(image, job)]
 
         return images_response(await in_parallel(len(refs), finish))
 
-    def _resumable(self, job: ImageJob) -> list[dict[str, str]] | None:
+    def _resumable(self, call: UpstreamCall) -> list[dict[str, str]] | None:
         """The jobs an earlier run recorded for this upstream, if any (else None: submit)."""
-        resume = self._resumed(job)
+        resume = self._resumed(call)
         jobs = resume.get("jobs") if resume is not None else None
         if not isinstance(jobs, list) or not jobs:
             return None
@@ -154,8 +159,10 @@ class FluxProvider(PollingMixin, NativeProvider):
             if isinstance(j, Mapping)
         ]
 
-    async def _submit(self, url: str, body: dict[str, Any], job: ImageJob) -> dict[str, str]:
-        raw, _ = await self._send("POST", url, request_id=job.request_id, json_body=body)
+    async def _submit(
+        self, url: str, body: dict[str, Any], job: ImageJob, call: UpstreamCall
+    ) -> dict[str, str]:
+        raw, _ = await self._send("POST", url, request_id=job.request_id, call=call, json_body=body)
         answer = json_object(raw)
         job_id, polling_url = answer.get("id"), answer.get("polling_url")
         if not isinstance(job_id, str) or not job_id:
@@ -165,18 +172,20 @@ class FluxProvider(PollingMixin, NativeProvider):
             polling_url = f"{self._base_url}/v1/get_result?id={quote(job_id, safe='')}"
         return {"id": job_id, "polling_url": polling_url}
 
-    async def _await_image(self, ref: Mapping[str, str], job: ImageJob, deadline: float) -> Produced:
+    async def _await_image(
+        self, ref: Mapping[str, str], job: ImageJob, call: UpstreamCall, deadline: float
+    ) -> Produced:
         """Poll one job until it is Ready and download its image (rules in the module doc)."""
         polling_url = self._trusted(ref.get("polling_url", ""))
 
         async def step() -> Produced | None:
             answer = await self._transient_ok(
-                partial(self._send, "GET", polling_url, request_id=job.request_id)
+                partial(self._send, "GET", polling_url, request_id=job.request_id, call=call)
             )
             status = _status(answer[0]) if answer is not None else None
             if status == "Ready":
                 sample = self._trusted_sample(json_object(answer[0]))
-                image: Produced | None = await self._transient_ok(partial(self._download, sample, job))
+                image: Produced | None = await self._transient_ok(partial(self._download, sample, job, call))
                 return image
             if status == "Request Moderated":
                 raise moderation_blocked("input")
@@ -188,9 +197,9 @@ class FluxProvider(PollingMixin, NativeProvider):
 
         return await self._poll_until(step, deadline)
 
-    async def _download(self, url: URL, job: ImageJob) -> Produced:
+    async def _download(self, url: URL, job: ImageJob, call: UpstreamCall) -> Produced:
         raw, _ = await self._send(
-            "GET", str(url), request_id=job.request_id, auth=False, max_bytes=MAX_IMAGE_BYTES
+            "GET", str(url), request_id=job.request_id, call=call, auth=False, max_bytes=MAX_IMAGE_BYTES
         )
         return produced(raw)
 

@@ -50,7 +50,7 @@ Translation:
 - Errors: a submission's or result's 4xx/5xx goes through ``native.rejected`` (429/5xx fail over
   before the submission is accepted; 422 → 400 ``invalid_request_error``).
 Resuming: the accepted request (``{"upstream", "request": {"request_id", "status_url",
-"response_url"}}``) is handed to ``job.on_submitted`` before the first poll (a task stores it); a
+"response_url"}}``) is handed to ``call.on_submitted`` before the first poll (a task stores it); a
 job carrying it back in ``resume`` polls that request instead of submitting again.
 Polling, budget and trust are ``polling.PollingMixin``'s and BFL's rules: the key only goes to
 URLs on ``base_url``'s origin or ``polling_hosts``; images only come from ``delivery_hosts``.
@@ -70,6 +70,7 @@ from app.core.errors import UpstreamError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
@@ -108,52 +109,54 @@ class FalProvider(PollingMixin, NativeProvider):
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Key {self._api_key}"} if self._api_key else {}
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        return await self._run(job, upstream_model, request_body(job))
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult:
+        return await self._run(job, upstream_model, request_body(job), call)
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def edit(self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT) -> ImageResult:
         spec = job.caps.provider
         if spec is not None and upstream_model == spec.model:
             upstream_model = spec.edit_model_for(len(job.images))
         body = request_body(job)
-        if self._resumed(job) is None:  # a resumed request has its inputs already
+        if self._resumed(call) is None:  # a resumed request has its inputs already
             uris = await asyncio.to_thread(data_uris, job)
             # Kontext takes one ``image_url``; its multi-image endpoint (and fal's newer edit
             # models) a list ``image_urls``.
             body.update({"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris})
-        return await self._run(job, upstream_model, body)
+        return await self._run(job, upstream_model, body, call)
 
-    async def _run(self, job: ImageJob, model: str, body: dict[str, Any]) -> ImageResult:
-        resumed = self._resumed(job)
+    async def _run(self, job: ImageJob, model: str, body: dict[str, Any], call: UpstreamCall) -> ImageResult:
+        resumed = self._resumed(call)
         ref = resumed.get("request") if resumed is not None else None
         if not isinstance(ref, Mapping):
             # The model id is a path ("fal-ai/flux/dev"): its slashes are the route, not escaped.
             url = f"{self._base_url}/{model.strip('/')}"
-            raw, _ = await self._send("POST", url, request_id=job.request_id, json_body=body)
+            raw, _ = await self._send("POST", url, request_id=job.request_id, call=call, json_body=body)
             submitted = json_object(raw)
             ref = {k: submitted.get(k) for k in ("request_id", "status_url", "response_url")}
             if not isinstance(ref["status_url"], str) or not isinstance(ref["response_url"], str):
                 raise UpstreamError(INVALID_RESPONSE)
-            await self._submitted(job, request=ref)
+            await self._submitted(call, request=ref)
         status_url = self._trusted(str(ref.get("status_url", "")))
         response_url = self._trusted(str(ref.get("response_url", "")))
 
         async def step() -> bytes | None:
             answer = await self._transient_ok(
-                partial(self._send, "GET", status_url, request_id=job.request_id)
+                partial(self._send, "GET", status_url, request_id=job.request_id, call=call)
             )
             if answer is None or _status(answer[0]) != "COMPLETED":
                 return None  # queued, running, or an answer that did not parse
             result: tuple[bytes, Any] | None = await self._transient_ok(
-                partial(self._send, "GET", response_url, request_id=job.request_id)
+                partial(self._send, "GET", response_url, request_id=job.request_id, call=call)
             )
             return result[0] if result is not None else None
 
         result = json_object(await self._poll_until(step, self._poll_deadline()))
-        images = [await deliver(image, job) for image in await self._images(result, job)]
+        images = [await deliver(image, job) for image in await self._images(result, job, call)]
         return images_response(images)
 
-    async def _images(self, result: Mapping[str, Any], job: ImageJob) -> list[Produced]:
+    async def _images(self, result: Mapping[str, Any], job: ImageJob, call: UpstreamCall) -> list[Produced]:
         listed = result.get("images")
         if not isinstance(listed, list) or not listed:
             raise UpstreamError(INVALID_RESPONSE)
@@ -170,11 +173,17 @@ class FalProvider(PollingMixin, NativeProvider):
             if not (self._scheme_ok(url) and host_allowed(url, self._delivery_hosts)):
                 raise UpstreamError(UNTRUSTED_URL)
             urls.append(url)
-        return await asyncio.gather(*(self._download(url, job) for url in urls))
+        return await asyncio.gather(*(self._download(url, job, call) for url in urls))
 
-    async def _download(self, url: URL, job: ImageJob) -> Produced:
+    async def _download(self, url: URL, job: ImageJob, call: UpstreamCall) -> Produced:
         download = partial(
-            self._send, "GET", str(url), request_id=job.request_id, auth=False, max_bytes=MAX_IMAGE_BYTES
+            self._send,
+            "GET",
+            str(url),
+            request_id=job.request_id,
+            call=call,
+            auth=False,
+            max_bytes=MAX_IMAGE_BYTES,
         )
         # The images are made (and billed): a download that fails in transit is tried again.
         answer = await self._poll_until(partial(self._transient_ok, download), self._poll_deadline())

@@ -63,6 +63,7 @@ import orjson
 from app.core.errors import GatewayError, UpstreamError
 from app.domain.jobs import ImageJob, ImageResult, TokenUsage
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
@@ -107,19 +108,25 @@ class GeminiProvider(NativeProvider):
     def _auth(self) -> dict[str, str]:
         return {"x-goog-api-key": self._api_key} if self._api_key else {}
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        return await self._run(job, upstream_model, images=[])
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult:
+        return await self._run(job, upstream_model, call, images=[])
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def edit(self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT) -> ImageResult:
         inputs = await asyncio.to_thread(_read_inputs, job)
-        return await self._run(job, upstream_model, images=inputs)
+        return await self._run(job, upstream_model, call, images=inputs)
 
-    async def _run(self, job: ImageJob, model: str, *, images: list[dict[str, Any]]) -> ImageResult:
+    async def _run(
+        self, job: ImageJob, model: str, call: UpstreamCall, *, images: list[dict[str, Any]]
+    ) -> ImageResult:
         body = request_body(job, images)
         url = f"{self._base_url}/models/{quote(model, safe='')}:generateContent"
 
         async def one(_: int) -> list[tuple[list[Produced], TokenUsage]]:
-            raw, _headers = await self._send("POST", url, request_id=job.request_id, json_body=body)
+            raw, _headers = await self._send(
+                "POST", url, request_id=job.request_id, call=call, json_body=body
+            )
             return [parse_answer(raw)]
 
         outcomes = await in_parallel(job.n, one)

@@ -41,6 +41,7 @@ from urllib.parse import quote
 from app.core.errors import UpstreamError
 from app.domain.jobs import ImageJob, ImageResult
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.gemini import DEFAULT_BASE_URL, GeminiProvider
@@ -63,13 +64,23 @@ class ImagenProvider(GeminiProvider):
     """An ``ImageProvider`` over the Gemini API's Imagen ``:predict`` endpoint (auth and error
     bodies as Gemini's)."""
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult:
         url = f"{self._base_url}/models/{quote(upstream_model, safe='')}:predict"
-        raw, _ = await self._send("POST", url, request_id=job.request_id, json_body=request_body(job))
+        raw, _ = await self._send(
+            "POST", url, request_id=job.request_id, call=call, json_body=request_body(job)
+        )
         delivered = [await deliver(image, job) for image in parse_answer(raw)]
         return images_response(delivered)
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:  # noqa: ARG002
+    async def edit(
+        self,
+        job: ImageJob,  # noqa: ARG002
+        *,
+        upstream_model: str,  # noqa: ARG002
+        call: UpstreamCall = DIRECT,  # noqa: ARG002
+    ) -> ImageResult:
         raise UpstreamError("Imagen does not edit images.")  # the catalog refuses edits first
 
 

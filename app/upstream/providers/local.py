@@ -33,6 +33,7 @@ from app.core.errors import UpstreamRejected
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, event_type
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import KindSettings, ProviderKind, UpstreamSettings, register_kind
 from app.upstream.providers.local_edit import edit_size, paint_edit
 from app.upstream.providers.local_formats import encode_gif, render_svg, svg_usage
@@ -274,8 +275,15 @@ class LocalProvider:
         # Pause before each streamed event, so a development stream looks like a real one.
         self._pace_s = stream_pace_s
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:  # noqa: ARG002
-        # upstream_model is ignored: the renderer draws alike for every model name it serves.
+    async def generate(
+        self,
+        job: ImageJob,
+        *,
+        upstream_model: str,  # noqa: ARG002
+        call: UpstreamCall = DIRECT,  # noqa: ARG002
+    ) -> ImageResult:
+        # upstream_model and call are ignored: nothing goes over the network, and the renderer
+        # draws alike for every model name it serves.
         plan = _plan(job)
         # Rendering is CPU work: off the event loop, one thread per image (Pillow releases the GIL
         # while encoding, so images of one request overlap).
@@ -302,11 +310,17 @@ class LocalProvider:
             body["svg_usage"] = svg_usage(job.prompt, base64.b64decode(images[0]).decode("utf-8"), job.svg)
         return ImageResult(body=body, usage=usage, raw_usage=usage.to_openai())
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def edit(self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT) -> ImageResult:
         """Edits draw like generations, painted into the first input image (see ``local_edit``)."""
-        return await self.generate(job, upstream_model=upstream_model)
+        return await self.generate(job, upstream_model=upstream_model, call=call)
 
-    async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:  # noqa: ARG002
+    async def stream(
+        self,
+        job: ImageJob,
+        *,
+        upstream_model: str,  # noqa: ARG002
+        call: UpstreamCall = DIRECT,  # noqa: ARG002
+    ) -> AsyncIterator[ProviderEvent]:
         """Per image: ``partial_images`` previews, coarse to fine, then the completed image.
 
         Each completed event carries that image's usage (the prompt's tokens on the first), so

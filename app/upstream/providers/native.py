@@ -46,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from app.core.errors import GatewayError, UpstreamError, UpstreamRejected
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.errors import INVALID_RESPONSE, rejected_from_response
 from app.upstream.transport import RequestSigner, Transport
 
@@ -305,16 +306,22 @@ class NativeProvider(ABC):
         return self._transport.secrets
 
     @abstractmethod
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult: ...
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult: ...
 
     @abstractmethod
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult: ...
+    async def edit(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult: ...
 
-    async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
+    async def stream(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> AsyncIterator[ProviderEvent]:
         """These providers do not stream partial images: the whole result, as completed events
         (errors are raised before the first event, so the router can still fail over)."""
         run = self.edit if job.endpoint == "edits" else self.generate
-        result = await run(job, upstream_model=upstream_model)
+        result = await run(job, upstream_model=upstream_model, call=call)
         for event in completed_events(job, result):
             yield event
 
@@ -341,6 +348,7 @@ class NativeProvider(ABC):
         url: str,
         *,
         request_id: str,
+        call: UpstreamCall,
         json_body: Any = None,
         form: aiohttp.FormData | aiohttp.MultipartWriter | None = None,
         auth: bool = True,
@@ -356,7 +364,9 @@ class NativeProvider(ABC):
         if json_body is not None:
             headers["content-type"] = "application/json"
             data = orjson.dumps(json_body)
-        answer = await self._transport.call(method, url, headers=headers, data=data, max_bytes=max_bytes)
+        answer = await self._transport.call(
+            method, url, headers=headers, call=call, data=data, max_bytes=max_bytes
+        )
         if not answer.ok:
             raise self._error(answer.status, answer.body, answer.headers)
         return answer.body, answer.headers

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 from app.core.errors import UpstreamError
+from app.upstream.call import DIRECT
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response
 from app.upstream.transport import Transport
 
@@ -68,7 +69,7 @@ class OpenAIBatchClient:
             form.add_field("purpose", "batch")
             form.add_field("file", handle, filename=filename, content_type="application/jsonl")
             answer = await self._transport.call(
-                "POST", self._url("/files"), headers=self._headers(), data=form
+                "POST", self._url("/files"), headers=self._headers(), call=DIRECT, data=form
             )
         created = self._json(answer.status, answer.body, answer.headers)
         if not isinstance(created.get("id"), str):
@@ -79,7 +80,10 @@ class OpenAIBatchClient:
         """The id of the newest ``purpose=batch`` file named ``filename`` (among the last
         ``limit``): how an upload whose answer was lost is found again."""
         answer = await self._transport.call(
-            "GET", self._url(f"/files?purpose=batch&order=desc&limit={limit}"), headers=self._headers()
+            "GET",
+            self._url(f"/files?purpose=batch&order=desc&limit={limit}"),
+            headers=self._headers(),
+            call=DIRECT,
         )
         listed = self._json(answer.status, answer.body, answer.headers).get("data")
         for item in listed if isinstance(listed, list) else []:
@@ -103,6 +107,7 @@ class OpenAIBatchClient:
             "POST",
             self._url("/batches"),
             headers=self._headers(**{"content-type": "application/json"}),
+            call=DIRECT,
             data=orjson.dumps(body),
         )
         return self._checked(self._json(answer.status, answer.body, answer.headers))
@@ -111,7 +116,7 @@ class OpenAIBatchClient:
         """The most recent upstream batch whose ``metadata[key]`` is ``value`` (among the last
         ``limit``): how a create whose answer was lost to a crash is found again."""
         answer = await self._transport.call(
-            "GET", self._url(f"/batches?limit={limit}"), headers=self._headers()
+            "GET", self._url(f"/batches?limit={limit}"), headers=self._headers(), call=DIRECT
         )
         listed = self._json(answer.status, answer.body, answer.headers).get("data")
         for item in listed if isinstance(listed, list) else []:
@@ -120,12 +125,14 @@ class OpenAIBatchClient:
         return None
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
-        answer = await self._transport.call("GET", self._url(f"/batches/{batch_id}"), headers=self._headers())
+        answer = await self._transport.call(
+            "GET", self._url(f"/batches/{batch_id}"), headers=self._headers(), call=DIRECT
+        )
         return self._checked(self._json(answer.status, answer.body, answer.headers))
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         answer = await self._transport.call(
-            "POST", self._url(f"/batches/{batch_id}/cancel"), headers=self._headers()
+            "POST", self._url(f"/batches/{batch_id}/cancel"), headers=self._headers(), call=DIRECT
         )
         return self._checked(self._json(answer.status, answer.body, answer.headers))
 

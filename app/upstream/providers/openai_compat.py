@@ -21,6 +21,7 @@ from pydantic import Field
 from app.core.errors import UpstreamError
 from app.domain.jobs import ImageJob, ImageResult, ProviderEvent, TokenUsage, completed_events
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import KindSettings, ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE, map_aiohttp_errors, rejected_from_response
 from app.upstream.multipart import edit_form
@@ -72,24 +73,28 @@ class OpenAICompatProvider:
     def _secrets(self) -> tuple[str, ...]:
         return self._transport.secrets
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult:
         """POST ``/images/generations`` and return the upstream's ImagesResponse as is."""
-        return await self._send_whole(job, upstream_model)
+        return await self._send_whole(job, upstream_model, call)
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def edit(self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT) -> ImageResult:
         """POST ``/images/edits`` as multipart, streaming the spooled files."""
-        return await self._send_whole(job, upstream_model)
+        return await self._send_whole(job, upstream_model, call)
 
-    async def _send_whole(self, job: ImageJob, upstream_model: str) -> ImageResult:
+    async def _send_whole(self, job: ImageJob, upstream_model: str, call: UpstreamCall) -> ImageResult:
         with ExitStack() as files:
             url, headers, body = self._build(job, upstream_model, files, stream=False)
             # The body is read inside: the connection goes back to the pool (and the multipart
             # writer stops reading the files) before the files close.
-            answer = await self._transport.call("POST", url, headers=headers, data=body)
+            answer = await self._transport.call("POST", url, headers=headers, call=call, data=body)
         self._raise_for_status(answer.status, answer.body, answer.headers)
         return self._image_result(answer.body)
 
-    async def stream(self, job: ImageJob, *, upstream_model: str) -> AsyncIterator[ProviderEvent]:
+    async def stream(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> AsyncIterator[ProviderEvent]:
         """POST with ``stream: true`` and yield each SSE event as it arrives.
 
         An error status is raised before anything is yielded, so the router can still fail over.
@@ -104,6 +109,7 @@ class OpenAICompatProvider:
                     with map_aiohttp_errors(secrets=self._secrets):
                         raw = await response.read()
                     self._raise_for_status(response.status, raw, response.headers)
+                call.answered()
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     with map_aiohttp_errors(secrets=self._secrets):
                         raw = await response.read()

@@ -15,9 +15,9 @@ and the gateway never trusts an upstream to name an arbitrary URL (it would fetc
 the operator's network): each URL is checked against the upstream's allowed hosts.
 
 Resuming (``_resumed`` / ``_submitted``): once the provider has accepted a job, what is needed
-to find it again (ids, polling URLs) is handed to ``job.on_submitted`` as
+to find it again (ids, polling URLs) is handed to ``call.on_submitted`` as
 ``{"upstream": name, …}``; a task stores it durably before the first poll. A job that carries that
-record back (``job.resume``, after the worker running it died) polls the provider's job instead of
+record back (``call.resume``, after the worker running it died) polls the provider's job instead of
 submitting a new one, so the tenant gets the image and is billed once.
 
 Clock and sleep are injected, so tests count polls instead of waiting on the wall clock.
@@ -34,7 +34,7 @@ from pydantic import Field
 from yarl import URL
 
 from app.core.errors import UpstreamError, UpstreamJobTimeout, UpstreamRejected
-from app.domain.jobs import ImageJob
+from app.upstream.call import UpstreamCall
 from app.upstream.config import KindSettings, UpstreamSettings, common_options
 from app.upstream.errors import INVALID_RESPONSE
 
@@ -123,15 +123,13 @@ class PollingMixin:
             raise UpstreamError(UNTRUSTED_URL)
         return str(url)
 
-    def _resumed(self, job: ImageJob) -> Mapping[str, Any] | None:
-        """What an earlier run of ``job`` recorded on this upstream (None: submit anew)."""
-        resume = job.resume
-        return resume if resume is not None and resume.get("upstream") == self.name else None
+    def _resumed(self, call: UpstreamCall) -> Mapping[str, Any] | None:
+        """What an earlier run of this job recorded on this upstream (None: submit anew)."""
+        return call.resumed_on(self.name)
 
-    async def _submitted(self, job: ImageJob, **record: Any) -> None:
+    async def _submitted(self, call: UpstreamCall, **record: Any) -> None:
         """Hand what finds the accepted job again to whoever keeps it (a task), before polling."""
-        if job.on_submitted is not None:
-            await job.on_submitted({"upstream": self.name, **record})
+        await call.submitted({"upstream": self.name, **record})
 
     def _poll_deadline(self) -> float:
         """When the polling of jobs submitted now must end."""

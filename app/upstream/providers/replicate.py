@@ -45,9 +45,9 @@ Translation:
   input's).
 - ``failed`` with an NSFW error → 400 ``moderation_blocked`` (output), not charged; another
   ``failed`` or ``canceled`` → 502 (the router may fail over: nothing was produced).
-- Resuming: a resumable job (a task: ``job.on_submitted`` set) creates its prediction without
+- Resuming: a resumable call (a task: ``call.on_submitted`` set) creates its prediction without
   ``Prefer: wait``, so the prediction (``{"upstream", "prediction": {"id", "get"}}``) is recorded
-  at once, before any wait; a job carrying it back in ``resume`` polls it instead of creating
+  at once, before any wait; a call carrying it back in ``resume`` polls it instead of creating
   another. (A wait held open when the worker dies would lose the id, and the prediction is paid.)
 - Polling (not done within the wait), budget and trust: ``polling.PollingMixin`` and BFL's rules
   (the key only to ``base_url``'s origin or ``polling_hosts``; output only from
@@ -71,6 +71,7 @@ from app.core.errors import UpstreamError
 from app.domain.catalog import parse_size
 from app.domain.jobs import ImageJob, ImageResult, InputImage
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import ProviderKind, UpstreamSettings, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.providers.native import (
@@ -112,21 +113,23 @@ class ReplicateProvider(PollingMixin, NativeProvider):
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
-        return await self._run(job, upstream_model, request_input(job))
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult:
+        return await self._run(job, upstream_model, request_input(job), call)
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def edit(self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT) -> ImageResult:
         spec = job.caps.provider
         if spec is not None and upstream_model == spec.model:
             upstream_model = spec.edit_model_for(len(job.images))
         data = request_input(job)
-        for index, image in enumerate(job.images if self._resumed(job) is None else ()):
+        for index, image in enumerate(job.images if self._resumed(call) is None else ()):
             # FLUX Kontext's ``input_image``; models taking several name them ``input_image_2``…
             name = "input_image" if index == 0 else f"input_image_{index + 1}"
-            data[name] = await self._file_input(image, job)
-        return await self._run(job, upstream_model, data)
+            data[name] = await self._file_input(image, job, call)
+        return await self._run(job, upstream_model, data, call)
 
-    async def _file_input(self, image: InputImage, job: ImageJob) -> str:
+    async def _file_input(self, image: InputImage, job: ImageJob, call: UpstreamCall) -> str:
         """An input image as Replicate takes files: inline as a data URI when it is small, else
         uploaded to its Files API and named by the file's URL (which only Replicate reads: the
         gateway never hands it a URL of the client's)."""
@@ -138,15 +141,17 @@ class ReplicateProvider(PollingMixin, NativeProvider):
         form.add_field(
             "content", io.BytesIO(raw), filename=f"input.{image.format}", content_type=image.content_type
         )
-        answer, _ = await self._send("POST", f"{self._base_url}/files", request_id=job.request_id, form=form)
+        answer, _ = await self._send(
+            "POST", f"{self._base_url}/files", request_id=job.request_id, call=call, form=form
+        )
         urls = json_object(answer).get("urls")
         url = urls.get("get") if isinstance(urls, Mapping) else None
         if not isinstance(url, str) or not url:
             raise UpstreamError(INVALID_RESPONSE)
         return url  # handed back to Replicate only: the gateway never fetches it
 
-    async def _run(self, job: ImageJob, model: str, data: dict[str, Any]) -> ImageResult:
-        resumed = self._resumed(job)
+    async def _run(self, job: ImageJob, model: str, data: dict[str, Any], call: UpstreamCall) -> ImageResult:
+        resumed = self._resumed(call)
         ref = resumed.get("prediction") if resumed is not None else None
         output: list[str] | None = None
         if isinstance(ref, Mapping):
@@ -157,15 +162,20 @@ class ReplicateProvider(PollingMixin, NativeProvider):
             # Sync mode (the answer waits up to 60 s for the prediction) unless the job is
             # resumable: a task records its prediction at once, before it is done, so a worker
             # that dies meanwhile leaves a prediction to poll, not one to pay for twice.
-            wait = {} if job.on_submitted is not None else {"prefer": "wait"}
+            wait = {} if call.resumable else {"prefer": "wait"}
             raw, _ = await self._send(
-                "POST", url, request_id=job.request_id, json_body={"input": data}, extra_headers=wait
+                "POST",
+                url,
+                request_id=job.request_id,
+                call=call,
+                json_body={"input": data},
+                extra_headers=wait,
             )
             prediction = json_object(raw)
             urls = prediction.get("urls")
             get = urls.get("get") if isinstance(urls, Mapping) else None
             if isinstance(get, str) and get:
-                await self._submitted(job, prediction={"id": prediction.get("id"), "get": get})
+                await self._submitted(call, prediction={"id": prediction.get("id"), "get": get})
             output = _finished(prediction)
             if output is None:
                 if not isinstance(get, str):
@@ -175,7 +185,7 @@ class ReplicateProvider(PollingMixin, NativeProvider):
 
             async def step() -> list[str] | None:
                 answer = await self._transient_ok(
-                    partial(self._send, "GET", poll_url, request_id=job.request_id)
+                    partial(self._send, "GET", poll_url, request_id=job.request_id, call=call)
                 )
                 if answer is None:
                     return None
@@ -187,12 +197,18 @@ class ReplicateProvider(PollingMixin, NativeProvider):
                     raise
 
             output = await self._poll_until(step, self._poll_deadline())
-        made = await asyncio.gather(*(self._download(self._deliverable(u), job) for u in output))
+        made = await asyncio.gather(*(self._download(self._deliverable(u), job, call) for u in output))
         return images_response([await deliver(image, job) for image in made])
 
-    async def _download(self, url: URL, job: ImageJob) -> Produced:
+    async def _download(self, url: URL, job: ImageJob, call: UpstreamCall) -> Produced:
         download = partial(
-            self._send, "GET", str(url), request_id=job.request_id, auth=False, max_bytes=MAX_IMAGE_BYTES
+            self._send,
+            "GET",
+            str(url),
+            request_id=job.request_id,
+            call=call,
+            auth=False,
+            max_bytes=MAX_IMAGE_BYTES,
         )
         # The images are made (and billed): a download that fails in transit is tried again.
         answer = await self._poll_until(partial(self._transient_ok, download), self._poll_deadline())

@@ -50,6 +50,7 @@ from PIL import Image
 from app.core.errors import GatewayError, InvalidRequestError, UpstreamError
 from app.domain.jobs import ImageJob, ImageResult
 from app.upstream.base import ImageProvider
+from app.upstream.call import DIRECT, UpstreamCall
 from app.upstream.config import ProviderKind, UpstreamSettings, common_options, register_kind
 from app.upstream.errors import INVALID_RESPONSE
 from app.upstream.multipart import form_value
@@ -77,15 +78,23 @@ class StabilityProvider(NativeProvider):
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
 
-    async def generate(self, job: ImageJob, *, upstream_model: str) -> ImageResult:
+    async def generate(
+        self, job: ImageJob, *, upstream_model: str, call: UpstreamCall = DIRECT
+    ) -> ImageResult:
         if upstream_model in _OWN_ENDPOINTS:
             url, fields = f"{self._base_url}/v2beta/stable-image/generate/{upstream_model}", {}
         else:
             url, fields = f"{self._base_url}/v2beta/stable-image/generate/sd3", {"model": upstream_model}
         fields.update(generate_fields(job))
-        return await self._run(job, url, fields, files=[])
+        return await self._run(job, url, fields, call, files=[])
 
-    async def edit(self, job: ImageJob, *, upstream_model: str) -> ImageResult:  # noqa: ARG002
+    async def edit(
+        self,
+        job: ImageJob,
+        *,
+        upstream_model: str,  # noqa: ARG002
+        call: UpstreamCall = DIRECT,
+    ) -> ImageResult:
         first = job.images[0]
         # Validation refuses this first (the catalog's `needs_area`); kept for a models file that
         # routes an edit here without declaring it, so the upstream is never sent a blank inpaint.
@@ -98,10 +107,16 @@ class StabilityProvider(NativeProvider):
             )
         files = await asyncio.to_thread(_edit_files, job)
         url = f"{self._base_url}/v2beta/stable-image/edit/inpaint"
-        return await self._run(job, url, edit_fields(job), files=files)
+        return await self._run(job, url, edit_fields(job), call, files=files)
 
     async def _run(
-        self, job: ImageJob, url: str, fields: dict[str, Any], *, files: list[tuple[str, bytes, str]]
+        self,
+        job: ImageJob,
+        url: str,
+        fields: dict[str, Any],
+        call: UpstreamCall,
+        *,
+        files: list[tuple[str, bytes, str]],
     ) -> ImageResult:
         async def one(_: int) -> list[Produced]:
             # A form is consumed by sending it: one per call.
@@ -110,7 +125,7 @@ class StabilityProvider(NativeProvider):
                 form.add_field(name, form_value(value))
             for name, data, content_type in files:
                 form.add_field(name, data, filename=f"{name}.png", content_type=content_type)
-            answer, _headers = await self._send("POST", url, request_id=job.request_id, form=form)
+            answer, _headers = await self._send("POST", url, request_id=job.request_id, call=call, form=form)
             return [await deliver(parse_answer(answer), job)]
 
         return images_response(await in_parallel(job.n, one))

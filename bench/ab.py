@@ -8,6 +8,10 @@ interleaving is what makes a few percent visible at all.
 
 REV is exported with ``git archive`` into a temporary directory, whose ``app`` package the first
 gateway runs (``python -m app`` from that directory).
+
+``--config JSON`` instead compares two configurations of the working tree: the second gateway gets
+the JSON's sections merged in (``python -m bench.ab --config '{"console": {"request_log": false}}'``
+measures what the request log costs a request, issue 26).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from bench import cpu, servers
 from bench.scenarios import SMALL
@@ -37,16 +44,22 @@ def export(rev: str, into: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
-    parser.add_argument("rev", help="the commit to compare the working tree with (e.g. HEAD~1)")
+    parser.add_argument("rev", nargs="?", help="the commit to compare the working tree with (e.g. HEAD~1)")
+    parser.add_argument(
+        "--config", help="compare the tree with itself, this JSON's sections merged into the second"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs per side (median reported)")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args(argv)
+    if (args.rev is None) == (args.config is None):
+        parser.error("give either REV or --config")
+    variant: dict[str, Any] | None = orjson.loads(args.config) if args.config else None
 
     cpus = servers.Cpus.split()
     os.sched_setaffinity(0, cpus.load)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-ab-"))
-    base = export(args.rev, Path(tempfile.mkdtemp(prefix="gateway-ab-rev-")))
+    base = export(args.rev, Path(tempfile.mkdtemp(prefix="gateway-ab-rev-"))) if args.rev else servers.ROOT
     started: list[servers.Server] = []
     tree_root = servers.ROOT
     try:
@@ -57,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             started.append(servers.start_gateway(workdir, cpus, started[0]))
         finally:
             servers.ROOT = tree_root
-        started.append(servers.start_gateway(workdir, cpus, started[0]))
-        gateways = {args.rev: started[1], "tree": started[2]}
+        started.append(servers.start_gateway(workdir, cpus, started[0], extra=variant))
+        gateways = {args.rev or "tree": started[1], "tree" if args.rev else "variant": started[2]}
         for gateway in gateways.values():
             asyncio.run(
                 cpu.fire(
@@ -95,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         for server in reversed(started):
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+        if args.rev:
+            shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

@@ -324,6 +324,7 @@ async def open_state(
         request_log = (
             RequestLog(
                 engine,
+                writer,
                 capacity=settings.console.request_log_queue,
                 store_prompts=settings.moderation.store_prompts,
                 on_drop=metrics.request_log_dropped.inc,

@@ -17,6 +17,7 @@ import pytest
 from app.console.requestlog import RequestLog, Seen
 from app.db.engine import create_engine
 from app.db.migrate import upgrade_head
+from app.db.writer import create_writer
 from tests.conftest import LOCAL_UPSTREAM, Gateway
 
 ALWAYS = "a dismembered corpse"  # blocked by moderation at every level
@@ -117,13 +118,16 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> Non
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}")
         await upgrade_head(engine)
         dropped: list[int] = []
-        log = RequestLog(engine, capacity=3, on_drop=lambda: dropped.append(1))
+        log = RequestLog(
+            engine, writer := create_writer(engine), capacity=3, on_drop=lambda: dropped.append(1)
+        )
         now = time.time()
         for i in range(5):
             log.record(_seen(i, now))  # synchronous: nothing here can wait on the database
         assert (log.pending, log.dropped, len(dropped)) == (3, 2, 2)
         assert await log.flush() == 3
         assert (log.pending, log.written) == (0, 3)
+        await writer.aclose()
         await engine.dispose()
 
     asyncio.run(run())
@@ -133,10 +137,11 @@ def test_a_failing_database_loses_the_batch_not_the_request(tmp_path: Path) -> N
     async def run() -> None:
         # No migration: the table does not exist, so every write fails.
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
-        log = RequestLog(engine)
+        log = RequestLog(engine, writer := create_writer(engine))
         log.record(_seen(1, time.time()))
         assert await log.flush() == 0
         assert (log.pending, log.written) == (0, 0)
+        await writer.aclose()
         await engine.dispose()
 
     asyncio.run(run())
@@ -148,7 +153,7 @@ def test_retention_purges_old_entries_in_chunks(tmp_path: Path, monkeypatch: pyt
     async def run() -> None:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}")
         await upgrade_head(engine)
-        log = RequestLog(engine)
+        log = RequestLog(engine, writer := create_writer(engine))
         now = datetime.now(UTC)
         for i in range(5):
             log.record(_seen(i, (now - timedelta(days=40)).timestamp()))
@@ -160,6 +165,7 @@ def test_retention_purges_old_entries_in_chunks(tmp_path: Path, monkeypatch: pyt
 
             left = (await conn.execute(text("SELECT request_id FROM request_log"))).scalars().all()
         assert left == ["req_99"]
+        await writer.aclose()
         await engine.dispose()
 
     asyncio.run(run())
@@ -212,7 +218,7 @@ def test_batches_search_and_keyset_pages_on_both_databases(database_url: str) ->
                     )
                 ],
             )
-        log = RequestLog(engine)
+        log = RequestLog(engine, writer := create_writer(engine))
         now = time.time()
         for i in range(7):
             refused = i % 2 == 1
@@ -248,6 +254,7 @@ def test_batches_search_and_keyset_pages_on_both_databases(database_url: str) ->
         )
         assert len(by_name.rows) == 3
         assert list((await log_page(sessions, LogFilter(q="acmeXprod"), before=None, limit=10)).rows) == []
+        await writer.aclose()
         await engine.dispose()
 
     asyncio.run(run())

@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- console-bench:begin -->", "<!-- console-bench:end -->"
 ROWS, KEYS, VIEWS, WARMUP = 10_000, 50, 50, 5
 LOG_ROWS, DELIVERIES = 100_000, 2_000
+# Batches (all ended, so no runner picks them up) and the lines of the one whose page is timed.
+BATCHES, BATCH_LINES = 1_000, 50_000
 # The request log's status classes, in the shares a busy gateway might see.
 LOG_MIX = [(200, "ok", None)] * 16 + [
     (400, "4xx", "invalid_value"),
@@ -194,7 +196,36 @@ def seed(db: Path, key_ids: list[str]) -> dict[str, str]:
         )
         for i in range(DELIVERIES)
     ]
+    batches = [
+        (
+            f"batch_{i:024x}",
+            key_ids[i % len(key_ids)],
+            "/v1/images/generations",
+            f"file-{i:024x}",
+            "24h",
+            "completed",
+            BATCH_LINES if i == 0 else 10,
+            BATCH_LINES - 100 if i == 0 else 10,
+            100 if i == 0 else 0,
+            "http://127.0.0.1",
+            (now - timedelta(seconds=rng.randrange(30 * 86400))).isoformat(sep=" "),
+            (now + timedelta(days=1)).isoformat(sep=" "),
+        )
+        for i in range(BATCHES)
+    ]
+    lines = [
+        (batches[0][0], i, f"line-{i}", '{"prompt": "a lighthouse"}', "ok" if i >= 100 else "error")
+        for i in range(BATCH_LINES)
+    ]
     with sqlite3.connect(db) as c:
+        c.executemany(
+            "INSERT INTO batches (id, key_id, endpoint, input_file_id, completion_window, status, total,"
+            " completed, failed, base_url, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            batches,
+        )
+        c.executemany(
+            "INSERT INTO batch_lines (batch_id, line, custom_id, body, state) VALUES (?,?,?,?,?)", lines
+        )
         c.executemany(
             "INSERT INTO request_log (created_at, request_id, key_id, key_name, method, route, model,"
             " status, status_class, error_code, error_message, upstream, latency_ms, tokens, cost_micros,"
@@ -241,7 +272,12 @@ def seed(db: Path, key_ids: list[str]) -> dict[str, str]:
             "SELECT id FROM request_log ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET 50000"
         )
         log_anchor = str(middle.fetchone()[0])
-    return {"anchor": anchor, "log_anchor": log_anchor, "request": f"req_l{4321:027x}"}
+    return {
+        "anchor": anchor,
+        "log_anchor": log_anchor,
+        "request": f"req_l{4321:027x}",
+        "batch": batches[0][0],
+    }
 
 
 def plans(db: Path, key_id: str) -> list[tuple[str, str]]:
@@ -256,6 +292,9 @@ def plans(db: Path, key_id: str) -> list[tuple[str, str]]:
         "usage by day, 30 days": "SELECT substr(created_at, 1, 10) AS d, count(id), sum(cost_micros) FROM "
         "ledger_entries WHERE created_at >= datetime('now', '-30 days') GROUP BY d",
         "tasks, all keys": "SELECT * FROM tasks ORDER BY created_at DESC, id DESC LIMIT 51",
+        "batches, all keys": "SELECT * FROM batches ORDER BY created_at DESC, id DESC LIMIT 51",
+        "a batch's lines by state": "SELECT state, count(*) FROM batch_lines WHERE batch_id = 'b' "
+        "GROUP BY state",
         "thumbnails of a page": "SELECT * FROM request_thumbnails WHERE request_id IN ('a', 'b')",
     }
     out = []
@@ -368,11 +407,20 @@ def run() -> str:
             ("operator", "webhook deliveries (newest 200)", operator, "/console/webhooks", None),
             ("operator", "a key's webhook endpoints", operator, f"/console/keys/{key_ids[0]}/webhooks", None),
             ("operator", "tasks, newest 50", operator, "/console/tasks", None),
+            ("operator", f"batches, newest 50 (of {BATCHES:,})", operator, "/console/batches", None),
+            (
+                "operator",
+                f"batch detail ({BATCH_LINES:,} lines)",
+                operator,
+                f"/console/batches/{seeded['batch']}",
+                None,
+            ),
             ("operator", "moderation events", operator, "/console/moderation", None),
             ("operator", "upstreams", operator, "/console/upstreams", None),
             ("tenant", "usage (own key, 1,000 rows)", tenant, "/console/usage", None),
             ("tenant", "requests, own newest 50", tenant, "/console/requests", None),
             ("tenant", "tasks, own", tenant, "/console/tasks", None),
+            ("tenant", "batches, own", tenant, "/console/batches", None),
             ("tenant", "playground", tenant, "/console/playground", None),
         ]
         results = [
@@ -389,7 +437,8 @@ def run() -> str:
     lines = [
         f"`python -m bench.console` ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC): the gateway as shipped",
         f"(SQLite, one worker), {LOG_ROWS:,} request-log entries and {ROWS:,} ledger rows over 30 days",
-        f"for {KEYS} keys, 2,000 tasks, 500 moderation events, {DELIVERIES:,} webhook deliveries;",
+        f"for {KEYS} keys, 2,000 tasks, 500 moderation events, {DELIVERIES:,} webhook deliveries, "
+        f"{BATCHES:,} batches (one of {BATCH_LINES:,} lines);",
         f"{WARMUP} warm-up views then {VIEWS} sequential views per page from one client on loopback.",
         "Wall-clock times (ms) are what the client saw (*first view*: the first warm-up, with the",
         "console's day cache empty); *CPU/view* is the gateway process's user+system",

@@ -363,6 +363,8 @@ class Batch(Base):
     __tablename__ = "batches"
     __table_args__ = (
         Index("ix_batches_key_created", "key_id", "created_at"),
+        # The operator's console list, newest first over all keys.
+        Index("ix_batches_created", "created_at", "id"),
         Index("ix_batches_status", "status", "lease_until"),
     )
 

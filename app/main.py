@@ -6,7 +6,7 @@ from fastapi import FastAPI  # noqa: TID251 - the app factory
 from starlette.middleware.cors import CORSMiddleware  # noqa: TID251 - the app factory
 
 from app import __version__
-from app.api import build_api_router
+from app.api import api_routers
 from app.api.console import install_console
 from app.api.errors import install_error_handlers
 from app.api.metrics import MetricsMiddleware, build_metrics_router
@@ -55,7 +55,8 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> FastAPI
     metrics = Metrics()
     app.state.metrics = metrics
     app.state.tracing = tracing or Tracing.from_settings(settings.tracing)
-    app.include_router(build_api_router())
+    for router in api_routers():
+        app.include_router(router)
     if settings.metrics.enabled:
         token = settings.metrics.token
         app.include_router(build_metrics_router(token.get_secret_value() if token else None))

@@ -20,19 +20,24 @@ from app.api import (
 )
 
 
-def build_api_router() -> APIRouter:
-    router = APIRouter()
-    router.include_router(images.router)
-    router.include_router(models.router)
-    router.include_router(tasks.router)
-    router.include_router(files.router)
-    # After the image links: /v1/files/images/{name} must win over /v1/files/{id}/….
-    router.include_router(batch_files.router)
-    router.include_router(batches.router)
-    router.include_router(admin_keys.router)
-    router.include_router(admin_upstreams.router)
-    router.include_router(admin_moderation.router)
-    router.include_router(admin_webhooks.router)
-    router.include_router(usage.router)
-    router.include_router(health.router)
-    return router
+def api_routers() -> list[APIRouter]:
+    """The API's routers in matching order, for the app to include one by one.
+
+    Not one router that includes the others: FastAPI 0.165 wraps each inclusion in an
+    ``_IncludedRouter`` that matches and dispatches through its own level, so a second level made
+    every request match and dispatch twice over (~5% of a small answer's CPU in the profile)."""
+    return [
+        images.router,
+        models.router,
+        tasks.router,
+        files.router,
+        # After the image links: /v1/files/images/{name} must win over /v1/files/{id}/….
+        batch_files.router,
+        batches.router,
+        admin_keys.router,
+        admin_upstreams.router,
+        admin_moderation.router,
+        admin_webhooks.router,
+        usage.router,
+        health.router,
+    ]

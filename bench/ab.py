@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from bench import cpu, servers
-from bench.scenarios import SMALL
+from bench.scenarios import LARGE, SMALL
 
 
 def export(rev: str, into: Path) -> Path:
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per side (median reported)")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--large", action="store_true", help="one 3.5 MB image per answer instead of a tiny one"
+    )
     args = parser.parse_args(argv)
+    body, what = (LARGE, "one 3.5 MB image") if args.large else (SMALL, "small answers")
     if (args.rev is None) == (args.config is None):
         parser.error("give either REV or --config")
     variant: dict[str, Any] | None = orjson.loads(args.config) if args.config else None
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(
                 cpu.fire(
                     gateway.base_url + "/images/generations",
-                    SMALL,
+                    body,
                     gateway.headers(),
                     total=300,
                     concurrency=args.concurrency,
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = cpu.measure(
                     gateway.pid,
                     gateway.base_url + "/images/generations",
-                    SMALL,
+                    body,
                     gateway.headers(),
                     total=args.requests,
                     concurrency=args.concurrency,
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures[name].append(result.cpu_ms_per_request)
                 print(f"  {name}: {result.cpu_ms_per_request:.3f} ms (errors {result.errors})", flush=True)
         print(
-            f"\nsmall answers, c={args.concurrency}, {args.requests:,} requests x {args.runs}, "
+            f"\n{what}, c={args.concurrency}, {args.requests:,} requests x {args.runs}, "
             "gateway CPU ms/request (user+sys, /proc), interleaved:"
         )
         for name, values in figures.items():

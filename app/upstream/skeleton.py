@@ -61,10 +61,12 @@ def skeleton(raw: bytes) -> bytes | None:
     Why the copy parses exactly like the original: in valid JSON, ``"b64_json"`` followed by a
     colon is a key, unless its first quote is escaped (a backslash before it), and then it is the
     end of some other string: such matches are left alone. The value's closing quote is the first
-    ``"`` after its opening one unless the value has a backslash (an escape such as ``\\/``, which
-    base64 never needs): then None, and the caller parses the whole body. Other bytes of the value
-    are not inspected, because that would cost as much as parsing it: like any proxy, the gateway
-    passes base64 through unchecked.
+    ``"`` after its opening one when no backslash stands right before that ``"`` (then it cannot be
+    escaped); else None, and the caller parses the whole body. Escapes inside the value (``\\/``,
+    legal though base64 never needs it) are emptied with it. Other bytes of the value are not
+    inspected, because that would cost as much as parsing it: like any proxy, the gateway passes
+    base64 through unchecked. (Looking for a backslash anywhere in the value, as this once did,
+    was a second pass over the megabytes: ~0.07 ms of CPU per 3.5 MB answer, ``python -m bench.ab --large``.)
 
     Returns ``raw`` itself (no copy) when there is nothing to empty.
     """
@@ -82,7 +84,7 @@ def skeleton(raw: bytes) -> bytes | None:
         if opening >= len(raw) or raw[opening] != _QUOTE:
             continue  # null or some other small value
         closing = raw.find(b'"', opening + 1)
-        if closing < 0 or raw.find(b"\\", opening + 1, closing) >= 0:
+        if closing < 0 or raw[closing - 1] == _BACKSLASH:
             return None
         pieces.append(raw[kept : opening + 1])
         kept, search = closing, closing + 1

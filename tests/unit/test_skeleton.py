@@ -64,12 +64,28 @@ def test_pretty_printed_bodies() -> None:
     assert (summarize(raw).count, summarize(raw).usage) == (3, USAGE)
 
 
-def test_escaped_slashes_take_the_full_parse() -> None:
+def test_escaped_slashes_in_an_image_are_emptied_with_it() -> None:
     raw = json.dumps({"data": [{"b64_json": B64}], "usage": USAGE}).replace("/", "\\/").encode()
+    assert b"\\/" in raw
+    light = skeleton(raw)
+    assert light is not None and b'"b64_json": ""' in light
+    summary = summarize(raw)
+    assert (summary.count, summary.usage, summary.body) == (1, USAGE, None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        'AAAA\\"',  # an escaped quote: the string goes on after it
+        "AAAA\\\\",  # an escaped backslash right before the closing quote
+    ],
+)
+def test_a_backslash_before_the_first_quote_takes_the_full_parse(value: str) -> None:
+    raw = ('{"data": [{"b64_json": "' + value + '"}], "usage": ' + json.dumps(USAGE) + "}").encode()
     assert skeleton(raw) is None
     summary = summarize(raw)
     assert (summary.count, summary.usage) == (1, USAGE)
-    assert summary.body is not None and summary.body["data"][0]["b64_json"] == B64
+    assert summary.body is not None and summary.body["data"][0]["b64_json"] == json.loads(f'"{value}"')
 
 
 @pytest.mark.parametrize(
@@ -181,12 +197,24 @@ def test_summary_equals_a_full_parse(body: dict[str, Any]) -> None:
         light = skeleton(raw)
         if light is not None:
             assert orjson.loads(light) == blanked(orjson.loads(raw))
-        if b"\\/" in raw and any(_has_slash(item.get("b64_json")) for item in body["data"]):
-            assert light is None, "an escaped image must take the full parse"
+        elif _ends_escaped(raw):
+            continue  # a backslash before some image's closing quote: the full parse's case
+        else:
+            raise AssertionError("only a backslash before a closing quote takes the full parse")
 
 
-def _has_slash(image: Any) -> bool:
-    return isinstance(image, str) and "/" in image
+def _ends_escaped(raw: bytes) -> bool:
+    """Whether some ``"b64_json"`` string value's first quote after its opening follows a backslash."""
+    at = 0
+    while (key := raw.find(b'"b64_json"', at)) >= 0:
+        at = key + 1
+        rest = raw[key + len(b'"b64_json"') :].lstrip(b" \t\r\n")
+        if not rest.startswith(b":"):
+            continue
+        rest = rest[1:].lstrip(b" \t\r\n")
+        if rest.startswith(b'"') and rest[1:].split(b'"', 1)[0].endswith(b"\\"):
+            return True
+    return False
 
 
 @settings(max_examples=200, deadline=None)

@@ -39,6 +39,12 @@ GROUP_NOTES = {
         "`POST …?async=true` then `GET /v1/tasks/{id}` every 50 ms. req/s is tasks completed per second "
         "(first submit to last completion); p50/p99 submit-to-succeeded."
     ),
+    "9. request log on vs off": (
+        "Small answers through two gateways like the one above that differ only in `console.request_log`, "
+        "in the same run (issue 26: the log must cost a request nothing beyond the noise). Cells are "
+        'wall-clock and vary ±10% between runs; `python -m bench.ab --config \'{"console": '
+        '{"request_log": false}}\'` measures the difference as CPU per request.'
+    ),
     "6. workers (both cores)": (
         "Small answers through `serve --workers 1` and `--workers 2`, each gateway allowed on both cores "
         "(so sharing one with wrk and the fake upstream): what a second worker process buys on this "

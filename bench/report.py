@@ -181,6 +181,15 @@ def _cell(bench: Bench, group: str, row: str, target: str) -> Cell | None:
     return cell if cell is not None and cell.result is not None else None
 
 
+def _idle_check(bench: Bench, limit_mb: int) -> Check:
+    idle = bench.idle_rss.get("gateway")
+    return Check(
+        f"idle RSS ≤ {limit_mb} MB",
+        "n/a" if idle is None else f"{idle / MB:.0f} MB",
+        None if idle is None else idle <= limit_mb * MB,
+    )
+
+
 def checks(bench: Bench) -> list[Check]:
     """The issue's targets, each with the figure it was judged on."""
     out: list[Check] = []
@@ -249,14 +258,7 @@ def checks(bench: Bench) -> list[Check]:
             None if rise is None else rise <= 64 * MB,
         )
     )
-    idle = bench.idle_rss.get("gateway")
-    out.append(
-        Check(
-            "idle RSS ≤ 120 MB",
-            "n/a" if idle is None else f"{idle / MB:.0f} MB",
-            None if idle is None else idle <= 120 * MB,
-        )
-    )
+    out.append(_idle_check(bench, 120))
     return out
 
 
@@ -317,14 +319,7 @@ def checks_25(bench: Bench) -> list[Check]:
                 None if a50 is None else a50 <= limit,
             )
         )
-    idle = bench.idle_rss.get("gateway")
-    out.append(
-        Check(
-            "idle RSS ≤ 100 MB",
-            "n/a" if idle is None else f"{idle / MB:.0f} MB",
-            None if idle is None else idle <= 100 * MB,
-        )
-    )
+    out.append(_idle_check(bench, 100))
     for row in ("c=16", "c=64"):
         one = _cell(bench, "6. workers (both cores)", row, "gateway, 1 worker")
         two = _cell(bench, "6. workers (both cores)", row, "gateway, 2 workers")

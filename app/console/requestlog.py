@@ -34,26 +34,8 @@ from app.db.writer import Writer
 
 log = logging.getLogger(__name__)
 
-# The row ``RequestLog._row`` builds, and so the INSERT's parameters.
-_COLUMNS = (
-    "created_at",
-    "request_id",
-    "key_id",
-    "key_name",
-    "method",
-    "route",
-    "model",
-    "status",
-    "status_class",
-    "error_code",
-    "error_message",
-    "upstream",
-    "latency_ms",
-    "tokens",
-    "cost_micros",
-    "prompt_sha256",
-    "prompt",
-)
+# Every column but the id: what ``RequestLog._row`` builds, and so the INSERT's parameters.
+_COLUMNS = tuple(column.name for column in RequestLogEntry.__table__.columns if column.name != "id")
 _INSERT = Prepared(insert(RequestLogEntry), columns=_COLUMNS)
 
 # Rows per transaction at most: bounds how long one write holds SQLite's lock (and, when the

@@ -87,7 +87,8 @@ class Prepared:
 
     def execute_many(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement once per row (an INSERT of a batch): on SQLite one ``executemany``,
-        ~4 µs a row against ~16 µs through SQLAlchemy's (measured on the request log's rows)."""
+        for the request log's rows ~12 µs a row all in (building the row and the commit included)
+        against 15-22 µs through SQLAlchemy's (process time, over batches of 200 and of 2,000 rows)."""
         if not rows:
             return
         compiled, raw = self._raw(connection)
